@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up .venv (if missing) and run the embedded default end to end
+#   make test   set up .venv (if missing) and run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/tiny.yaml
+# torch/torchvision come first and pinned: on these machines pip takes them from local disk.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup run test test-slow lint check-java clean
+
+check-java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "error: 'java' not found. pycocoevalcap (caption metrics: PTB tokenizer, METEOR) needs a Java runtime:"; \
+	  echo "       install one, e.g. 'apt-get install -y default-jre-headless', then re-run."; exit 1; }
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: check-java $(STAMP)
+
+run: setup
+	$(VENV)/bin/structlora run $(CONFIG)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

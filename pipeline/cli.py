@@ -1,0 +1,213 @@
+"""The `structlora` command line (DESIGN.md section 6 is the contract).
+
+Each subcommand is a thin adapter: it parses arguments and calls one function in the
+package that owns the work, imported lazily so that `structlora --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _call(target: str, **kwargs):
+    module_name, func_name = target.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, func_name)(**kwargs)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _call(
+        "pipeline.runner:run_config",
+        config_path=Path(args.config),
+        overrides=args.set or [],
+        stages=args.stages.split(",") if args.stages else None,
+        from_stage=args.from_stage,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+    )
+    return 0
+
+
+def _cmd_prepare_shapes(args: argparse.Namespace) -> int:
+    summary = _call(
+        "data.shapes:write_shapes_world",
+        out=Path(args.out), seed=args.seed, num_images=args.images, size=args.size,
+        image_format=args.format,
+    )
+    _print_json(summary)
+    return 0
+
+
+def _cmd_prepare_coco(args: argparse.Namespace) -> int:
+    _print_json(_call("data.prepare:prepare_coco", captions=Path(args.captions), images=Path(args.images),
+                      out=Path(args.out), shard_size=args.shard_size))
+    return 0
+
+
+def _cmd_prepare_vqav2(args: argparse.Namespace) -> int:
+    _print_json(_call("data.prepare:prepare_vqav2", questions=Path(args.questions),
+                      annotations=Path(args.annotations), images=Path(args.images),
+                      out=Path(args.out), shard_size=args.shard_size))
+    return 0
+
+
+def _cmd_prepare_gqa(args: argparse.Namespace) -> int:
+    _print_json(_call("data.prepare:prepare_gqa", questions=Path(args.questions), images=Path(args.images),
+                      out=Path(args.out), shard_size=args.shard_size))
+    return 0
+
+
+def _cmd_prepare_imagefolder(args: argparse.Namespace) -> int:
+    _print_json(_call("data.prepare:prepare_imagefolder", root=Path(args.root), out=Path(args.out),
+                      shard_size=args.shard_size))
+    return 0
+
+
+def _cmd_score_caption(args: argparse.Namespace) -> int:
+    _print_json(_call("eval.scoring:score_caption_files", references=Path(args.references),
+                      predictions=Path(args.predictions)))
+    return 0
+
+
+def _cmd_score_vqa(args: argparse.Namespace) -> int:
+    _print_json(_call("eval.scoring:score_vqa_files", questions=Path(args.questions),
+                      annotations=Path(args.annotations), predictions=Path(args.predictions)))
+    return 0
+
+
+def _cmd_score_gqa(args: argparse.Namespace) -> int:
+    _print_json(_call("eval.scoring:score_gqa_files", questions=Path(args.questions),
+                      predictions=Path(args.predictions)))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    _print_json(_call("pipeline.merge:merge_run", run_dir=Path(args.run_dir), out=Path(args.out)))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if not args.model_dir and not args.registry:
+        raise UserError("structlora demo: give a MODEL_DIR or --registry DIR")
+    _call("app.demo:launch", model_dir=Path(args.model_dir) if args.model_dir else None,
+          registry=Path(args.registry) if args.registry else None, host=args.host, port=args.port,
+          share=args.share)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="structlora",
+        description="StructLoRA for vision-language models: prepare shards, train, evaluate, merge, demo.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(subparsers, name: str, help_: str, handler: Callable[[argparse.Namespace], int]):
+        p = subparsers.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add(sub, "run", "run the staged pipeline (prepare, base, train, eval, merge, publish) for a config", _cmd_run)
+    p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--stages", help="comma-separated subset of stages to run, e.g. prepare,train")
+    p.add_argument("--from", dest="from_stage", help="re-run from this stage on, even if finished")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. train.max_steps=10")
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+
+    prep = sub.add_parser("prepare", help="convert datasets (official formats) into WebDataset shards",
+                          description="convert datasets (official formats) into WebDataset shards")
+    prep_sub = prep.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+
+    p = add(prep_sub, "shapes", "generate the synthetic shapes world in COCO / VQAv2 / GQA formats", _cmd_prepare_shapes)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=2000, help="number of images over all splits")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--format", choices=["png", "jpg"], default="png", help="image file format")
+
+    p = add(prep_sub, "coco", "COCO captions JSON + image folder -> shards", _cmd_prepare_coco)
+    p.add_argument("--captions", required=True, help="captions_*.json")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+
+    p = add(prep_sub, "vqav2", "VQAv2 questions + annotations JSON + image folder -> shards", _cmd_prepare_vqav2)
+    p.add_argument("--questions", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+
+    p = add(prep_sub, "gqa", "GQA questions JSON + image folder -> shards", _cmd_prepare_gqa)
+    p.add_argument("--questions", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+
+    p = add(prep_sub, "imagefolder", "one folder per class -> classification shards (ViT path)",
+            _cmd_prepare_imagefolder)
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+
+    score = sub.add_parser("score", help="score a predictions file (prints JSON)",
+                           description="score a predictions file against official annotations (prints JSON)")
+    score_sub = score.add_subparsers(dest="task", metavar="TASK", required=True)
+    p = add(score_sub, "caption", "CIDEr-D, BLEU-1..4, METEOR, ROUGE-L (pycocoevalcap)", _cmd_score_caption)
+    p.add_argument("--references", required=True, help="COCO captions JSON")
+    p.add_argument("--predictions", required=True, help='[{"image_id", "caption"}] JSON or JSONL')
+    p = add(score_sub, "vqa", "VQAv2 accuracy (official vqaEval rules)", _cmd_score_vqa)
+    p.add_argument("--questions", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--predictions", required=True, help='[{"question_id", "answer"}] JSON or JSONL')
+    p = add(score_sub, "gqa", "GQA accuracy (exact match, balanced questions)", _cmd_score_gqa)
+    p.add_argument("--questions", required=True)
+    p.add_argument("--predictions", required=True, help='[{"questionId", "prediction"}] JSON or JSONL')
+
+    p = add(sub, "merge", "fold a run's adapter into the base weights; write a transformers model and a PEFT adapter",
+            _cmd_merge)
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+
+    p = add(sub, "demo", "serve a merged model in a Gradio app", _cmd_demo)
+    p.add_argument("model_dir", nargs="?", help="merged model directory")
+    p.add_argument("--registry", help="model registry folder written by the publish stage")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        # Only our own packages count as "not built yet"; a missing third-party dependency is a real error.
+        if err.name and err.name.split(".")[0] in {"pipeline", "data", "eval", "app", "structlora"}:
+            print(f"error: `structlora {args.command}` is not implemented yet ({err.name} is missing)", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
