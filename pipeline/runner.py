@@ -1,0 +1,145 @@
+"""The staged runner: prepare -> base -> train -> eval -> merge -> publish in one run directory.
+
+Each stage reads what earlier stages wrote and records itself in `manifest.json` with a hash
+of the config slice it depends on. A finished stage whose hash (and whose upstream) is
+unchanged is skipped; a changed upstream invalidates everything downstream.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import load_config, save_config, to_dict
+from pipeline.errors import UserError
+from pipeline.schema import RunConfig
+
+log = logging.getLogger("structlora.runner")
+
+STAGES = ["prepare", "base", "train", "eval", "merge", "publish"]
+
+# The config sections each stage's result depends on (its own and, through the chain, upstream).
+STAGE_SLICES: dict[str, list[str]] = {
+    "prepare": ["data"],
+    "base": ["model", "base", "seed"],
+    "train": ["adapter", "train"],
+    "eval": ["eval"],
+    "merge": ["merge"],
+    "publish": ["publish"],
+}
+
+
+@dataclass
+class StageContext:
+    """What a stage function receives."""
+
+    cfg: RunConfig
+    run_dir: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.run_dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+StageFn = Callable[[StageContext], dict[str, Any]]
+
+
+def config_hash(cfg: RunConfig, stage: str) -> str:
+    """Hash of the config slices `stage` and every stage before it depend on."""
+    full = to_dict(cfg)
+    upto = STAGES[: STAGES.index(stage) + 1]
+    relevant = {key: full[key] for s in upto for key in STAGE_SLICES[s]}
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Manifest:
+    """manifest.json: per stage status, hash, times and outputs; written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = {"stages": {}}
+        if path.is_file():
+            try:
+                self.data = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: corrupt manifest ({err.msg} at line {err.lineno}); "
+                                "delete it to re-run every stage") from None
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].get(name, {})
+
+    def update(self, name: str, **fields: Any) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
+    def invalidate_from(self, name: str) -> None:
+        for later in STAGES[STAGES.index(name):]:
+            self.data["stages"].pop(later, None)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _stage_functions() -> dict[str, StageFn]:
+    from pipeline import stages
+
+    return {name: getattr(stages, f"stage_{name}") for name in STAGES if hasattr(stages, f"stage_{name}")}
+
+
+def run_config(config_path: Path, overrides: list[str], stages: list[str] | None = None,
+               from_stage: str | None = None, run_dir: Path | None = None) -> Path:
+    """Run (or resume) the pipeline for a config file. Returns the run directory."""
+    cfg = load_config(RunConfig, config_path, overrides)
+    for name in (stages or []) + ([from_stage] if from_stage else []):
+        if name not in STAGES:
+            raise UserError(f"unknown stage '{name}': choose from {', '.join(STAGES)}")
+    run_dir = Path(run_dir or cfg.run_dir)
+    if run_dir != Path(cfg.run_dir):
+        cfg.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_stages(cfg, run_dir, stages, from_stage)
+
+
+def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
+               from_stage: str | None = None) -> Path:
+    functions = _stage_functions()
+    manifest = Manifest(run_dir / "manifest.json")
+    wanted = [s for s in STAGES if (stages is None or s in stages)]
+    if from_stage:
+        manifest.invalidate_from(from_stage)
+    ctx = StageContext(cfg=cfg, run_dir=run_dir)
+    for name in wanted:
+        if name not in functions:
+            raise UserError(f"stage '{name}' is not implemented yet; run the stages before it with "
+                            f"--stages {','.join(s for s in wanted if s in functions)}")
+        digest = config_hash(cfg, name)
+        record = manifest.stage(name)
+        if record.get("status") == "done" and record.get("hash") == digest:
+            log.info("stage %s: unchanged, skipped", name)
+            print(f"[{name}] done earlier with the same config: skipped")
+            continue
+        if record.get("hash") not in (None, digest):
+            manifest.invalidate_from(name)
+        print(f"[{name}] running")
+        manifest.update(name, status="running", hash=digest, started=_now(), pid=os.getpid())
+        outputs = functions[name](ctx) or {}
+        manifest.update(name, status="done", finished=_now(), outputs=outputs)
+        print(f"[{name}] done")
+    return run_dir

@@ -1,0 +1,213 @@
+"""The run config: one dataclass per section of a YAML file under configs/.
+
+Every field has a default where a sensible one exists; `help` metadata documents it.
+Validation that spans fields lives in `__post_init__` and raises ValueError, which the
+loader turns into an error naming the file and the section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:  # noqa: A002 - mirrors PEFT's metadata
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ShapesConfig:
+    """The embedded synthetic world (DESIGN.md section 4)."""
+
+    images: int = _f(2000, "number of images over all splits")
+    size: int = _f(64, "image side in pixels")
+    seed: int = _f(0, "world seed: same seed, byte-identical files")
+    image_format: Literal["png", "jpg"] = _f("png", "image file format")
+
+    def __post_init__(self) -> None:
+        if self.images < 10:
+            raise ValueError(f"images must be >= 10, got {self.images}")
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16 pixels, got {self.size}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is streamed."""
+
+    source: Literal["shapes", "coco", "vqav2", "gqa", "imagefolder", "shards"] = _f(
+        "shapes", "shapes = generate the synthetic world; others convert official files; shards = use ready shards"
+    )
+    shapes: ShapesConfig = _f(help="settings of the synthetic world", factory=ShapesConfig)
+    paths: dict[str, str] = _f(
+        help="official input files by role (captions, questions, annotations, images, root, shards)", factory=dict
+    )
+    shard_size: int = _f(1000, "samples per WebDataset shard")
+    tasks: dict[str, float] = _f(
+        help="task mixing weights for training, e.g. {caption: 1.0, vqav2: 1.0, gqa: 1.0}",
+        factory=lambda: {"caption": 1.0, "vqav2": 1.0, "gqa": 1.0},
+    )
+    num_workers: int = _f(0, "DataLoader workers per process")
+    max_length: int = _f(256, "token limit per sample; image tokens are never truncated")
+    allow_pipe_urls: bool = _f(False, "allow `pipe:` shard URLs (runs a shell command: off by default)")
+
+    def __post_init__(self) -> None:
+        if any(w < 0 for w in self.tasks.values()):
+            raise ValueError("tasks: mixing weights must be >= 0")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class TinyPreset:
+    """Sizes of the tiny LLaVA-architecture preset (CLIP-style vision tower + Llama-style LM)."""
+
+    image_size: int = _f(64, "input image side")
+    patch_size: int = _f(8, "ViT patch side: (image_size / patch_size)^2 image tokens")
+    vision_hidden: int = _f(96, "vision tower width")
+    vision_layers: int = _f(4, "vision tower depth (the last is unused with vision_feature_layer=-2)")
+    vision_heads: int = _f(4, "vision attention heads")
+    text_hidden: int = _f(128, "language model width")
+    text_layers: int = _f(4, "language model depth")
+    text_heads: int = _f(4, "language attention heads")
+    text_intermediate: int = _f(256, "language MLP width")
+    max_position: int = _f(512, "language model context length")
+    num_labels: int = _f(10, "classes for the ViT preset")
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name in ("vision_hidden", "text_hidden"):
+            heads = self.vision_heads if name.startswith("vision") else self.text_heads
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name}={getattr(self, name)} is not divisible by its head count {heads}")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: a hub id / local directory loaded with from_pretrained, or a preset built from config."""
+
+    arch: Literal["llava", "vit"] = _f("llava", "llava = LlavaForConditionalGeneration; vit = image classifier")
+    name_or_path: str | None = _f(None, "hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
+    preset: Literal["tiny"] | None = _f(None, "build from config instead of loading weights")
+    tiny: TinyPreset = _f(help="sizes of the tiny preset", factory=TinyPreset)
+    vit_impl: Literal["transformers", "timm"] = _f("transformers", "ViT implementation")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype when loading")
+    vision_feature_layer: int = _f(-2, "LLaVA reads this CLIP layer; layers after it are never adapted")
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.preset is None):
+            raise ValueError("give exactly one of model.name_or_path (load) or model.preset (build from config)")
+
+
+@dataclass
+class BaseStageConfig:
+    """Pretraining of the tiny base model (only for presets, which have no downloadable weights)."""
+
+    enabled: bool = _f(False, "run the base stage (tiny preset only)")
+    max_steps: int = _f(600, "optimizer steps")
+    batch_size: int = _f(32, "samples per step")
+    lr: float = _f(2e-3, "AdamW learning rate")
+    tasks: dict[str, float] = _f(help="what the base model learns", factory=lambda: {"caption": 1.0})
+
+
+@dataclass
+class AdapterConfig:
+    """Which adaptation method, on which parts of the model."""
+
+    method: Literal["structlora", "lora", "dora", "adalora", "vera", "full"] = _f("structlora", "adaptation method")
+    vision: Literal["frozen", "lora", "full"] = _f("lora", "vision tower: frozen, adapted, or fully trained")
+    projector: Literal["frozen", "lora", "full"] = _f("lora", "multi-modal projector")
+    language: Literal["frozen", "lora", "full"] = _f("lora", "language model")
+    rank: int = _f(8, "adapter rank r")
+    alpha: float = _f(16.0, "scale numerator: s = alpha / r")
+    dropout: float = _f(0.0, "dropout on the adapter input")
+    targets: list[str] = _f(help="module names to adapt in each tower", factory=lambda: ["q_proj", "v_proj"])
+    structlora: dict[str, Any] = _f(
+        help="StructLoRA options (gate, coordinator): see structlora.StructLoRAConfig", factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe (accelerate: 1 CPU process up to N GPUs)."""
+
+    max_steps: int = _f(300, "optimizer steps")
+    batch_size: int = _f(16, "samples per process per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-3, "learning rate of A and B")
+    lr_gate: float | None = _f(None, "learning rate of the gate logits (default: lr)")
+    lr_coordinator: float | None = _f(None, "learning rate of the coordinator (default: lr)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_ratio: float = _f(0.06, "linear warmup share of a cosine schedule")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto = bf16 on GPUs that support it, fp32 on CPU")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+    save_every: int = _f(100, "checkpoint every N steps (and at the end)")
+    keep_last: int = _f(2, "checkpoints kept")
+    resume: Literal["auto", "never"] = _f("auto", "auto = continue from the newest complete checkpoint")
+    log_every: int = _f(10, "log metrics every N steps")
+    eval_every: int = _f(100, "validation loss every N steps")
+    seed: int = _f(0, "training seed")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("max_steps, batch_size and grad_accum must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class EvalConfig:
+    """What the eval stage measures."""
+
+    tasks: list[str] = _f(help="caption, vqav2, gqa, classification, long_context", factory=lambda: ["caption", "vqav2", "gqa"])
+    split: str = _f("test", "split scored")
+    max_samples: int | None = _f(None, "cap per task (None = all)")
+    batch_size: int = _f(16, "generation batch size")
+    long_context_lengths: list[int] = _f(help="context-length buckets in tokens", factory=lambda: [256, 512, 1024, 2048])
+    compare_base: bool = _f(True, "also score the base model")
+
+
+@dataclass
+class MergeConfig:
+    """Folding the adapter into the weights."""
+
+    export_peft: bool = _f(True, "also write a standard PEFT LoRA adapter")
+    svd_rank: int | None = _f(None, "compress the exported adapter to this rank by SVD (None = exact)")
+    check_tolerance: float = _f(1e-4, "max abs logit difference allowed between merged and adapted model")
+
+
+@dataclass
+class PublishConfig:
+    """Registering the merged model with the demo."""
+
+    registry: str = _f("runs/registry", "model registry folder for `structlora demo --registry`")
+    name: str | None = _f(None, "model name in the registry (default: the run directory's name)")
+
+
+@dataclass
+class RunConfig:
+    """A whole pipeline run: `structlora run CONFIG`."""
+
+    run_dir: str = _f("runs/default", "where every stage writes (override with --run-dir)")
+    seed: int = _f(0, "global seed")
+    data: DataConfig = _f(help="data source and streaming", factory=DataConfig)
+    model: ModelConfig = _f(help="backbone", factory=lambda: ModelConfig(preset="tiny"))
+    base: BaseStageConfig = _f(help="tiny base pretraining", factory=BaseStageConfig)
+    adapter: AdapterConfig = _f(help="adaptation method", factory=AdapterConfig)
+    train: TrainConfig = _f(help="training recipe", factory=TrainConfig)
+    eval: EvalConfig = _f(help="evaluation", factory=EvalConfig)
+    merge: MergeConfig = _f(help="merge stage", factory=MergeConfig)
+    publish: PublishConfig = _f(help="publish stage", factory=PublishConfig)
+
+    def __post_init__(self) -> None:
+        if self.base.enabled and self.model.preset is None:
+            raise ValueError("base.enabled is only for presets: a loaded model is already pretrained")

@@ -1,0 +1,44 @@
+"""The command line is a contract (DESIGN.md section 6): every subcommand exists and has --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+SUBCOMMANDS = [
+    ["run"], ["prepare", "shapes"], ["prepare", "coco"], ["prepare", "vqav2"], ["prepare", "gqa"],
+    ["prepare", "imagefolder"], ["score", "caption"], ["score", "vqa"], ["score", "gqa"], ["merge"], ["demo"],
+]
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in ("run", "prepare", "score", "merge", "demo"):
+        assert f"    {name}" in out.stdout
+
+
+@pytest.mark.parametrize("argv", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: structlora " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_prepare_lists_datasets_and_score_lists_tasks():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "prepare" in text and "score" in text
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  max_step: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown key 'train.max_step'" in lines[0] and str(cfg) in lines[0]
