@@ -29,6 +29,7 @@ run: setup
 	$(VENV)/bin/structlora run $(CONFIG)
 
 test: setup
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 test-slow: setup
