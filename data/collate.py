@@ -1,0 +1,132 @@
+"""From decoded samples to model batches: conversations, label masking, padding.
+
+A sample is a dict with at least `image` (PIL) and `task`, plus the record fields of its
+task (`captions`, `question`, `answer` / `multiple_choice_answer`, `label`). The text is
+the llava-hf conversation "USER: <image>\\n{prompt} ASSISTANT: {answer}</s>" with prompts
+from `data.prompts`; only the answer and its end token are trained (IGNORE_INDEX elsewhere).
+Image preprocessing is `preprocess_images`, the one function training, evaluation and the
+demo share.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from data.prompts import render_prompt, task_prompt
+
+IGNORE_INDEX = -100
+QUESTION_TASKS = ("vqav2", "gqa")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode: grayscale and CMYK convert; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def preprocess_images(processor: Any, images: Sequence[Image.Image]) -> torch.Tensor:
+    """pixel_values for a list of images: the processor's image transform after `to_rgb`."""
+    image_processor = getattr(processor, "image_processor", processor)
+    return image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+
+
+def conversation(sample: dict[str, Any], rng: random.Random | None = None) -> tuple[str, str]:
+    """(prompt, answer) for a sample. Captioning trains on one of the references, picked by `rng`."""
+    task = sample["task"]
+    if task == "caption":
+        captions = sample.get("captions") or ([sample["caption"]] if sample.get("caption") else [])
+        if not captions:
+            raise KeyError(f"caption sample {sample.get('__key__', '?')} has no 'captions'")
+        answer = captions[(rng or random).randrange(len(captions))] if len(captions) > 1 else captions[0]
+        return task_prompt("caption"), answer
+    if task in QUESTION_TASKS:
+        answer = sample.get("answer") or sample.get("multiple_choice_answer")
+        if answer is None:
+            raise KeyError(f"{task} sample {sample.get('__key__', '?')} has no 'answer'")
+        return task_prompt(task, sample["question"]), str(answer)
+    raise ValueError(f"no conversation for task {task!r}")
+
+
+@dataclass
+class LlavaCollator:
+    """Batches for LlavaForConditionalGeneration: input_ids, attention_mask, pixel_values, labels.
+
+    Args:
+        processor: a LlavaProcessor (expands `<image>` into the model's image tokens).
+        max_length: token limit. Image tokens are never cut: a sample whose prompt alone is
+            longer is dropped and counted in `dropped`; a long answer is cut at the end.
+        seed: seeds the choice of reference caption, so a stream gives the same batches.
+    """
+
+    processor: Any
+    max_length: int = 256
+    seed: int = 0
+    dropped: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tok = self.processor.tokenizer
+        pairs = [conversation(sample, self._rng) for sample in samples]
+        images = [to_rgb(sample["image"]) for sample in samples]
+        # One processor call expands <image> to the model's image tokens and preprocesses the images
+        # (the same transform as `preprocess_images`); answers are tokenized on their own so the
+        # prompt/answer boundary is exact for any tokenizer.
+        enc = self.processor(images=images, text=[render_prompt(p) for p, _ in pairs], return_tensors=None)
+        encoded, keep = [], []
+        for i, (prompt_ids, (_, answer)) in enumerate(zip(enc["input_ids"], pairs)):
+            answer_ids = tok(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            room = self.max_length - len(prompt_ids)
+            if room < 2:  # never cut image tokens: drop the sample and count it
+                self.dropped += 1
+                continue
+            answer_ids = answer_ids[:room]
+            encoded.append((list(prompt_ids) + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids))
+            keep.append(i)
+        if not encoded:
+            raise ValueError(f"every sample of this batch is longer than max_length={self.max_length} "
+                             "before its answer (image tokens are never truncated): raise data.max_length")
+        pad_id = tok.pad_token_id
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (ids, labs) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(labs)] = torch.tensor(labs)
+            attention[row, : len(ids)] = 1
+        pixel_values = torch.as_tensor(_stack(enc["pixel_values"]))[keep]
+        return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixel_values, "labels": labels}
+
+
+def _stack(values: Any) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values
+    return torch.stack([torch.as_tensor(v) for v in values])
+
+
+@dataclass
+class ClassificationCollator:
+    """Batches for a ViT classifier: pixel_values and integer labels."""
+
+    processor: Any
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": preprocess_images(self.processor, [s["image"] for s in samples]),
+            "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        }

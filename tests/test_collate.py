@@ -1,0 +1,95 @@
+"""LLaVA collation: the conversation format, label masking, padding, the length limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from data.collate import IGNORE_INDEX, ClassificationCollator, LlavaCollator, preprocess_images, to_rgb
+from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT, render_prompt
+from pipeline.backbones import build_llava
+from pipeline.schema import ModelConfig
+
+WORDS = "a red blue circle square is there how many shapes two yes left of".split()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    _, proc = build_llava(ModelConfig(preset="tiny"), WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
+    return proc
+
+
+def _samples():
+    return [
+        {"image": Image.new("L", (64, 64), 30), "task": "caption", "captions": ["a red circle"]},
+        {"image": Image.new("RGBA", (50, 70), (255, 0, 0, 128)), "task": "vqav2",
+         "question": "how many shapes?", "multiple_choice_answer": "two"},
+        {"image": Image.new("CMYK", (64, 64)), "task": "gqa", "question": "is there a circle?", "answer": "yes"},
+    ]
+
+
+def test_only_the_answer_and_eos_are_trained(processor):
+    batch = LlavaCollator(processor, max_length=120)(_samples())
+    tok = processor.tokenizer
+    for row, answer in zip(range(3), ["a red circle", "two", "yes"]):
+        trained = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
+        assert trained == tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = int(batch["attention_mask"][row].sum())
+        # the unpadded ids are the rendered prompt followed by the trained answer
+        prompt_len = n - len(trained)
+        assert batch["input_ids"][row, prompt_len:n].tolist() == trained
+        assert (batch["input_ids"][row, n:] == tok.pad_token_id).all()
+
+
+def test_prompt_is_the_llava_conversation(processor):
+    batch = LlavaCollator(processor, max_length=120)(_samples()[1:2])
+    tok = processor.tokenizer
+    expected = processor(images=[to_rgb(_samples()[1]["image"])],
+                         text=[render_prompt("how many shapes?\n" + SHORT_ANSWER_POSTPROMPT)])["input_ids"][0]
+    assert batch["input_ids"][0, : len(expected)].tolist() == list(expected)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"][0] == image_id).sum()) == 64
+
+
+def test_pixel_values_match_the_shared_preprocessing(processor):
+    samples = _samples()
+    batch = LlavaCollator(processor, max_length=120)(samples)
+    assert torch.allclose(batch["pixel_values"], preprocess_images(processor, [s["image"] for s in samples]))
+
+
+def test_image_tokens_are_never_truncated(processor):
+    collator = LlavaCollator(processor, max_length=70)  # 64 image tokens + prompt do not fit
+    with pytest.raises(ValueError, match="image tokens are never truncated"):
+        collator(_samples()[:1])
+    assert collator.dropped == 1
+
+
+def test_long_prompts_are_dropped_and_counted_short_ones_kept(processor):
+    long = dict(_samples()[1], question=" ".join(["how many shapes"] * 20) + "?")
+    collator = LlavaCollator(processor, max_length=95)
+    batch = collator([_samples()[0], long])
+    assert batch["input_ids"].shape[0] == 1 and collator.dropped == 1
+
+
+def test_long_answers_are_cut_at_the_end(processor):
+    sample = dict(_samples()[0], captions=[" ".join(["a red circle"] * 30)])
+    batch = LlavaCollator(processor, max_length=100)([sample])
+    assert batch["input_ids"].shape[1] == 100
+
+
+def test_caption_choice_is_seeded(processor):
+    sample = dict(_samples()[0], captions=["a red circle", "a blue square", "two shapes", "a circle", "a square"])
+    first = [LlavaCollator(processor, max_length=120, seed=1)([sample] * 6)["input_ids"] for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+
+
+def test_to_rgb_modes():
+    assert to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    for mode in ("L", "CMYK", "P", "1", "I;16"):
+        assert to_rgb(Image.new(mode, (3, 3))).mode == "RGB"
+
+
+def test_classification_collator(processor):
+    batch = ClassificationCollator(processor)([{"image": Image.new("RGB", (64, 64)), "label": 3}] * 2)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["labels"].tolist() == [3, 3]
