@@ -194,19 +194,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_facing_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is meant for the user (they name the file and the field)."""
+    classes: list[type[BaseException]] = [UserError]
+    for module_name, class_name in (("data.errors", "DataError"), ("eval.errors", "EvalInputError")):
+        try:
+            classes.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
+
+
+def _missing_module(err: ModuleNotFoundError, command: str) -> int:
+    # Only our own packages count as "not built yet"; a missing third-party dependency is a real error.
+    if err.name and err.name.split(".")[0] in {"pipeline", "data", "eval", "app", "structlora"}:
+        print(f"error: `structlora {command}` is not implemented yet ({err.name} is missing)", file=sys.stderr)
+        return 3
+    raise err
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as err:
-        # Only our own packages count as "not built yet"; a missing third-party dependency is a real error.
-        if err.name and err.name.split(".")[0] in {"pipeline", "data", "eval", "app", "structlora"}:
-            print(f"error: `structlora {args.command}` is not implemented yet ({err.name} is missing)", file=sys.stderr)
-            return 3
-        raise
+    except Exception as err:  # noqa: BLE001 - user-facing errors become one line; anything else re-raises
+        if isinstance(err, _user_facing_errors()):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if not isinstance(err, ModuleNotFoundError):
+            raise
+        return _missing_module(err, args.command)
 
 
 if __name__ == "__main__":

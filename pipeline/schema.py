@@ -126,6 +126,7 @@ class AdapterConfig:
     alpha: float = _f(16.0, "scale numerator: s = alpha / r")
     dropout: float = _f(0.0, "dropout on the adapter input")
     targets: list[str] = _f(help="module names to adapt in each tower", factory=lambda: ["q_proj", "v_proj"])
+    vera_rank: int = _f(256, "VeRA's shared rank (its paper's value; VeRA trains r + out values per module)")
     structlora: dict[str, Any] = _f(
         help="StructLoRA options (gate, coordinator): see structlora.StructLoRAConfig", factory=dict
     )

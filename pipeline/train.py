@@ -1,0 +1,271 @@
+"""The training recipe: setup -> train -> validate -> save_checkpoint -> cleanup.
+
+One recipe for every method and every scale: accelerate runs it on one CPU process or on
+N GPUs over M nodes. The loss step shows every term that is summed. A killed run resumes
+from the newest complete checkpoint and ends exactly where an uninterrupted run would: the
+data stream is replayed to its position and every RNG state is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import checkpoint as ckpt
+from pipeline.methods import AdaptedModel
+from pipeline.schema import TrainConfig
+
+log = logging.getLogger("structlora.train")
+
+Batch = dict[str, torch.Tensor]
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over `warmup_ratio` of the steps, then cosine decay to 0."""
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_train_loss: float
+    val_losses: list[tuple[int, float]]
+    trainable_parameters: int
+    seconds: float
+    resumed_from: int | None
+
+
+class TrainRecipe:
+    """Trains an `AdaptedModel` on a stream of batches.
+
+    Args:
+        adapted: the backbone with its method attached.
+        cfg: the train section of the run config.
+        out_dir: the stage directory (checkpoints/, metrics.jsonl, tensorboard/).
+        make_batches: returns a fresh, deterministic iterator of training batches for this rank;
+            resuming replays it to the saved position.
+        val_batches: fixed validation batches (the same every time).
+        accelerator: an `accelerate.Accelerator`, or None to build one from the config.
+    """
+
+    def __init__(self, adapted: AdaptedModel, cfg: TrainConfig, out_dir: Path,
+                 make_batches: Callable[[], Iterator[Batch]], val_batches: list[Batch], accelerator: Any = None):
+        self.adapted, self.cfg, self.out_dir = adapted, cfg, Path(out_dir)
+        self.make_batches, self.val_batches = make_batches, val_batches
+        self.accelerator = accelerator
+        self.step = 0
+        self.batches_seen = 0
+        self.val_losses: list[tuple[int, float]] = []
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        if self.accelerator is None:
+            precision = cfg.precision
+            if precision == "auto":
+                precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+            self.accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+        acc = self.accelerator
+        set_seed(cfg.seed)
+        model = self.adapted.model
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = self.adapted.param_groups(cfg)
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(cfg.max_steps, cfg.warmup_ratio))
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.resumed_from = self._maybe_resume()
+        self.batches = self.make_batches()
+        for _ in range(self.batches_seen):  # replay the stream to where the checkpoint left it
+            next(self.batches)
+        if self.resumed_from is not None:
+            _set_rng_state(self._pending_rng)  # after the replay, which may draw random numbers
+        self._writer = None
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _maybe_resume(self) -> int | None:
+        if self.cfg.resume != "auto":
+            return None
+        path = ckpt.latest_valid(self.ckpt_root)
+        if path is None:
+            return None
+        from safetensors.torch import load_file
+
+        self.adapted.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
+        extra = path / "method_state"
+        if self.adapted.method == "structlora" and extra.is_dir():
+            self.adapted.handle.load_training_state(extra, load_parameters=False)
+        state = torch.load(path / "training_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.batches_seen = state["step"], state["batches_seen"]
+        self.val_losses = [tuple(v) for v in state.get("val_losses", [])]
+        self._pending_rng = state["rng"][self.accelerator.process_index] if isinstance(state["rng"], list) else state["rng"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return self.step
+
+    # --- the loss step: every term in plain sight --------------------------------------------
+
+    def loss_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        outputs = self.model(**batch)
+        terms = {"task": outputs.loss}
+        terms.update(self.adapted.regularization())
+        terms["loss"] = sum(terms.values())
+        return terms
+
+    # --- train --------------------------------------------------------------------------------
+
+    def train(self, until: int | None = None) -> TrainResult:
+        """Train to `cfg.max_steps` (or stop early after step `until`, as a kill would)."""
+        cfg, acc = self.cfg, self.accelerator
+        end = min(cfg.max_steps, until) if until is not None else cfg.max_steps
+        start = time.monotonic()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not acc.is_main_process,
+                   dynamic_ncols=True)
+        last: dict[str, float] = {}
+        self.model.train()
+        while self.step < end:
+            totals: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                batch = next(self.batches)
+                self.batches_seen += 1
+                sync = micro == cfg.grad_accum - 1
+                context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
+                with context:
+                    terms = self.loss_step(batch)
+                    acc.backward(terms["loss"] / cfg.grad_accum)
+                for key, value in terms.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+            if cfg.max_grad_norm > 0:
+                totals["grad_norm"] = float(acc.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm))
+            self.adapted.after_backward(self.step)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.adapted.on_step(self.step)
+            last = totals
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss']:.4f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log(totals)
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                self.val_losses.append((self.step, self.validate()))
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        return TrainResult(steps=self.step, final_train_loss=last.get("task", float("nan")),
+                           val_losses=self.val_losses, trainable_parameters=self.adapted.num_trainable(),
+                           seconds=time.monotonic() - start, resumed_from=self.resumed_from)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean task loss over the fixed validation batches (eval mode: deterministic gates)."""
+        self.model.eval()
+        losses = [float(self.model(**batch).loss) for batch in self.val_batches]
+        self.model.train()
+        value = float(np.mean(losses)) if losses else float("nan")
+        gathered = self.accelerator.gather_for_metrics(torch.tensor([value]))
+        value = float(gathered.mean())
+        if self._writer is not None:
+            self._writer.add_scalar("val/loss", value, self.step)
+            self._append_jsonl({"step": self.step, "val_loss": value})
+        return value
+
+    def _log(self, totals: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record: dict[str, Any] = {"step": self.step, **{f"train/{k}": v for k, v in totals.items()}}
+        for group in self.optimizer.param_groups:
+            record[f"lr/{group.get('name', 'group')}"] = group["lr"]
+        record.update(self._diagnostics())
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self._writer.add_scalar(key, value, self.step)
+        self._append_jsonl(record)
+
+    def _diagnostics(self) -> dict[str, float]:
+        if self.adapted.method != "structlora":
+            return {}
+        return {f"diag/{k}": float(v) for k, v in self.adapted.handle.scalar_diagnostics().items()}
+
+    def _append_jsonl(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        rng = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if acc.num_processes > 1 else [_rng_state()]
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            def write(tmp: Path) -> None:
+                state = {k: v.contiguous().cpu() for k, v in self.adapted.trainable_state_dict().items()}
+                save_file(state, str(tmp / "trainable.safetensors"))
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "step": self.step, "batches_seen": self.batches_seen, "rng": rng,
+                            "val_losses": self.val_losses}, tmp / "training_state.pt")
+                if self.adapted.method == "structlora":
+                    self.adapted.handle.save_training_state(tmp / "method_state")
+
+            ckpt.write_checkpoint(self.ckpt_root, self.step, write, self.cfg.keep_last)
+        acc.wait_for_everyone()
+
+    def cleanup(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.accelerator.wait_for_everyone()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
