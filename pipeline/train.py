@@ -241,12 +241,13 @@ class TrainRecipe:
     def save_checkpoint(self) -> None:
         acc = self.accelerator
         rng = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if acc.num_processes > 1 else [_rng_state()]
+        trainable = self._gathered_trainable_state()
         acc.wait_for_everyone()
         if acc.is_main_process:
             from safetensors.torch import save_file
 
             def write(tmp: Path) -> None:
-                state = {k: v.contiguous().cpu() for k, v in self.adapted.trainable_state_dict().items()}
+                state = {k: v.contiguous().cpu() for k, v in trainable.items()}
                 save_file(state, str(tmp / "trainable.safetensors"))
                 torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "step": self.step, "batches_seen": self.batches_seen, "rng": rng,
@@ -256,6 +257,26 @@ class TrainRecipe:
 
             ckpt.write_checkpoint(self.ckpt_root, self.step, write, self.cfg.keep_last)
         acc.wait_for_everyone()
+
+    def _gathered_trainable_state(self) -> dict[str, torch.Tensor]:
+        """The full trainable tensors. Under ZeRO-3 / FSDP each rank holds a shard, so every rank takes
+        part in `get_state_dict` (a collective) and the main process gets whole tensors: without this
+        gather, ZeRO-3 checkpoints hold empty adapters."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return self.adapted.trainable_state_dict()
+        names = [n for n, p in self.adapted.model.named_parameters() if p.requires_grad]
+        full = acc.get_state_dict(self.model)
+        if not acc.is_main_process:
+            return {}
+        state = {n: full[n] for n in names if n in full}
+        empty = [n for n, v in state.items() if v.numel() == 0]
+        if len(state) != len(names) or empty:
+            raise RuntimeError(f"gathered state is incomplete ({len(state)}/{len(names)} tensors, "
+                               f"{len(empty)} empty): enable zero3_save_16bit_model / FULL_STATE_DICT")
+        return state
 
     def cleanup(self) -> None:
         if self._writer is not None:
