@@ -1,0 +1,233 @@
+"""The stages of a run. Each reads what earlier stages wrote in the run directory and returns
+a JSON-able dict of its outputs for the manifest.
+
+    prepare/  world/ (shapes only) and shards/{task}/{split}/
+    base/     model/ (tiny preset only: a pretrained base model with its processor)
+    train/    checkpoints/, final/, metrics.jsonl, tensorboard/
+    eval/     predictions, scores, plots, metrics.json, report.md
+    merge/    model/ (merged transformers model), peft_adapter/
+    publish/  registry entry
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.runner import StageContext
+from pipeline.schema import AdapterConfig, ModelConfig, RunConfig, TrainConfig
+
+log = logging.getLogger("structlora.stages")
+
+SPLIT_KEYS = {"train": "", "val": "val_", "test": "test_"}
+
+
+# --- prepare ----------------------------------------------------------------------------------
+
+
+def stage_prepare(ctx: StageContext) -> dict[str, Any]:
+    from data import prepare
+
+    cfg, out = ctx.cfg.data, ctx.stage_dir("prepare")
+    shards = out / "shards"
+    if cfg.source == "shapes":
+        from data.shapes import write_shapes_world
+
+        world = write_shapes_world(out / "world", seed=cfg.shapes.seed, num_images=cfg.shapes.images,
+                                   size=cfg.shapes.size, image_format=cfg.shapes.image_format)
+        index = prepare.prepare_shapes_shards(out / "world", shards, cfg.shard_size)
+        return {"world": world.get("counts", world), "shards": str(shards), "tasks": sorted(index["tasks"])}
+    if cfg.source == "shards":
+        root = Path(_path(cfg.paths, "root", "data.paths.root"))
+        if not root.is_dir():
+            raise UserError(f"data.paths.root: shard directory not found: {root}")
+        return {"shards": str(root)}
+    written = {}
+    for split, prefix in SPLIT_KEYS.items():
+        def p(role: str, prefix: str = prefix) -> Path | None:
+            value = cfg.paths.get(prefix + role)
+            return Path(value) if value else None
+
+        dest = shards / _task_of(cfg.source) / split
+        if cfg.source == "coco" and p("captions"):
+            written[split] = prepare.prepare_coco(p("captions"), _need(p("images"), prefix + "images"), dest,
+                                                  cfg.shard_size)
+        elif cfg.source == "vqav2" and p("questions"):
+            written[split] = prepare.prepare_vqav2(p("questions"), _need(p("annotations"), prefix + "annotations"),
+                                                   _need(p("images"), prefix + "images"), dest, cfg.shard_size)
+        elif cfg.source == "gqa" and p("questions"):
+            written[split] = prepare.prepare_gqa(p("questions"), _need(p("images"), prefix + "images"), dest,
+                                                 cfg.shard_size)
+        elif cfg.source == "imagefolder" and p("root"):
+            written[split] = prepare.prepare_imagefolder(p("root"), dest, cfg.shard_size)
+    if "train" not in written:
+        raise UserError(f"data.paths: no training files given for source '{cfg.source}'")
+    return {"shards": str(shards), "splits": sorted(written)}
+
+
+def _task_of(source: str) -> str:
+    return {"coco": "caption", "imagefolder": "classification"}.get(source, source)
+
+
+def _path(paths: dict[str, str], key: str, name: str) -> str:
+    if key not in paths:
+        raise UserError(f"{name} is required for this data source")
+    return paths[key]
+
+
+def _need(value: Path | None, role: str) -> Path:
+    if value is None:
+        raise UserError(f"data.paths.{role} is required")
+    return value
+
+
+def shards_root(ctx: StageContext) -> Path:
+    if ctx.cfg.data.source == "shards":
+        return Path(ctx.cfg.data.paths["root"])
+    return ctx.run_dir / "prepare" / "shards"
+
+
+def sources(ctx: StageContext, split: str, tasks: dict[str, float]):
+    """ShardSources of `split` for the tasks with a positive weight; a missing split says which."""
+    from data.stream import ShardSource
+
+    root = shards_root(ctx)
+    out = []
+    for task, weight in sorted(tasks.items()):
+        if weight <= 0:
+            continue
+        path = root / task / split
+        if not path.is_dir():
+            raise UserError(f"no '{split}' shards for task '{task}' under {root}: run the prepare stage, "
+                            "or remove the task from the config")
+        out.append(ShardSource.from_dir(path, weight=weight, name=task))
+    return out
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def world_texts() -> tuple[list[str], list[str]]:
+    """(vocabulary, extra texts) of the tiny tokenizer: the shapes world's words and the prompts."""
+    from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
+    from data.shapes import world_vocabulary
+
+    return world_vocabulary(), [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT]
+
+
+def base_model_dir(ctx: StageContext) -> Path:
+    return ctx.run_dir / "base" / "model"
+
+
+def load_base(ctx: StageContext):
+    """(model, processor) the adaptation starts from: the base stage's model, or the config's."""
+    from pipeline.backbones import build_llava, load_llava
+
+    cfg = ctx.cfg
+    if cfg.model.preset is None:
+        return load_llava(cfg.model)
+    if cfg.base.enabled:
+        path = base_model_dir(ctx)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
+        return load_llava(ModelConfig(name_or_path=str(path), vision_feature_layer=cfg.model.vision_feature_layer))
+    vocab, extra = world_texts()
+    return build_llava(cfg.model, vocab, extra, seed=cfg.seed)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, rank: int, world_size: int,
+                   epoch_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches for this rank: the resampled stream, epoch after epoch."""
+    from torch.utils.data import DataLoader
+
+    from data.collate import LlavaCollator
+    from data.stream import TrainStream
+
+    stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
+                         shuffle_buffer=256, allow_pipe=cfg.data.allow_pipe_urls)
+    collate = LlavaCollator(processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank)
+    for epoch in itertools.count():
+        stream.set_epoch(epoch)
+        loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
+        yield from (_strip(b) for b in loader)
+
+
+def _strip(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def validation_batches(cfg: RunConfig, srcs, processor, batch_size: int, max_batches: int = 4) -> list[dict]:
+    """A fixed validation set: the first batches of a seeded pass over the split, the same on every rank."""
+    batches = batch_iterator(cfg, srcs, processor, batch_size, seed=12345, rank=0, world_size=1,
+                             epoch_length=batch_size * max_batches)
+    return list(itertools.islice(batches, max_batches))
+
+
+def run_recipe(adapted, train_cfg: TrainConfig, out_dir: Path, make_batches, val_batches):
+    from pipeline.train import TrainRecipe
+
+    recipe = TrainRecipe(adapted, train_cfg, out_dir, make_batches, val_batches)
+    recipe.setup()
+    try:
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe, result
+
+
+def _dist() -> tuple[int, int]:
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+# --- base -------------------------------------------------------------------------------------
+
+
+def stage_base(ctx: StageContext) -> dict[str, Any]:
+    """Pretrain the tiny preset (all weights) on the world's base split, then save it."""
+    from pipeline.backbones import build_llava, count_parameters
+    from pipeline.methods import attach_method
+
+    cfg = ctx.cfg
+    if not cfg.base.enabled:
+        return {"skipped": "base.enabled is false"}
+    vocab, extra = world_texts()
+    model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
+    adapted = attach_method(model, AdapterConfig(method="full"), [], [], cfg.base.max_steps, seed=cfg.seed)
+    train_cfg = TrainConfig(max_steps=cfg.base.max_steps, batch_size=cfg.base.batch_size, lr=cfg.base.lr,
+                            save_every=max(1, cfg.base.max_steps // 2), eval_every=cfg.base.max_steps,
+                            log_every=20, seed=cfg.seed, keep_last=1)
+    rank, world = _dist()
+    train_src = sources(ctx, "base", cfg.base.tasks)
+    val_src = sources(ctx, "val", {t: 1.0 for t in cfg.base.tasks})
+    out = ctx.stage_dir("base")
+    recipe, result = run_recipe(
+        adapted, train_cfg, out,
+        lambda: batch_iterator(cfg, train_src, processor, train_cfg.batch_size, cfg.seed, rank, world, 4096),
+        validation_batches(cfg, val_src, processor, cfg.train.batch_size))
+    if recipe.accelerator.is_main_process:
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        recipe.accelerator.unwrap_model(recipe.model).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(base_model_dir(ctx), ignore_errors=True)
+        tmp.rename(base_model_dir(ctx))
+    recipe.accelerator.wait_for_everyone()
+    summary = {"model": str(base_model_dir(ctx)), "parameters": count_parameters(model), "steps": result.steps,
+               "final_train_loss": result.final_train_loss, "val_losses": result.val_losses,
+               "seconds": round(result.seconds, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
