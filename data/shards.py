@@ -1,0 +1,200 @@
+"""WebDataset tar shards: a deterministic, atomic writer, the manifest, and a safe reader.
+
+A shard directory holds `shard-000000.tar`, ... and `manifest.json` (samples per shard,
+byte size and sha256 of each shard). Every shard and the manifest are written under a
+temporary name and renamed when complete; the manifest is written last, so a reader that
+starts from the manifest only ever sees complete shards. Tar members carry no timestamps
+or owners, so equal input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shlex
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from data.errors import DataError
+from data.files import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "structlora-webdataset"
+MANIFEST_VERSION = 1
+
+
+class _HashingFile(io.RawIOBase):
+    """Write-through file wrapper that hashes and counts what tarfile writes."""
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.handle.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class ShardWriter:
+    """Writes samples ({key}.{ext} members) into tar shards of at most `shard_size` samples."""
+
+    def __init__(self, out: Path, shard_size: int, prefix: str = "shard"):
+        if shard_size < 1:
+            raise DataError(f"shard size must be at least 1, got {shard_size}")
+        self.out, self.shard_size, self.prefix = Path(out), shard_size, prefix
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._keys: set[str] = set()
+
+    def write(self, key: str, members: dict[str, bytes], units: int = 1) -> None:
+        if "." in key or "/" in key or key in self._keys:
+            raise DataError(f"invalid or duplicate sample key {key!r}")
+        self._keys.add(key)
+        if self._tar is None:
+            self._open()
+        for ext, data in sorted(members.items()):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        current = self.shards[-1]
+        current["samples"] += 1
+        current["units"] += units
+        if current["samples"] >= self.shard_size:
+            self._close_shard()
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
+        self._handle = open(self._tmp, "wb")
+        self._hashing = _HashingFile(self._handle)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
+        self.shards.append({"name": name, "samples": 0, "units": 0})
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._tmp, self.out / self.shards[-1]["name"])
+        self.shards[-1].update(bytes=self._hashing.size, sha256=self._hashing.sha256.hexdigest())
+        self._tar = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._handle.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
+def write_manifest(out: Path, shards: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "shards": shards,
+                "samples": sum(s["samples"] for s in shards), **fields}
+    write_json_atomic(Path(out) / MANIFEST_NAME, manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one directory, as listed (and checked) by its manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / s["name"]) for s in self.manifest["shards"]]
+
+    @property
+    def task(self) -> str:
+        return self.manifest.get("task", "")
+
+    def __len__(self) -> int:
+        return int(self.manifest["samples"])
+
+
+def load_shards(root: Path, verify: bool = False) -> ShardSet:
+    """Read `root/manifest.json` and check that every shard is complete: byte size always,
+    sha256 too when `verify` (reads every byte). A shard that fails raises DataError."""
+    root = Path(root)
+    manifest = read_json(root / MANIFEST_NAME, "shard manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{root / MANIFEST_NAME}: not a {MANIFEST_FORMAT} manifest")
+    for shard in manifest["shards"]:
+        path = root / shard["name"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise DataError(f"shard {path} is missing or incomplete (expected {shard['bytes']} bytes)")
+        if verify and file_sha256(path) != shard["sha256"]:
+            raise DataError(f"shard {path} does not match its sha256 in {root / MANIFEST_NAME}")
+    return ShardSet(root, manifest)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_shard(url: str, allow_pipe: bool = False) -> IO[bytes]:
+    """Open a local shard, or a `pipe:COMMAND` only when explicitly allowed (it runs a shell
+    command). Remote URLs are not fetched here: stage them with the tool of your choice."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise DataError(f"refusing 'pipe:' shard URL {url!r}: it runs a shell command; "
+                            "allow it explicitly (allow_pipe=True) if you trust the source")
+        process = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE)
+        return process.stdout
+    if "://" in url:
+        raise DataError(f"unsupported shard URL {url!r}: use a local path (or an allowed 'pipe:' command)")
+    return open(url.removeprefix("file:"), "rb")
+
+
+def iter_tar_samples(stream: IO[bytes]) -> Iterator[dict[str, bytes]]:
+    """Group consecutive tar members by key: {"__key__": key, ext: bytes, ...}.
+
+    A key is the member name up to its first dot, as in WebDataset. A damaged tar raises
+    tarfile.TarError / OSError after yielding the samples before the damage.
+    """
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            if not stem or not ext:
+                continue
+            key = f"{directory}/{stem}" if directory else stem
+            data = tar.extractfile(member).read()
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext.lower()] = data
+    if current is not None:
+        yield current
+
