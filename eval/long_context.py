@@ -1,0 +1,228 @@
+"""Long-context captioning: CIDEr of captions generated with the prompt grown to target lengths.
+
+The question is how well an adapted model still looks at the image when the image and the
+instruction are far apart. Each evaluated image gets the prompt
+
+    USER: <image>\\n{filler}Provide a one-sentence caption for the provided image. ASSISTANT:
+
+where ``filler`` is in-context caption examples: reference captions of OTHER images (never
+one of the evaluated images, so the answer cannot be copied from the context), one per line,
+repeated from the pool when it runs out, and cut word by word at the end so that the prompt
+reaches the target length. Captions rather than distractor text because they are in the
+model's vocabulary (the tiny preset's word-level tokenizer knows no other words) and they are
+the hardest distractor: plausible captions of the wrong image.
+
+Lengths are real token counts of the processor's ``input_ids`` for the whole prompt,
+including the expanded image tokens and BOS. Nothing is ever truncated: a bucket that does
+not fit the model's context (with the generation budget) is an error, and
+``scale_buckets`` maps the default buckets (256..2048) onto a small model's context.
+The image-token count is measured once, on the first image: this assumes, as LLaVA-1.5 does,
+that every image expands to the same number of tokens (not so for LLaVA-NeXT's any-res tiling).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, max_new_tokens, render_prompt
+from eval.caption_metrics import score_captions
+from eval.generate import EvalSample, generate_predictions
+
+DEFAULT_BUCKETS = (256, 512, 1024, 2048)
+
+
+def scale_buckets(buckets: Sequence[int], context_length: int, new_tokens: int = max_new_tokens("caption"),
+                  min_length: int = 1) -> list[int]:
+    """Buckets that fit `context_length` with `new_tokens` of generation after the prompt.
+
+    Buckets that fit are kept as they are (a real model's context is long enough); otherwise all
+    are scaled by the same factor so that the largest just fits, keeping their ratios.
+    Buckets that would fall below `min_length` (the prompt without filler) are dropped.
+    """
+    if not buckets:
+        raise ValueError("no buckets given")
+    budget = context_length - new_tokens
+    if budget < min_length:
+        raise ValueError(f"a context of {context_length} tokens leaves no room for a prompt of {min_length} "
+                         f"tokens and {new_tokens} new tokens")
+    top = max(buckets)
+    factor = 1.0 if top <= budget else budget / top
+    return sorted({int(b * factor) for b in buckets if int(b * factor) >= min_length})
+
+
+def filler_pool(references: Mapping[Any, Sequence[str]], exclude: Sequence[Any] = ()) -> list[str]:
+    """Captions to fill contexts with: every reference caption of images not in `exclude`."""
+    skip = {str(x) for x in exclude}
+    return [c.strip() for image_id, caps in references.items() if str(image_id) not in skip for c in caps if c.strip()]
+
+
+def _image_token_count(processor: Any, image: Any) -> int:
+    """How many tokens the processor expands one <image> into (measured, not assumed)."""
+    text = render_prompt(CAPTION_PROMPT)
+    with_image = processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    text_only = len(processor.tokenizer(text)["input_ids"])
+    return with_image - text_only + 1
+
+
+@dataclass(frozen=True)
+class ContextPrompt:
+    """A rendered prompt and its measured length in tokens (image tokens included)."""
+
+    text: str
+    num_tokens: int
+    num_examples: float  # whole examples plus the fraction of the one cut short
+    target: int
+
+
+class PromptLengthMeter:
+    """Measures full prompt lengths with the tokenizer, adding the image expansion measured once."""
+
+    def __init__(self, processor: Any, image: Any) -> None:
+        self.tokenizer = processor.tokenizer
+        self.image_tokens = _image_token_count(processor, image)
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"]) + (self.image_tokens - 1) * text.count(IMAGE_TOKEN)
+
+
+def _render(examples: Sequence[str], tail: str, instruction: str) -> str:
+    filler = "".join(f"{e}\n" for e in examples) + (f"{tail}\n" if tail else "")
+    return render_prompt(filler + instruction)
+
+
+def build_context_prompt(meter: PromptLengthMeter, pool: Sequence[str], target: int,
+                         instruction: str = CAPTION_PROMPT) -> ContextPrompt:
+    """The longest filled prompt whose token count is <= `target` (usually exactly `target`).
+
+    Whole examples are added (cycling through `pool`) by binary search on their number, then
+    words of the next example by binary search on the word count; lengths are monotone in both.
+    """
+    base = meter(_render([], "", instruction))
+    if base > target:
+        raise ValueError(f"the prompt without filler already has {base} tokens, more than the target {target}")
+    if not pool:
+        raise ValueError("the filler pool is empty: give reference captions of images other than the evaluated ones")
+
+    def examples(k: int) -> list[str]:
+        return [pool[i % len(pool)] for i in range(k)]
+
+    # Upper bound on the number of whole examples: each adds at least one token.
+    hi = target - base + 1
+    lengths = _LazyLengths(lambda k: meter(_render(examples(k), "", instruction)))
+    k = bisect.bisect_right(lengths, target, 0, hi) - 1  # largest k with length(k) <= target
+    words = pool[k % len(pool)].split()
+    tails = _LazyLengths(lambda w: meter(_render(examples(k), " ".join(words[:w]), instruction)))
+    w = bisect.bisect_right(tails, target, 0, len(words)) - 1 if words else 0
+    w = max(w, 0)
+    text = _render(examples(k), " ".join(words[:w]), instruction)
+    return ContextPrompt(text=text, num_tokens=meter(text), num_examples=k + (w / len(words) if words else 0.0),
+                         target=target)
+
+
+class _LazyLengths:
+    """A sequence view f(0), f(1), ... computed on demand, so bisect can binary-search it."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.cache: dict[int, int] = {}
+
+    def __getitem__(self, i: int) -> int:
+        if i not in self.cache:
+            self.cache[i] = self.fn(i)
+        return self.cache[i]
+
+    def __len__(self) -> int:  # pragma: no cover - bisect is always given hi
+        raise TypeError("unbounded")
+
+
+def context_length_of(model: Any) -> int | None:
+    """The language model's maximum positions, if the config says."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", config)
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def buckets_for_model(model: Any, meter: PromptLengthMeter, new_tokens: int = max_new_tokens("caption"),
+                      buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[int]:
+    """`buckets` scaled to the model's context (unchanged when they fit), none below the bare prompt."""
+    limit = context_length_of(model)
+    bare = meter(_render([], "", CAPTION_PROMPT))
+    return list(buckets) if limit is None else scale_buckets(buckets, limit, new_tokens, min_length=bare)
+
+
+def evaluate_long_context(model: Any, processor: Any, samples: Sequence[EvalSample],
+                          references: Mapping[Any, Sequence[str]], pool: Sequence[str],
+                          buckets: Sequence[int] | None = None, batch_size: int = 8,
+                          new_tokens: int | None = None, progress: bool = False) -> dict:
+    """Caption `samples` at each target prompt length and score CIDEr per bucket.
+
+    Args:
+        samples: images to caption (``sample_id`` = image_id, present in `references`).
+        references: image_id -> reference captions (the scoring references).
+        pool: filler captions (see ``filler_pool``; must not contain the evaluated images' captions).
+        buckets: target prompt lengths in tokens; default: ``DEFAULT_BUCKETS`` scaled to the model's
+            context by ``buckets_for_model`` (the tiny preset gets proportionally smaller ones).
+    Returns:
+        ``{"buckets": {target: {"CIDEr", "prompt_tokens", "num_examples", "num_images"}},
+        "context_length": ..., "filler": ...}``.
+    """
+    if not samples:
+        raise ValueError("no samples to caption")
+    budget = max_new_tokens("caption") if new_tokens is None else new_tokens
+    limit = context_length_of(model)
+    meter = PromptLengthMeter(processor, samples[0].image)
+    refs = {s.sample_id: list(references[s.sample_id]) for s in samples}
+    if buckets is None:
+        buckets = buckets_for_model(model, meter, budget)
+    out: dict[int, dict[str, float]] = {}
+    for target in sorted(buckets):
+        prompt = build_context_prompt(meter, pool, target)
+        if limit is not None and prompt.num_tokens + budget > limit:
+            raise ValueError(f"bucket {target}: {prompt.num_tokens} prompt tokens + {budget} new tokens exceed the "
+                             f"model's {limit} positions; use scale_buckets(buckets, {limit})")
+        records = generate_predictions(model, processor, samples, "caption", batch_size=batch_size,
+                                       max_new_tokens=budget, prompt_fn=lambda _s, p=prompt: p.text,
+                                       progress=progress)
+        scores = score_captions(refs, {r["image_id"]: r["caption"] for r in records}, metrics=["CIDEr"])
+        out[target] = {"CIDEr": scores["metrics"]["CIDEr"], "prompt_tokens": prompt.num_tokens,
+                       "num_examples": round(prompt.num_examples, 3), "num_images": len(samples)}
+    return {"buckets": out, "context_length": limit,
+            "filler": "reference captions of other images, one per line, between the image and the instruction"}
+
+
+def long_context_table(results: Mapping[str, Mapping[int, float]]) -> str:
+    """Markdown table: one row per run/method, one column per context length (CIDEr)."""
+    lengths = sorted({int(n) for series in results.values() for n in series})
+    lines = ["| run | " + " | ".join(f"{n} tok" for n in lengths) + " |",
+             "|---|" + "---:|" * len(lengths)]
+    for name, series in results.items():
+        by_len = {int(k): v for k, v in series.items()}
+        cells = [f"{by_len[n]:.3f}" if n in by_len else "" for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_long_context(results: Mapping[str, Mapping[int, float]], path: Path, metric: str = "CIDEr") -> Path:
+    """PNG of `metric` against prompt length, one line per run/method (log2 x axis)."""
+    from eval.plots import new_figure, save_figure
+
+    fig, ax = new_figure((6.0, 4.0))
+    for name, series in results.items():
+        points = sorted((int(k), float(v)) for k, v in series.items())
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    lengths = sorted({int(k) for series in results.values() for k in series})
+    if lengths:
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("prompt length (tokens, image included)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Long-context captioning: {metric} vs context length")
+    ax.grid(True, alpha=0.3)
+    if results:
+        ax.legend()
+    return save_figure(fig, path)
