@@ -231,3 +231,84 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
                "seconds": round(result.seconds, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def final_dir(ctx: StageContext) -> Path:
+    return ctx.run_dir / "train" / "final"
+
+
+def attach(ctx: StageContext, model):
+    """The config's method attached to `model` on the targets the towers describe."""
+    from pipeline.methods import attach_method
+    from pipeline.towers import full_module_names, structlora_config_for, target_module_names
+
+    cfg = ctx.cfg
+    targets = target_module_names(model, cfg.model, cfg.adapter)
+    structlora_cfg = structlora_config_for(model, cfg.model, cfg.adapter, cfg.train.max_steps) \
+        if cfg.adapter.method == "structlora" else None
+    return attach_method(model, cfg.adapter, targets, full_module_names(model, cfg.adapter), cfg.train.max_steps,
+                         structlora_config=structlora_cfg, seed=cfg.train.seed)
+
+
+def stage_train(ctx: StageContext) -> dict[str, Any]:
+    """Adapt the base model with the configured method on the training mix; keep the final state."""
+    from safetensors.torch import save_file
+
+    cfg = ctx.cfg
+    model, processor = load_base(ctx)
+    adapted = attach(ctx, model)
+    rank, world = _dist()
+    train_src = sources(ctx, "train", cfg.data.tasks)
+    val_src = sources(ctx, "val", cfg.data.tasks)
+    out = ctx.stage_dir("train")
+    epoch_length = cfg.train.batch_size * cfg.train.grad_accum * max(50, cfg.train.max_steps // 4)
+    recipe, result = run_recipe(
+        adapted, cfg.train, out,
+        lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
+                               epoch_length),
+        validation_batches(cfg, val_src, processor, cfg.train.batch_size))
+    trainable = recipe._gathered_trainable_state()
+    if recipe.accelerator.is_main_process:
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        if adapted.method == "structlora":
+            adapted.handle.save_training_state(tmp / "method_state")
+        summary = {"method": adapted.method, "trainable_parameters": result.trainable_parameters,
+                   "steps": result.steps, "final_train_loss": result.final_train_loss,
+                   "val_losses": result.val_losses, "seconds": round(result.seconds, 1),
+                   "resumed_from": result.resumed_from, "world_size": world}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(final_dir(ctx), ignore_errors=True)
+        tmp.rename(final_dir(ctx))
+    recipe.accelerator.wait_for_everyone()
+    return json.loads((final_dir(ctx) / "summary.json").read_text())
+
+
+def load_adapted_handle(ctx: StageContext):
+    """(AdaptedModel, processor): the base model with the trained method state loaded, in eval mode."""
+    from safetensors.torch import load_file
+
+    path = final_dir(ctx)
+    if not (path / "trainable.safetensors").is_file():
+        raise UserError(f"{path}: no trained adapter: run the train stage first (--stages train)")
+    model, processor = load_base(ctx)
+    adapted = attach(ctx, model)
+    adapted.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
+    if adapted.method == "structlora" and (path / "method_state").is_dir():
+        adapted.handle.load_training_state(path / "method_state", load_parameters=False)
+    adapted.model.eval()
+    return adapted, processor
+
+
+def load_adapted(ctx: StageContext):
+    """(model, processor) of the adapted model for generation; StructLoRA diagnostics ride along."""
+    adapted, processor = load_adapted_handle(ctx)
+    model = adapted.model
+    if adapted.method == "structlora":
+        model.structlora_diagnostics = adapted.handle.diagnostics
+    return model, processor

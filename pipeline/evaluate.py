@@ -1,0 +1,174 @@
+"""The eval stage: generate predictions (official results format), score them, plot, report.
+
+Generation and scoring are apart (lmms-eval style): every rank writes a shard of
+predictions, rank 0 merges them into `eval/{model}/{task}_predictions.json` and scores the
+file's contents against references read from the test shards (faithful copies of the
+official records). Both the adapted and the base model are scored, so the report shows
+what adaptation bought.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.runner import StageContext
+
+QUESTION_TASKS = ("vqav2", "gqa")
+
+
+def load_eval_examples(ctx: StageContext, task: str, split: str, max_samples: int | None) -> list[dict[str, Any]]:
+    """Every example of a task's split (the same list on every rank), capped at `max_samples`."""
+    from data.stream import EvalStream
+    from pipeline.stages import sources
+
+    (source,) = sources(ctx, split, {task: 1.0})
+    stream = EvalStream(source, rank=0, world_size=1)
+    return list(itertools.islice(stream, max_samples)) if max_samples else list(stream)
+
+
+def _samples_and_references(task: str, examples: list[dict[str, Any]]):
+    from eval.generate import EvalSample
+
+    if task == "caption":
+        samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
+        refs = {e["image_id"]: list(e["captions"]) for e in examples}
+        return samples, refs
+    samples = [EvalSample(e["question_id"], e["image"], e["question"]) for e in examples]
+    if task == "vqav2":
+        refs = [{k: e[k] for k in ("question_id", "answers", "question_type", "answer_type")} for e in examples]
+    else:
+        refs = {str(e["question_id"]): {k: e[k] for k in ("answer", "isBalanced", "types", "question")}
+                for e in examples}
+    return samples, refs
+
+
+def _score(task: str, refs: Any, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    if task == "caption":
+        from eval.caption_metrics import score_captions
+
+        return score_captions(refs, {p["image_id"]: p["caption"] for p in predictions})
+    if task == "vqav2":
+        from eval.vqa_eval import score_vqa
+
+        return score_vqa(refs, {p["question_id"]: p["answer"] for p in predictions})
+    from eval.gqa_eval import score_gqa
+
+    return score_gqa(refs, {p["questionId"]: p["prediction"] for p in predictions})
+
+
+def generate_and_score(model, processor, task: str, examples: list[dict[str, Any]], out_dir: Path,
+                       batch_size: int, accelerator) -> dict[str, Any] | None:
+    """Generate this rank's share, merge on rank 0, score. Returns the scores on rank 0, else None."""
+    from eval.generate import merge_prediction_shards, run_generation
+
+    samples, refs = _samples_and_references(task, examples)
+    shards = out_dir / f"{task}_shards"
+    run_generation(model, processor, samples, task, shards, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes, batch_size=batch_size,
+                   progress=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    predictions = merge_prediction_shards(shards, task, out_dir / f"{task}_predictions.json",
+                                          world_size=accelerator.num_processes)
+    return _score(task, refs, predictions)
+
+
+def long_context_scores(model, processor, ctx: StageContext, examples: list[dict[str, Any]], batch_size: int):
+    """CIDEr per context-length bucket (rank 0 only: the set is small)."""
+    from eval.generate import EvalSample
+    from eval.long_context import evaluate_long_context, filler_pool
+
+    cfg = ctx.cfg
+    train_refs = {e["image_id"]: list(e["captions"]) for e in load_eval_examples(ctx, "caption", "val", 200)}
+    samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
+    refs = {e["image_id"]: list(e["captions"]) for e in examples}
+    pool = filler_pool(train_refs, exclude=list(refs))
+    context = getattr(model.config, "text_config", model.config).max_position_embeddings
+    from eval.long_context import scale_buckets
+
+    buckets = scale_buckets(cfg.eval.long_context_lengths, context, min_length=1)
+    return evaluate_long_context(model, processor, samples, refs, pool, buckets=buckets, batch_size=batch_size)
+
+
+def stage_eval(ctx: StageContext) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    from eval.long_context import long_context_table, plot_long_context
+    from eval.plots import plot_diagnostics
+    from eval.report import write_report
+    from pipeline.stages import load_adapted, load_base
+
+    cfg, out = ctx.cfg, ctx.stage_dir("eval")
+    acc = Accelerator(cpu=not __import__("torch").cuda.is_available())
+    gen_tasks = [t for t in cfg.eval.tasks if t in ("caption", *QUESTION_TASKS)]
+    examples = {t: load_eval_examples(ctx, t, cfg.eval.split, cfg.eval.max_samples) for t in gen_tasks}
+    if "long_context" in cfg.eval.tasks and "caption" not in examples:
+        examples["caption"] = load_eval_examples(ctx, "caption", cfg.eval.split, cfg.eval.max_samples)
+
+    models = {"adapted": load_adapted(ctx)}
+    if cfg.eval.compare_base:
+        models["base"] = load_base(ctx)
+    scores: dict[str, dict[str, Any]] = {name: {} for name in models}
+    long_context: dict[str, dict[int, float]] = {}
+    for name, (model, processor) in models.items():
+        model.to(acc.device).eval()
+        for task in gen_tasks:
+            result = generate_and_score(model, processor, task, examples[task], out / name, cfg.eval.batch_size, acc)
+            if result is not None:
+                scores[name][task] = result
+        if "long_context" in cfg.eval.tasks and acc.is_main_process:
+            lc = long_context_scores(model, processor, ctx, examples["caption"][: cfg.eval.max_samples or 50],
+                                     cfg.eval.batch_size)
+            scores[name]["long_context"] = lc
+            long_context[name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return {}
+    plots: dict[str, Path] = {}
+    if long_context:
+        plots["long_context"] = plot_long_context(long_context, out / "long_context_cider.png")
+        (out / "long_context.md").write_text(long_context_table(long_context) + "\n")
+    adapted_model = models["adapted"][0]
+    diagnostics = getattr(adapted_model, "structlora_diagnostics", None)
+    if callable(diagnostics):
+        diag = diagnostics()
+        plots.update(plot_diagnostics(diag, out, max_rank=cfg.adapter.rank))
+        (out / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=1, sort_keys=True))
+    paths = write_report(out, scores["adapted"], base=scores.get("base"), plots=plots,
+                         title=f"{Path(ctx.run_dir).name}: {cfg.adapter.method} on {cfg.data.source}")
+    acc.wait_for_everyone()
+    return {"metrics": str(paths["metrics"]), "report": str(paths["report"]), "headline": headline(scores)}
+
+
+def headline(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The few numbers a person looks at first, per model: CIDEr, VQA and GQA accuracy."""
+    out: dict[str, dict[str, float]] = {}
+    for name, tasks in scores.items():
+        row: dict[str, float] = {}
+        if "caption" in tasks:
+            row["CIDEr"] = round(float(tasks["caption"]["metrics"]["CIDEr"]), 4)
+        if "vqav2" in tasks:
+            row["VQA"] = float(tasks["vqav2"]["overall"])
+        if "gqa" in tasks:
+            row["GQA"] = float(tasks["gqa"]["accuracy"])
+        out[name] = row
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,153 @@
+"""The merge stage: fold the trained update into W0 and write a plain transformers model.
+
+The merged directory loads with `LlavaForConditionalGeneration.from_pretrained` alone (no
+structlora, no peft): that is the proof of zero inference cost. Before reporting success
+the stage checks, on fixed inputs, that the merged model reproduces the adapted model's
+logits. A standard PEFT LoRA adapter is written beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.runner import StageContext
+
+RUN_INFO = "structlora_run.json"
+
+
+def _check_batches(ctx: StageContext, processor, n: int = 2) -> list[dict[str, torch.Tensor]]:
+    from pipeline.stages import sources, validation_batches
+
+    cfg = ctx.cfg
+    tasks = {t: 1.0 for t, w in cfg.data.tasks.items() if w > 0}
+    return validation_batches(cfg, sources(ctx, "val", tasks), processor, batch_size=4, max_batches=n)
+
+
+@torch.no_grad()
+def _logits(model, batches) -> list[torch.Tensor]:
+    model.eval()
+    return [model(**{k: v for k, v in b.items() if k != "labels"}).logits.float() for b in batches]
+
+
+def merge_adapted(adapted) -> torch.nn.Module:
+    """The backbone with the update folded in and every wrapper removed."""
+    if adapted.method == "full":
+        return adapted.model
+    if adapted.method == "structlora":
+        return adapted.handle.merge_and_unload()
+    return adapted.model.merge_and_unload()
+
+
+def export_adapter(adapted, out: Path, base_name: str, svd_rank: int | None) -> dict[str, Any]:
+    """A standard PEFT adapter of the trained update (before merging)."""
+    if adapted.method == "full":
+        return {"skipped": "full fine-tuning has no adapter"}
+    if adapted.method == "structlora":
+        return adapted.handle.export_peft(out, base_model_name_or_path=base_name, svd_rank=svd_rank) or {"path": str(out)}
+    adapted.model.save_pretrained(out)
+    return {"path": str(out)}
+
+
+def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[str, Any]) -> str:
+    cfg = ctx.cfg
+    base = cfg.model.name_or_path or f"tiny preset (pretrained by the base stage in {ctx.run_dir})"
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, structlora, lora]",
+        "---", "", f"# {Path(ctx.run_dir).name}: {cfg.adapter.method} merged into its base", "",
+        f"- Base model: {base}",
+        f"- Method: {cfg.adapter.method}, rank {cfg.adapter.rank}, alpha {cfg.adapter.alpha}, "
+        f"vision={cfg.adapter.vision}, projector={cfg.adapter.projector}, language={cfg.adapter.language}",
+        f"- Data: {cfg.data.source}; tasks {cfg.data.tasks}",
+        f"- Training: {cfg.train.max_steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr}",
+        f"- Merge check: max |logit difference| adapted vs merged = {check['max_abs_diff']:.2e} "
+        f"(tolerance {check['tolerance']:.0e})",
+        "", "The adapter is folded into the weights: this model has exactly the base architecture and cost.",
+        "Load it with `LlavaForConditionalGeneration.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.",
+    ]
+    if metrics:
+        lines += ["", "## Evaluation (test split)", "", "| model | task | metric | value |", "| --- | --- | --- | --- |"]
+        for name in ("base", "adapted"):
+            for task, value in (metrics.get(name) or {}).items():
+                for metric, number in value.items():
+                    lines.append(f"| {name} | {task} | {metric} | {number} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
+    from pipeline.stages import load_adapted_handle
+
+    cfg = ctx.cfg
+    out = Path(out)
+    adapted, processor = load_adapted_handle(ctx)
+    batches = _check_batches(ctx, processor)
+    reference = _logits(adapted.model, batches)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    base_name = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
+    adapter_info = export_adapter(adapted, tmp / "peft_adapter", base_name, cfg.merge.svd_rank) \
+        if cfg.merge.export_peft else {"skipped": "merge.export_peft is false"}
+    merged = merge_adapted(adapted)
+    leftovers = [n for n, m in merged.named_modules() if type(m).__module__.split(".")[0] in ("structlora", "peft")]
+    if leftovers:
+        raise RuntimeError(f"merge left adapter modules behind, e.g. {leftovers[0]}")
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged, batches)))
+    check = {"max_abs_diff": diff, "tolerance": cfg.merge.check_tolerance, "batches": len(batches)}
+    if diff > cfg.merge.check_tolerance:
+        raise RuntimeError(f"merged model differs from the adapted model by {diff:.3e} (> {cfg.merge.check_tolerance})")
+    model_dir = tmp / "model"
+    merged.save_pretrained(model_dir, safe_serialization=True)
+    processor.save_pretrained(model_dir)
+    # the saved model must stand alone: reload it with plain transformers and compare again
+    from transformers import LlavaForConditionalGeneration
+
+    reloaded = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, batches)))
+    check["max_abs_diff_reloaded"] = diff_reloaded
+    if diff_reloaded > cfg.merge.check_tolerance:
+        raise RuntimeError(f"the saved merged model differs from the adapted model by {diff_reloaded:.3e}")
+    metrics_path = ctx.run_dir / "eval" / "metrics.json"
+    metrics = _headline_from(metrics_path)
+    (model_dir / "README.md").write_text(model_card(ctx, metrics, check))
+    base_dir = ctx.run_dir / "base" / "model"
+    info = {"base_model": str(base_dir.resolve()) if base_dir.is_dir() else cfg.model.name_or_path,
+            "run_dir": str(Path(ctx.run_dir).resolve()), "method": cfg.adapter.method}
+    (model_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    (tmp / "merge_check.json").write_text(json.dumps(check, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return {"model": str(out / "model"), "peft_adapter": adapter_info, "check": check}
+
+
+def _headline_from(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    from pipeline.evaluate import headline
+
+    return headline({"adapted": data.get("metrics", {}), "base": data.get("base") or {}})
+
+
+def stage_merge(ctx: StageContext) -> dict[str, Any]:
+    return merge_to(ctx, ctx.run_dir / "merge")
+
+
+def merge_run(run_dir: Path, out: Path) -> dict[str, Any]:
+    """`structlora merge RUN_DIR --out DIR`: merge a finished run's adapter into a standalone model."""
+    from pipeline.config import load_config
+    from pipeline.schema import RunConfig
+
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{config}: not a run directory (no config.yaml); give the folder `structlora run` wrote")
+    if not (run_dir / "train" / "final").is_dir():
+        raise UserError(f"{run_dir}/train/final missing: the run has not finished training")
+    return merge_to(StageContext(cfg=load_config(RunConfig, config), run_dir=run_dir), out)
