@@ -92,6 +92,28 @@ class Manifest:
         tmp.replace(self.path)
 
 
+def environment() -> dict[str, Any]:
+    """Package versions and the git revision of the code that ran, for the manifest."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "webdataset", "pycocoevalcap", "gradio", "timm"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                                    cwd=Path(__file__).resolve().parent).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = None, None
+    return {"python": platform.python_version(), "packages": versions, "git_revision": rev, "git_dirty": dirty}
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -117,29 +139,53 @@ def run_config(config_path: Path, overrides: list[str], stages: list[str] | None
     return run_stages(cfg, run_dir, stages, from_stage)
 
 
+# Stages that one process does for all (files on disk); the others wait at a barrier.
+MAIN_PROCESS_ONLY = {"prepare", "merge", "publish"}
+
+
 def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
                from_stage: str | None = None) -> Path:
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not _cuda())
+    main = state.is_main_process
     functions = _stage_functions()
-    manifest = Manifest(run_dir / "manifest.json")
     wanted = [s for s in STAGES if (stages is None or s in stages)]
-    if from_stage:
-        manifest.invalidate_from(from_stage)
+    missing = [s for s in wanted if s not in functions]
+    if missing:
+        raise UserError(f"stage '{missing[0]}' is not implemented yet; run the stages before it with "
+                        f"--stages {','.join(s for s in wanted if s in functions)}")
+    if from_stage and main:
+        Manifest(run_dir / "manifest.json").invalidate_from(from_stage)
+    state.wait_for_everyone()
     ctx = StageContext(cfg=cfg, run_dir=run_dir)
     for name in wanted:
-        if name not in functions:
-            raise UserError(f"stage '{name}' is not implemented yet; run the stages before it with "
-                            f"--stages {','.join(s for s in wanted if s in functions)}")
+        manifest = Manifest(run_dir / "manifest.json")  # re-read: rank 0 may have written it
         digest = config_hash(cfg, name)
         record = manifest.stage(name)
         if record.get("status") == "done" and record.get("hash") == digest:
             log.info("stage %s: unchanged, skipped", name)
-            print(f"[{name}] done earlier with the same config: skipped")
+            if main:
+                print(f"[{name}] done earlier with the same config: skipped")
             continue
-        if record.get("hash") not in (None, digest):
-            manifest.invalidate_from(name)
-        print(f"[{name}] running")
-        manifest.update(name, status="running", hash=digest, started=_now(), pid=os.getpid())
-        outputs = functions[name](ctx) or {}
-        manifest.update(name, status="done", finished=_now(), outputs=outputs)
-        print(f"[{name}] done")
+        if main:
+            manifest.invalidate_from(name)  # whatever came after this stage used its old outputs
+            print(f"[{name}] running")
+            manifest.update(name, status="running", hash=digest, started=_now(), pid=os.getpid(),
+                            env=environment(), world_size=state.num_processes)
+        state.wait_for_everyone()
+        outputs: dict[str, Any] = {}
+        if name not in MAIN_PROCESS_ONLY or main:
+            outputs = functions[name](ctx) or {}
+        state.wait_for_everyone()
+        if main:
+            manifest.update(name, status="done", finished=_now(), outputs=outputs)
+            print(f"[{name}] done")
+        state.wait_for_everyone()
     return run_dir
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
