@@ -169,6 +169,10 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
                 print(f"[{name}] done earlier with the same config: skipped")
             continue
         if main:
+            if record.get("hash") not in (None, digest) and (run_dir / name).is_dir():
+                import shutil
+
+                shutil.rmtree(run_dir / name)  # outputs (and checkpoints) of another config: start afresh
             manifest.invalidate_from(name)  # whatever came after this stage used its old outputs
             print(f"[{name}] running")
             manifest.update(name, status="running", hash=digest, started=_now(), pid=os.getpid(),
