@@ -1,0 +1,91 @@
+"""The staged runner: skips finished stages, re-runs on a changed config slice, invalidates downstream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import runner
+from pipeline.errors import UserError
+from pipeline.schema import RunConfig
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    calls: list[str] = []
+
+    def make(name):
+        def fn(ctx):
+            calls.append(name)
+            (ctx.stage_dir(name) / "out.txt").write_text(name)
+            return {"name": name}
+        return fn
+
+    monkeypatch.setattr(runner, "_stage_functions", lambda: {s: make(s) for s in runner.STAGES})
+    return calls
+
+
+def _cfg(**train):
+    cfg = RunConfig()
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_runs_in_order_then_skips(fake_stages, tmp_path):
+    runner.run_stages(_cfg(), tmp_path)
+    assert fake_stages == runner.STAGES
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in runner.STAGES)
+    assert manifest["stages"]["train"]["env"]["packages"]["torch"]
+    fake_stages.clear()
+    runner.run_stages(_cfg(), tmp_path)
+    assert fake_stages == []
+
+
+def test_changed_slice_reruns_that_stage_and_downstream(fake_stages, tmp_path):
+    runner.run_stages(_cfg(), tmp_path)
+    fake_stages.clear()
+    (tmp_path / "train" / "stale.txt").write_text("old checkpoint")
+    runner.run_stages(_cfg(lr=0.5), tmp_path)
+    assert fake_stages == ["train", "eval", "merge", "publish"]
+    assert not (tmp_path / "train" / "stale.txt").exists()
+
+
+def test_from_stage_forces_a_rerun(fake_stages, tmp_path):
+    runner.run_stages(_cfg(), tmp_path)
+    fake_stages.clear()
+    runner.run_stages(_cfg(), tmp_path, from_stage="merge")
+    assert fake_stages == ["merge", "publish"]
+
+
+def test_killed_stage_runs_again(fake_stages, tmp_path):
+    runner.run_stages(_cfg(), tmp_path, stages=["prepare", "base"])
+    manifest = runner.Manifest(tmp_path / "manifest.json")
+    manifest.update("train", status="running", hash=runner.config_hash(_cfg(), "train"))
+    fake_stages.clear()
+    runner.run_stages(_cfg(), tmp_path)
+    assert fake_stages == ["train", "eval", "merge", "publish"]
+
+
+def test_unknown_stage_is_named(tmp_path):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("seed: 1\n")
+    with pytest.raises(UserError, match="unknown stage 'trian'"):
+        runner.run_config(cfg_path, [], stages=["trian"], run_dir=tmp_path / "run")
+
+
+def test_corrupt_manifest_is_reported(tmp_path):
+    (tmp_path / "manifest.json").write_text("{nope")
+    with pytest.raises(UserError, match="corrupt manifest"):
+        runner.Manifest(tmp_path / "manifest.json")
+
+
+def test_hash_depends_on_upstream_slices():
+    a, b = RunConfig(), RunConfig()
+    b.data.shard_size = 7
+    assert runner.config_hash(a, "train") != runner.config_hash(b, "train")
+    c = RunConfig()
+    c.publish.name = "x"
+    assert runner.config_hash(a, "train") == runner.config_hash(c, "train")
