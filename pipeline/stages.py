@@ -312,3 +312,41 @@ def load_adapted(ctx: StageContext):
     if adapted.method == "structlora":
         model.structlora_diagnostics = adapted.handle.diagnostics
     return model, processor
+
+
+# --- publish ----------------------------------------------------------------------------------
+
+
+def stage_publish(ctx: StageContext) -> dict[str, Any]:
+    """Register the merged model with the demo's registry and print the command that serves it."""
+    import datetime as dt
+
+    from app.registry import register_model
+
+    cfg = ctx.cfg
+    model_dir = (ctx.run_dir / "merge" / "model").resolve()
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no merged model: run the merge stage first (--stages merge)")
+    metrics_file = ctx.run_dir / "eval" / "metrics.json"
+    metrics = {}
+    if metrics_file.is_file():
+        from pipeline.evaluate import headline
+
+        data = json.loads(metrics_file.read_text())
+        metrics = headline({"adapted": data.get("metrics", {}), "base": data.get("base") or {}})
+    entry = {
+        "name": cfg.publish.name or Path(ctx.run_dir).resolve().name,
+        "base_model": cfg.model.name_or_path or str((ctx.run_dir / "base" / "model").resolve()),
+        "task": "+".join(sorted(t for t, w in cfg.data.tasks.items() if w > 0)),
+        "method": cfg.adapter.method,
+        "metrics": metrics,
+        "path": str(model_dir),
+        "run_dir": str(Path(ctx.run_dir).resolve()),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    registry = Path(cfg.publish.registry)
+    register_model(registry, entry)
+    command = f"structlora demo --registry {registry}"
+    print(f"published '{entry['name']}' to {registry}; serve it with:\n    {command}\n"
+          f"or this model alone with:\n    structlora demo {model_dir}")
+    return {"registry": str(registry), "name": entry["name"], "demo_command": command}
