@@ -9,7 +9,7 @@ CONFIG ?= configs/tiny.yaml
 # torch/torchvision come first and pinned: on these machines pip takes them from local disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test test-slow lint check-java clean
+.PHONY: setup run test test-slow test-browser browser lint check-java clean
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -29,11 +29,19 @@ run: setup
 	$(VENV)/bin/structlora run $(CONFIG)
 
 test: setup
+	@scripts/install_browser.sh >/dev/null 2>&1 || echo "note: could not install chromium + chromium-driver (needs apt as root): the browser test will be skipped"
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
+
+# Debian chromium + chromium-driver for the browser test of the demo (needs root / apt).
+browser:
+	scripts/install_browser.sh
+
+test-browser: setup browser
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m browser
 
 lint: setup
 	$(VENV)/bin/ruff check .

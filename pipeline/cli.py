@@ -198,7 +198,7 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is meant for the user (they name the file and the field)."""
     classes: list[type[BaseException]] = [UserError]
     for module_name, class_name in (("data.errors", "DataError"), ("eval.errors", "EvalInputError"),
-                                    ("eval.errors", "JavaNotFoundError")):
+                                    ("eval.errors", "JavaNotFoundError"), ("app.errors", "DemoError")):
         try:
             classes.append(getattr(importlib.import_module(module_name), class_name))
         except (ImportError, AttributeError):
