@@ -1,0 +1,188 @@
+"""Training-step overhead of StructLoRA vs LoRA on the tiny LLaVA preset (CPU), side by side.
+
+    python bench/overhead.py [--rounds 20] [--batch-size 16] [--text-tokens 32] [--rank 8]
+
+Every method adapts the same modules (q_proj and v_proj of the used CLIP layers and of the
+LM, and the projector's two linears) of the same base model at the same rank, and trains on
+the same batch with AdamW. Steps are interleaved: each round runs one step of every method,
+in a shuffled order, so that load from other jobs on this shared machine hits all alike.
+
+Time: wall clock of a full training step (forward, loss + regularisers, backward, optimizer
+step, StructLoRA's `step()`), median over rounds after warm-up.
+
+Memory: torch.profiler's allocation events give the peak bytes of live tensors allocated
+during one training step (activations, gradients, temporaries); the resident state
+(parameters, buffers, optimizer moments) is added to it. Python objects and allocator
+caches are not counted, so the total is what the tensors need, not the process RSS.
+
+A semantic-edge refresh step (gradient sketches captured, every `refresh_every` = 50 steps)
+is timed as its own row; the amortised time counts it once per 50 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VOCAB = 320
+
+
+def build_base(seed: int = 0):
+    from transformers import LlavaForConditionalGeneration
+
+    from pipeline.backbones import tiny_llava_config
+    from pipeline.schema import TinyPreset
+
+    config = tiny_llava_config(TinyPreset(), vocab_size=VOCAB, image_token_id=VOCAB - 1, pad_token_id=0,
+                               bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def make_batch(model, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    image_tokens = model.config.image_seq_length
+    size = model.config.vision_config.image_size
+    ids = torch.cat([torch.ones(batch_size, 1, dtype=torch.long),
+                     torch.full((batch_size, image_tokens), VOCAB - 1),
+                     torch.randint(3, VOCAB - 1, (batch_size, text_tokens), generator=g)], dim=1)
+    labels = ids.clone()
+    labels[:, : 1 + image_tokens] = -100
+    return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=g), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+class Method:
+    """One adapted copy of the base model with its optimizer and step function."""
+
+    def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False):
+        from pipeline.schema import AdapterConfig, ModelConfig
+        from pipeline.towers import structlora_config_for, target_module_names
+
+        self.name = name
+        model = copy.deepcopy(base)
+        adapter = AdapterConfig(rank=rank, alpha=2.0 * rank)
+        torch.manual_seed(1)
+        if ablation is None:
+            from peft import LoraConfig, get_peft_model
+
+            targets = target_module_names(model, ModelConfig(preset="tiny"), adapter)
+            self.model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+            self.handle = None
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            from structlora import apply_structlora
+
+            adapter.structlora = {"ablation": ablation}
+            self.handle = apply_structlora(model, structlora_config_for(model, ModelConfig(preset="tiny"), adapter,
+                                                                         max_steps=1000))
+            self.model = self.handle.model
+            params = [p for group in self.handle.trainable_parameter_groups().values() for p in group]
+        self.refresh = refresh
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.steps = 0
+        self.model.train()
+
+    def step(self, batch) -> None:
+        if self.handle is not None and self.handle.semantic_edges_on:
+            self.handle.set_capture(self.refresh)  # a refresh step, or an ordinary one
+        loss = self.model(**batch).loss
+        if self.handle is not None:
+            loss = loss + sum(self.handle.regularization().values())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.handle is not None:
+            self.handle.step(self.steps)
+
+    def resident_bytes(self) -> int:
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_step_bytes(method: Method, batch) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        method.step(batch)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = build_base()
+    batch = make_batch(base, args.batch_size, args.text_tokens)
+    methods = [
+        Method("LoRA (PEFT)", base, args.rank, None),
+        Method("StructLoRA, ablation=lora", base, args.rank, "lora"),
+        Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator"),
+        Method("StructLoRA, full", base, args.rank, "full"),
+        Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True),
+    ]
+    for _ in range(args.warmup):
+        for method in methods:
+            method.step(batch)
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    order = random.Random(0)
+    for _ in range(args.rounds):
+        for method in order.sample(methods, len(methods)):
+            start = time.perf_counter()
+            method.step(batch)
+            times[method.name].append(time.perf_counter() - start)
+    memory = {m.name: peak_step_bytes(m, batch) + m.resident_bytes() for m in methods}
+    step_peak = {m.name: peak_step_bytes(m, batch) for m in methods}
+
+    ref = methods[0].name
+    median = {name: statistics.median(values) for name, values in times.items()}
+    # ratio per round (all methods ran within a second of each other), then its median and quartiles
+    ratios = {name: [t / r for t, r in zip(values, times[ref])] for name, values in times.items()}
+    refresh_name, full_name = "StructLoRA, full, refresh step", "StructLoRA, full"
+    amortised = [(49 * f + r) / 50 for f, r in zip(times[full_name], times[refresh_name])]
+    ratios["amortised"] = [a / r for a, r in zip(amortised, times[ref])]
+    median["amortised"] = statistics.median(amortised)
+    seq = batch["input_ids"].shape[1]
+    print(f"tiny LLaVA preset, batch {args.batch_size} x {seq} tokens, rank {args.rank}, {args.rounds} rounds, "
+          f"torch threads {torch.get_num_threads()}")
+    print("| method | step time (ms, median) | time ratio (median, IQR) | peak step memory (MiB) | "
+          "total memory (MiB) | memory ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+
+    def ratio(name: str) -> str:
+        q1, q2, q3 = statistics.quantiles(ratios[name], n=4)
+        return f"{q2:.3f} ({q1:.3f}-{q3:.3f})"
+
+    for m in methods:
+        print(f"| {m.name} | {1e3 * median[m.name]:.1f} | {ratio(m.name)} | {step_peak[m.name] / 2**20:.1f} | "
+              f"{memory[m.name] / 2**20:.1f} | {memory[m.name] / memory[ref]:.3f} |")
+    print(f"| StructLoRA, full, amortised (1 refresh / 50 steps) | {1e3 * median['amortised']:.1f} | "
+          f"{ratio('amortised')} | | | |")
+
+if __name__ == "__main__":
+    main()

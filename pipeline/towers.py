@@ -1,0 +1,181 @@
+"""Tower descriptions: which linear layers of a backbone StructLoRA (and the baselines) adapt.
+
+structlora knows nothing of LLaVA; this module tells it, as timm's `group_matcher` does:
+one `TargetConfig` per (tower, module kind), a regex with a depth group, and the
+representation spaces each module reads and writes (the residual stream of its tower when
+the width matches, so modules at different depths share sketch coordinates).
+
+LLaVA-1.5 (transformers 5.x names):
+- vision:    model.vision_tower.encoder.layers.{i}.self_attn.{q_proj,v_proj}, only up to the
+             CLIP layer that `vision_feature_layer` reads (-2: the last layer is never adapted:
+             it gets no gradient, which breaks DDP and AdaLoRA);
+- projector: model.multi_modal_projector.linear_1 (vision -> projector) and linear_2
+             (projector -> language), a two-node chain that bridges the towers;
+- language:  model.language_model.layers.{i}.self_attn.{q_proj,v_proj}.
+ViT: transformers `vit.layers.{i}.attention.{q_proj,v_proj}`; timm `blocks.{i}.attn.qkv`,
+adapted on its q and v row slices only.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from pipeline.schema import AdapterConfig, ModelConfig
+
+VISION_LAYERS = r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers"
+LANGUAGE_LAYERS = r"model\.language_model\.(?:model\.)?layers"
+PROJECTOR = r"model\.multi_modal_projector"
+PROJECTOR_NAME = "model.multi_modal_projector"
+_STRUCTURAL_KEYS = ("rank", "alpha", "dropout", "targets")
+
+
+def backbone_kind(model: nn.Module) -> str:
+    """'llava', 'vit' (transformers) or 'timm_vit', from the module structure."""
+    names = {n for n, _ in model.named_children()}
+    if "model" in names and hasattr(model.model, "vision_tower"):
+        return "llava"
+    if "vit" in names:
+        return "vit"
+    if "blocks" in names:
+        return "timm_vit"
+    raise ValueError(f"unknown backbone {type(model).__name__}: expected LLaVA, a transformers ViT or a timm ViT")
+
+
+def last_used_vision_layer(num_layers: int, vision_feature_layer: int | list[int]) -> int:
+    """Index of the deepest CLIP layer whose output LLaVA reads.
+
+    hidden_states has num_layers + 1 entries (embeddings first), so hidden_states[k] is the
+    output of layer k - 1 for k >= 1, and of layer num_layers + k for k < 0.
+    """
+    layers = vision_feature_layer if isinstance(vision_feature_layer, list | tuple) else [vision_feature_layer]
+    used = [(num_layers + 1 + k if k < 0 else k) - 1 for k in layers]
+    if any(u < 0 or u >= num_layers for u in used):
+        raise ValueError(f"vision_feature_layer={vision_feature_layer} reads no CLIP layer of a {num_layers}-layer tower")
+    return max(used)
+
+
+def _space(width: int, stream: str, hidden: int) -> str | None:
+    return stream if width == hidden else None
+
+
+def _layer_target(model: nn.Module, tower: str, prefix: str, kind: str, hidden: int,
+                  max_depth: int | None = None) -> dict[str, Any] | None:
+    """A TargetConfig dict for `kind` modules of one tower, or None if the tower has none."""
+    pattern = rf"^{prefix}\.(\d+)\.(?:[A-Za-z_]+\.)?{re.escape(kind)}$"
+    compiled = re.compile(pattern)
+    example = next((m for n, m in model.named_modules() if compiled.fullmatch(n) and isinstance(m, nn.Linear)), None)
+    if example is None:
+        return None
+    return {"tower": tower, "pattern": pattern, "kind": kind, "max_depth": max_depth,
+            "in_space": _space(example.in_features, tower, hidden),
+            "out_space": _space(example.out_features, tower, hidden)}
+
+
+def llava_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, Any]]:
+    config = model.config
+    vision_hidden, text_hidden = config.vision_config.hidden_size, config.text_config.hidden_size
+    targets: list[dict[str, Any]] = []
+    if adapter.vision == "lora":
+        last = last_used_vision_layer(config.vision_config.num_hidden_layers, config.vision_feature_layer)
+        targets += [t for k in adapter.targets
+                    if (t := _layer_target(model, "vision", VISION_LAYERS, k, vision_hidden, last)) is not None]
+    if adapter.projector == "lora":  # linear_1: vision stream -> projector space; linear_2: -> language stream
+        first = model.get_submodule(f"{PROJECTOR_NAME}.linear_1")
+        second = model.get_submodule(f"{PROJECTOR_NAME}.linear_2")
+        common = {"tower": "projector", "kind": "linear"}
+        targets += [
+            {**common, "pattern": rf"^{PROJECTOR}\.linear_(1)$", "in_space": _space(first.in_features, "vision",
+                                                                                   vision_hidden),
+             "out_space": "projector"},
+            {**common, "pattern": rf"^{PROJECTOR}\.linear_(2)$", "in_space": "projector",
+             "out_space": _space(second.out_features, "language", text_hidden)},
+        ]
+    if adapter.language == "lora":
+        targets += [t for k in adapter.targets
+                    if (t := _layer_target(model, "language", LANGUAGE_LAYERS, k, text_hidden)) is not None]
+    return targets
+
+
+def vit_targets(model: nn.Module, adapter: AdapterConfig, kind: str) -> list[dict[str, Any]]:
+    if adapter.vision != "lora":
+        return []
+    if kind == "vit":
+        hidden = model.config.hidden_size
+        return [t for k in adapter.targets
+                if (t := _layer_target(model, "vision", r"vit\.layers", k, hidden)) is not None]
+    hidden = model.embed_dim
+    targets = []
+    for k in adapter.targets:
+        if k == "qkv":  # timm's fused projection: adapt the q and v row slices
+            targets.append({"tower": "vision", "pattern": r"^blocks\.(\d+)\.attn\.qkv$", "kind": "qkv",
+                            "in_space": "vision", "out_space": "vision", "fused": ["q", "k", "v"], "slices": ["q", "v"]})
+        elif (t := _layer_target(model, "vision", r"blocks", k, hidden)) is not None:
+            targets.append(t)
+    return targets
+
+
+def tower_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, Any]]:
+    """StructLoRA target dicts (TargetConfig fields) for the backbone and the adapter's parts."""
+    kind = backbone_kind(model)
+    targets = llava_targets(model, adapter) if kind == "llava" else vit_targets(model, adapter, kind)
+    layered = adapter.vision == "lora" or (kind == "llava" and adapter.language == "lora")
+    missing = [k for k in adapter.targets if k not in {t["kind"] for t in targets}]
+    if layered and missing:
+        raise ValueError(f"adapter.targets {missing} name no linear layer in the adapted towers of "
+                         f"{type(model).__name__}")
+    return targets
+
+
+def target_module_names(model: nn.Module, model_cfg: ModelConfig, adapter: AdapterConfig) -> list[str]:
+    """Full names of the linear layers to adapt (the same list for StructLoRA and the PEFT baselines)."""
+    from structlora import TargetConfig
+    from structlora.inject import find_targets
+
+    targets = [TargetConfig(**t) for t in tower_targets(model, adapter)]
+    return [name for name, *_ in find_targets(model, targets)]
+
+
+def full_module_names(model: nn.Module, adapter: AdapterConfig) -> list[str]:
+    """Submodules trained fully: parts configured `full` (and a ViT's new classification head).
+
+    A full vision tower stops at the last CLIP layer LLaVA reads: later layers get no gradient.
+    """
+    kind = backbone_kind(model)
+    if kind != "llava":
+        head = "classifier" if kind == "vit" else "head"
+        return [n for n, _ in model.named_children()] if adapter.vision == "full" else [head]
+    names: list[str] = []
+    if adapter.vision == "full":
+        tower = model.model.vision_tower
+        inner = "model.vision_tower.vision_model" if hasattr(tower, "vision_model") else "model.vision_tower"
+        body = model.get_submodule(inner)
+        last = last_used_vision_layer(len(body.encoder.layers), model.config.vision_feature_layer)
+        names += [f"{inner}.{n}" for n in ("embeddings", "pre_layrnorm") if hasattr(body, n)]
+        names += [f"{inner}.encoder.layers.{i}" for i in range(last + 1)]
+    if adapter.projector == "full":
+        names.append(PROJECTOR_NAME)
+    if adapter.language == "full":
+        names += ["model.language_model", "lm_head"]
+    return names
+
+
+def structlora_config_for(model: nn.Module, model_cfg: ModelConfig, adapter: AdapterConfig, max_steps: int):
+    """The StructLoRAConfig of a run: rank, alpha, dropout and towers from `adapter`, the rest from
+    `adapter.structlora` (gate, coordinator, ablation); the gate anneals over `max_steps`."""
+    from pipeline.config import from_dict
+    from structlora import StructLoRAConfig
+
+    extra = dict(adapter.structlora)
+    clash = [k for k in _STRUCTURAL_KEYS if k in extra]
+    if clash:
+        raise ValueError(f"adapter.structlora.{clash[0]}: set adapter.{clash[0]} instead (shared with the baselines)")
+    gate = dict(extra.pop("gate", None) or {})
+    gate.setdefault("anneal_steps", max(1, max_steps))
+    data = {"rank": adapter.rank, "alpha": float(adapter.alpha), "dropout": float(adapter.dropout),
+            "targets": tower_targets(model, adapter), "gate": gate, **extra}
+    if not data["targets"]:
+        raise ValueError("adapter: no part is configured `lora`, so StructLoRA has nothing to adapt")
+    return from_dict(StructLoRAConfig, data, source="adapter.structlora", prefix="adapter.structlora")

@@ -1,0 +1,368 @@
+"""apply_structlora: find the targets, swap in StructLoRA layers, build the graph and coordinator.
+
+The backbone is modified in place (like PEFT's inject_adapter) and wrapped by a
+`StructLoRAModel` that owns the method's state and hooks. The coordinator is registered on
+the backbone as `structlora_coordinator`, so that training the backbone (DDP, checkpoints of
+its trainable parameters) covers it; `merge_and_unload` removes every trace again.
+
+Each forward pass of the backbone first prepares a *plan*: every module's gate mask
+(a relaxed sample in training, the pruned deterministic gate in eval) and, from the sketches
+of all modules, the coordinator's message M for each. Layers read their entry of the plan,
+so the gates that feed the coordinator are the gates that act in the layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from structlora.config import StructLoRAConfig
+from structlora.coordinator import GraphCoordinator, SketchBasis
+from structlora.gate import bernoulli_kl, temperature_at
+from structlora.graph import LayerGraph
+from structlora.inject import inject_layers
+from structlora.layer import update_factors
+from structlora.plan import gate_masks, node_sketches, sketch_groups
+
+COORDINATOR_NAME = "structlora_coordinator"
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def apply_structlora(model: nn.Module, config: StructLoRAConfig | dict[str, Any]) -> StructLoRAModel:
+    """Adapt `model` in place with StructLoRA and return the wrapper that owns the method."""
+    if isinstance(config, dict):
+        config = StructLoRAConfig.from_dict(config)
+    return StructLoRAModel(model, config)
+
+
+def _in_backward() -> bool:
+    """Is autograd running a backward pass (e.g. recomputing a checkpointed segment)?"""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+class StructLoRAModel(nn.Module):
+    """The backbone with StructLoRA layers, its layer graph and coordinator.
+
+    Args:
+        model: any torch model whose target linear layers the config's regexes name.
+        config: the StructLoRA config.
+    """
+
+    def __init__(self, model: nn.Module, config: StructLoRAConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.global_step = 0
+        self.merged = False
+        self.unloaded = False
+        self._generation = 0
+        self._plan_key: tuple | None = None
+        self._armed = False
+        self._in_forward = False
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        self.layers, self.nodes, self._space_dims = inject_layers(model, config)
+        self.graph = LayerGraph(self.nodes, config.coordinator.edge_types(), config.tower_order())
+        self._sketch_groups = sketch_groups(self.nodes)
+        self.coordinator: GraphCoordinator | None = None
+        self._on_backbone = False  # is the coordinator registered on the backbone?
+        if config.coordinator.enabled:
+            self._build_coordinator()
+        self._hooks = [model.register_forward_pre_hook(self._on_forward_start),
+                       model.register_forward_hook(self._on_forward_end, always_call=True)]
+        self.step(0)
+
+    # --- construction -----------------------------------------------------------------------
+
+    def _build_coordinator(self) -> None:
+        cfg = self.config.coordinator
+        coordinator = GraphCoordinator(self.graph, cfg)
+        coordinator.basis = SketchBasis(self._space_dims, cfg.sketch_dim, cfg.seed)
+        coordinator.to(next(iter(self.layers.values())).base_layer.weight.device)
+        # the backbone hosts it (DDP and its checkpoints see the parameters), unless it is a bare
+        # container whose forward would run it as one more layer
+        self._on_backbone = not isinstance(self.model, _CONTAINERS)
+        if not self._on_backbone:
+            self.coordinator = coordinator
+        else:
+            self.model.add_module(COORDINATOR_NAME, coordinator)
+            object.__setattr__(self, "coordinator", coordinator)
+        for layer in self.layers.values():
+            layer.attach(coordinator.basis, self.ensure_plan)
+
+    # --- attribute access falls through to the backbone, as in PEFT -------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    # --- the plan of one forward pass ----------------------------------------------------------
+
+    def adapter_parameters(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {"adapter": [], "gate": [], "coordinator": []}
+        for layer in self.layers.values():
+            groups["adapter"] += [*layer.lora_A.values(), *layer.lora_B.values()]
+            groups["gate"] += [g.logits for g in (layer.gates or {}).values()]
+        if self.coordinator is not None:
+            groups["coordinator"] += list(self.coordinator.parameters())
+        return groups
+
+    def compute_plans(self, training: bool | None = None) -> dict[str, dict]:
+        """{module: {slice: (mask, M)}}: gate masks and, with the coordinator on, its messages.
+
+        `training` None follows the layers' mode; False gives the eval / merge plan.
+        """
+        masks = gate_masks(self.layers, self.nodes, training)
+        mask_list = list(masks.unbind(0)) if masks is not None else [None] * len(self.nodes)
+        deltas: list[torch.Tensor | None] = [None] * len(self.nodes)
+        if self.coordinator is not None:
+            sketches = node_sketches(self.layers, self.nodes, self._sketch_groups, masks)
+            deltas = list(self.coordinator(sketches).unbind(0))
+        plans: dict[str, dict] = {name: {} for name in self.layers}
+        for node, mask, delta in zip(self.nodes, mask_list, deltas):
+            plans[node.module][node.slice] = (mask, delta)
+        return plans
+
+    def _plan_cache_key(self) -> tuple:
+        versions = tuple(p._version for group in self.adapter_parameters().values() for p in group)
+        return (self._generation, versions)
+
+    def prepare(self) -> None:
+        """Build the plan for the next forward pass (called by the backbone's forward pre-hook)."""
+        if self.merged or self.coordinator is None:
+            return
+        cacheable = not torch.is_grad_enabled() and not any(layer.training for layer in self.layers.values())
+        if cacheable:
+            key = self._plan_cache_key()
+            if key == self._plan_key and all(layer.plan is not None for layer in self.layers.values()):
+                return
+        plans = self.compute_plans()
+        for name, layer in self.layers.items():
+            layer.plan = plans[name]
+        self._plan_key = self._plan_cache_key() if cacheable else None
+
+    def ensure_plan(self) -> None:
+        """Called by a layer before it reads its plan.
+
+        Inside the backbone's forward the pre-hook has prepared it. During backward, activation
+        checkpointing re-runs layers: they must reuse the plan of their forward pass (the same
+        gate samples), which stays in place until the next forward. Any other call (a submodule
+        run on its own) gets a fresh plan.
+        """
+        if self._in_forward or _in_backward():
+            if self.layers and next(iter(self.layers.values())).plan is not None:
+                return
+        self.prepare()
+
+    def clear_plan(self) -> None:
+        for layer in self.layers.values():
+            layer.plan = None
+        self._plan_key = None
+
+    def _on_forward_start(self, module, args) -> None:
+        self._in_forward = True
+        self.prepare()
+
+    def _on_forward_end(self, module, args, output) -> None:
+        self._in_forward = False
+
+    # --- training hooks -------------------------------------------------------------------------
+
+    def regularization(self) -> dict[str, torch.Tensor]:
+        """Loss terms to add to the task loss, already weighted: {'ib': lambda_IB * L_IB}.
+
+        L_IB = mean over adapted modules of sum_j KL(Bernoulli(sigmoid(phi_j)) || Bernoulli(pi)).
+        """
+        gates = [g for layer in self.layers.values() for g in (layer.gates or {}).values()]
+        if not gates:
+            return {}
+        kl = bernoulli_kl(torch.stack([g.logits for g in gates]), self.config.gate.prior)
+        return {"ib": self.config.gate.lambda_ib * kl.mean()}
+
+    def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Separate groups for the optimizer: adapter factors (A, B), gate logits, coordinator."""
+        return self.adapter_parameters()
+
+    @property
+    def temperature(self) -> float:
+        return temperature_at(self.global_step, self.config.gate)
+
+    @property
+    def semantic_edges_on(self) -> bool:
+        return self.coordinator is not None and "semantic" in self.graph.edge_types
+
+    def step(self, global_step: int) -> None:
+        """Call after each optimizer step: anneals tau, and on refresh steps updates semantic edges.
+
+        Gradient sketches are taken during the forward/backward passes of refresh steps only:
+        step 1 and every `refresh_every` steps after it; `step` arms the capture for them.
+        """
+        self.global_step = global_step
+        tau = self.temperature
+        for layer in self.layers.values():
+            for gate in (layer.gates or {}).values():
+                gate.tau = tau
+        if self.semantic_edges_on:
+            if self._armed:
+                self.refresh_semantic_edges()
+            self.set_capture(global_step % self.config.coordinator.refresh_every == 0)
+        self._generation += 1
+
+    def set_capture(self, on: bool) -> None:
+        """Accumulate gradient sketches in the following backward passes (hooks on module outputs)."""
+        for layer in self.layers.values():
+            layer.capture = on
+        self._armed = on
+
+    @contextlib.contextmanager
+    def capturing_gradient_sketches(self):
+        """`with model.capturing_gradient_sketches(): loss.backward()` then `refresh_semantic_edges()`."""
+        if self.coordinator is None:
+            raise RuntimeError("gradient sketches need the coordinator (coordinator.enabled)")
+        self.set_capture(True)
+        try:
+            yield self
+        finally:
+            for layer in self.layers.values():
+                layer.capture = False
+
+    def gradient_sketches(self) -> torch.Tensor | None:
+        """Sketches accumulated since the last refresh, (N, p, p), or None if nothing was captured."""
+        if not any(layer.grad_sketch for layer in self.layers.values()):
+            return None
+        p = self.config.coordinator.sketch_dim
+        zeros = torch.zeros(p, p)
+        return torch.stack([self.layers[n.module].grad_sketch.get(n.slice, zeros).float().cpu() for n in self.nodes])
+
+    def refresh_semantic_edges(self) -> None:
+        """Fold the captured gradient sketches into the EMA (averaged over ranks) and rebuild edges."""
+        sketches = self.gradient_sketches()
+        for layer in self.layers.values():
+            layer.grad_sketch = {}
+        self._armed = False
+        if sketches is None or self.coordinator is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sketches = sketches.to(self.coordinator.ema_sketch.device)
+            torch.distributed.all_reduce(sketches)
+            sketches /= torch.distributed.get_world_size()
+        self.coordinator.update_sketches(sketches)
+        self._generation += 1
+
+    # --- merge ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold W0 + s B diag(m) A + P_out M P_in^T (eval gates, pruned) into every base weight."""
+        self._check_live()
+        if self.merged:
+            return
+        plans = self.compute_plans(training=False)
+        for name, layer in self.layers.items():
+            layer.merge(plans[name])
+        self.clear_plan()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self._check_live()
+        if not self.merged:
+            return
+        plans = self.compute_plans(training=False)
+        for name, layer in self.layers.items():
+            layer.unmerge(plans[name])
+        self.merged = False
+
+    def merge_and_unload(self) -> nn.Module:
+        """The backbone with the update folded in and no StructLoRA module, hook or tensor left."""
+        self.merge()
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """The backbone without the adapter (unmerged first if needed)."""
+        self.unmerge()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        self._check_live()
+        for handle in self._hooks:
+            handle.remove()
+        for name, layer in self.layers.items():
+            self.model.set_submodule(name, layer.base_layer)
+        if self._on_backbone and hasattr(self.model, COORDINATOR_NAME):
+            delattr(self.model, COORDINATOR_NAME)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, False))
+        self.unloaded = True
+        return self.model
+
+    def _check_live(self) -> None:
+        if self.unloaded:
+            raise RuntimeError("this StructLoRA model was unloaded; apply_structlora again to adapt the backbone")
+
+    # --- per-node updates (diagnostics, export) ----------------------------------------------------
+
+    @torch.no_grad()
+    def node_factors(self, drop_pruned: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per node (B', A') with dW_node = B' A' (rows x in, scale folded), eval gates and M."""
+        return self._node_factors(self.compute_plans(training=False), drop_pruned)
+
+    def _node_factors(self, plans: dict, drop_pruned: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for node in self.nodes:
+            layer = self.layers[node.module]
+            updates = dict(zip(layer.slice_rows, layer.slice_updates(plans[node.module], drop_pruned)))
+            update = updates[node.slice]
+            update.rows = None
+            p_in = layer.projections(node.slice)[0] if update.delta is not None else None
+            A, B, scale = update_factors([update], node.out_features, p_in)
+            out.append((B.float() * scale, A.float()))
+        return out
+
+    # --- persistence, export, diagnostics (kept in their own modules) ---------------------------
+
+    def save_training_state(self, path: str | os.PathLike) -> None:
+        from structlora.state import save_training_state
+
+        save_training_state(self, Path(path))
+
+    def load_training_state(self, path: str | os.PathLike, load_parameters: bool = True) -> None:
+        from structlora.state import load_training_state
+
+        load_training_state(self, Path(path), load_parameters=load_parameters)
+        self._generation += 1
+
+    def export_peft(self, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                    svd_rank: int | None = None) -> dict[str, Any]:
+        from structlora.export import export_peft
+
+        return export_peft(self, Path(path), base_model_name_or_path, svd_rank)
+
+    def diagnostics(self, exact: bool | None = None) -> dict[str, Any]:
+        from structlora.diagnostics import diagnostics
+
+        return diagnostics(self, exact=exact)
+
+    def scalar_diagnostics(self) -> dict[str, float]:
+        from structlora.diagnostics import scalar_diagnostics
+
+        return scalar_diagnostics(self)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for group in self.adapter_parameters().values() for p in group)

@@ -1,0 +1,58 @@
+"""The per-forward plan, batched: gate masks of all nodes and the sketches H that feed the coordinator.
+
+Both are computed for all nodes in a few batched ops (one gate sample for the stacked logits,
+one batched product per group of same-shaped nodes), so that the method's overhead per step
+does not grow with the number of small ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from structlora.gate import deterministic_gate, relaxed_bernoulli
+from structlora.graph import Node
+from structlora.layer import StructLoRALinear
+
+
+def sketch_groups(nodes: list[Node]) -> list[list[int]]:
+    """Node indices grouped by (spaces, widths): the sketches of a group are one batched product."""
+    groups: dict[tuple, list[int]] = {}
+    for i, n in enumerate(nodes):
+        groups.setdefault((n.in_space, n.out_space, n.in_features, n.out_features), []).append(i)
+    return list(groups.values())
+
+
+def gate_masks(layers: dict[str, StructLoRALinear], nodes: list[Node], training: bool | None) -> torch.Tensor | None:
+    """(N, r) gate masks of all nodes, or None when gates are off.
+
+    Training: one relaxed-Bernoulli sample; otherwise the pruned deterministic gate. `training`
+    None follows the gates' mode.
+    """
+    gates = [layers[n.module].gates for n in nodes]
+    if gates[0] is None:
+        return None
+    first = gates[0][nodes[0].slice]
+    logits = torch.stack([g[n.slice].logits for g, n in zip(gates, nodes)])
+    if first.training if training is None else training:
+        return relaxed_bernoulli(logits, first.tau, first.cfg.hard_concrete, first.stretch)
+    return deterministic_gate(logits, first.cfg.hard_concrete, first.stretch, first.cfg.prune_threshold)
+
+
+def node_sketches(layers: dict[str, StructLoRALinear], nodes: list[Node], groups: list[list[int]],
+                  masks: torch.Tensor | None) -> torch.Tensor:
+    """(N, p, p) sketches H_l = s (P_out^T B_l) diag(m_l) (A_l P_in), in node order."""
+    blocks, order = [], []
+    for members in groups:
+        first = nodes[members[0]]
+        layer = layers[first.module]
+        p_in, p_out = layer.projections(first.slice)
+        A = torch.stack([layers[nodes[i].module].lora_A[nodes[i].slice] for i in members])
+        B = torch.stack([layers[nodes[i].module].lora_B[nodes[i].slice] for i in members])
+        left = p_out.T @ B
+        if masks is not None:
+            left = left * masks[members][:, None, :]
+        blocks.append(layer.scale * (left @ (A @ p_in)))
+        order += members
+    stacked = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return stacked if inverse == list(range(len(order))) else stacked[inverse]
