@@ -71,11 +71,10 @@ def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[st
         "Load it with `LlavaForConditionalGeneration.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.",
     ]
     if metrics:
-        lines += ["", "## Evaluation (test split)", "", "| model | task | metric | value |", "| --- | --- | --- | --- |"]
+        lines += ["", f"## Evaluation ({cfg.eval.split} split)", "", "| model | metric | value |", "| --- | --- | --- |"]
         for name in ("base", "adapted"):
-            for task, value in (metrics.get(name) or {}).items():
-                for metric, number in value.items():
-                    lines.append(f"| {name} | {task} | {metric} | {number} |")
+            for metric, number in (metrics.get(name) or {}).items():
+                lines.append(f"| {name} | {metric} | {number} |")
     return "\n".join(lines) + "\n"
 
 

@@ -119,9 +119,12 @@ def _now() -> str:
 
 
 def _stage_functions() -> dict[str, StageFn]:
-    from pipeline import stages
+    from pipeline import evaluate, merge, stages
 
-    return {name: getattr(stages, f"stage_{name}") for name in STAGES if hasattr(stages, f"stage_{name}")}
+    found: dict[str, StageFn] = {}
+    for module in (stages, evaluate, merge):
+        found.update({name: getattr(module, f"stage_{name}") for name in STAGES if hasattr(module, f"stage_{name}")})
+    return found
 
 
 def run_config(config_path: Path, overrides: list[str], stages: list[str] | None = None,
