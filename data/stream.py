@@ -302,6 +302,14 @@ class TrainStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def partition(self, worker: int = 0, num_workers: int = 1) -> dict[str, list[str]]:
+        """The shard URLs each source draws from on this rank and worker (for logs and checks)."""
+        out = {}
+        for source in self.sources:
+            pairs = list(zip(source.urls, source.sizes or [1] * len(source.urls)))
+            out[source.name] = _training_partition(pairs, self.rank, self.world_size, worker, num_workers)[0]
+        return out
+
     def _source_examples(self, source: ShardSource, worker: int, num_workers: int) -> Iterator[Example]:
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{source.name}")
         pairs = list(zip(source.urls, source.sizes or [1] * len(source.urls)))

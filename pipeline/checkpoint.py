@@ -35,7 +35,8 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:07d}"
 
 
-def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], keep_last: int) -> Path:
+def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], keep_last: int,
+                     meta: dict | None = None) -> Path:
     """Write a checkpoint for `step`: `write_files(tmp_dir)` fills a temp dir, then it is sealed and renamed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     tmp.mkdir()
     write_files(tmp)
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True))
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files, **(meta or {})}, indent=1, sort_keys=True))
     for p in tmp.rglob("*"):  # make the data durable before the rename publishes it
         if p.is_file():
             with open(p, "rb") as handle:

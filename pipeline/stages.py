@@ -147,7 +147,7 @@ def load_base(ctx: StageContext):
 
 
 def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, rank: int, world_size: int,
-                   epoch_length: int) -> Iterator[dict[str, torch.Tensor]]:
+                   epoch_length: int, log_partition: Path | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless training batches for this rank: the resampled stream, epoch after epoch."""
     from torch.utils.data import DataLoader
 
@@ -156,6 +156,11 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
 
     stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
                          shuffle_buffer=256, allow_pipe=cfg.data.allow_pipe_urls)
+    if log_partition is not None:
+        workers = max(1, cfg.data.num_workers)
+        log_partition.write_text(json.dumps(
+            {"rank": rank, "world_size": world_size,
+             "workers": [stream.partition(w, workers) for w in range(workers)]}, indent=1))
     collate = LlavaCollator(processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank)
     for epoch in itertools.count():
         stream.set_epoch(epoch)
@@ -268,9 +273,10 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     recipe, result = run_recipe(
         adapted, cfg.train, out,
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
-                               epoch_length),
+                               epoch_length, log_partition=out / f"shards.rank{rank}.json"),
         validation_batches(cfg, val_src, processor, cfg.train.batch_size))
     trainable = recipe._gathered_trainable_state()
+    checksums = recipe.rank_checksums()  # a collective: every rank takes part
     if recipe.accelerator.is_main_process:
         tmp = out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,7 +287,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         summary = {"method": adapted.method, "trainable_parameters": result.trainable_parameters,
                    "steps": result.steps, "final_train_loss": result.final_train_loss,
                    "val_losses": result.val_losses, "seconds": round(result.seconds, 1),
-                   "resumed_from": result.resumed_from, "world_size": world}
+                   "resumed_from": result.resumed_from, "world_size": world,
+                   "rank_checksums": checksums}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(final_dir(ctx), ignore_errors=True)
         tmp.rename(final_dir(ctx))

@@ -255,7 +255,8 @@ class TrainRecipe:
                 if self.adapted.method == "structlora":
                     self.adapted.handle.save_training_state(tmp / "method_state")
 
-            ckpt.write_checkpoint(self.ckpt_root, self.step, write, self.cfg.keep_last)
+            ckpt.write_checkpoint(self.ckpt_root, self.step, write, self.cfg.keep_last,
+                                  meta={"writer_rank": acc.process_index, "world_size": acc.num_processes})
         acc.wait_for_everyone()
 
     def _gathered_trainable_state(self) -> dict[str, torch.Tensor]:
@@ -277,6 +278,21 @@ class TrainRecipe:
             raise RuntimeError(f"gathered state is incomplete ({len(state)}/{len(names)} tensors, "
                                f"{len(empty)} empty): enable zero3_save_16bit_model / FULL_STATE_DICT")
         return state
+
+    def rank_checksums(self) -> list[str]:
+        """A sha256 of this process's trainable tensors, gathered from every rank (DDP must keep them equal)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, value in sorted(self.adapted.trainable_state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().float().numpy().tobytes())
+        mine = digest.hexdigest()
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([mine]))
 
     def cleanup(self) -> None:
         if self._writer is not None:
