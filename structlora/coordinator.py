@@ -27,9 +27,29 @@ _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x, "gelu": F.gelu}
 
 
 def projection(dim: int, p: int, seed: int, space: str) -> torch.Tensor:
-    """Fixed Gaussian projection P_S (dim x p), entries N(0, 1/p), seeded by (seed, space name)."""
+    """Fixed Gaussian projection (dim x p), entries N(0, 1/p), seeded by (seed, space name).
+
+    A Johnson-Lindenstrauss sketch: ||P^T x|| ~ ||x||. Used where norms must be preserved
+    (sketched diagnostics of large models)."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(space.encode())) % (2**63 - 1))
     return torch.randn(dim, p, generator=generator) / math.sqrt(p)
+
+
+def orthonormal_projection(dim: int, p: int, seed: int, space: str) -> torch.Tensor:
+    """The coordinator's basis P_S (dim x p): the same seeded Gaussian, orthonormalised (P^T P = I).
+
+    Why not the plain 1/sqrt(p)-scaled Gaussian: then P^T P ~ (dim/p) I, so decoding a message
+    M back to parameter space, P_out M P_in^T, multiplies its norm by about dim/p (16 for the tiny
+    preset, 512 for a 4096-wide LLaVA with p=8), and a saturated message swamps W0. With
+    orthonormal columns, sketch and decode are a projection pair: ||P_out M P_in^T||_F = ||M||_F
+    and sketching the decoded message gives M back exactly.
+    """
+    gaussian = projection(dim, p, seed, space)
+    if dim < p:  # fewer dimensions than sketch coordinates: orthonormal rows instead
+        q, r = torch.linalg.qr(gaussian.T)
+        return (q * torch.sign(torch.diagonal(r))).T.contiguous()
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).contiguous()  # sign fix: a unique, seeded basis
 
 
 class SketchBasis(nn.Module):
@@ -47,7 +67,7 @@ class SketchBasis(nn.Module):
         self.dims = dict(dims)
         self._buffer_names = {space: f"P_{i}" for i, space in enumerate(sorted(dims))}
         for space, buffer in self._buffer_names.items():
-            self.register_buffer(buffer, projection(dims[space], p, seed, space), persistent=False)
+            self.register_buffer(buffer, orthonormal_projection(dims[space], p, seed, space), persistent=False)
 
     def __getitem__(self, space: str) -> torch.Tensor:
         return getattr(self, self._buffer_names[space])
