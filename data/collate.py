@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from data.prompts import render_prompt, task_prompt
+from data.prompts import ASSISTANT_ROLE, render_prompt, task_prompt
 
 IGNORE_INDEX = -100
 QUESTION_TASKS = ("vqav2", "gqa")
@@ -89,7 +89,7 @@ class LlavaCollator:
         enc = self.processor(images=images, text=[render_prompt(p) for p, _ in pairs], return_tensors=None)
         encoded, keep = [], []
         for i, (prompt_ids, (_, answer)) in enumerate(zip(enc["input_ids"], pairs)):
-            answer_ids = tok(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            answer_ids = answer_token_ids(tok, answer) + [tok.eos_token_id]
             room = self.max_length - len(prompt_ids)
             if room < 2:  # never cut image tokens: drop the sample and count it
                 self.dropped += 1
@@ -111,6 +111,22 @@ class LlavaCollator:
             attention[row, : len(ids)] = 1
         pixel_values = torch.as_tensor(_stack(enc["pixel_values"]))[keep]
         return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixel_values, "labels": labels}
+
+
+def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
+    """Ids of `answer` exactly as they appear after "ASSISTANT:" in the joint conversation text.
+
+    Tokenized on its own, " yes" is not always what the joint text holds: SentencePiece (Llama,
+    LLaVA-1.5) adds a dummy prefix and gives ['▁', '▁yes'] where the conversation has ['▁yes'].
+    So the anchor "ASSISTANT:" is tokenized with and without the answer and the difference is
+    taken; if the anchor's ids are not a prefix (a merge across the boundary), fall back.
+    """
+    anchor = f"{ASSISTANT_ROLE}:"
+    with_anchor = tokenizer(f"{anchor} {answer.strip()}", add_special_tokens=False)["input_ids"]
+    anchor_ids = tokenizer(anchor, add_special_tokens=False)["input_ids"]
+    if with_anchor[: len(anchor_ids)] == anchor_ids and len(with_anchor) > len(anchor_ids):
+        return list(with_anchor[len(anchor_ids):])
+    return list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
 
 
 def _stack(values: Any) -> torch.Tensor:

@@ -95,7 +95,8 @@ def _cmd_score_gqa(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    _print_json(_call("pipeline.merge:merge_run", run_dir=Path(args.run_dir), out=Path(args.out)))
+    _print_json(_call("pipeline.merge:merge_run", run_dir=Path(args.run_dir), out=Path(args.out),
+                      overwrite=args.overwrite))
     return 0
 
 
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
             _cmd_merge)
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = add(sub, "demo", "serve a merged model in a Gradio app", _cmd_demo)
     p.add_argument("model_dir", nargs="?", help="merged model directory")

@@ -42,7 +42,10 @@ class AdaptedModel:
         if self.method == "structlora":
             groups = self.handle.trainable_parameter_groups()
             lrs = {"adapter": train.lr, "gate": train.lr_gate or train.lr, "coordinator": train.lr_coordinator or train.lr}
-            out = [{"params": params, "lr": lrs.get(name, train.lr), "name": name}
+            # no weight decay on gate logits (it would pull every gate to 0.5, against the IB prior)
+            # nor on the coordinator (its zero init is "plain LoRA"; decay is not a prior we want there)
+            out = [{"params": params, "lr": lrs.get(name, train.lr), "name": name,
+                    **({"weight_decay": 0.0} if name in ("gate", "coordinator") else {})}
                    for name, params in groups.items() if params]
             out += self._full_group(train)
             return out
@@ -61,8 +64,8 @@ class AdaptedModel:
             return {"orth": adalora_orthogonality(self.model, self.handle.peft_config["default"].orth_reg_weight_ours)}
         return {}
 
-    def after_backward(self, step: int) -> None:
-        """Hook between backward and the optimizer step (AdaLoRA's rank allocation needs the gradients)."""
+    def after_optimizer_step(self, step: int) -> None:
+        """Hook after the optimizer step, before zero_grad (AdaLoRA's rank allocation, as PEFT documents it)."""
         if self.method == "adalora":
             self.handle.base_model.update_and_allocate(step)
 
@@ -112,7 +115,8 @@ def _set_trainable(model: nn.Module, module_names: list[str]) -> None:
 
 
 def attach_method(model: nn.Module, adapter: AdapterConfig, target_names: list[str], full_modules: list[str],
-                  max_steps: int, structlora_config: Any = None, seed: int = 0) -> AdaptedModel:
+                  max_steps: int, structlora_config: Any = None, seed: int = 0,
+                  frozen_modules: list[str] = ()) -> AdaptedModel:
     """Attach `adapter.method` to `model` on the modules named in `target_names`.
 
     Args:
@@ -121,18 +125,22 @@ def attach_method(model: nn.Module, adapter: AdapterConfig, target_names: list[s
         max_steps: training length (AdaLoRA's budget schedule needs it).
         structlora_config: a `structlora.StructLoRAConfig` when method is structlora.
         seed: seeds the adapter's initialisation, independently of the global RNG.
+        frozen_modules: modules that stay frozen even under full fine-tuning (they get no gradient).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _attach(model, adapter, target_names, full_modules, max_steps, structlora_config)
+        return _attach(model, adapter, target_names, full_modules, max_steps, structlora_config, frozen_modules)
 
 
 def _attach(model: nn.Module, adapter: AdapterConfig, target_names: list[str], full_modules: list[str],
-            max_steps: int, structlora_config: Any) -> AdaptedModel:
+            max_steps: int, structlora_config: Any, frozen_modules: list[str]) -> AdaptedModel:
     method = adapter.method
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        for name in frozen_modules:  # layers that get no gradient (CLIP past vision_feature_layer)
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(False)
         return AdaptedModel(model=model, method="full")
     for p in model.parameters():
         p.requires_grad_(False)

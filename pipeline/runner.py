@@ -172,17 +172,23 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
                 print(f"[{name}] done earlier with the same config: skipped")
             continue
         if main:
-            if record.get("hash") not in (None, digest) and (run_dir / name).is_dir():
-                import shutil
+            # A stage killed mid-way with the same config resumes from its checkpoints; anything else
+            # (a changed slice, an upstream re-run, --from) starts afresh, and so does everything after it.
+            resume = record.get("status") == "running" and record.get("hash") == digest
+            for later in STAGES[STAGES.index(name):]:
+                if (later != name or not resume) and (run_dir / later).is_dir():
+                    import shutil
 
-                shutil.rmtree(run_dir / name)  # outputs (and checkpoints) of another config: start afresh
-            manifest.invalidate_from(name)  # whatever came after this stage used its old outputs
+                    shutil.rmtree(run_dir / later)
+            manifest.invalidate_from(name)
             print(f"[{name}] running")
             manifest.update(name, status="running", hash=digest, started=_now(), pid=os.getpid(),
                             env=environment(), world_size=state.num_processes)
         state.wait_for_everyone()
         outputs: dict[str, Any] = {}
-        if name not in MAIN_PROCESS_ONLY or main:
+        if name in MAIN_PROCESS_ONLY:
+            outputs = _main_only(state, functions[name], ctx, name)
+        else:
             outputs = functions[name](ctx) or {}
         state.wait_for_everyone()
         if main:
@@ -190,6 +196,32 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
             print(f"[{name}] done")
         state.wait_for_everyone()
     return run_dir
+
+
+def _main_only(state, fn: StageFn, ctx: StageContext, name: str) -> dict[str, Any]:
+    """Run `fn` on the main process; if it fails, the other ranks fail too instead of waiting forever."""
+    error: list[str | None] = [None]
+    outputs: dict[str, Any] = {}
+    if state.is_main_process:
+        try:
+            outputs = fn(ctx) or {}
+        except BaseException as err:
+            error = [f"{type(err).__name__}: {err}"]
+            if state.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(error)
+            raise
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        if not state.is_main_process:
+            broadcast_object_list(error)
+            if error[0]:
+                raise RuntimeError(f"stage '{name}' failed on the main process: {error[0]}")
+        else:
+            broadcast_object_list(error)
+    return outputs
 
 
 def _cuda() -> bool:

@@ -169,7 +169,8 @@ class TrainConfig:
 class EvalConfig:
     """What the eval stage measures."""
 
-    tasks: list[str] = _f(help="caption, vqav2, gqa, classification, long_context", factory=lambda: ["caption", "vqav2", "gqa"])
+    tasks: list[Literal["caption", "vqav2", "gqa", "classification", "long_context"]] = _f(
+        help="what to evaluate", factory=lambda: ["caption", "vqav2", "gqa"])
     split: str = _f("test", "split scored")
     max_samples: int | None = _f(None, "cap per task (None = all)")
     batch_size: int = _f(16, "generation batch size")

@@ -211,7 +211,10 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
         return {"skipped": "base.enabled is false"}
     vocab, extra = world_texts()
     model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
-    adapted = attach_method(model, AdapterConfig(method="full"), [], [], cfg.base.max_steps, seed=cfg.seed)
+    from pipeline.towers import unused_modules
+
+    adapted = attach_method(model, AdapterConfig(method="full"), [], [], cfg.base.max_steps, seed=cfg.seed,
+                            frozen_modules=unused_modules(model))
     train_cfg = TrainConfig(max_steps=cfg.base.max_steps, batch_size=cfg.base.batch_size, lr=cfg.base.lr,
                             save_every=max(1, cfg.base.max_steps // 2), eval_every=cfg.base.max_steps,
                             log_every=20, seed=cfg.seed, keep_last=1)
@@ -248,14 +251,14 @@ def final_dir(ctx: StageContext) -> Path:
 def attach(ctx: StageContext, model):
     """The config's method attached to `model` on the targets the towers describe."""
     from pipeline.methods import attach_method
-    from pipeline.towers import full_module_names, structlora_config_for, target_module_names
+    from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
 
     cfg = ctx.cfg
     targets = target_module_names(model, cfg.model, cfg.adapter)
     structlora_cfg = structlora_config_for(model, cfg.model, cfg.adapter, cfg.train.max_steps) \
         if cfg.adapter.method == "structlora" else None
     return attach_method(model, cfg.adapter, targets, full_module_names(model, cfg.adapter), cfg.train.max_steps,
-                         structlora_config=structlora_cfg, seed=cfg.train.seed)
+                         structlora_config=structlora_cfg, seed=cfg.train.seed, frozen_modules=unused_modules(model))
 
 
 def stage_train(ctx: StageContext) -> dict[str, Any]:

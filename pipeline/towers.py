@@ -162,6 +162,20 @@ def full_module_names(model: nn.Module, adapter: AdapterConfig) -> list[str]:
     return names
 
 
+def unused_modules(model: nn.Module) -> list[str]:
+    """Modules whose output the model never reads: CLIP layers past `vision_feature_layer` and the
+    tower's post-layernorm. They get no gradient, so even full fine-tuning must leave them frozen
+    (DDP raises "Expected to have finished reduction" otherwise)."""
+    if backbone_kind(model) != "llava":
+        return []
+    tower = model.model.vision_tower
+    inner = "model.vision_tower.vision_model" if hasattr(tower, "vision_model") else "model.vision_tower"
+    body = model.get_submodule(inner)
+    last = last_used_vision_layer(len(body.encoder.layers), model.config.vision_feature_layer)
+    names = [f"{inner}.encoder.layers.{i}" for i in range(last + 1, len(body.encoder.layers))]
+    return names + ([f"{inner}.post_layernorm"] if hasattr(body, "post_layernorm") else [])
+
+
 def structlora_config_for(model: nn.Module, model_cfg: ModelConfig, adapter: AdapterConfig, max_steps: int):
     """The StructLoRAConfig of a run: rank, alpha, dropout and towers from `adapter`, the rest from
     `adapter.structlora` (gate, coordinator, ablation); the gate anneals over `max_steps`."""

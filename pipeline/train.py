@@ -148,8 +148,12 @@ class TrainRecipe:
 
     # --- the loss step: every term in plain sight --------------------------------------------
 
+    def _to_device(self, batch: Batch) -> Batch:
+        device = self.accelerator.device
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
     def loss_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        outputs = self.model(**batch)
+        outputs = self.model(**self._to_device(batch))
         terms = {"task": outputs.loss}
         terms.update(self.adapted.regularization())
         terms["loss"] = sum(terms.values())
@@ -181,8 +185,13 @@ class TrainRecipe:
             if cfg.max_grad_norm > 0:
                 totals["grad_norm"] = float(acc.clip_grad_norm_(
                     [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm))
-            self.adapted.after_backward(self.step)
+            bad = {k: v for k, v in totals.items() if not math.isfinite(v)}
+            if bad:  # stop before the step: the last checkpoint stays the last good state
+                raise FloatingPointError(
+                    f"training diverged at step {self.step + 1}: {bad}; lower train.lr or enable clipping, then "
+                    f"re-run to resume from the last checkpoint ({self.ckpt_root})")
             self.optimizer.step()
+            self.adapted.after_optimizer_step(self.step)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -205,7 +214,7 @@ class TrainRecipe:
     def validate(self) -> float:
         """Mean task loss over the fixed validation batches (eval mode: deterministic gates)."""
         self.model.eval()
-        losses = [float(self.model(**batch).loss) for batch in self.val_batches]
+        losses = [float(self.model(**self._to_device(batch)).loss) for batch in self.val_batches]
         self.model.train()
         value = float(np.mean(losses)) if losses else float("nan")
         gathered = self.accelerator.gather_for_metrics(torch.tensor([value]))

@@ -140,7 +140,10 @@ class StructLoRAModel(nn.Module):
         return plans
 
     def _plan_cache_key(self) -> tuple:
-        versions = tuple(p._version for group in self.adapter_parameters().values() for p in group)
+        # _version catches in-place optimizer updates; data_ptr, dtype and device catch `.data` swaps
+        # and `.to()` / `.half()` moves, which do not bump the version counter
+        versions = tuple((p._version, p.data_ptr(), p.dtype, p.device)
+                         for group in self.adapter_parameters().values() for p in group)
         return (self._generation, versions)
 
     def prepare(self) -> None:

@@ -42,3 +42,10 @@ def test_config_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown key 'train.max_step'" in lines[0] and str(cfg) in lines[0]
+
+
+def test_merge_refuses_to_overwrite_an_existing_folder(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "out").mkdir()
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    assert "exists: choose another --out, or pass --overwrite" in capsys.readouterr().err

@@ -93,3 +93,24 @@ def test_to_rgb_modes():
 def test_classification_collator(processor):
     batch = ClassificationCollator(processor)([{"image": Image.new("RGB", (64, 64)), "label": 3}] * 2)
     assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["labels"].tolist() == [3, 3]
+
+
+def test_answer_ids_match_the_joint_text_for_sentencepiece_style_tokenizers():
+    """Llama's tokenizer adds a dummy-prefix '▁': alone, ' yes' becomes ['▁', '▁yes'], but after
+    'ASSISTANT:' the conversation holds ['▁yes']. The collator must train on the latter."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from data.collate import answer_token_ids
+
+    # the normaliser of Llama's (legacy) fast tokenizer: a dummy prefix, spaces as '▁'
+    vocab = [("<unk>", 0.0), ("▁", -2.0), ("▁yes", -1.0), ("▁ASSISTANT:", -1.0), ("▁two", -1.0), ("▁shapes", -1.0)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tok(" yes", add_special_tokens=False)["input_ids"] == [1, 2]  # the trap
+    assert answer_token_ids(tok, "yes") == [2]
+    assert answer_token_ids(tok, "two shapes") == [4, 5]
+    joint = tok("ASSISTANT: two shapes", add_special_tokens=False)["input_ids"]
+    assert joint[1:] == answer_token_ids(tok, "two shapes")
+    assert joint[0] == 3

@@ -83,3 +83,23 @@ def test_resume_continues_exactly(tmp_path):
 def test_cosine_schedule_shape():
     f = cosine_with_warmup(100, 0.06)
     assert f(0) < f(5) <= 1.0 and f(6) == pytest.approx(1.0) and f(99) < 0.01
+
+
+def test_divergence_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    recipe = _setup("lora", tmp_path, max_steps=16)
+    recipe.setup()
+    recipe.train(until=8)  # a good checkpoint at step 8
+    before = recipe.adapted.trainable_state_dict()
+    real = recipe.loss_step
+
+    def diverging(batch):
+        terms = real(batch)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    recipe.loss_step = diverging
+    with pytest.raises(FloatingPointError, match="training diverged at step 9"):
+        recipe.train()
+    after = recipe.adapted.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN step was taken
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-0000008"]

@@ -53,20 +53,39 @@ def test_changed_slice_reruns_that_stage_and_downstream(fake_stages, tmp_path):
     assert not (tmp_path / "train" / "stale.txt").exists()
 
 
-def test_from_stage_forces_a_rerun(fake_stages, tmp_path):
+def test_upstream_change_discards_downstream_checkpoints(fake_stages, tmp_path):
     runner.run_stages(_cfg(), tmp_path)
+    (tmp_path / "train" / "checkpoints").mkdir()
+    (tmp_path / "base" / "checkpoints").mkdir()
     fake_stages.clear()
-    runner.run_stages(_cfg(), tmp_path, from_stage="merge")
-    assert fake_stages == ["merge", "publish"]
+    cfg = _cfg()
+    cfg.data.shard_size = 7  # changes prepare and, through it, every later stage
+    runner.run_stages(cfg, tmp_path)
+    assert fake_stages == runner.STAGES
+    assert not (tmp_path / "train" / "checkpoints").exists() and not (tmp_path / "base" / "checkpoints").exists()
 
 
-def test_killed_stage_runs_again(fake_stages, tmp_path):
+def test_from_stage_forces_a_fresh_rerun(fake_stages, tmp_path):
+    runner.run_stages(_cfg(), tmp_path)
+    (tmp_path / "train" / "checkpoints").mkdir()
+    fake_stages.clear()
+    runner.run_stages(_cfg(), tmp_path, from_stage="train")
+    assert fake_stages == ["train", "eval", "merge", "publish"]
+    assert not (tmp_path / "train" / "checkpoints").exists()
+
+
+def test_killed_stage_resumes_with_its_checkpoints(fake_stages, tmp_path):
     runner.run_stages(_cfg(), tmp_path, stages=["prepare", "base"])
     manifest = runner.Manifest(tmp_path / "manifest.json")
     manifest.update("train", status="running", hash=runner.config_hash(_cfg(), "train"))
+    (tmp_path / "train" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "stale.json").write_text("{}")
     fake_stages.clear()
     runner.run_stages(_cfg(), tmp_path)
     assert fake_stages == ["train", "eval", "merge", "publish"]
+    assert (tmp_path / "train" / "checkpoints").is_dir()  # kept: the recipe resumes from it
+    assert not (tmp_path / "eval" / "stale.json").exists()
 
 
 def test_unknown_stage_is_named(tmp_path):
