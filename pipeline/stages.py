@@ -132,6 +132,10 @@ def load_base(ctx: StageContext):
     from pipeline.backbones import build_llava, load_llava
 
     cfg = ctx.cfg
+    if cfg.model.arch != "llava":
+        raise UserError("model.arch=vit: the staged pipeline runs LLaVA only so far; the ViT backbones "
+                        "(pipeline.backbones.build_vit), their towers and StructLoRA on timm's fused qkv work "
+                        "from Python, but the train/eval/merge stages are not wired for classification yet")
     if cfg.model.preset is None:
         return load_llava(cfg.model)
     if cfg.base.enabled:
