@@ -8,7 +8,6 @@ COMPLETE file is never loaded: `latest_valid` falls back to the previous one wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,18 +16,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from data.shards import file_sha256
+
 log = logging.getLogger("structlora.checkpoint")
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -46,7 +39,7 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
         shutil.rmtree(tmp)
     tmp.mkdir()
     write_files(tmp)
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": files, **(meta or {})}, indent=1, sort_keys=True))
     for p in tmp.rglob("*"):  # make the data durable before the rename publishes it
         if p.is_file():
@@ -72,7 +65,7 @@ def is_valid(path: Path) -> tuple[bool, str]:
         file = path / name
         if not file.is_file():
             return False, f"missing {name}"
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             return False, f"checksum mismatch in {name}"
     return True, "ok"
 
