@@ -121,7 +121,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
             if result is not None:
                 scores[name][task] = result
         if "long_context" in cfg.eval.tasks and acc.is_main_process:
-            lc = long_context_scores(model, processor, ctx, examples["caption"][: cfg.eval.max_samples or 50],
+            lc = long_context_scores(model, processor, ctx, examples["caption"][: cfg.eval.long_context_samples],
                                      cfg.eval.batch_size)
             scores[name]["long_context"] = lc
             long_context[name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}

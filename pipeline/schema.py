@@ -175,6 +175,7 @@ class EvalConfig:
     max_samples: int | None = _f(None, "cap per task (None = all)")
     batch_size: int = _f(16, "generation batch size")
     long_context_lengths: list[int] = _f(help="context-length buckets in tokens", factory=lambda: [256, 512, 1024, 2048])
+    long_context_samples: int = _f(48, "images captioned at every context length")
     compare_base: bool = _f(True, "also score the base model")
 
 
