@@ -3,9 +3,9 @@
 #   docker run --rm -v $PWD/runs:/work/runs structlora-vlm run configs/tiny.yaml
 #   GPU: base the image on a CUDA runtime (e.g. --build-arg BASE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime)
 #        and run with --gpus all. Models and data are mounted, never baked in:
-#   demo: docker run -p 7860:7860 -v $PWD/runs:/work/runs structlora-vlm demo /work/runs/tiny/merge/model --host 0.0.0.0
 #   docker run --gpus all -v /models:/models -v /data:/data -v $PWD/runs:/work/runs structlora-vlm \
 #     run configs/llava15_7b_coco.yaml --set model.name_or_path=/models/llava-1.5-7b-hf
+#   demo: docker run -p 7860:7860 -v $PWD/runs:/work/runs structlora-vlm demo /work/runs/tiny/merge/model --host 0.0.0.0
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
