@@ -208,14 +208,6 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def _missing_module(err: ModuleNotFoundError, command: str) -> int:
-    # Only our own packages count as "not built yet"; a missing third-party dependency is a real error.
-    if err.name and err.name.split(".")[0] in {"pipeline", "data", "eval", "app", "structlora"}:
-        print(f"error: `structlora {command}` is not implemented yet ({err.name} is missing)", file=sys.stderr)
-        return 3
-    raise err
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -224,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, _user_facing_errors()):
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if not isinstance(err, ModuleNotFoundError):
-            raise
-        return _missing_module(err, args.command)
+        raise
 
 
 if __name__ == "__main__":

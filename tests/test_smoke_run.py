@@ -1,0 +1,39 @@
+"""configs/smoke.yaml end to end through the CLI: every stage, every output a user looks for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_config_runs_every_stage(tmp_path):
+    run, registry = tmp_path / "run", tmp_path / "registry"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run),
+           "--set", f"publish.registry={registry}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"structlora demo --registry {registry}" in proc.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s for s, r in manifest["stages"].items() if r["status"] == "done"] == sorted(
+        ["prepare", "base", "train", "eval", "merge", "publish"])
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"caption", "vqav2", "gqa", "long_context"} <= set(metrics["metrics"]) and metrics["base"]
+    assert (run / "eval" / "long_context_cider.png").stat().st_size > 1000
+    assert (run / "eval" / "adjacent_cosine.png").stat().st_size > 1000
+    model = run / "merge" / "model"
+    assert (model / "model.safetensors").is_file() and (model / "README.md").is_file()
+    adapter = json.loads((run / "merge" / "peft_adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    check = json.loads((run / "merge" / "merge_check.json").read_text())
+    assert check["max_abs_diff"] <= check["tolerance"]
+    entries = json.loads((registry / "index.json").read_text())["models"]
+    assert [e["name"] for e in entries] == ["run"] and Path(entries[0]["path"]) == model.resolve()
+    # a second run with the same config skips every stage
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 6
