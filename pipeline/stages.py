@@ -165,9 +165,11 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         log_partition.write_text(json.dumps(
             {"rank": rank, "world_size": world_size,
              "workers": [stream.partition(w, workers) for w in range(workers)]}, indent=1))
-    collate = LlavaCollator(processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank)
     for epoch in itertools.count():
         stream.set_epoch(epoch)
+        # a collator per (rank, epoch): DataLoader workers each get a copy of it, so one reused across
+        # epochs would replay the same caption choices every epoch
+        collate = LlavaCollator(processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
         yield from (_strip(b) for b in loader)
 
