@@ -94,6 +94,19 @@ def long_context_scores(model, processor, ctx: StageContext, examples: list[dict
     return evaluate_long_context(model, processor, samples, refs, pool, buckets=buckets, batch_size=batch_size)
 
 
+def classification_scores(model, processor, ctx: StageContext, device) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy on the eval split's classification shards."""
+    from data.collate import ClassificationCollator
+    from eval.classification import evaluate_classifier
+
+    cfg = ctx.cfg
+    examples = load_eval_examples(ctx, "classification", cfg.eval.split, cfg.eval.max_samples)
+    collate, size = ClassificationCollator(processor), cfg.eval.batch_size
+    batches = ({k: v.to(device) for k, v in collate(examples[i:i + size]).items()}
+               for i in range(0, len(examples), size))
+    return evaluate_classifier(model, batches, ks=(1, 5))
+
+
 def stage_eval(ctx: StageContext) -> dict[str, Any]:
     from accelerate import Accelerator
 
@@ -120,6 +133,9 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
             result = generate_and_score(model, processor, task, examples[task], out / name, cfg.eval.batch_size, acc)
             if result is not None:
                 scores[name][task] = result
+        if "classification" in cfg.eval.tasks and acc.is_main_process:
+            with __import__("torch").no_grad():
+                scores[name]["classification"] = classification_scores(model, processor, ctx, acc.device)
         if "long_context" in cfg.eval.tasks and acc.is_main_process:
             lc = long_context_scores(model, processor, ctx, examples["caption"][: cfg.eval.long_context_samples],
                                      cfg.eval.batch_size)
@@ -155,6 +171,8 @@ def headline(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             row["VQA"] = float(tasks["vqav2"]["overall"])
         if "gqa" in tasks:
             row["GQA"] = float(tasks["gqa"]["accuracy"])
+        if "classification" in tasks:
+            row["top1"] = float(tasks["classification"]["top1"])
         out[name] = row
     return out
 

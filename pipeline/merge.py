@@ -113,9 +113,10 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     merged.save_pretrained(model_dir, safe_serialization=True)
     processor.save_pretrained(model_dir)
     # the saved model must stand alone: reload it with plain transformers; it must equal what was saved
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageClassification, LlavaForConditionalGeneration
 
-    reloaded = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+    model_class = AutoModelForImageClassification if cfg.model.arch == "vit" else LlavaForConditionalGeneration
+    reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
     diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(_logits(merged, batches), _logits(reloaded, batches)))
     check["max_abs_diff_reloaded_vs_saved"] = diff_reloaded
     check["saved_dtype"] = cfg.model.dtype

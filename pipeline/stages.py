@@ -132,10 +132,8 @@ def load_base(ctx: StageContext):
     from pipeline.backbones import build_llava, load_llava
 
     cfg = ctx.cfg
-    if cfg.model.arch != "llava":
-        raise UserError("model.arch=vit: the staged pipeline runs LLaVA only so far; the ViT backbones "
-                        "(pipeline.backbones.build_vit), their towers and StructLoRA on timm's fused qkv work "
-                        "from Python, but the train/eval/merge stages are not wired for classification yet")
+    if cfg.model.arch == "vit":
+        return load_vit_base(ctx)
     if cfg.model.preset is None:
         return load_llava(cfg.model)
     if cfg.base.enabled:
@@ -147,6 +145,52 @@ def load_base(ctx: StageContext):
     return build_llava(cfg.model, vocab, extra, seed=cfg.seed)
 
 
+def num_classes(ctx: StageContext) -> int:
+    """Class count of the classification shards (their manifest lists the class names)."""
+    manifest = shards_root(ctx) / "classification" / "train" / "manifest.json"
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: no classification shards: run the prepare stage first")
+    return len(json.loads(manifest.read_text())["classes"])
+
+
+def vit_image_processor(cfg: RunConfig):
+    from transformers import ViTImageProcessor
+
+    size = cfg.model.tiny.image_size
+    return ViTImageProcessor(size={"height": size, "width": size}, do_resize=True)
+
+
+def load_vit_base(ctx: StageContext):
+    """(classifier, image processor): the base stage's tiny ViT, a preset, or a loaded checkpoint.
+
+    The staged pipeline runs transformers ViTs; timm ViTs (fused qkv) are supported by the
+    structlora library and pipeline.backbones, from Python."""
+    from transformers import AutoImageProcessor
+
+    from pipeline.backbones import build_vit, load_vit
+
+    cfg = ctx.cfg
+    if cfg.model.vit_impl != "transformers":
+        raise UserError("model.vit_impl=timm: the staged pipeline runs transformers ViTs; use timm models "
+                        "through structlora.apply_structlora from Python, or set model.vit_impl=transformers")
+    if cfg.model.preset is None:
+        return load_vit(cfg.model, num_classes(ctx)), AutoImageProcessor.from_pretrained(
+            resolve_name(cfg.model.name_or_path))
+    path = base_model_dir(ctx)
+    if cfg.base.enabled:
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
+        return load_vit(ModelConfig(arch="vit", name_or_path=str(path))), AutoImageProcessor.from_pretrained(path)
+    return build_vit(cfg.model, num_classes(ctx), seed=cfg.seed), vit_image_processor(cfg)
+
+
+def resolve_name(name: str | None) -> str:
+    from pipeline.backbones import resolve_pretrained
+
+    assert name is not None
+    return resolve_pretrained(name)
+
+
 # --- batches ----------------------------------------------------------------------------------
 
 
@@ -155,7 +199,7 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
     """Endless training batches for this rank: the resampled stream, epoch after epoch."""
     from torch.utils.data import DataLoader
 
-    from data.collate import LlavaCollator
+    from data.collate import ClassificationCollator, LlavaCollator
     from data.stream import TrainStream
 
     stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
@@ -169,7 +213,8 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         stream.set_epoch(epoch)
         # a collator per (rank, epoch): DataLoader workers each get a copy of it, so one reused across
         # epochs would replay the same caption choices every epoch
-        collate = LlavaCollator(processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
+        collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else LlavaCollator(
+            processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
         yield from (_strip(b) for b in loader)
 
@@ -215,8 +260,15 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.base.enabled:
         return {"skipped": "base.enabled is false"}
-    vocab, extra = world_texts()
-    model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
+    tasks = cfg.base.tasks
+    if cfg.model.arch == "vit":
+        from pipeline.backbones import build_vit
+
+        model, processor = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed), vit_image_processor(cfg)
+        tasks = {"classification": 1.0}
+    else:
+        vocab, extra = world_texts()
+        model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
     from pipeline.towers import unused_modules
 
     adapted = attach_method(model, AdapterConfig(method="full"), [], [], cfg.base.max_steps, seed=cfg.seed,
@@ -225,8 +277,8 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
                             save_every=max(1, cfg.base.max_steps // 2), eval_every=cfg.base.max_steps,
                             log_every=20, seed=cfg.seed, keep_last=1)
     rank, world = _dist()
-    train_src = sources(ctx, "base", cfg.base.tasks)
-    val_src = sources(ctx, "val", {t: 1.0 for t in cfg.base.tasks})
+    train_src = sources(ctx, "base", tasks)
+    val_src = sources(ctx, "val", {t: 1.0 for t in tasks})
     out = ctx.stage_dir("base")
     recipe, result = run_recipe(
         adapted, train_cfg, out,
@@ -340,6 +392,8 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
     from app.registry import register_model
 
     cfg = ctx.cfg
+    if cfg.model.arch != "llava":
+        return {"skipped": "the demo serves LLaVA models; the merged classifier is in merge/model"}
     model_dir = (ctx.run_dir / "merge" / "model").resolve()
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no merged model: run the merge stage first (--stages merge)")

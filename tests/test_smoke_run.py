@@ -37,3 +37,23 @@ def test_smoke_config_runs_every_stage(tmp_path):
     # a second run with the same config skips every stage
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 6
+
+
+def test_vit_classification_runs_every_stage(tmp_path):
+    run = tmp_path / "vit"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    sets = ["model.arch=vit", "data.tasks={classification: 1.0}", "eval.tasks=[classification]",
+            "adapter.projector=frozen", "adapter.language=frozen", f"publish.registry={tmp_path / 'reg'}",
+            "base.max_steps=20", "train.max_steps=20"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run),
+           *[x for s in sets for x in ("--set", s)]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["metrics"]["classification"]["top1"] <= 100 and "classification" in metrics["base"]
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(run / "merge" / "model")
+    assert model.config.num_labels == 5  # the shapes world's classes
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "skipped" in manifest["stages"]["publish"]["outputs"]
