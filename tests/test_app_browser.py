@@ -3,7 +3,8 @@
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/install_browser.sh``) and the
 ``selenium`` package; skipped with the reason when any is missing. The screenshot goes to
 ``docs/demo.png`` (shown in the README). To take it with a trained model instead of the random
-tiny one, point ``STRUCTLORA_DEMO_MODEL`` at a merged model directory, e.g. ``RUN/merge/model``.
+tiny one, point ``STRUCTLORA_DEMO_MODEL`` at a merged model directory, e.g. ``RUN/merge/model``, and
+``STRUCTLORA_DEMO_IMAGE`` at an image to upload (e.g. one of ``RUN/prepare/world/images/test/``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def page(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo, url = serve(model_dir, None, port=port, block=False)
-    yield {"url": url, "model": model_dir, "image": shape_image(root / "red_circle.png", "red")}
+    image = Path(os.environ["STRUCTLORA_DEMO_IMAGE"]).resolve() if os.environ.get("STRUCTLORA_DEMO_IMAGE") \
+        else shape_image(root / "red_circle.png", "red")
+    yield {"url": url, "model": model_dir, "image": image}
     demo.close()
 
 
