@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.runner import StageContext
 
 QUESTION_TASKS = ("vqav2", "gqa")
@@ -80,7 +82,7 @@ def generate_and_score(model, processor, task: str, examples: list[dict[str, Any
 def long_context_scores(model, processor, ctx: StageContext, examples: list[dict[str, Any]], batch_size: int):
     """CIDEr per context-length bucket (rank 0 only: the set is small)."""
     from eval.generate import EvalSample
-    from eval.long_context import evaluate_long_context, filler_pool
+    from eval.long_context import evaluate_long_context, filler_pool, scale_buckets
 
     cfg = ctx.cfg
     train_refs = {e["image_id"]: list(e["captions"]) for e in load_eval_examples(ctx, "caption", "val", 200)}
@@ -88,8 +90,6 @@ def long_context_scores(model, processor, ctx: StageContext, examples: list[dict
     refs = {e["image_id"]: list(e["captions"]) for e in examples}
     pool = filler_pool(train_refs, exclude=list(refs))
     context = getattr(model.config, "text_config", model.config).max_position_embeddings
-    from eval.long_context import scale_buckets
-
     buckets = scale_buckets(cfg.eval.long_context_lengths, context, min_length=1)
     return evaluate_long_context(model, processor, samples, refs, pool, buckets=buckets, batch_size=batch_size)
 
@@ -116,7 +116,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     from pipeline.stages import load_adapted, load_base
 
     cfg, out = ctx.cfg, ctx.stage_dir("eval")
-    acc = Accelerator(cpu=not __import__("torch").cuda.is_available())
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     gen_tasks = [t for t in cfg.eval.tasks if t in ("caption", *QUESTION_TASKS)]
     examples = {t: load_eval_examples(ctx, t, cfg.eval.split, cfg.eval.max_samples) for t in gen_tasks}
     if "long_context" in cfg.eval.tasks and "caption" not in examples:
@@ -134,7 +134,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
             if result is not None:
                 scores[name][task] = result
         if "classification" in cfg.eval.tasks and acc.is_main_process:
-            with __import__("torch").no_grad():
+            with torch.no_grad():
                 scores[name]["classification"] = classification_scores(model, processor, ctx, acc.device)
         if "long_context" in cfg.eval.tasks and acc.is_main_process:
             lc = long_context_scores(model, processor, ctx, examples["caption"][: cfg.eval.long_context_samples],
@@ -177,9 +177,16 @@ def headline(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def headline_from_file(path: Path) -> dict[str, dict[str, float]] | None:
+    """`headline` of a metrics.json written by the eval stage, or None if there is none."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return headline({"adapted": data.get("metrics", {}), "base": data.get("base") or {}})
+
+
 def _jsonable(value: Any) -> Any:
     import numpy as np
-    import torch
 
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}

@@ -122,8 +122,9 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     check["saved_dtype"] = cfg.model.dtype
     if diff_reloaded > 1e-6:
         raise RuntimeError(f"the reloaded merged model differs from the one saved by {diff_reloaded:.3e}")
-    metrics_path = ctx.run_dir / "eval" / "metrics.json"
-    metrics = _headline_from(metrics_path)
+    from pipeline.evaluate import headline_from_file
+
+    metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json")
     (model_dir / "README.md").write_text(model_card(ctx, metrics, check))
     base_dir = ctx.run_dir / "base" / "model"
     info = {"base_model": str(base_dir.resolve()) if base_dir.is_dir() else cfg.model.name_or_path,
@@ -134,15 +135,6 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
         shutil.rmtree(out)  # only reached for the stage's own folder or with --overwrite
     tmp.rename(out)
     return {"model": str(out / "model"), "peft_adapter": adapter_info, "check": check}
-
-
-def _headline_from(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    from pipeline.evaluate import headline
-
-    return headline({"adapted": data.get("metrics", {}), "base": data.get("base") or {}})
 
 
 def stage_merge(ctx: StageContext) -> dict[str, Any]:

@@ -197,26 +197,21 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
 def _main_only(state, fn: StageFn, ctx: StageContext, name: str) -> dict[str, Any]:
     """Run `fn` on the main process; if it fails, the other ranks fail too instead of waiting forever."""
     error: list[str | None] = [None]
+    failure: BaseException | None = None
     outputs: dict[str, Any] = {}
     if state.is_main_process:
         try:
             outputs = fn(ctx) or {}
         except BaseException as err:
-            error = [f"{type(err).__name__}: {err}"]
-            if state.num_processes > 1:
-                from accelerate.utils import broadcast_object_list
-
-                broadcast_object_list(error)
-            raise
+            failure, error = err, [f"{type(err).__name__}: {err}"]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        if not state.is_main_process:
-            broadcast_object_list(error)
-            if error[0]:
-                raise RuntimeError(f"stage '{name}' failed on the main process: {error[0]}")
-        else:
-            broadcast_object_list(error)
+        broadcast_object_list(error)
+    if failure is not None:
+        raise failure
+    if error[0]:
+        raise RuntimeError(f"stage '{name}' failed on the main process: {error[0]}")
     return outputs
 
 

@@ -167,7 +167,7 @@ def load_vit_base(ctx: StageContext):
     structlora library and pipeline.backbones, from Python."""
     from transformers import AutoImageProcessor
 
-    from pipeline.backbones import build_vit, load_vit
+    from pipeline.backbones import build_vit, load_vit, resolve_pretrained
 
     cfg = ctx.cfg
     if cfg.model.vit_impl != "transformers":
@@ -175,20 +175,13 @@ def load_vit_base(ctx: StageContext):
                         "through structlora.apply_structlora from Python, or set model.vit_impl=transformers")
     if cfg.model.preset is None:
         return load_vit(cfg.model, num_classes(ctx)), AutoImageProcessor.from_pretrained(
-            resolve_name(cfg.model.name_or_path))
+            resolve_pretrained(cfg.model.name_or_path, cfg.model.revision))
     path = base_model_dir(ctx)
     if cfg.base.enabled:
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
         return load_vit(ModelConfig(arch="vit", name_or_path=str(path))), AutoImageProcessor.from_pretrained(path)
     return build_vit(cfg.model, num_classes(ctx), seed=cfg.seed), vit_image_processor(cfg)
-
-
-def resolve_name(name: str | None) -> str:
-    from pipeline.backbones import resolve_pretrained
-
-    assert name is not None
-    return resolve_pretrained(name)
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -397,13 +390,9 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
     model_dir = (ctx.run_dir / "merge" / "model").resolve()
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no merged model: run the merge stage first (--stages merge)")
-    metrics_file = ctx.run_dir / "eval" / "metrics.json"
-    metrics = {}
-    if metrics_file.is_file():
-        from pipeline.evaluate import headline
+    from pipeline.evaluate import headline_from_file
 
-        data = json.loads(metrics_file.read_text())
-        metrics = headline({"adapted": data.get("metrics", {}), "base": data.get("base") or {}})
+    metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json") or {}
     entry = {
         "name": cfg.publish.name or Path(ctx.run_dir).resolve().name,
         "base_model": cfg.model.name_or_path or str((ctx.run_dir / "base" / "model").resolve()),

@@ -8,6 +8,7 @@ data stream is replayed to its position and every RNG state is restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -176,7 +177,7 @@ class TrainRecipe:
                 batch = next(self.batches)
                 self.batches_seen += 1
                 sync = micro == cfg.grad_accum - 1
-                context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
+                context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with context:
                     terms = self.loss_step(batch)
                     acc.backward(terms["loss"] / cfg.grad_accum)
@@ -307,11 +308,3 @@ class TrainRecipe:
         if self._writer is not None:
             self._writer.close()
         self.accelerator.wait_for_everyone()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
