@@ -155,13 +155,14 @@ def table(results: dict[str, dict[str, list[float]]], params: dict[str, int], ne
     return "\n".join(lines)
 
 
-def update_benchmarks(path: Path, body: str) -> None:
-    """Replace this script's section of BENCHMARKS.md (or append it); other sections are left as they are."""
+def update_benchmarks(path: Path, body: str, section: str = SECTION) -> None:
+    """Replace one section of BENCHMARKS.md (by its heading; appended if absent); the others stay as they are."""
+    heading = section
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
+    section = f"{heading}\n\n{body.strip()}\n"
+    if heading in text:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section

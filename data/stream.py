@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -254,6 +255,12 @@ def attach_stats(examples: Iterable[Example], stats: StreamStats, stream: str) -
         yield {**previous, "__stream__": stream, "__skipped__": stats.as_dict()}
 
 
+def in_fraction(key: str, fraction: float) -> bool:
+    """Is image `key` in the first `fraction` of the split? A stable hash of the key decides, so
+    smaller fractions are subsets of larger ones and every rank, worker and run agrees."""
+    return fraction >= 1.0 or zlib.crc32(key.encode()) / 2**32 < fraction
+
+
 def mix(streams: dict[str, Iterator[Example]], weights: dict[str, float], rng: random.Random) -> Iterator[Example]:
     names = sorted(streams)
     while True:
@@ -277,6 +284,8 @@ class TrainStream(IterableDataset):
         transform: applied to every example (e.g. image preprocessing).
         allow_pipe: accept `pipe:` shard URLs (they run a command).
         max_consecutive_skips: this many unusable samples in a row stop the stream with DataError.
+        fraction: train on this share of the images only (`in_fraction` of their keys), for
+            low-data studies; 1.0 uses all.
     """
 
     sources: Sequence[ShardSource]
@@ -288,6 +297,7 @@ class TrainStream(IterableDataset):
     transform: Callable[[Example], Example] | None = None
     allow_pipe: bool = False
     max_consecutive_skips: int = 1000
+    fraction: float = 1.0
     epoch: int = 0
     stats: StreamStats = field(default_factory=StreamStats)
 
@@ -297,6 +307,8 @@ class TrainStream(IterableDataset):
             raise DataError("TrainStream needs at least one source, each with at least one shard")
         if any(s.weight <= 0 for s in self.sources) or len({s.name for s in self.sources}) != len(self.sources):
             raise DataError("source weights must be positive and source names unique")
+        if not 0.0 < self.fraction <= 1.0:
+            raise DataError(f"TrainStream.fraction must be in (0, 1], got {self.fraction}")
         self.rank, self.world_size = resolve_rank(self.rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -315,6 +327,8 @@ class TrainStream(IterableDataset):
         pairs = list(zip(source.urls, source.sizes or [1] * len(source.urls)))
         urls, sizes = _training_partition(pairs, self.rank, self.world_size, worker, num_workers)
         raw = read_shards(resample(urls, sizes, rng), self.stats, self.allow_pipe, give_up_after=3 * len(urls) + 3)
+        if self.fraction < 1.0:
+            raw = (r for r in raw if in_fraction(str(r["__key__"]), self.fraction))
         records = decode(shuffle(raw, self.shuffle_buffer, rng), self.stats, self.max_consecutive_skips)
         for record in records:
             examples = expand(record)

@@ -146,6 +146,8 @@ class TrainConfig:
     lr: float = _f(1e-3, "learning rate of A and B")
     lr_gate: float | None = _f(None, "learning rate of the gate logits (default: lr)")
     lr_coordinator: float | None = _f(None, "learning rate of the coordinator (default: lr)")
+    data_fraction: float = _f(1.0, "train on this share of the training images (a stable hash of each key), "
+                                   "for low-data studies")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_ratio: float = _f(0.06, "linear warmup share of a cosine schedule")
     max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
@@ -163,6 +165,8 @@ class TrainConfig:
             raise ValueError("max_steps, batch_size and grad_accum must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
 
 
 @dataclass

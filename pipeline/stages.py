@@ -188,7 +188,8 @@ def load_vit_base(ctx: StageContext):
 
 
 def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, rank: int, world_size: int,
-                   epoch_length: int, log_partition: Path | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                   epoch_length: int, log_partition: Path | None = None,
+                   fraction: float = 1.0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless training batches for this rank: the resampled stream, epoch after epoch."""
     from torch.utils.data import DataLoader
 
@@ -196,7 +197,7 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
     from data.stream import TrainStream
 
     stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
-                         shuffle_buffer=256, allow_pipe=cfg.data.allow_pipe_urls)
+                         shuffle_buffer=256, allow_pipe=cfg.data.allow_pipe_urls, fraction=fraction)
     if log_partition is not None:
         workers = max(1, cfg.data.num_workers)
         log_partition.write_text(json.dumps(
@@ -327,7 +328,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     recipe, result = run_recipe(
         adapted, cfg.train, out,
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
-                               epoch_length, log_partition=out / f"shards.rank{rank}.json"),
+                               epoch_length, log_partition=out / f"shards.rank{rank}.json",
+                               fraction=cfg.train.data_fraction),
         validation_batches(cfg, val_src, processor, cfg.train.batch_size))
     trainable = recipe._gathered_trainable_state()
     checksums = recipe.rank_checksums()  # a collective: every rank takes part

@@ -172,6 +172,44 @@ class CoordinatorConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Hard rank selection at one step (the paper's "IB gate vs random masking vs top-k norm").
+
+    At `at_step` each node keeps its `keep` share of directions, chosen by the criterion; the
+    others are zeroed in A and B and stay zero for the rest of training.
+    """
+
+    criterion: Literal["none", "gate", "random", "norm"] = _f(
+        "none", "none = no hard selection; gate = highest sigmoid(phi) (needs the IB gate); random = a seeded "
+        "random subset; norm = largest ||B[:, j]|| ||A[j, :]||")
+    keep: float = _f(0.5, "share of the r directions each node keeps (at least one)")
+    at_step: int | None = _f(None, "optimizer step of the selection; None = half the gate's anneal_steps")
+    seed: int = _f(0, "seed of the random criterion")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(0.0 < self.keep <= 1.0, f"selection.keep must be in (0, 1], got {self.keep}")
+        _check(self.at_step is None or self.at_step >= 1, f"selection.at_step must be >= 1, got {self.at_step}")
+
+
+@dataclass
+class PenaltyConfig:
+    """Static coordination baselines (paper appendix C): a fixed penalty along depth edges.
+
+    cosine: weight * mean over depth edges of (1 - cos(vec dW_a, vec dW_b));
+    laplacian: weight * mean over depth edges of ||dW_a - dW_b||_F^2 (a graph-Laplacian smoothness term).
+    Both are computed from the factors, in O(r^2 (in + out)) per edge, without forming dW.
+    """
+
+    kind: Literal["none", "cosine", "laplacian"] = _f("none", "which penalty (none = off)")
+    weight: float = _f(0.0, "its weight in the loss")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self.weight >= 0.0, f"penalty.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class StructLoRAConfig:
     """StructLoRA: IB-gated low-rank updates coordinated by a graph over layers and towers.
 
@@ -186,10 +224,14 @@ class StructLoRAConfig:
     coordinator: CoordinatorConfig = _f(help="graph coordinator", factory=CoordinatorConfig)
     ablation: Literal["full", "no_ib", "no_coordinator", "lora"] = _f(
         "full", "full = as configured; no_ib = gates off; no_coordinator = coordinator off; lora = both off")
+    selection: SelectionConfig = _f(help="hard rank selection during training (an ablation)", factory=SelectionConfig)
+    penalty: PenaltyConfig = _f(help="static depth penalty (a baseline; use with ablation lora)", factory=PenaltyConfig)
 
     def __post_init__(self) -> None:
         self.gate = _nested(GateConfig, self.gate, "gate")
         self.coordinator = _nested(CoordinatorConfig, self.coordinator, "coordinator")
+        self.selection = _nested(SelectionConfig, self.selection, "selection")
+        self.penalty = _nested(PenaltyConfig, self.penalty, "penalty")
         if not isinstance(self.targets, list):
             raise ValueError(f"targets: expected a list of targets, got {type(self.targets).__name__}")
         self.targets = [_nested(TargetConfig, t, f"targets[{i}]") for i, t in enumerate(self.targets)]
@@ -203,6 +245,8 @@ class StructLoRAConfig:
             self.gate.enabled = False
         if self.ablation in ("no_coordinator", "lora"):
             self.coordinator.enabled = False
+        _check(self.selection.criterion != "gate" or self.gate.enabled,
+               "selection.criterion 'gate' ranks directions by their IB gate: enable the gate (ablation full/no_coordinator)")
         towers = list(dict.fromkeys(t.tower for t in self.targets))
         unknown = [t for t in self.coordinator.bridge_chain if t not in towers]
         _check(not unknown, f"coordinator.bridge_chain names towers {unknown} that no target defines ({towers})")

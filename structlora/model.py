@@ -28,6 +28,7 @@ from structlora.graph import LayerGraph
 from structlora.inject import inject_layers
 from structlora.layer import update_factors
 from structlora.plan import gate_masks, node_sketches, sketch_groups
+from structlora.variants import RankSelection, static_penalty
 
 COORDINATOR_NAME = "structlora_coordinator"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -74,6 +75,7 @@ class StructLoRAModel(nn.Module):
         self._on_backbone = False  # is the coordinator registered on the backbone?
         if config.coordinator.enabled:
             self._build_coordinator()
+        self.selection = RankSelection(config.selection, config.gate.anneal_steps)
         self._hooks = [model.register_forward_pre_hook(self._on_forward_start),
                        model.register_forward_hook(self._on_forward_end, always_call=True)]
         self.step(0)
@@ -188,15 +190,20 @@ class StructLoRAModel(nn.Module):
     # --- training hooks -------------------------------------------------------------------------
 
     def regularization(self) -> dict[str, torch.Tensor]:
-        """Loss terms to add to the task loss, already weighted: {'ib': lambda_IB * L_IB}.
+        """Loss terms to add to the task loss, already weighted: {'ib': lambda_IB * L_IB}, plus the
+        static depth penalty when one is configured ({'cosine' | 'laplacian': ...}).
 
         L_IB = mean over adapted modules of sum_j KL(Bernoulli(sigmoid(phi_j)) || Bernoulli(pi)).
         """
+        terms: dict[str, torch.Tensor] = {}
         gates = [g for layer in self.layers.values() for g in (layer.gates or {}).values()]
-        if not gates:
-            return {}
-        kl = bernoulli_kl(torch.stack([g.logits for g in gates]), self.config.gate.prior)
-        return {"ib": self.config.gate.lambda_ib * kl.mean()}
+        if gates:
+            kl = bernoulli_kl(torch.stack([g.logits for g in gates]), self.config.gate.prior)
+            terms["ib"] = self.config.gate.lambda_ib * kl.mean()
+        penalty = static_penalty(self, self.config.penalty)
+        if penalty is not None:
+            terms[self.config.penalty.kind] = penalty
+        return terms
 
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Separate groups for the optimizer: adapter factors (A, B), gate logits, coordinator."""
@@ -211,7 +218,8 @@ class StructLoRAModel(nn.Module):
         return self.coordinator is not None and "semantic" in self.graph.edge_types
 
     def step(self, global_step: int) -> None:
-        """Call after each optimizer step: anneals tau, and on refresh steps updates semantic edges.
+        """Call after each optimizer step: anneals tau, on refresh steps updates semantic edges, and
+        applies a configured hard rank selection (selecting at its step, re-zeroing after).
 
         Gradient sketches are taken during the forward/backward passes of refresh steps only:
         step 1 and every `refresh_every` steps after it; `step` arms the capture for them.
@@ -225,6 +233,7 @@ class StructLoRAModel(nn.Module):
             if self._armed:
                 self.refresh_semantic_edges()
             self.set_capture(global_step % self.config.coordinator.refresh_every == 0)
+        self.selection.step(self, global_step)
         self._generation += 1
 
     def set_capture(self, on: bool) -> None:

@@ -40,7 +40,8 @@ def save_training_state(model, path: Path) -> None:
     model._check_live()
     tensors = {f"param/{name}": p.detach().contiguous().cpu() for name, p in adapter_state(model).items()}
     meta = {"format": FORMAT, "config": model.config.to_dict(), "nodes": [n.name for n in model.nodes],
-            "global_step": model.global_step, "armed": bool(model._armed), "refreshes": 0, "semantic_edges": []}
+            "global_step": model.global_step, "armed": bool(model._armed), "refreshes": 0, "semantic_edges": [],
+            "selection": model.selection.state_dict()}
     if model.coordinator is not None:
         coordinator = model.coordinator
         tensors["ema_sketch"] = coordinator.ema_sketch.detach().contiguous().cpu()
@@ -101,6 +102,7 @@ def load_training_state(model, path: Path, load_parameters: bool = True) -> None
         coordinator.refreshes = int(meta["refreshes"])
         if "semantic" in model.graph.edge_types:
             model.graph.set_semantic([tuple(e) for e in meta["semantic_edges"]])
+    model.selection.load_state_dict(meta.get("selection", {}))
     model.step(int(meta["global_step"]))  # temperature of that step
     model.set_capture(bool(meta["armed"]) and model.semantic_edges_on)
     for layer in model.layers.values():

@@ -194,3 +194,13 @@ def test_training_partition_only_splits_when_shares_are_fair():
     shares = [_training_partition(even, r, 2, w, 2)[0] for r in range(2) for w in range(2)]
     assert sorted(u for share in shares for u in share) == sorted(u for u, _ in even)
     assert all(len(share) == 2 for share in shares)
+
+
+def test_training_fraction_is_a_stable_nested_subset():
+    from data.stream import in_fraction
+
+    keys = [f"{i:012d}" for i in range(4000)]
+    kept = {f: {k for k in keys if in_fraction(k, f)} for f in (0.1, 0.25, 0.5, 1.0)}
+    assert kept[0.1] <= kept[0.25] <= kept[0.5] <= kept[1.0] == set(keys)
+    for f in (0.1, 0.25, 0.5):
+        assert abs(len(kept[f]) / len(keys) - f) < 0.03

@@ -1,0 +1,88 @@
+"""bench/study.py --quick: the whole study path (search on val, grid, ablation, low-data sweep,
+t-tests, CSVs, plots, BENCHMARKS.md section) on a CI-sized grid, and a re-run cell reproduces its numbers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """Run the quick study once (two cells side by side), into temp folders."""
+    tmp = tmp_path_factory.mktemp("study")
+    spec = yaml.safe_load((ROOT / "bench" / "study.yaml").read_text())
+    spec["quick"]["work_dir"] = str(tmp / "work")
+    spec["quick"]["results"] = str(tmp / "results")
+    study_file = tmp / "study.yaml"
+    study_file.write_text(yaml.safe_dump(spec))
+    bench_md = tmp / "BENCHMARKS.md"
+    bench_md.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
+    study = _load("study")
+    args = [str(study_file), "--quick", "--jobs", "2", "--update-benchmarks", "--benchmarks-file", str(bench_md)]
+    assert study.main(args) == 0
+    return study, study_file, tmp, bench_md, args
+
+
+def test_quick_study_writes_every_table_csv_and_plot(quick_study):
+    _, _, tmp, bench_md, _ = quick_study
+    results = tmp / "results"
+    cells = list((results / "cells").rglob("*.json"))
+    # search 2 + grid 2 methods x 2 seeds + ablation 2 seeds + low-data 2 methods x 2 seeds
+    assert len(cells) == 12
+    for path in cells:
+        cell = json.loads(path.read_text())
+        assert set(cell["scores"]) == {"CIDEr", "VQA", "GQA"}
+        assert cell["trainable_parameters"] > 0 and cell["step_seconds"] > 0 and cell["peak_rss_mb"] > 0
+        assert cell["depth_edges"] > 0
+    search = [json.loads(p.read_text()) for p in (results / "cells" / "search").glob("*.json")]
+    assert {c["split"] for c in search} == {"val"}  # the search never sees the test split
+    grid = [json.loads(p.read_text()) for p in (results / "cells" / "grid").glob("*.json")]
+    assert {c["split"] for c in grid} == {"test"}
+    with (results / "tests.csv").open() as f:
+        tests = list(csv.DictReader(f))
+    assert {t["table"] for t in tests} >= {"grid", "structlora_vs", "ablation", "fraction"}
+    assert all(t["seeds"] == "2" for t in tests)
+    for name in ("score_vs_rank.png", "score_vs_fraction.png", "cells.csv", "study.md"):
+        assert (results / name).stat().st_size > 0
+    text = bench_md.read_text()
+    assert "## Method study" in text and "| structlora | lora |" not in text
+    assert "## Another section\n\nkept" in text  # other sections are left alone
+    assert "### Ablations" in text and "select_norm" in text and "### Low-data sweep" in text
+
+
+def test_report_only_rebuilds_the_same_tables(quick_study):
+    study, study_file, tmp, _, _ = quick_study
+    before = (tmp / "results" / "cells.csv").read_text()
+    (tmp / "results" / "cells.csv").unlink()
+    assert study.main([str(study_file), "--quick", "--report-only"]) == 0
+    assert (tmp / "results" / "cells.csv").read_text() == before
+
+
+def test_a_rerun_cell_reproduces_its_numbers(quick_study):
+    study, study_file, tmp, _, args = quick_study
+    path = next((tmp / "results" / "cells" / "grid").glob("structlora-*-s1.json"))
+    first = json.loads(path.read_text())
+    path.unlink()
+    shutil.rmtree(tmp / "work" / "cells" / "grid" / path.stem)
+    assert study.main(args) == 0  # runs that one cell again, nothing else
+    again = json.loads(path.read_text())
+    for key in ("scores", "trainable_parameters", "final_train_loss", "adjacent_cosine", "drift_energy"):
+        assert again[key] == first[key], key
