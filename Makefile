@@ -9,7 +9,7 @@ CONFIG ?= configs/tiny.yaml
 # torch/torchvision come first and pinned: on these machines pip takes them from local disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test test-slow test-browser browser lint check-java clean
+.PHONY: setup run test test-slow test-browser browser lint check-java clean study study-quick
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -42,6 +42,13 @@ browser:
 
 test-browser: setup browser
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m browser
+
+# The method study of BENCHMARKS.md (hours on 2 cores; finished cells are kept and skipped).
+study: setup check-java
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study.py bench/study.yaml --jobs 2 --update-benchmarks
+
+study-quick: setup check-java
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study.py bench/study.yaml --quick --jobs 2
 
 lint: setup
 	$(VENV)/bin/ruff check .

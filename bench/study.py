@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -146,12 +147,18 @@ def run_cells(cells: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
     if todo:
         log.info("%d of %d cells to run (%d done)", len(todo), len(cells), len(cells) - len(todo))
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # a process per cell
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, **fresh) as pool:
             futures = {pool.submit(run_cell, {**c, "config_saved": _comparable(c["config"])}): c for c in todo}
             bar = tqdm(total=len(todo), desc="cells", unit="cell", dynamic_ncols=True)
             for future in as_completed(futures):
                 cell = futures[future]
-                result = future.result()  # a failing cell stops the study: it names itself in the trace
+                try:
+                    result = future.result()
+                except BaseException:  # a failing cell stops the study now, not after the queue drains
+                    log.error("cell %s failed", cell["id"])
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 bar.update(1)
                 bar.set_postfix_str(f"{cell['id']}: " + ", ".join(f"{k} {v:.3g}" for k, v in result["scores"].items()))
             bar.close()
@@ -178,7 +185,7 @@ def search(spec: dict[str, Any], runner) -> tuple[dict[str, dict], list[dict]]:
     results = runner([c[3] for c in cells])
     chosen, best = {}, {}
     for (method, cand, extra, _), result in zip(cells, results):
-        if method not in best or score_of(result) > best[method]:
+        if math.isfinite(score_of(result)) and (method not in best or score_of(result) > best[method]):
             best[method], chosen[method] = score_of(result), {"candidate": cand, **extra}
     return {m: {k: v for k, v in c.items() if k != "candidate"} for m, c in chosen.items()}, \
         [{**r, "candidate": c[1], "candidate_settings": c[2], "method": c[0]} for c, r in zip(cells, results)]

@@ -31,8 +31,8 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]
     diffs = [a[s] - b[s] for s in seeds]
     if len(seeds) < 2:
         return (diffs[0] if diffs else math.nan), math.nan
-    if all(d == diffs[0] for d in diffs):  # no variance: the test is undefined
-        return diffs[0], (1.0 if diffs[0] == 0 else 0.0)
+    if all(d == diffs[0] for d in diffs):  # no variance: the t statistic is undefined, so no mark
+        return diffs[0], (1.0 if diffs[0] == 0 else math.nan)
     return statistics.fmean(diffs), float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
 
 
@@ -114,13 +114,13 @@ def main_table(spec, grid, comparisons) -> list[str]:
 
 def wins_table(spec, grid, ablation_rank, comparisons) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
     """StructLoRA against each baseline, paired by seed, over every rank and the three metrics."""
-    lines = ["| StructLoRA vs | wins | ties | losses | mean difference (CIDEr x100 / VQA / GQA) |",
-             "|---|---:|---:|---:|---|"]
+    lines = ["| StructLoRA vs | wins | ties | losses | untestable | mean difference (CIDEr x100 / VQA / GQA) |",
+             "|---|---:|---:|---:|---:|---|"]
     tally = {}
     for method in spec["methods"]:
         if method == "structlora":
             continue
-        w = t = los = 0
+        w = t = los = na = 0
         diffs = {m: [] for m in METRICS}
         ranks = [ablation_rank] if method == "full" else spec["ranks"]
         for rank in ranks:
@@ -132,12 +132,15 @@ def wins_table(spec, grid, ablation_rank, comparisons) -> tuple[list[str], dict[
             for metric in METRICS:
                 diff, p = paired_test(_scores(mine, metric), _scores(other, metric))
                 diffs[metric].append(diff * (100 if metric == "CIDEr" else 1))
+                if math.isnan(p):  # fewer than two shared seeds, or a constant difference: no test
+                    na += 1
+                    continue
                 sig = mark(diff, p)
                 w, t, los = w + sig.startswith("+"), t + (sig == ""), los + sig.startswith("-")
         tally[method] = (w, t, los)
         mean_diff = " / ".join(f"{statistics.fmean(v):+.2f}" if v else "n/a" for v in diffs.values())
         where = f" (at rank {ablation_rank})" if method == "full" else ""
-        lines.append(f"| {method}{where} | {w} | {t} | {los} | {mean_diff} |")
+        lines.append(f"| {method}{where} | {w} | {t} | {los} | {na} | {mean_diff} |")
     return lines, tally
 
 
@@ -174,7 +177,7 @@ def fraction_table(spec, results, comparisons) -> list[str]:
 
 
 def diagnostics_table(spec, grid) -> list[str]:
-    lines = ["| rank | method | adjacent-layer cosine | drift energy | ||dW|| |", "|---:|---|---|---|---|"]
+    lines = ["| rank | method | adjacent-layer cosine | drift energy | ‖dW‖ (all modules) |", "|---:|---|---|---|---|"]
     for rank in spec["ranks"]:
         for method in spec["methods"]:
             rows = _by(grid, name=method, rank=rank)

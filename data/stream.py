@@ -261,6 +261,19 @@ def in_fraction(key: str, fraction: float) -> bool:
     return fraction >= 1.0 or zlib.crc32(key.encode()) / 2**32 < fraction
 
 
+def _kept(raw: Iterator[dict[str, Any]], fraction: float, what: str, patience: int = 100_000):
+    """The raw samples `in_fraction`; a long run of misses means the fraction leaves nothing to train on."""
+    misses = 0
+    for r in raw:
+        if in_fraction(str(r["__key__"]), fraction):
+            misses = 0
+            yield r
+        else:
+            misses += 1
+            if misses >= patience:
+                raise DataError(f"{what}: {patience} samples in a row fall outside the fraction: it keeps no image")
+
+
 def mix(streams: dict[str, Iterator[Example]], weights: dict[str, float], rng: random.Random) -> Iterator[Example]:
     names = sorted(streams)
     while True:
@@ -328,7 +341,7 @@ class TrainStream(IterableDataset):
         urls, sizes = _training_partition(pairs, self.rank, self.world_size, worker, num_workers)
         raw = read_shards(resample(urls, sizes, rng), self.stats, self.allow_pipe, give_up_after=3 * len(urls) + 3)
         if self.fraction < 1.0:
-            raw = (r for r in raw if in_fraction(str(r["__key__"]), self.fraction))
+            raw = _kept(raw, self.fraction, f"{source.name}: train.data_fraction {self.fraction:g}")
         records = decode(shuffle(raw, self.shuffle_buffer, rng), self.stats, self.max_consecutive_skips)
         for record in records:
             examples = expand(record)

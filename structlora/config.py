@@ -245,6 +245,9 @@ class StructLoRAConfig:
             self.gate.enabled = False
         if self.ablation in ("no_coordinator", "lora"):
             self.coordinator.enabled = False
+        _check(self.penalty.kind == "none" or not (self.gate.enabled or self.coordinator.enabled),
+               f"penalty {self.penalty.kind!r} is a static baseline on plain LoRA factors (it ignores gates and "
+               "messages): use it with ablation 'lora'")
         _check(self.selection.criterion != "gate" or self.gate.enabled,
                "selection.criterion 'gate' ranks directions by their IB gate: enable the gate (ablation full/no_coordinator)")
         towers = list(dict.fromkeys(t.tower for t in self.targets))

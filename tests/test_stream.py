@@ -204,3 +204,12 @@ def test_training_fraction_is_a_stable_nested_subset():
     assert kept[0.1] <= kept[0.25] <= kept[0.5] <= kept[1.0] == set(keys)
     for f in (0.1, 0.25, 0.5):
         assert abs(len(kept[f]) / len(keys) - f) < 0.03
+
+
+def test_a_fraction_that_keeps_nothing_fails_instead_of_looping():
+    from data.errors import DataError
+    from data.stream import _kept
+
+    raw = ({"__key__": "same-key"} for _ in range(10**9))
+    with pytest.raises(DataError, match="keeps no image"):
+        next(_kept(raw, 1e-9, "caption: train.data_fraction 1e-09", patience=1000))

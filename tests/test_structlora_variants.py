@@ -102,3 +102,8 @@ def test_static_penalties_equal_their_definition_and_pull_neighbours_together(ki
 def test_penalty_off_adds_no_term():
     sm = apply_structlora(toy_model(), toy_config(gate=False, coordinator=False))
     assert static_penalty(sm, sm.config.penalty) is None and sm.regularization() == {}
+
+
+def test_penalty_needs_plain_lora_factors():
+    with pytest.raises(ValueError, match="ablation 'lora'"):
+        apply_structlora(toy_model(), toy_config(gate=True, coordinator=False, penalty={"kind": "cosine", "weight": 1.0}))
