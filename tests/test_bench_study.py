@@ -63,7 +63,7 @@ def test_quick_study_writes_every_table_csv_and_plot(quick_study):
     for name in ("score_vs_rank.png", "score_vs_fraction.png", "cells.csv", "study.md"):
         assert (results / name).stat().st_size > 0
     text = bench_md.read_text()
-    assert "## Method study" in text and "| structlora | lora |" not in text
+    assert "## Method study" in text and "| StructLoRA vs | wins | ties | losses | untestable |" in text
     assert "## Another section\n\nkept" in text  # other sections are left alone
     assert "### Ablations" in text and "select_norm" in text and "### Low-data sweep" in text
 
