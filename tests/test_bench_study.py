@@ -86,3 +86,21 @@ def test_a_rerun_cell_reproduces_its_numbers(quick_study):
     again = json.loads(path.read_text())
     for key in ("scores", "trainable_parameters", "final_train_loss", "adjacent_cosine", "drift_energy"):
         assert again[key] == first[key], key
+
+
+def test_paired_test_pairs_by_seed_and_marks_only_significant_differences():
+    report = _load("study_report")
+    a = {0: 30.0, 1: 32.0, 2: 31.0}
+    b = {2: 28.9, 0: 28.0, 1: 30.2}  # order does not matter: seeds pair up
+    diff, p = report.paired_test(a, b)
+    assert diff == pytest.approx((2.0 + 1.8 + 2.1) / 3)
+    from scipy.stats import ttest_rel
+
+    assert p == pytest.approx(ttest_rel([30.0, 32.0, 31.0], [28.0, 30.2, 28.9]).pvalue)
+    assert report.mark(diff, p) in ("+", "++") and report.mark(-diff, p).startswith("-")
+    assert report.mark(1.0, 0.2) == ""
+    # a constant difference has no variance: no test, no mark
+    diff, p = report.paired_test({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})
+    assert diff == 0.5 and p != p and report.mark(diff, p) == ""
+    # one shared seed: no test
+    assert report.paired_test({0: 1.0, 1: 2.0}, {1: 1.0})[1] != report.paired_test({0: 1.0, 1: 2.0}, {1: 1.0})[1]
