@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the file's quick grid: minutes, same code path")
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (each in its own process)")
     parser.add_argument("--report-only", action="store_true", help="no training: report the finished cells")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --report-only: report what is finished so far (the report says how much is missing)")
     parser.add_argument("--update-benchmarks", action="store_true", help="rewrite the study's BENCHMARKS.md section")
     parser.add_argument("--benchmarks-file", type=Path, default=ROOT / "BENCHMARKS.md", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -226,22 +228,32 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not args.report_only:
         prepare_shared(spec)
-    runner = _finished if args.report_only else (lambda cells: run_cells(cells, args.jobs))
+    missing: list[str] = []
+    if args.report_only:
+        def runner(cells):
+            return _finished(cells, missing if args.partial else None)
+    else:
+        def runner(cells):
+            return run_cells(cells, args.jobs)
     chosen, search_rows = search(spec, runner)
     log.info("searched settings: %s", json.dumps(chosen))
     cells = grid_cells(spec, chosen)
     results = runner(cells)
     out = write_report(spec, results, search_rows, chosen, command=command,
-                       benchmarks=args.benchmarks_file if args.update_benchmarks else None)
+                       benchmarks=args.benchmarks_file if args.update_benchmarks else None, missing=missing)
     log.info("%d cells reported in %.0f s: %s", len(results), time.time() - t0, out)
     return 0
 
 
-def _finished(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    missing = [c["id"] for c in cells if not is_done(c)]
-    if missing:
-        raise SystemExit(f"--report-only: {len(missing)} cells are not finished, e.g. {missing[0]}; run the study")
-    return [json.loads(Path(c["result"]).read_text()) for c in cells]
+def _finished(cells: list[dict[str, Any]], missing: list[str] | None = None) -> list[dict[str, Any]]:
+    """Results of finished cells; unfinished ones stop the report, or with `missing` (--partial) are listed there."""
+    todo = [c["id"] for c in cells if not is_done(c)]
+    if todo and missing is None:
+        raise SystemExit(f"--report-only: {len(todo)} cells are not finished, e.g. {todo[0]}; run the study "
+                         "(or add --partial)")
+    if missing is not None:
+        missing += todo
+    return [json.loads(Path(c["result"]).read_text()) for c in cells if c["id"] not in todo]
 
 
 if __name__ == "__main__":

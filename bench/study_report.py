@@ -275,7 +275,8 @@ def _rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def write_report(spec, results, search_rows, chosen, command: str, benchmarks: Path | None = None) -> Path:
+def write_report(spec, results, search_rows, chosen, command: str, benchmarks: Path | None = None,
+                 missing: list[str] | None = None) -> Path:
     """Write cells.csv, tests.csv, the plots and study.md under the results folder; optionally the
     study's section of BENCHMARKS.md. Returns the path of study.md."""
     root = Path(__file__).resolve().parents[1]
@@ -293,6 +294,8 @@ def write_report(spec, results, search_rows, chosen, command: str, benchmarks: P
              f"{spec['methods'].get('full', {}).get('train', {}).get('lr', 'n/a')}), scored on "
              f"{budget['eval']['max_samples']} test samples per task. Marks: `+`/`++` better, `-`/`--` worse "
              "than the reference at p < 0.05 / 0.01, paired two-sided t-test over seeds; no mark: not significant.",
+             *(["", f"**Partial report: {len(missing)} of {len(missing) + len(results) + len(search_rows)} cells are "
+                f"not finished yet** (e.g. `{missing[0]}`); their rows are missing or hold fewer seeds."] if missing else []),
              "", f"### Search on the validation split (rank {spec['search']['rank']}, seed {spec['search']['seed']})",
              "", *search_table(search_rows, chosen), "",
              f"### Methods x ranks (test split, mean ± std over {len(spec['seeds'])} seeds; marks vs {spec['reference']})",
