@@ -130,7 +130,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2), "resumed_from": summary.get("resumed_from"),
         "peak_rss_mb": round(peak_train, 1), "train_rss_growth_mb": round(peak_train - rss_before, 1),
         "final_train_loss": summary["final_train_loss"], "val_losses": summary["val_losses"],
-        **{k: v for k, v in diag.items()}, "threads": int(cell["threads"]),
+        **diag, "threads": int(cell["threads"]),
         "torch": torch.__version__, "config": cell["config_saved"],
     }
     out = Path(cell["result"])

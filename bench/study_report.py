@@ -194,14 +194,10 @@ def search_table(search_rows, chosen) -> list[str]:
     for r in search_rows:
         s = r["scores"]
         pick = chosen.get(r["method"], {})
-        chosen_now = "yes" if {k: v for k, v in pick.items()} == _settings_of(r) else ""
+        chosen_now = "yes" if pick == r.get("candidate_settings", {}) else ""
         lines.append(f"| {r['method']} | {r['candidate']} | {100 * s['CIDEr']:.1f} | {s['VQA']:.1f} | {s['GQA']:.1f} | "
                      f"{score_of(r):.2f} | {chosen_now} |")
     return lines
-
-
-def _settings_of(row) -> dict:
-    return row.get("candidate_settings", {})
 
 
 def plots(spec, results, out: Path) -> list[Path]:
@@ -222,53 +218,50 @@ def plots(spec, results, out: Path) -> list[Path]:
                     v = [scale * x["scores"][metric] for x in rows]
                     ax.axhline(statistics.fmean(v), color="grey", linestyle="--", label="full fine-tuning")
                 continue
-            xs, ms, sds = [], [], []
-            for rank in spec["ranks"]:
-                v = [scale * x["scores"][metric] for x in _by(grid, name=method, rank=rank)]
-                if v:
-                    xs.append(rank)
-                    ms.append(statistics.fmean(v))
-                    sds.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-            if xs:
-                ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=method,
-                            linewidth=2.5 if method == "structlora" else 1.2)
+            points = [(rank, [scale * x["scores"][metric] for x in _by(grid, name=method, rank=rank)])
+                      for rank in spec["ranks"]]
+            _errorbar(ax, points, method, linewidth=2.5 if method == "structlora" else 1.2)
         ax.set_xscale("log", base=2)
         ax.set_xticks(spec["ranks"], [str(r) for r in spec["ranks"]])
         ax.set_xlabel("rank r")
         ax.set_title(f"{metric}{' x100' if metric == 'CIDEr' else ' accuracy'} (test, mean ± std over seeds)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "score_vs_rank.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, axes, out / "score_vs_rank.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     r = spec["ablation_rank"]
     for ax, metric in zip(axes, METRICS):
         scale = 100.0 if metric == "CIDEr" else 1.0
         for method in spec["fraction_methods"]:
-            xs, ms, sds = [], [], []
-            for fraction in [*spec["fractions"], 1.0]:
-                group = "fraction" if fraction < 1.0 else "grid"
-                v = [scale * x["scores"][metric] for x in _by(results, group=group, name=method, rank=r,
-                                                                   fraction=fraction)]
-                if v:
-                    xs.append(fraction)
-                    ms.append(statistics.fmean(v))
-                    sds.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-            if xs:
-                ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=method)
+            points = [(f, [scale * x["scores"][metric] for x in _by(results, group="fraction" if f < 1.0 else "grid",
+                                                                   name=method, rank=r, fraction=f)])
+                      for f in [*spec["fractions"], 1.0]]
+            _errorbar(ax, points, method)
         ax.set_xscale("log")
         ax.set_xlabel("share of training images")
         ax.set_title(f"{metric} at rank {r} (test)")
         ax.grid(alpha=0.3)
+    paths.append(_save(fig, axes, out / "score_vs_fraction.png"))
+    return paths
+
+
+def _errorbar(ax, points: list[tuple[float, list[float]]], label: str, **style) -> None:
+    """One line of mean ± std over seeds through the x positions that have values."""
+    points = [(x, v) for x, v in points if v]
+    if points:
+        ax.errorbar([x for x, _ in points], [statistics.fmean(v) for _, v in points],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points],
+                    marker="o", capsize=3, label=label, **style)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "score_vs_fraction.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 def _rel(path: Path, root: Path) -> str:
