@@ -150,7 +150,11 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
                from_stage: str | None = None) -> Path:
     from accelerate import PartialState
 
-    state = PartialState(cpu=not _cuda())
+    import datetime
+
+    # prepare (converting COCO), merge (folding and saving 7B) and scoring run on rank 0 while the
+    # other ranks wait at a barrier: the default 10-minute NCCL timeout would kill such a run
+    state = PartialState(cpu=not _cuda(), timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes))
     main = state.is_main_process
     functions = _stage_functions()
     wanted = [s for s in STAGES if (stages is None or s in stages)]

@@ -153,6 +153,12 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto = bf16 on GPUs that support it, fp32 on CPU")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
+    sharding: Literal["auto", "fsdp"] = _f(
+        "auto", "auto = follow the accelerate config (DDP, FSDP, DeepSpeed); fsdp = shard the frozen base with "
+                "fully_shard even where accelerate would not (e.g. torchrun on CPU); the adapter stays replicated")
+    fsdp_layer_classes: list[str] = _f(
+        help="module classes that become FSDP units (default: the accelerate config's, else the model's "
+             "decoder / encoder layers)", factory=list)
     save_every: int = _f(100, "checkpoint every N steps (and at the end)")
     keep_last: int = _f(2, "checkpoints kept")
     resume: Literal["auto", "never"] = _f("auto", "auto = continue from the newest complete checkpoint")
@@ -207,6 +213,9 @@ class RunConfig:
 
     run_dir: str = _f("runs/default", "where every stage writes (override with --run-dir)")
     seed: int = _f(0, "global seed")
+    distributed_timeout_minutes: int = _f(
+        240, "timeout of collectives between ranks: rank 0 alone prepares, merges and scores while the others "
+             "wait (the NCCL default of 10 minutes is shorter than converting COCO)")
     data: DataConfig = _f(help="data source and streaming", factory=DataConfig)
     model: ModelConfig = _f(help="backbone", factory=lambda: ModelConfig(preset="tiny"))
     base: BaseStageConfig = _f(help="tiny base pretraining", factory=BaseStageConfig)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -24,12 +25,36 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint as ckpt
+from pipeline.errors import UserError
 from pipeline.methods import AdaptedModel
 from pipeline.schema import TrainConfig
 
 log = logging.getLogger("structlora.train")
 
 Batch = dict[str, torch.Tensor]
+ACCELERATE_STATE = "accelerate_state"
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on GPUs that support it, else fp32."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def make_accelerator(precision: str, grad_accum: int):
+    """An Accelerator for one stage. accelerate keeps one global state per process: a stage that
+    needs another precision than the previous one (the tiny base stage trains in fp32, the train
+    stage may run bf16) resets it; the process group (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = {"fp32": "no"}.get(precision, precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
+                       cpu=not torch.cuda.is_available())
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -93,25 +118,42 @@ class TrainRecipe:
     # --- setup --------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from pipeline.sharding import apply_fsdp2, plan_sharding
+
         cfg = self.cfg
+        self.precision = resolve_precision(cfg.precision)
         if self.accelerator is None:
-            precision = cfg.precision
-            if precision == "auto":
-                precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-            self.accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+            self.accelerator = make_accelerator(self.precision, cfg.grad_accum)
         acc = self.accelerator
-        set_seed(cfg.seed)
+        if acc.gradient_accumulation_steps != cfg.grad_accum:
+            raise UserError(f"the accelerator accumulates {acc.gradient_accumulation_steps} micro-batches but "
+                            f"train.grad_accum={cfg.grad_accum}")
         model = self.adapted.model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.sharding = plan_sharding(acc, cfg.sharding, self.adapted.method, trainable, self.precision)
+        for note in self.sharding.notes:
+            log.warning(note)
+            if acc.is_main_process:
+                print(f"note: {note}")
+        set_seed(cfg.seed)
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         groups = self.adapted.param_groups(cfg)
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(cfg.max_steps, cfg.warmup_ratio))
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        if self.sharding.own_wrapping:
+            # the frozen base is sharded here; accelerate sees an FSDPModule and leaves it as it is
+            model.to(acc.device)
+            self.model = apply_fsdp2(model, acc, self.sharding.replicated, cfg.fsdp_layer_classes, self.precision)
+            self.optimizer = acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        # DeepSpeed partitions the optimizer state over ranks: every rank writes its part (accelerate's
+        # save_state); elsewhere the trainable tensors are whole on rank 0 and it writes the state alone
+        self.state_by_every_rank = self.sharding.kind == "deepspeed"
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resumed_from = self._maybe_resume()
         self.batches = self.make_batches()
@@ -139,7 +181,12 @@ class TrainRecipe:
         if self.adapted.method == "structlora" and extra.is_dir():
             self.adapted.handle.load_training_state(extra, load_parameters=False)
         state = torch.load(path / "training_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (path / ACCELERATE_STATE).is_dir():
+            self.accelerator.load_state(str(path / ACCELERATE_STATE))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         self.val_losses = [tuple(v) for v in state.get("val_losses", [])]
@@ -153,12 +200,34 @@ class TrainRecipe:
         device = self.accelerator.device
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    def loss_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        outputs = self.model(**self._to_device(batch))
+    def loss_step(self, batch: Batch, num_items: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Task loss and every regulariser, by name; `loss` is their sum.
+
+        With `num_items` (label tokens of the whole optimizer step, over micro-batches and ranks),
+        the task term is this micro-batch's summed token loss / num_items: the losses of one step
+        add up to the mean over the global batch however it is split, as in one process.
+        """
+        inputs = self._to_device(batch)
+        if num_items is not None:
+            inputs["num_items_in_batch"] = num_items
+        with self.accelerator.autocast():
+            outputs = self.model(**inputs)
         terms = {"task": outputs.loss}
         terms.update(self.adapted.regularization())
         terms["loss"] = sum(terms.values())
         return terms
+
+    def _num_items(self, micro_batches: list[Batch]) -> torch.Tensor | None:
+        """Label tokens the loss counts (after the causal shift) in this step, summed over ranks;
+        None for per-example labels (classification), whose mean is already exact."""
+        labels = [b.get("labels") for b in micro_batches]
+        if any(x is None or x.dim() < 2 for x in labels):
+            return None
+        count = sum(int((x[:, 1:] != -100).sum()) for x in labels)
+        total = torch.tensor([count], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return total.reshape(()).clamp_min(1)
 
     # --- train --------------------------------------------------------------------------------
 
@@ -171,22 +240,43 @@ class TrainRecipe:
                    dynamic_ncols=True)
         last: dict[str, float] = {}
         self.model.train()
+        world, accum = acc.num_processes, cfg.grad_accum
         while self.step < end:
+            micro_batches = [next(self.batches) for _ in range(accum)]
+            self.batches_seen += accum
+            num_items = self._num_items(micro_batches)
+            # accelerate divides each backward by grad_accum and DDP averages over ranks; with token
+            # counts the loss is already a share of the global mean, so scale those back out
+            rescale = float(world * accum) if num_items is not None else 1.0
             totals: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = next(self.batches)
-                self.batches_seen += 1
-                sync = micro == cfg.grad_accum - 1
-                context = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
-                with context:
-                    terms = self.loss_step(batch)
-                    acc.backward(terms["loss"] / cfg.grad_accum)
-                for key, value in terms.items():
-                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
+            finite = True
+            for batch in micro_batches:
+                with acc.accumulate(self.model):
+                    terms = self.loss_step(batch, num_items)
+                    if rescale != 1.0:
+                        terms["loss"] = terms["loss"] + terms["task"] * (rescale - 1.0)
+                    acc.backward(terms["loss"])
+                finite = finite and bool(torch.isfinite(terms["loss"].detach()))
+                for key, value in terms.items():  # logged: the task loss of the global batch, as one process sees it
+                    if key == "loss":
+                        continue
+                    share = float(value.detach().float())
+                    totals[key] = totals.get(key, 0.0) + (share * world if key == "task" and num_items is not None
+                                                          else share / accum)
+            totals["loss"] = sum(totals.values()) if finite else float("nan")
+            if self.sharding.own_wrapping:
+                from pipeline.sharding import sync_replicated_gradients
+
+                sync_replicated_gradients(self.sharding.replicated, world)
             if cfg.max_grad_norm > 0:
-                totals["grad_norm"] = float(acc.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm))
-            bad = {k: v for k, v in totals.items() if not math.isfinite(v)}
+                norm = acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           cfg.max_grad_norm)
+                if norm is not None:  # None under DeepSpeed, whose engine clips (gradient_clipping)
+                    totals["grad_norm"] = float(norm)
+            # under fp16 the grad scaler skips steps whose gradients overflow: an infinite norm is
+            # expected there; a non-finite loss is not
+            checked = {k: v for k, v in totals.items() if not (k == "grad_norm" and acc.scaler is not None)}
+            bad = {k: v for k, v in checked.items() if not math.isfinite(v)}
             if bad:  # stop before the step: the last checkpoint stays the last good state
                 raise FloatingPointError(
                     f"training diverged at step {self.step + 1}: {bad}; lower train.lr or enable clipping, then "
@@ -252,6 +342,11 @@ class TrainRecipe:
         acc = self.accelerator
         rng = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if acc.num_processes > 1 else [_rng_state()]
         trainable = self._gathered_trainable_state()
+        shared = None
+        if self.state_by_every_rank:  # every rank writes its partition of the optimizer state first
+            shared = self.ckpt_root / f".shared-{ckpt.step_dir(self.ckpt_root, self.step).name}"
+            acc.save_state(str(shared), exclude_frozen_parameters=True) \
+                if self.sharding.kind == "deepspeed" else acc.save_state(str(shared))
         acc.wait_for_everyone()
         if acc.is_main_process:
             from safetensors.torch import save_file
@@ -259,9 +354,13 @@ class TrainRecipe:
             def write(tmp: Path) -> None:
                 state = {k: v.contiguous().cpu() for k, v in trainable.items()}
                 save_file(state, str(tmp / "trainable.safetensors"))
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                torch.save({"optimizer": None if shared else self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict(),
+                            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                             "step": self.step, "batches_seen": self.batches_seen, "rng": rng,
                             "val_losses": self.val_losses}, tmp / "training_state.pt")
+                if shared is not None:
+                    os.replace(shared, tmp / ACCELERATE_STATE)
                 if self.adapted.method == "structlora":
                     self.adapted.handle.save_training_state(tmp / "method_state")
 
@@ -270,13 +369,15 @@ class TrainRecipe:
         acc.wait_for_everyone()
 
     def _gathered_trainable_state(self) -> dict[str, torch.Tensor]:
-        """The full trainable tensors. Under ZeRO-3 / FSDP each rank holds a shard, so every rank takes
-        part in `get_state_dict` (a collective) and the main process gets whole tensors: without this
-        gather, ZeRO-3 checkpoints hold empty adapters."""
+        """The full trainable tensors. Under ZeRO-3 / accelerate's FSDP each rank holds a shard, so every
+        rank takes part in `get_state_dict` (a collective) and the main process gets whole tensors:
+        without this gather, ZeRO-3 checkpoints hold empty adapters. Under our own FSDP wrapping the
+        trainable tensors are replicated and whole on every rank."""
         from accelerate.utils import DistributedType
 
         acc = self.accelerator
-        if acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        if self.sharding.own_wrapping or acc.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                       DistributedType.FSDP):
             return self.adapted.trainable_state_dict()
         names = [n for n, p in self.adapted.model.named_parameters() if p.requires_grad]
         full = acc.get_state_dict(self.model)

@@ -52,7 +52,25 @@ def orthonormal_projection(dim: int, p: int, seed: int, space: str) -> torch.Ten
     return (q * torch.sign(torch.diagonal(r))).contiguous()  # sign fix: a unique, seeded basis
 
 
-class SketchBasis(nn.Module):
+class FixedDtypeBuffers(nn.Module):
+    """A module whose buffers follow device moves but never dtype casts.
+
+    `model.to(torch.bfloat16)`, `.half()` and DeepSpeed's bf16/fp16 engines cast every floating
+    buffer of a model; the sketch bases and the EMA sketches must stay exact float32 (a rounded
+    basis changes every message, and a resumed run would no longer match its checkpoint).
+    """
+
+    def _apply(self, fn, recurse: bool = True):
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
+class SketchBasis(FixedDtypeBuffers):
     """One fixed projection per representation space, kept as (non-persistent) buffers.
 
     Args:
@@ -79,7 +97,7 @@ class SketchBasis(nn.Module):
         return f"p={self.p}, seed={self.seed}, spaces={self.dims}"
 
 
-class GraphCoordinator(nn.Module):
+class GraphCoordinator(FixedDtypeBuffers):
     """Residual GCN / GAT over the layer graph, plus the EMA of gradient sketches.
 
     Args:

@@ -23,20 +23,27 @@ def logit(p: float) -> float:
 
 
 def relaxed_bernoulli(logits: torch.Tensor, tau: float, hard_concrete: bool = False,
-                      stretch: tuple[float, float] = (-0.1, 1.1)) -> torch.Tensor:
+                      stretch: tuple[float, float] = (-0.1, 1.1), u: torch.Tensor | None = None) -> torch.Tensor:
     """One differentiable sample of the gate mask (binary concrete / Gumbel-sigmoid).
 
     Args:
         logits: phi, shape (r,).
         tau: temperature > 0; small tau gives nearly binary samples.
         hard_concrete: stretch the sample to `stretch` and clamp to [0, 1].
+        u: the uniform draw, shaped like `logits` (default: a fresh one).
     """
-    u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+    if u is None:
+        u = uniform_noise(logits)
     sample = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     if hard_concrete:
         low, high = stretch
         sample = (sample * (high - low) + low).clamp(0.0, 1.0)
     return sample
+
+
+def uniform_noise(like: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) draws shaped like `like`, kept away from 0 and 1 (the logistic noise stays finite)."""
+    return torch.rand_like(like).clamp_(1e-6, 1.0 - 1e-6)
 
 
 def deterministic_gate(logits: torch.Tensor, hard_concrete: bool = False,

@@ -230,7 +230,7 @@ class StructLoRALinear(nn.Module):
             return result
         A, B, scale = self.factors(self._current_plan())
         x = x.to(A.dtype)
-        update = F.linear(F.linear(self.dropout(x), A), B)
+        update = F.linear(F.linear(self.dropout(x), A), B.to(A.dtype))
         if scale != 1.0:
             update = update * scale
         out = result + update.to(result.dtype)
@@ -242,15 +242,19 @@ class StructLoRALinear(nn.Module):
 
     def _register_sketch_hook(self, out: torch.Tensor, x: torch.Tensor) -> None:
         p_in = self._basis[self.in_space]
-        x_proj = (x.detach().reshape(-1, self.in_features).float() @ p_in.float())
+        # the forward may run under autocast (bf16 / fp16), the backward hook does not: take the
+        # sketch in float32 with autocast off, or the two products below meet in different dtypes
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x_proj = x.detach().reshape(-1, self.in_features).float() @ p_in.float()
 
         def hook(grad: torch.Tensor) -> None:
-            grad = grad.detach().reshape(-1, self.out_features).float()
-            for name, rows in self.slice_rows.items():
-                g = grad if rows is None else grad[:, rows[0]:rows[1]]
-                sketch = (g @ self._basis[self.out_spaces[name]].float()).T @ x_proj
-                previous = self.grad_sketch.get(name)
-                self.grad_sketch[name] = sketch if previous is None else previous + sketch
+            with torch.autocast(device_type=grad.device.type, enabled=False):
+                grad = grad.detach().reshape(-1, self.out_features).float()
+                for name, rows in self.slice_rows.items():
+                    g = grad if rows is None else grad[:, rows[0]:rows[1]]
+                    sketch = (g @ self._basis[self.out_spaces[name]].float()).T @ x_proj
+                    previous = self.grad_sketch.get(name)
+                    self.grad_sketch[name] = sketch if previous is None else previous + sketch
 
         out.register_hook(hook)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from structlora.config import StructLoRAConfig
 from structlora.coordinator import GraphCoordinator, SketchBasis
-from structlora.gate import bernoulli_kl, temperature_at
+from structlora.gate import bernoulli_kl, temperature_at, uniform_noise
 from structlora.graph import LayerGraph
 from structlora.inject import inject_layers
 from structlora.layer import update_factors
@@ -64,6 +64,7 @@ class StructLoRAModel(nn.Module):
         self.unloaded = False
         self._generation = 0
         self._plan_key: tuple | None = None
+        self._noise: tuple[tuple, torch.Tensor] | None = None
         self._armed = False
         self._in_forward = False
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -128,9 +129,25 @@ class StructLoRAModel(nn.Module):
     def compute_plans(self, training: bool | None = None) -> dict[str, dict]:
         """{module: {slice: (mask, M)}}: gate masks and, with the coordinator on, its messages.
 
-        `training` None follows the layers' mode; False gives the eval / merge plan.
+        `training` None follows the layers' mode; False gives the eval / merge plan. The plan is
+        computed in float32 with autocast off (it is a few r x p products): under bf16/fp16
+        training the gates and messages are those that eval and merge compute.
         """
-        masks = gate_masks(self.layers, self.nodes, training)
+        device = next(iter(next(iter(self.layers.values())).lora_A.values())).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self._compute_plans(training)
+
+    def _step_noise(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gates' uniform draw of the current optimizer step: one per step, shared by its
+        micro-batches (gradient accumulation) and, with equal seeds, by every rank, so that a step
+        applies one mask to its whole global batch, whatever the batch is split into."""
+        key = (self.global_step, tuple(logits.shape), logits.device)
+        if self._noise is None or self._noise[0] != key:
+            self._noise = (key, uniform_noise(logits.detach()))
+        return self._noise[1]
+
+    def _compute_plans(self, training: bool | None) -> dict[str, dict]:
+        masks = gate_masks(self.layers, self.nodes, training, noise=self._step_noise)
         mask_list = list(masks.unbind(0)) if masks is not None else [None] * len(self.nodes)
         deltas: list[torch.Tensor | None] = [None] * len(self.nodes)
         if self.coordinator is not None:

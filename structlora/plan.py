@@ -7,6 +7,8 @@ does not grow with the number of small ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from structlora.gate import deterministic_gate, relaxed_bernoulli
@@ -22,19 +24,22 @@ def sketch_groups(nodes: list[Node]) -> list[list[int]]:
     return list(groups.values())
 
 
-def gate_masks(layers: dict[str, StructLoRALinear], nodes: list[Node], training: bool | None) -> torch.Tensor | None:
-    """(N, r) gate masks of all nodes, or None when gates are off.
+def gate_masks(layers: dict[str, StructLoRALinear], nodes: list[Node], training: bool | None,
+               noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+    """(N, r) gate masks of all nodes (float32), or None when gates are off.
 
-    Training: one relaxed-Bernoulli sample; otherwise the pruned deterministic gate. `training`
-    None follows the gates' mode.
+    Training: one relaxed-Bernoulli sample (`noise(logits)` supplies its uniform draw, e.g. one
+    per optimizer step; default a fresh draw); otherwise the pruned deterministic gate.
+    `training` None follows the gates' mode.
     """
     gates = [layers[n.module].gates for n in nodes]
     if gates[0] is None:
         return None
     first = gates[0][nodes[0].slice]
-    logits = torch.stack([g[n.slice].logits for g, n in zip(gates, nodes)])
+    logits = torch.stack([g[n.slice].logits for g, n in zip(gates, nodes)]).float()
     if first.training if training is None else training:
-        return relaxed_bernoulli(logits, first.tau, first.cfg.hard_concrete, first.stretch)
+        u = noise(logits) if noise is not None else None
+        return relaxed_bernoulli(logits, first.tau, first.cfg.hard_concrete, first.stretch, u=u)
     return deterministic_gate(logits, first.cfg.hard_concrete, first.stretch, first.cfg.prune_threshold)
 
 
@@ -46,8 +51,9 @@ def node_sketches(layers: dict[str, StructLoRALinear], nodes: list[Node], groups
         first = nodes[members[0]]
         layer = layers[first.module]
         p_in, p_out = layer.projections(first.slice)
-        A = torch.stack([layers[nodes[i].module].lora_A[nodes[i].slice] for i in members])
-        B = torch.stack([layers[nodes[i].module].lora_B[nodes[i].slice] for i in members])
+        # float32 whatever the factors' dtype (a module-wide bf16 cast, as DeepSpeed does): p is small
+        A = torch.stack([layers[nodes[i].module].lora_A[nodes[i].slice] for i in members]).float()
+        B = torch.stack([layers[nodes[i].module].lora_B[nodes[i].slice] for i in members]).float()
         left = p_out.T @ B
         if masks is not None:
             left = left * masks[members][:, None, :]
