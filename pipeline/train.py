@@ -263,6 +263,8 @@ class TrainRecipe:
                     share = float(value.detach().float())
                     totals[key] = totals.get(key, 0.0) + (share * world if key == "task" and num_items is not None
                                                           else share / accum)
+            if world > 1 and num_items is not None:  # this rank's share x world -> the global batch's mean
+                totals["task"] = float(acc.reduce(torch.tensor([totals["task"]], device=acc.device), "mean"))
             totals["loss"] = sum(totals.values()) if finite else float("nan")
             if self.sharding.own_wrapping:
                 from pipeline.sharding import sync_replicated_gradients
