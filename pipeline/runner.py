@@ -148,9 +148,9 @@ MAIN_PROCESS_ONLY = {"prepare", "merge", "publish"}
 
 def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
                from_stage: str | None = None) -> Path:
-    from accelerate import PartialState
-
     import datetime
+
+    from accelerate import PartialState
 
     # prepare (converting COCO), merge (folding and saving 7B) and scoring run on rank 0 while the
     # other ranks wait at a barrier: the default 10-minute NCCL timeout would kill such a run

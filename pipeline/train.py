@@ -8,7 +8,6 @@ data stream is replayed to its position and every RNG state is restored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math

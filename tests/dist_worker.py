@@ -14,7 +14,6 @@ a semantic-edge refresh at step 0 and every 2 steps) and the `TrainRecipe`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -95,10 +94,12 @@ def main() -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, args.out)
-        Path(args.out + ".json").write_text(
-            '{"sharding": "%s", "world": %d, "loss": %.8f, "identical_ranks": %s, "fsdp_units": %d}' % (
-                recipe.sharding.kind, world, result.final_train_loss, str(len(set(checksums)) == 1).lower(),
-                sum(type(m).__name__.startswith("FSDP") for m in recipe.model.modules())))
+        import json
+
+        units = sum(type(m).__name__.startswith("FSDP") for m in recipe.model.modules())
+        Path(args.out + ".json").write_text(json.dumps({
+            "sharding": recipe.sharding.kind, "world": world, "loss": result.final_train_loss,
+            "identical_ranks": len(set(checksums)) == 1, "fsdp_units": units}))
     recipe.cleanup()
     if world > 1:
         torch.distributed.destroy_process_group()
