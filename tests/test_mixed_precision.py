@@ -187,7 +187,8 @@ def test_module_wide_bf16_cast_keeps_exact_buffers_and_trains(tmp_path):
 def test_saved_basis_is_used_within_rounding_and_a_real_difference_is_refused(tmp_path):
     _, sm = _sm()
     sm.save_training_state(tmp_path / "state")
-    from safetensors.torch import load_file as load, save_file
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file
 
     tensors = load(str(tmp_path / "state" / "structlora_state.safetensors"))
     key = next(k for k in tensors if k.startswith("basis/"))
