@@ -1,6 +1,12 @@
-"""Training-step overhead of StructLoRA vs LoRA on the tiny LLaVA preset (CPU), side by side.
+"""Training-step overhead of StructLoRA vs LoRA (CPU), side by side, on the tiny preset or at 7B widths.
 
     python bench/overhead.py [--rounds 20] [--batch-size 16] [--text-tokens 32] [--rank 8]
+    python bench/overhead.py --preset skeleton --rounds 3 --warmup 1 --batch-size 1 --precisions fp32,bf16
+
+`--preset skeleton` is LLaVA-1.5-7B at its real widths (CLIP ViT-L/14-336 with 576 image tokens,
+projector 1024 -> 4096 -> 4096, Llama 4096 / 32 heads / 11008, vocabulary 32064) with 3 vision
+and 2 language layers and random weights; there the methods are PEFT LoRA and full StructLoRA,
+each precision in turn (bf16 = autocast over float32 master weights, as accelerate trains).
 
 Every method adapts the same modules (q_proj and v_proj of the used CLIP layers and of the
 LM, and the projector's two linears) of the same base model at the same rank, and trains on
@@ -36,14 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VOCAB = 320
 
 
-def build_base(seed: int = 0):
+def build_base(seed: int = 0, preset: str = "tiny", vision_layers: int = 3, text_layers: int = 2):
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.backbones import tiny_llava_config
+    from pipeline.backbones import skeleton_llava_config, tiny_llava_config
     from pipeline.schema import TinyPreset
 
-    config = tiny_llava_config(TinyPreset(), vocab_size=VOCAB, image_token_id=VOCAB - 1, pad_token_id=0,
-                               bos_token_id=1, eos_token_id=2)
+    if preset == "skeleton":
+        config = skeleton_llava_config(vision_layers, text_layers, image_token_id=32000, pad_token_id=0,
+                                       bos_token_id=1, eos_token_id=2)
+    else:
+        config = tiny_llava_config(TinyPreset(), vocab_size=VOCAB, image_token_id=VOCAB - 1, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config)
 
@@ -52,9 +62,11 @@ def make_batch(model, batch_size: int, text_tokens: int) -> dict[str, torch.Tens
     g = torch.Generator().manual_seed(0)
     image_tokens = model.config.image_seq_length
     size = model.config.vision_config.image_size
+    image_token = model.config.image_token_id
     ids = torch.cat([torch.ones(batch_size, 1, dtype=torch.long),
-                     torch.full((batch_size, image_tokens), VOCAB - 1),
-                     torch.randint(3, VOCAB - 1, (batch_size, text_tokens), generator=g)], dim=1)
+                     torch.full((batch_size, image_tokens), image_token),
+                     torch.randint(3, min(image_token, model.config.text_config.vocab_size), (batch_size, text_tokens),
+                                   generator=g)], dim=1)
     labels = ids.clone()
     labels[:, : 1 + image_tokens] = -100
     return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=g), "input_ids": ids,
@@ -64,12 +76,14 @@ def make_batch(model, batch_size: int, text_tokens: int) -> dict[str, torch.Tens
 class Method:
     """One adapted copy of the base model with its optimizer and step function."""
 
-    def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False):
+    def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False,
+                 precision: str = "fp32", copy_base: bool = True):
         from pipeline.schema import AdapterConfig, ModelConfig
         from pipeline.towers import structlora_config_for, target_module_names
 
         self.name = name
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base) if copy_base else base
+        self.precision = precision
         adapter = AdapterConfig(rank=rank, alpha=2.0 * rank)
         torch.manual_seed(1)
         if ablation is None:
@@ -95,9 +109,10 @@ class Method:
     def step(self, batch) -> None:
         if self.handle is not None and self.handle.semantic_edges_on:
             self.handle.set_capture(self.refresh)  # a refresh step, or an ordinary one
-        loss = self.model(**batch).loss
-        if self.handle is not None:
-            loss = loss + sum(self.handle.regularization().values())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = self.model(**batch).loss
+            if self.handle is not None:
+                loss = loss + sum(self.handle.regularization().values())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,8 +140,61 @@ def peak_step_bytes(method: Method, batch) -> int:
     return peak
 
 
+def measure(methods: list[Method], batch, rounds: int, warmup: int, precision: str) -> dict:
+    """Interleaved step times and memory of `methods` at one precision."""
+    for method in methods:
+        method.precision = precision
+    for _ in range(warmup):
+        for method in methods:
+            method.step(batch)
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    order = random.Random(0)
+    for _ in range(rounds):
+        for method in order.sample(methods, len(methods)):
+            start = time.perf_counter()
+            method.step(batch)
+            times[method.name].append(time.perf_counter() - start)
+    step_peak = {m.name: peak_step_bytes(m, batch) for m in methods}
+    memory = {m.name: step_peak[m.name] + m.resident_bytes() for m in methods}
+    return {"times": times, "step_peak": step_peak, "memory": memory}
+
+
+def table(methods: list[Method], result: dict, title: str) -> list[str]:
+    times, step_peak, memory = result["times"], result["step_peak"], result["memory"]
+    ref = methods[0].name
+    median = {name: statistics.median(values) for name, values in times.items()}
+    # ratio per round (all methods ran within moments of each other), then its median and quartiles
+    ratios = {name: [t / r for t, r in zip(values, times[ref])] for name, values in times.items()}
+    refresh_name, full_name = "StructLoRA, full, refresh step", "StructLoRA, full"
+    if refresh_name in times:
+        amortised = [(49 * f + r) / 50 for f, r in zip(times[full_name], times[refresh_name])]
+        ratios["amortised"] = [a / r for a, r in zip(amortised, times[ref])]
+        median["amortised"] = statistics.median(amortised)
+
+    def ratio(name: str) -> str:
+        values = sorted(ratios[name])
+        if len(values) < 4:  # too few rounds for quartiles: median and range
+            return f"{statistics.median(values):.3f} ({values[0]:.3f}-{values[-1]:.3f})"
+        q1, q2, q3 = statistics.quantiles(values, n=4)
+        return f"{q2:.3f} ({q1:.3f}-{q3:.3f})"
+
+    lines = [title, "", "| method | step time (ms, median) | time ratio (median, spread) | peak step memory (MiB) | "
+             "total memory (MiB) | memory ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        lines.append(f"| {m.name} | {1e3 * median[m.name]:.1f} | {ratio(m.name)} | {step_peak[m.name] / 2**20:.1f} | "
+                     f"{memory[m.name] / 2**20:.1f} | {memory[m.name] / memory[ref]:.3f} |")
+    if "amortised" in median:
+        lines.append(f"| StructLoRA, full, amortised (1 refresh / 50 steps) | {1e3 * median['amortised']:.1f} | "
+                     f"{ratio('amortised')} | | | |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=["tiny", "skeleton"], default="tiny")
+    parser.add_argument("--vision-layers", type=int, default=3, help="skeleton: CLIP layers")
+    parser.add_argument("--text-layers", type=int, default=2, help="skeleton: Llama layers")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -137,52 +205,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = build_base()
+    base = build_base(preset=args.preset, vision_layers=args.vision_layers, text_layers=args.text_layers)
     batch = make_batch(base, args.batch_size, args.text_tokens)
-    methods = [
-        Method("LoRA (PEFT)", base, args.rank, None),
-        Method("StructLoRA, ablation=lora", base, args.rank, "lora"),
-        Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator"),
-        Method("StructLoRA, full", base, args.rank, "full"),
-        Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True),
-    ]
-    for _ in range(args.warmup):
-        for method in methods:
-            method.step(batch)
-    times: dict[str, list[float]] = {m.name: [] for m in methods}
-    order = random.Random(0)
-    for _ in range(args.rounds):
-        for method in order.sample(methods, len(methods)):
-            start = time.perf_counter()
-            method.step(batch)
-            times[method.name].append(time.perf_counter() - start)
-    memory = {m.name: peak_step_bytes(m, batch) + m.resident_bytes() for m in methods}
-    step_peak = {m.name: peak_step_bytes(m, batch) for m in methods}
-
-    ref = methods[0].name
-    median = {name: statistics.median(values) for name, values in times.items()}
-    # ratio per round (all methods ran within a second of each other), then its median and quartiles
-    ratios = {name: [t / r for t, r in zip(values, times[ref])] for name, values in times.items()}
-    refresh_name, full_name = "StructLoRA, full, refresh step", "StructLoRA, full"
-    amortised = [(49 * f + r) / 50 for f, r in zip(times[full_name], times[refresh_name])]
-    ratios["amortised"] = [a / r for a, r in zip(amortised, times[ref])]
-    median["amortised"] = statistics.median(amortised)
+    if args.preset == "skeleton":  # two copies of a 0.73 B model: the base itself becomes the second
+        methods = [Method("LoRA (PEFT)", base, args.rank, None),
+                   Method("StructLoRA, full", base, args.rank, "full", copy_base=False)]
+    else:
+        methods = [
+            Method("LoRA (PEFT)", base, args.rank, None),
+            Method("StructLoRA, ablation=lora", base, args.rank, "lora"),
+            Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator"),
+            Method("StructLoRA, full", base, args.rank, "full"),
+            Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True),
+        ]
     seq = batch["input_ids"].shape[1]
-    print(f"tiny LLaVA preset, batch {args.batch_size} x {seq} tokens, rank {args.rank}, {args.rounds} rounds, "
-          f"torch threads {torch.get_num_threads()}")
-    print("| method | step time (ms, median) | time ratio (median, IQR) | peak step memory (MiB) | "
-          "total memory (MiB) | memory ratio |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    name = "LLaVA-1.5-7B skeleton" if args.preset == "skeleton" else "tiny LLaVA preset"
+    for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+        result = measure(methods, batch, args.rounds, args.warmup, precision)
+        title = (f"{name}, {precision}, batch {args.batch_size} x {seq} tokens, rank {args.rank}, {args.rounds} rounds, "
+                 f"torch threads {torch.get_num_threads()}")
+        print("\n".join(table(methods, result, title)) + "\n", flush=True)
 
-    def ratio(name: str) -> str:
-        q1, q2, q3 = statistics.quantiles(ratios[name], n=4)
-        return f"{q2:.3f} ({q1:.3f}-{q3:.3f})"
-
-    for m in methods:
-        print(f"| {m.name} | {1e3 * median[m.name]:.1f} | {ratio(m.name)} | {step_peak[m.name] / 2**20:.1f} | "
-              f"{memory[m.name] / 2**20:.1f} | {memory[m.name] / memory[ref]:.3f} |")
-    print(f"| StructLoRA, full, amortised (1 refresh / 50 steps) | {1e3 * median['amortised']:.1f} | "
-          f"{ratio('amortised')} | | | |")
 
 if __name__ == "__main__":
     main()

@@ -154,6 +154,56 @@ def buckets_for_model(model: Any, meter: PromptLengthMeter, new_tokens: int = ma
     return list(buckets) if limit is None else scale_buckets(buckets, limit, new_tokens, min_length=bare)
 
 
+def long_context_generations(model: Any, processor: Any, samples: Sequence[EvalSample], pool: Sequence[str],
+                             buckets: Sequence[int] | None = None, batch_size: int = 8,
+                             new_tokens: int | None = None, progress: bool = False,
+                             meter_image: Any = None) -> dict[int, dict[str, Any]]:
+    """Caption `samples` at each target prompt length; nothing is scored.
+
+    The generation half of ``evaluate_long_context``: ranks each caption their share of the
+    images (`meter_image`, the same on every rank, fixes the prompts) and one of them scores the
+    gathered records with ``score_long_context``.
+
+    Returns:
+        ``{target: {"prompt_tokens", "num_examples", "records": [{"image_id", "caption"}, ...]}}``.
+    """
+    image = meter_image if meter_image is not None else (samples[0].image if samples else None)
+    if image is None:
+        raise ValueError("no samples to caption")
+    budget = max_new_tokens("caption") if new_tokens is None else new_tokens
+    limit = context_length_of(model)
+    meter = PromptLengthMeter(processor, image)
+    if buckets is None:
+        buckets = buckets_for_model(model, meter, budget)
+    out: dict[int, dict[str, Any]] = {}
+    for target in sorted(buckets):
+        prompt = build_context_prompt(meter, pool, target)
+        if limit is not None and prompt.num_tokens + budget > limit:
+            raise ValueError(f"bucket {target}: {prompt.num_tokens} prompt tokens + {budget} new tokens exceed the "
+                             f"model's {limit} positions; use scale_buckets(buckets, {limit})")
+        records = generate_predictions(model, processor, samples, "caption", batch_size=batch_size,
+                                       max_new_tokens=budget, prompt_fn=lambda _s, p=prompt: p.text,
+                                       progress=progress) if samples else []
+        out[target] = {"prompt_tokens": prompt.num_tokens, "num_examples": round(prompt.num_examples, 3),
+                       "records": records}
+    return out
+
+
+def score_long_context(generations: Sequence[Mapping[int, Mapping[str, Any]]],
+                       references: Mapping[Any, Sequence[str]], context_length: int | None) -> dict:
+    """CIDEr per bucket of the records of one or more ``long_context_generations`` (e.g. one per rank)."""
+    out: dict[int, dict[str, float]] = {}
+    for target in sorted({t for g in generations for t in g}):
+        parts = [g[target] for g in generations if target in g]
+        captions = {r["image_id"]: r["caption"] for part in parts for r in part["records"]}
+        refs = {i: list(references[i]) for i in captions}
+        scores = score_captions(refs, captions, metrics=["CIDEr"])
+        out[target] = {"CIDEr": scores["metrics"]["CIDEr"], "prompt_tokens": parts[0]["prompt_tokens"],
+                       "num_examples": parts[0]["num_examples"], "num_images": len(captions)}
+    return {"buckets": out, "context_length": context_length,
+            "filler": "reference captions of other images, one per line, between the image and the instruction"}
+
+
 def evaluate_long_context(model: Any, processor: Any, samples: Sequence[EvalSample],
                           references: Mapping[Any, Sequence[str]], pool: Sequence[str],
                           buckets: Sequence[int] | None = None, batch_size: int = 8,
@@ -172,26 +222,9 @@ def evaluate_long_context(model: Any, processor: Any, samples: Sequence[EvalSamp
     """
     if not samples:
         raise ValueError("no samples to caption")
-    budget = max_new_tokens("caption") if new_tokens is None else new_tokens
-    limit = context_length_of(model)
-    meter = PromptLengthMeter(processor, samples[0].image)
-    refs = {s.sample_id: list(references[s.sample_id]) for s in samples}
-    if buckets is None:
-        buckets = buckets_for_model(model, meter, budget)
-    out: dict[int, dict[str, float]] = {}
-    for target in sorted(buckets):
-        prompt = build_context_prompt(meter, pool, target)
-        if limit is not None and prompt.num_tokens + budget > limit:
-            raise ValueError(f"bucket {target}: {prompt.num_tokens} prompt tokens + {budget} new tokens exceed the "
-                             f"model's {limit} positions; use scale_buckets(buckets, {limit})")
-        records = generate_predictions(model, processor, samples, "caption", batch_size=batch_size,
-                                       max_new_tokens=budget, prompt_fn=lambda _s, p=prompt: p.text,
-                                       progress=progress)
-        scores = score_captions(refs, {r["image_id"]: r["caption"] for r in records}, metrics=["CIDEr"])
-        out[target] = {"CIDEr": scores["metrics"]["CIDEr"], "prompt_tokens": prompt.num_tokens,
-                       "num_examples": round(prompt.num_examples, 3), "num_images": len(samples)}
-    return {"buckets": out, "context_length": limit,
-            "filler": "reference captions of other images, one per line, between the image and the instruction"}
+    generations = long_context_generations(model, processor, samples, pool, buckets, batch_size, new_tokens,
+                                           progress)
+    return score_long_context([generations], references, context_length_of(model))
 
 
 def long_context_table(results: Mapping[str, Mapping[int, float]]) -> str:

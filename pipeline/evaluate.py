@@ -9,6 +9,7 @@ what adaptation bought.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 from pathlib import Path
@@ -79,10 +80,11 @@ def generate_and_score(model, processor, task: str, examples: list[dict[str, Any
     return _score(task, refs, predictions)
 
 
-def long_context_scores(model, processor, ctx: StageContext, examples: list[dict[str, Any]], batch_size: int):
-    """CIDEr per context-length bucket (rank 0 only: the set is small)."""
-    from eval.generate import EvalSample
-    from eval.long_context import evaluate_long_context, filler_pool, scale_buckets
+def long_context_scores(model, processor, ctx: StageContext, examples: list[dict[str, Any]], batch_size: int,
+                        accelerator) -> dict[str, Any] | None:
+    """CIDEr per context-length bucket: every rank captions its share, rank 0 gathers and scores."""
+    from eval.generate import EvalSample, shard_samples
+    from eval.long_context import filler_pool, long_context_generations, scale_buckets, score_long_context
 
     cfg = ctx.cfg
     train_refs = {e["image_id"]: list(e["captions"]) for e in load_eval_examples(ctx, "caption", "val", 200)}
@@ -91,7 +93,18 @@ def long_context_scores(model, processor, ctx: StageContext, examples: list[dict
     pool = filler_pool(train_refs, exclude=list(refs))
     context = getattr(model.config, "text_config", model.config).max_position_embeddings
     buckets = scale_buckets(cfg.eval.long_context_lengths, context, min_length=1)
-    return evaluate_long_context(model, processor, samples, refs, pool, buckets=buckets, batch_size=batch_size)
+    mine = shard_samples(samples, accelerator.process_index, accelerator.num_processes)
+    generations = long_context_generations(model, processor, mine, pool, buckets=buckets, batch_size=batch_size,
+                                           meter_image=samples[0].image, progress=accelerator.is_main_process)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([generations])
+    else:
+        parts = [generations]
+    if not accelerator.is_main_process:
+        return None
+    return score_long_context(parts, refs, context)
 
 
 def classification_scores(model, processor, ctx: StageContext, device) -> dict[str, Any]:
@@ -122,12 +135,13 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     if "long_context" in cfg.eval.tasks and "caption" not in examples:
         examples["caption"] = load_eval_examples(ctx, "caption", cfg.eval.split, cfg.eval.max_samples)
 
-    models = {"adapted": load_adapted(ctx)}
-    if cfg.eval.compare_base:
-        models["base"] = load_base(ctx)
-    scores: dict[str, dict[str, Any]] = {name: {} for name in models}
+    # one model on the device at a time: the adapted one, then (freed first) the base
+    loaders = {"adapted": load_adapted, **({"base": load_base} if cfg.eval.compare_base else {})}
+    scores: dict[str, dict[str, Any]] = {name: {} for name in loaders}
     long_context: dict[str, dict[int, float]] = {}
-    for name, (model, processor) in models.items():
+    plots: dict[str, Path] = {}
+    for name, loader in loaders.items():
+        model, processor = loader(ctx)
         model.to(acc.device).eval()
         for task in gen_tasks:
             result = generate_and_score(model, processor, task, examples[task], out / name, cfg.eval.batch_size, acc)
@@ -136,24 +150,28 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
         if "classification" in cfg.eval.tasks and acc.is_main_process:
             with torch.no_grad():
                 scores[name]["classification"] = classification_scores(model, processor, ctx, acc.device)
-        if "long_context" in cfg.eval.tasks and acc.is_main_process:
+        if "long_context" in cfg.eval.tasks:
             lc = long_context_scores(model, processor, ctx, examples["caption"][: cfg.eval.long_context_samples],
-                                     cfg.eval.batch_size)
-            scores[name]["long_context"] = lc
-            long_context[name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
+                                     cfg.eval.batch_size, acc)
+            if lc is not None:
+                scores[name]["long_context"] = lc
+                long_context[name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
+        diagnostics = getattr(model, "structlora_diagnostics", None)
+        if callable(diagnostics) and acc.is_main_process:
+            diag = diagnostics()
+            plots.update(plot_diagnostics(diag, out, max_rank=cfg.adapter.rank))
+            (out / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=1, sort_keys=True))
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        acc.wait_for_everyone()
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return {}
-    plots: dict[str, Path] = {}
     if long_context:
         plots["long_context"] = plot_long_context(long_context, out / "long_context_cider.png")
         (out / "long_context.md").write_text(long_context_table(long_context) + "\n")
-    adapted_model = models["adapted"][0]
-    diagnostics = getattr(adapted_model, "structlora_diagnostics", None)
-    if callable(diagnostics):
-        diag = diagnostics()
-        plots.update(plot_diagnostics(diag, out, max_rank=cfg.adapter.rank))
-        (out / "diagnostics.json").write_text(json.dumps(_jsonable(diag), indent=1, sort_keys=True))
     paths = write_report(out, scores["adapted"], base=scores.get("base"), plots=plots,
                          title=f"{Path(ctx.run_dir).name}: {cfg.adapter.method} on {cfg.data.source}")
     acc.wait_for_everyone()

@@ -86,13 +86,31 @@ class TinyPreset:
 
 
 @dataclass
+class SkeletonPreset:
+    """LLaVA-1.5-7B at its real widths with a few layers and random weights (`preset: llava15-7b-skeleton`):
+    CLIP ViT-L/14 at 336 px (1024 wide, 16 heads, MLP 4096, 576 image tokens), projector
+    1024 -> 4096 -> 4096, Llama (4096 wide, 32 heads, MLP 11008, vocabulary 32064, 4096 positions).
+    Every shape a 7B run meets, on a machine without the weights: for tests and benchmarks."""
+
+    vision_layers: int = _f(3, "CLIP layers (the last is unused with vision_feature_layer=-2)")
+    text_layers: int = _f(2, "Llama layers")
+
+    def __post_init__(self) -> None:
+        if self.vision_layers < 2 or self.text_layers < 1:
+            raise ValueError("the skeleton needs >= 2 vision layers (LLaVA reads the second to last) and >= 1 text layer")
+
+
+@dataclass
 class ModelConfig:
     """The backbone: a hub id / local directory loaded with from_pretrained, or a preset built from config."""
 
     arch: Literal["llava", "vit"] = _f("llava", "llava = LlavaForConditionalGeneration; vit = image classifier")
     name_or_path: str | None = _f(None, "hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
-    preset: Literal["tiny"] | None = _f(None, "build from config instead of loading weights")
+    preset: Literal["tiny", "llava15-7b-skeleton"] | None = _f(
+        None, "build from config instead of loading weights: the tiny preset, or LLaVA-1.5-7B's real widths with "
+              "a few layers (random weights)")
     tiny: TinyPreset = _f(help="sizes of the tiny preset", factory=TinyPreset)
+    skeleton: SkeletonPreset = _f(help="depth of the llava15-7b-skeleton preset", factory=SkeletonPreset)
     vit_impl: Literal["transformers", "timm"] = _f("transformers", "ViT implementation")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype when loading")
@@ -101,6 +119,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.preset is None):
             raise ValueError("give exactly one of model.name_or_path (load) or model.preset (build from config)")
+        if self.preset == "llava15-7b-skeleton" and self.arch != "llava":
+            raise ValueError("preset llava15-7b-skeleton is a LLaVA: set model.arch=llava")
 
 
 @dataclass

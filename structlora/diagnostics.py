@@ -8,6 +8,7 @@ in expectation. Plots are drawn elsewhere (eval/plots.py) from these numbers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -45,6 +46,13 @@ def dirichlet_energy(features: torch.Tensor, edges: list[Edge], normalized: bool
     return energy / float((flat**2).sum()) if normalized else energy
 
 
+@functools.lru_cache(maxsize=512)
+def _diag_projection(dim: int, size: int, seed: int, space: str) -> torch.Tensor:
+    """The sketch projections, drawn once per process: logging diagnostics every few steps of a 7B run
+    would otherwise regenerate a few hundred Gaussian matrices on rank 0 while the other ranks wait."""
+    return projection(dim, size, seed, space)
+
+
 @torch.no_grad()
 def update_vectors(model, exact: bool | None = None, sketch_size: int = SKETCH_SIZE,
                    seed: int = 0) -> tuple[list[torch.Tensor], bool]:
@@ -57,8 +65,8 @@ def update_vectors(model, exact: bool | None = None, sketch_size: int = SKETCH_S
         if exact:
             vectors.append((B.double() @ A.double()).flatten())
             continue
-        r_out = projection(B.shape[0], sketch_size, seed, f"diag:{node.out_space}").to(B)
-        r_in = projection(A.shape[1], sketch_size, seed, f"diag:{node.in_space}").to(A)
+        r_out = _diag_projection(B.shape[0], sketch_size, seed, f"diag:{node.out_space}").to(B)
+        r_in = _diag_projection(A.shape[1], sketch_size, seed, f"diag:{node.in_space}").to(A)
         vectors.append(((r_out.T @ B) @ (A @ r_in)).double().flatten())
     return vectors, exact
 

@@ -103,3 +103,35 @@ def test_divergence_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path
     after = recipe.adapted.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN step was taken
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-0000008"]
+
+
+def test_optimizer_state_written_by_every_rank_resumes_exactly(tmp_path, monkeypatch):
+    """The DeepSpeed path of the checkpoint (every rank writes its optimizer partition through
+    accelerate's save_state, the checkpoint carries it, resume loads it), run here on one process:
+    DeepSpeed itself needs GPUs. Also with grad_accum 2 through accelerate's accumulate."""
+    from pipeline import train as train_module
+
+    full = _setup("lora", tmp_path / "full", max_steps=12, grad_accum=2)
+    full.setup()
+    full.train()
+    reference = full.adapted.trainable_state_dict()
+
+    original = train_module.TrainRecipe.setup
+
+    def setup_by_every_rank(self):
+        original(self)
+        self.state_by_every_rank = True
+
+    monkeypatch.setattr(train_module.TrainRecipe, "setup", setup_by_every_rank)
+    part = _setup("lora", tmp_path / "part", max_steps=12, grad_accum=2)
+    part.setup()
+    part.train(until=10)  # the newest checkpoint is step 8
+    saved = tmp_path / "part" / "checkpoints" / "step-0000008"
+    assert (saved / train_module.ACCELERATE_STATE).is_dir()
+    assert torch.load(saved / "training_state.pt", weights_only=False)["optimizer"] is None
+    resumed = _setup("lora", tmp_path / "part", max_steps=12, grad_accum=2)
+    resumed.setup()
+    assert resumed.resumed_from == 8
+    resumed.train()
+    for name, value in resumed.adapted.trainable_state_dict().items():
+        assert torch.allclose(value, reference[name], atol=1e-6), name
