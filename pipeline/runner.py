@@ -158,6 +158,10 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
     main = state.is_main_process
     functions = _stage_functions()
     wanted = [s for s in STAGES if (stages is None or s in stages)]
+    if "train" in wanted:  # refuse now what the train stage could not honour, not after prepare and base
+        from pipeline.sharding import preflight
+
+        preflight(cfg.train.precision, cfg.train.sharding, cfg.adapter.method)
     if from_stage and main:
         Manifest(run_dir / "manifest.json").invalidate_from(from_stage)
     state.wait_for_everyone()

@@ -58,6 +58,16 @@ def _launcher_asked_for_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
+def preflight(precision: str, sharding: str, method: str) -> None:
+    """What can be refused before any stage runs (the rest is checked when the train stage sets up)."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a GPU: on CPU accelerate would silently train in float32 "
+                        "(no autocast, no grad scaler); use bf16 or fp32")
+    if sharding == "fsdp" and method == "full":
+        raise UserError("train.sharding=fsdp with adapter.method=full: full fine-tuning would keep every "
+                        "weight replicated; use DeepSpeed ZeRO or accelerate's own FSDP without StructLoRA")
+
+
 def plan_sharding(accelerator, sharding: str, method: str, trainable: list[nn.Parameter],
                   precision: str) -> ShardingPlan:
     """Decide (and validate) how to distribute training; raise UserError for what cannot work."""
@@ -67,8 +77,7 @@ def plan_sharding(accelerator, sharding: str, method: str, trainable: list[nn.Pa
     world = accelerator.num_processes
     notes: list[str] = []
     if precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("train.precision=fp16 needs a GPU: on CPU accelerate would silently train in float32 "
-                        "(no autocast, no grad scaler); use bf16 or fp32")
+        preflight(precision, sharding, method)
     if _launcher_asked_for_fsdp() and dtype != DistributedType.FSDP:
         notes.append(f"the accelerate config asks for FSDP but accelerate runs {dtype.value} here "
                      f"(FSDP needs GPUs); set train.sharding=fsdp to shard with fully_shard on CPU")
@@ -87,9 +96,7 @@ def plan_sharding(accelerator, sharding: str, method: str, trainable: list[nn.Pa
         if world < 2:
             notes.append("train.sharding=fsdp with one process: nothing to shard, training unsharded")
             return ShardingPlan("none", notes=notes)
-        if method == "full":
-            raise UserError("train.sharding=fsdp with adapter.method=full: full fine-tuning would keep every "
-                            "weight replicated; use DeepSpeed ZeRO or accelerate's own FSDP without StructLoRA")
+        preflight("fp32", sharding, method)
         return ShardingPlan("fsdp", replicated=list(trainable), notes=notes)
     return ShardingPlan("ddp" if world > 1 else "none", notes=notes)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +51,15 @@ def test_merge_refuses_to_overwrite_an_existing_folder(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
     assert "exists: choose another --out, or pass --overwrite" in capsys.readouterr().err
+
+
+def test_fp16_on_cpu_is_refused_before_any_stage_runs(tmp_path):
+    run = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run),
+                           "--set", "train.precision=fp16"], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.precision=fp16 needs a GPU" in lines[0]
+    assert not (run / "prepare").exists(), "a stage ran before the refusal"

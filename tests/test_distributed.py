@@ -79,6 +79,21 @@ def test_two_process_ddp_on_cpu(prepared, tmp_path):
     assert markers and all(m["writer_rank"] == 0 and m["world_size"] == 2 for m in markers)
     assert not list((run / "train" / "checkpoints").glob(".tmp-*"))
 
+    # eval on the same 2 ranks: generation (long-context captioning too) sharded, scored once on rank 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "pipeline.cli",
+           *_cli(run, "--stages", "eval", "--set", "train.max_steps=12", "--set", "train.save_every=6",
+                 "--set", "eval.max_samples=6", "--set", "eval.long_context_samples=5")[3:]]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
+    buckets = metrics["long_context"]["buckets"]
+    assert buckets and all(b["num_images"] == 5 for b in buckets.values()), buckets
+    for task in ("caption", "vqav2", "gqa"):
+        shards = sorted(p.name for p in (run / "eval" / "adapted" / f"{task}_shards").glob("predictions.rank*"))
+        assert shards == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"], shards
+    assert len(json.loads((run / "eval" / "adapted" / "caption_predictions.json").read_text())) == 6
+
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "train" / "final" / "trainable.safetensors"))
