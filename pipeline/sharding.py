@@ -119,6 +119,14 @@ def _check_deepspeed(accelerator, trainable: list[nn.Parameter], method: str) ->
                             f"factors each step; set the threshold above {largest}, or use ZeRO-2 or FSDP")
 
 
+def configure_deepspeed(accelerator, micro_batch_size: int) -> None:
+    """Fill the DeepSpeed config fields accelerate would read off a prepared DataLoader: the recipe
+    streams its own batches, so without this `accelerator.prepare` refuses to start."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+
+
 def layer_classes(model: nn.Module, accelerator, configured: list[str]) -> set[type]:
     """The module classes that become FSDP units: the accelerate plugin's, the config's, or defaults."""
     names: list[str] = list(configured)

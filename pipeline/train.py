@@ -143,6 +143,10 @@ class TrainRecipe:
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(cfg.max_steps, cfg.warmup_ratio))
+        if self.sharding.kind == "deepspeed":
+            from pipeline.sharding import configure_deepspeed
+
+            configure_deepspeed(acc, cfg.batch_size)
         if self.sharding.own_wrapping:
             # the frozen base is sharded here; accelerate sees an FSDPModule and leaves it as it is
             model.to(acc.device)
@@ -284,7 +288,8 @@ class TrainRecipe:
                     f"re-run to resume from the last checkpoint ({self.ckpt_root})")
             self.optimizer.step()
             self.adapted.after_optimizer_step(self.step)
-            self.scheduler.step()
+            if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.adapted.on_step(self.step)

@@ -123,6 +123,14 @@ def test_startup_checks():
                       "auto", "structlora", params, "bf16")
 
 
+def test_deepspeed_micro_batch_comes_from_the_config():
+    from pipeline.sharding import configure_deepspeed
+
+    acc = _accelerator("DEEPSPEED", device="cuda", ds_config={"train_micro_batch_size_per_gpu": "auto"})
+    configure_deepspeed(acc, 8)  # accelerate reads it off a DataLoader; the recipe has none to show it
+    assert acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 8
+
+
 def test_fsdp_config_downgraded_by_accelerate_is_reported(monkeypatch):
     from pipeline.sharding import plan_sharding
 
