@@ -207,3 +207,19 @@ def test_a_submodule_called_on_its_own_gets_a_fresh_plan():
     x = torch.randn(3, 12)
     for _ in range(2):  # a stale plan would fail here: its graph was freed by the first backward
         sm.model.vision[0](x).pow(2).sum().backward()
+
+
+def test_one_gate_draw_per_optimizer_step():
+    """Micro-batches of one optimizer step (gradient accumulation) and ranks with the same seed apply
+    the same gate mask, so a split batch trains like the whole batch; the next step draws anew."""
+    model = toy_model()
+    sm = apply_structlora(model, toy_config())
+    model.train()
+    first = sm.compute_plans()
+    again = sm.compute_plans()
+    name, slices = next(iter(first.items()))
+    key = next(iter(slices))
+    assert torch.equal(first[name][key][0], again[name][key][0])
+    sm.step(1)
+    later = sm.compute_plans()
+    assert not torch.equal(first[name][key][0], later[name][key][0])
