@@ -7,17 +7,14 @@ module); they take about a minute together.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _procs import cpu_env, free_port, kill_train_after_checkpoints, run_command
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +26,11 @@ MICRO = [
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+    return cpu_env()
 
 
 def _cli(run_dir: Path, *args: str) -> list[str]:
-    sets = [x for s in MICRO for x in ("--set", s)]
-    return [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"),
-            "--run-dir", str(run_dir), *sets, *args]
+    return run_command("smoke.yaml", run_dir, MICRO, *args)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +46,7 @@ def _copy(prepared: Path, dest: Path) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def test_two_process_ddp_on_cpu(prepared, tmp_path):
@@ -106,16 +96,8 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
     subprocess.run(_cli(reference, *steps), check=True, env=_env(), capture_output=True, timeout=600)
 
     killed = _copy(prepared, tmp_path / "killed")
-    proc = subprocess.Popen(_cli(killed, *steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_train_after_checkpoints(_cli(killed, *steps), killed, timeout=300)
     ckpts = killed / "train" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len([p for p in ckpts.glob("step-*") if (p / "COMPLETE").exists()]) >= 2:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "train" / "final").exists(), "the run finished before it could be killed"
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["stages"]["train"]["status"] == "running"
     # the newest checkpoint is damaged as a kill during its write could leave it: resume must use the previous

@@ -13,15 +13,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _procs import cpu_env, kill_train_after_checkpoints, run_command
 from _tiny_models import llava_batch, llava_config, tiny_llava
 from safetensors.torch import load_file
 
@@ -38,16 +35,11 @@ MICRO = [
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+    return cpu_env()
 
 
 def _cli(run_dir: Path, *args: str) -> list[str]:
-    sets = [x for s in MICRO for x in ("--set", s)]
-    return [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"),
-            "--run-dir", str(run_dir), *sets, *args]
+    return run_command("smoke.yaml", run_dir, MICRO, *args)
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
@@ -69,16 +61,7 @@ def test_bf16_train_killed_resumed_evaluated_merged(tmp_path):
 
     killed = tmp_path / "killed"
     shutil.copytree(prepared, killed)
-    proc = subprocess.Popen(_cli(killed, *steps), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = killed / "train" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len([p for p in ckpts.glob("step-*") if (p / "COMPLETE").exists()]) >= 2:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "train" / "final").exists(), "the run finished before it could be killed"
+    kill_train_after_checkpoints(_cli(killed, *steps), killed, timeout=600)
     resumed = subprocess.run(_cli(killed, *steps), env=_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((killed / "train" / "final" / "summary.json").read_text())

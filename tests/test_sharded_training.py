@@ -13,8 +13,6 @@ the token-normalised loss; averaging per-rank mean losses instead (the old recip
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,32 +20,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _procs import cpu_env, torchrun
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args: list[str], out: Path, ranks: int = 1) -> dict:
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_addr", "127.0.0.1", "--master_port", str(_port()), str(WORKER), *args, "--out", str(out)]
-    else:
-        cmd = [sys.executable, str(WORKER), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    worker = [str(WORKER), *args, "--out", str(out)]
+    cmd = torchrun(ranks, *worker) if ranks > 1 else [sys.executable, *worker]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(Path(str(out) + ".json").read_text())
 
