@@ -351,8 +351,9 @@ class TrainRecipe:
         shared = None
         if self.state_by_every_rank:  # every rank writes its partition of the optimizer state first
             shared = self.ckpt_root / f".shared-{ckpt.step_dir(self.ckpt_root, self.step).name}"
-            acc.save_state(str(shared), exclude_frozen_parameters=True) \
-                if self.sharding.kind == "deepspeed" else acc.save_state(str(shared))
+            # DeepSpeed saves the whole module too unless told to skip the frozen base
+            extra = {"exclude_frozen_parameters": True} if self.sharding.kind == "deepspeed" else {}
+            acc.save_state(str(shared), **extra)
         acc.wait_for_everyone()
         if acc.is_main_process:
             from safetensors.torch import save_file
