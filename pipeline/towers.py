@@ -2,8 +2,9 @@
 
 structlora knows nothing of LLaVA; this module tells it, as timm's `group_matcher` does:
 one `TargetConfig` per (tower, module kind), a regex with a depth group, and the
-representation spaces each module reads and writes (the residual stream of its tower when
-the width matches, so modules at different depths share sketch coordinates).
+representation spaces each module reads and writes: a tower's residual stream where the module
+reads or writes it (q/k/v/fc1/gate/up read it, o/out/fc2/down write it), so that modules at
+different depths share those sketch coordinates; the other side is left to a basis of its own.
 
 LLaVA-1.5 (transformers 5.x names):
 - vision:    model.vision_tower.encoder.layers.{i}.self_attn.{q_proj,v_proj}, only up to the
@@ -57,8 +58,15 @@ def last_used_vision_layer(num_layers: int, vision_feature_layer: int | list[int
     return max(used)
 
 
-def _space(width: int, stream: str, hidden: int) -> str | None:
-    return stream if width == hidden else None
+# Which side of a module lives in its tower's residual stream (the only sketch coordinates shared
+# across depth under `coordinator.bases: streams`); the other side is a per-layer space (attention
+# heads, MLP neurons) whose coordinates mean nothing in another layer.
+READS_STREAM = frozenset({"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "fc1", "gate_proj", "up_proj"})
+WRITES_STREAM = frozenset({"o_proj", "out_proj", "proj", "fc2", "down_proj"})
+
+
+def _space(width: int, stream: str, hidden: int, on_stream: bool = True) -> str | None:
+    return stream if on_stream and width == hidden else None
 
 
 def _layer_target(model: nn.Module, tower: str, prefix: str, kind: str, hidden: int,
@@ -70,8 +78,8 @@ def _layer_target(model: nn.Module, tower: str, prefix: str, kind: str, hidden: 
     if example is None:
         return None
     return {"tower": tower, "pattern": pattern, "kind": kind, "max_depth": max_depth,
-            "in_space": _space(example.in_features, tower, hidden),
-            "out_space": _space(example.out_features, tower, hidden)}
+            "in_space": _space(example.in_features, tower, hidden, kind in READS_STREAM),
+            "out_space": _space(example.out_features, tower, hidden, kind in WRITES_STREAM)}
 
 
 def llava_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, Any]]:
@@ -111,7 +119,7 @@ def vit_targets(model: nn.Module, adapter: AdapterConfig, kind: str) -> list[dic
     for k in adapter.targets:
         if k == "qkv":  # timm's fused projection: adapt the q and v row slices
             targets.append({"tower": "vision", "pattern": r"^blocks\.(\d+)\.attn\.qkv$", "kind": "qkv",
-                            "in_space": "vision", "out_space": "vision", "fused": ["q", "k", "v"], "slices": ["q", "v"]})
+                            "in_space": "vision", "fused": ["q", "k", "v"], "slices": ["q", "v"]})
         elif (t := _layer_target(model, "vision", r"blocks", k, hidden)) is not None:
             targets.append(t)
     return targets

@@ -74,8 +74,9 @@ class TargetConfig:
     kind: str | None = _f(None, "module kind for depth chains; default: group `kind`, else the name's last part")
     depth: int | None = _f(None, "depth of matched modules when the pattern has no group")
     max_depth: int | None = _f(None, "deepest layer adapted (inclusive), e.g. the CLIP layer LLaVA reads")
-    in_space: str | None = _f(None, "representation space the module reads (shared sketch basis); None: one per width")
-    out_space: str | None = _f(None, "representation space the module writes; None: one per width")
+    in_space: str | None = _f(None, "representation space the module reads (a shared sketch basis, e.g. the "
+                              "tower's residual stream); None: a basis of its own (coordinator.bases streams)")
+    out_space: str | None = _f(None, "representation space the module writes; None: a basis of its own")
     fused: list[str] = _f(help="names of equal row chunks of a fused output, e.g. [q, k, v] for timm attn.qkv",
                           factory=list)
     slices: list[str] = _f(help="chunks of `fused` to adapt, e.g. [q, v]; each is its own graph node", factory=list)
@@ -108,7 +109,15 @@ class GateConfig:
     """The information-bottleneck rank gate of DESIGN.md 3.1."""
 
     enabled: bool = _f(True, "learn one gate per rank direction (off: plain LoRA directions)")
-    prior: float = _f(0.1, "Bernoulli prior pi of the IB term: the compression pull on every gate")
+    sampling: Literal["step", "example", "none"] = _f(
+        "step", "training mask: step = one relaxed-Bernoulli sample per optimizer step shared by the whole batch "
+        "(the paper's gate as first built); example = one sample per example; none = the deterministic (pruned) "
+        "gate, so that training computes the function that eval and merge compute")
+    penalty: Literal["kl", "l0"] = _f(
+        "kl", "IB term per direction: kl = KL(Bernoulli(sigmoid(phi)) || Bernoulli(prior)), minimised at "
+        "sigmoid(phi) = prior (prunes only if prior < prune_threshold); l0 = the hard-concrete expected L0 norm "
+        "P(gate != 0) (Louizos et al. 2018), a pull towards exact zeros (use with hard_concrete)")
+    prior: float = _f(0.1, "Bernoulli prior pi of the KL penalty: the compression pull on every gate")
     lambda_ib: float = _f(1e-3, "weight of the IB regulariser added to the task loss")
     init_prob: float = _f(0.9, "initial gate probability sigmoid(phi)")
     temperature_start: float = _f(1.0, "relaxed-Bernoulli temperature at step 0")
@@ -148,9 +157,15 @@ class CoordinatorConfig:
     similarity_threshold: float = _f(0.1, "minimum cosine of EMA gradient sketches for a semantic edge")
     ema_decay: float = _f(0.9, "EMA decay of gradient sketches across refreshes")
     sketch_dim: int = _f(8, "p: side of the p x p sketch of each module's update")
+    bases: Literal["streams", "width"] = _f(
+        "streams", "sketch coordinates: streams = shared only by sides that live in one named space (a tower's "
+        "residual stream, the projector bridge), every other side (attention heads, MLP neurons) gets a basis of "
+        "its own; width = one basis per width for every side (the paper's variant, as first built)")
     seed: int = _f(0, "seed of the fixed random projections P_S (one per representation space)")
     gnn_layers: int = _f(1, "message-passing layers T (2-3 over-smooth)")
-    gnn: Literal["gcn", "gat"] = _f("gcn", "residual GCN (symmetric normalisation) or GAT attention weights")
+    gnn: Literal["gcn", "gat", "smoother"] = _f(
+        "gcn", "residual GCN (symmetric normalisation), GAT attention weights, or smoother: the paper's Theorem-1 "
+        "step h <- h - eta_e (I - A_e) h over the structural edges, one learnable eta per edge type and layer")
     activation: Literal["tanh", "identity", "gelu"] = _f("tanh", "nonlinearity of each layer (must map 0 to 0)")
     theta_init_std: float = _f(0.0, "init std of the transforms Theta; 0 = zero-init (training starts as plain LoRA)")
 

@@ -8,7 +8,8 @@ every module that reads or writes the same representation space. A residual GNN
 (A_e = D^-1/2 (Adj_e + I) D^-1/2 for GCN, attention weights for GAT) runs for T layers and
 returns M_l = h_T,l - H_l, which each layer decodes as the low-rank branch P_out M_l P_in^T.
 The transforms start at zero, so training starts as gated LoRA. Theta_self (the R-GCN
-self-connection) lets a layer express Laplacian smoothing h - eta (I - A) h exactly.
+self-connection) lets a layer express Laplacian smoothing h - eta (I - A) h exactly; `gnn:
+smoother` is that step alone (the paper's Theorem 1), with a learnable eta per edge type.
 """
 
 from __future__ import annotations
@@ -111,9 +112,15 @@ class GraphCoordinator(FixedDtypeBuffers):
         self.p = cfg.sketch_dim
         width = self.p * self.p
         names = (*graph.edge_types, "self")
+        smoother = cfg.gnn == "smoother"
         self.theta = nn.ModuleList(
             nn.ParameterDict({n: nn.Parameter(torch.empty(width, width)) for n in names})
-            for _ in range(cfg.gnn_layers))
+            for _ in range(0 if smoother else cfg.gnn_layers))
+        # the Theorem-1 smoother: one step size per structural edge type and layer (semantic edges
+        # change during training, the smoothing is over the fixed graph)
+        self.eta = nn.ParameterList(
+            nn.Parameter(torch.zeros(len(self.smoothed_edge_types(graph)))) for _ in range(cfg.gnn_layers)) \
+            if smoother else None
         self.attention = nn.ModuleList(
             nn.ParameterDict({n: nn.Parameter(torch.empty(2, width)) for n in graph.edge_types})
             for _ in range(cfg.gnn_layers)) if cfg.gnn == "gat" else None
@@ -122,8 +129,14 @@ class GraphCoordinator(FixedDtypeBuffers):
         self._adjacency: dict[str, tuple[int, torch.Tensor]] = {}
         self.reset_parameters()
 
+    @staticmethod
+    def smoothed_edge_types(graph: LayerGraph) -> tuple[str, ...]:
+        return tuple(t for t in graph.edge_types if t != "semantic")
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
+            for eta in self.eta or []:
+                eta.zero_()
             for layer in self.theta:
                 for weight in layer.values():
                     if self.cfg.theta_init_std > 0:
@@ -166,9 +179,11 @@ class GraphCoordinator(FixedDtypeBuffers):
 
     def propagate(self, H: torch.Tensor, layers: int | None = None) -> torch.Tensor:
         """h_T from h_0 = vec(H): (N, p, p) -> (N, p, p)."""
-        act = _ACTIVATIONS[self.cfg.activation]
         n = H.shape[0]
         h = H.reshape(n, -1)
+        if self.eta is not None:
+            return self._smooth(h, layers).reshape(H.shape)
+        act = _ACTIVATIONS[self.cfg.activation]
         names = ("self", *self.graph.edge_types)
         for t, theta in enumerate(self.theta[: layers or len(self.theta)]):
             if self.attention is None:  # GCN: sum_e A_e h Theta_e as one (N x (E+1)N) @ ((E+1)N x F) product
@@ -182,6 +197,14 @@ class GraphCoordinator(FixedDtypeBuffers):
                     message = message + self._attend(g, edge_type, self.attention[t][edge_type].to(h.dtype))
             h = h + act(message)
         return h.reshape(H.shape)
+
+    def _smooth(self, h: torch.Tensor, layers: int | None) -> torch.Tensor:
+        """h <- h - sum_e eta_e (h - A_e h): T explicit Laplacian steps (A_e normalised with self-loops)."""
+        types = self.smoothed_edge_types(self.graph)
+        for eta in self.eta[: layers or len(self.eta)]:
+            step = sum(eta[i].to(h.dtype) * (h - self.adjacency(t, h) @ h) for i, t in enumerate(types))
+            h = h - step if types else h
+        return h
 
     def forward(self, H: torch.Tensor) -> torch.Tensor:
         """M = h_T - H: the coordinator's message to every node, (N, p, p)."""

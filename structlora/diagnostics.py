@@ -92,6 +92,28 @@ def gate_values(model) -> dict[str, list[float]] | None:
     return values
 
 
+@torch.no_grad()
+def message_share(model) -> dict[str, float] | None:
+    """Per node ||P_out M P_in^T||_F / ||s B diag(m) A||_F under the eval plan: the coordinator's
+    message against the gated LoRA part of the same update (None without the coordinator)."""
+    if model.coordinator is None:
+        return None
+    plans = model.compute_plans(training=False)
+    shares = {}
+    for node in model.nodes:
+        layer = model.layers[node.module]
+        mask, delta = plans[node.module][node.slice]
+        A, B = layer.lora_A[node.slice].double(), layer.lora_B[node.slice].double() * layer.scale
+        if mask is not None:
+            B = B * mask.double()
+        lora = float(torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0).sqrt())
+        p_in, p_out = (p.double() for p in layer.projections(node.slice))
+        M = delta.double()
+        message = float(torch.trace(M.T @ (p_out.T @ p_out) @ M @ (p_in.T @ p_in)).clamp_min(0).sqrt())
+        shares[node.name] = message / lora if lora > 0 else 0.0
+    return shares
+
+
 def diagnostics(model, exact: bool | None = None) -> dict[str, Any]:
     """Everything the report plots: adjacent cosine and drift energy per depth chain, kept ranks, gates."""
     vectors, is_exact = update_vectors(model, exact)
@@ -103,8 +125,11 @@ def diagnostics(model, exact: bool | None = None) -> dict[str, Any]:
         "adjacent_cosine": cos,
         "drift_energy": energy,
         "drift_energy_total": float(sum(energy.values())),
+        # scale-free: sum over edges ||u_a - u_b||^2 / sum over nodes ||u||^2 (updates that shrink score the same)
+        "drift_energy_normalized": _normalized(float(sum(energy.values())), vectors),
         "update_norm": {n.name: float(v.norm()) for n, v in zip(model.nodes, vectors)},
         "kept_rank": kept_rank(model),
+        "message_share": message_share(model),
         "gates": gate_values(model),
         "threshold": model.config.gate.prune_threshold if model.config.gate.enabled else None,
         "exact": is_exact,
@@ -114,6 +139,11 @@ def diagnostics(model, exact: bool | None = None) -> dict[str, Any]:
     }
 
 
+def _normalized(energy: float, vectors: list[torch.Tensor]) -> float:
+    total = float(sum((v.double() ** 2).sum() for v in vectors))
+    return energy / total if total > 0 else 0.0
+
+
 def scalar_diagnostics(model) -> dict[str, float]:
     """A few numbers to log during training."""
     diag = diagnostics(model)
@@ -121,10 +151,14 @@ def scalar_diagnostics(model) -> dict[str, float]:
     kept = list(diag["kept_rank"].values())
     out = {
         "drift_energy": diag["drift_energy_total"],
+        "drift_energy_normalized": diag["drift_energy_normalized"],
         "adjacent_cosine_mean": sum(cosines) / len(cosines) if cosines else 0.0,
         "kept_rank_mean": sum(kept) / len(kept),
         "semantic_edges": float(len(model.graph.edges.get("semantic", []))),
     }
+    if diag["message_share"]:
+        shares = list(diag["message_share"].values())
+        out["message_share_mean"] = sum(shares) / len(shares)
     if diag["gates"] is not None:
         flat = [g for values in diag["gates"].values() for g in values]
         out["gate_mean"] = sum(flat) / len(flat)

@@ -1,8 +1,11 @@
 """The information-bottleneck rank gate (DESIGN.md 3.1).
 
-Each adapted module owns r gate logits phi. Training samples a relaxed Bernoulli mask
+Each adapted module owns r gate logits phi. With `sampling` step (one draw per optimizer step)
+or example (one per example), training samples a relaxed Bernoulli mask
 m = sigmoid((phi + log u - log(1 - u)) / tau), u ~ U(0, 1), optionally stretched to
-(low, high) and clamped (hard concrete) so that exact zeros occur. Evaluation and merging
+(low, high) and clamped (hard concrete) so that exact zeros occur; with `sampling` none it
+uses the deterministic gate below, as eval does. The IB term is the KL to a Bernoulli prior
+or the hard-concrete expected L0 norm (`penalty`). Evaluation and merging
 use the deterministic gate sigmoid(phi) (hard concrete: clamp(sigmoid(phi)(high - low) + low,
 0, 1), the estimator of Louizos et al.) with directions below the prune threshold set to
 exactly zero, so that the eval-mode forward and the merged weights compute the same function.
@@ -66,6 +69,27 @@ def bernoulli_kl(logits: torch.Tensor, prior: float) -> torch.Tensor:
     return kl.sum(-1)
 
 
+L0_BETA = 2.0 / 3.0  # the hard-concrete temperature of Louizos et al. (2018) in the expected-L0 formula
+
+
+def expected_l0(logits: torch.Tensor, stretch: tuple[float, float] = (-0.1, 1.1)) -> torch.Tensor:
+    """sum_j P(gate_j != 0) under the hard-concrete distribution, over the last dim.
+
+    P(z > 0) = sigmoid(phi - beta log(-low / high)) (Louizos et al. 2018, eq. 12). Unlike the KL to
+    a Bernoulli prior, its pull on phi never stops: a direction the task does not hold up ends at an
+    exact zero of the (stretched, clamped) gate.
+    """
+    low, high = stretch
+    return torch.sigmoid(logits - L0_BETA * math.log(-low / high)).sum(-1)
+
+
+def gate_penalty(logits: torch.Tensor, cfg: GateConfig) -> torch.Tensor:
+    """The IB term per node (summed over its directions): KL to the prior, or the expected L0 norm."""
+    if cfg.penalty == "l0":
+        return expected_l0(logits, (cfg.stretch_low, cfg.stretch_high))
+    return bernoulli_kl(logits, cfg.prior)
+
+
 def temperature_at(step: int, cfg: GateConfig) -> float:
     """tau(step): from temperature_start to temperature_end over anneal_steps, then constant."""
     t = min(max(step, 0), cfg.anneal_steps) / cfg.anneal_steps
@@ -99,11 +123,16 @@ class RankGate(nn.Module):
         return (self.cfg.stretch_low, self.cfg.stretch_high)
 
     def mask(self, training: bool | None = None) -> torch.Tensor:
-        """A relaxed sample in training, the pruned deterministic gate otherwise."""
+        """A relaxed sample in training (sampling step / example), the pruned deterministic gate otherwise."""
         training = self.training if training is None else training
-        if training:
+        if training and self.cfg.sampling != "none":
             return relaxed_bernoulli(self.logits, self.tau, self.cfg.hard_concrete, self.stretch)
         return self.deterministic()
+
+    def example_masks(self, batch: int) -> torch.Tensor:
+        """(batch, r): one relaxed sample per example (sampling `example`)."""
+        logits = self.logits.float().expand(batch, -1)
+        return relaxed_bernoulli(logits, self.tau, self.cfg.hard_concrete, self.stretch)
 
     def deterministic(self) -> torch.Tensor:
         return deterministic_gate(self.logits, self.cfg.hard_concrete, self.stretch, self.cfg.prune_threshold)
@@ -114,6 +143,9 @@ class RankGate(nn.Module):
 
     def kl(self) -> torch.Tensor:
         return bernoulli_kl(self.logits, self.cfg.prior)
+
+    def penalty(self) -> torch.Tensor:
+        return gate_penalty(self.logits, self.cfg)
 
     def extra_repr(self) -> str:
         return f"rank={self.logits.numel()}, prior={self.cfg.prior}, tau={self.tau:.3g}"

@@ -52,6 +52,14 @@ def find_targets(model: nn.Module, targets: list[TargetConfig]) -> list[tuple[st
     return found
 
 
+def _space(cfg: StructLoRAConfig, declared: str | None, width: int, own: str) -> str:
+    """The sketch basis of one side of a module: its declared space, else a basis of its own
+    (`coordinator.bases: streams`); with `bases: width` one basis per width, names ignored."""
+    if cfg.coordinator.bases == "width":
+        return f"d{width}"
+    return declared or own
+
+
 def inject_layers(model: nn.Module, cfg: StructLoRAConfig) -> tuple[dict[str, StructLoRALinear], list[Node],
                                                                     dict[str, int]]:
     """Replace every target linear of `model` by a StructLoRALinear (in place).
@@ -73,16 +81,16 @@ def inject_layers(model: nn.Module, cfg: StructLoRAConfig) -> tuple[dict[str, St
         layer.to(device=module.weight.device)
         model.set_submodule(name, layer)
         layers[name] = layer
-        layer.in_space = target.in_space or f"d{module.in_features}"
+        layer.in_space = _space(cfg, target.in_space, module.in_features, f"{name}:in")
         for slice_name in layer.slice_rows:
             rows = layer.lora_B[slice_name].shape[0]
-            out_space = target.out_space or f"d{rows}"
+            fused = slice_name != DEFAULT_SLICE
+            out_space = _space(cfg, target.out_space, rows, f"{name}[{slice_name}]:out" if fused else f"{name}:out")
             for space, width in ((layer.in_space, module.in_features), (out_space, rows)):
                 seen = dims.setdefault(space, (width, name))
                 if seen[0] != width:
                     raise ValueError(f"representation space {space!r} is {seen[0]} wide at {seen[1]} "
                                      f"but {width} wide at {name}: give these modules different spaces")
-            fused = slice_name != DEFAULT_SLICE
             layer.out_spaces[slice_name] = out_space
             nodes.append(Node(
                 name=f"{name}[{slice_name}]" if fused else name, module=name, slice=slice_name,

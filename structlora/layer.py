@@ -224,13 +224,35 @@ class StructLoRALinear(nn.Module):
             self._prepare()  # the model's ensure_plan: a no-op inside its forward pass
         return self.plan
 
+    @property
+    def per_example_gates(self) -> bool:
+        """Training with `gate.sampling: example`: each example gets its own mask."""
+        return self.gates is not None and self.training and \
+            next(iter(self.gates.values())).cfg.sampling == "example"
+
+    def _example_column_masks(self, batch: int, plan: dict | None) -> torch.Tensor:
+        """(batch, columns of A'): per-example gate samples for every slice, ones for the coordinator branch."""
+        blocks = [self.gates[name].example_masks(batch) for name in self.slice_rows]
+        p = next((delta.shape[0] for _, delta in (plan or {}).values() if delta is not None), 0)
+        if p:
+            blocks.append(blocks[0].new_ones(batch, p))
+        return torch.cat(blocks, 1)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
-        A, B, scale = self.factors(self._current_plan())
+        plan = self._current_plan()
+        columns = None
+        if self.per_example_gates:  # factors without the gate, the gate applied per example on A' x
+            plan = {n: (None, plan[n][1] if plan is not None else None) for n in self.slice_rows}
+            columns = self._example_column_masks(x.shape[0], plan)
+        A, B, scale = self.factors(plan)
         x = x.to(A.dtype)
-        update = F.linear(F.linear(self.dropout(x), A), B.to(A.dtype))
+        hidden = F.linear(self.dropout(x), A)
+        if columns is not None:
+            hidden = hidden * columns.to(hidden.dtype).reshape(x.shape[0], *([1] * (hidden.dim() - 2)), -1)
+        update = F.linear(hidden, B.to(A.dtype))
         if scale != 1.0:
             update = update * scale
         out = result + update.to(result.dtype)

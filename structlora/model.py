@@ -23,7 +23,7 @@ from torch import nn
 
 from structlora.config import StructLoRAConfig
 from structlora.coordinator import GraphCoordinator, SketchBasis
-from structlora.gate import bernoulli_kl, temperature_at, uniform_noise
+from structlora.gate import gate_penalty, temperature_at, uniform_noise
 from structlora.graph import LayerGraph
 from structlora.inject import inject_layers
 from structlora.layer import update_factors
@@ -210,13 +210,14 @@ class StructLoRAModel(nn.Module):
         """Loss terms to add to the task loss, already weighted: {'ib': lambda_IB * L_IB}, plus the
         static depth penalty when one is configured ({'cosine' | 'laplacian': ...}).
 
-        L_IB = mean over adapted modules of sum_j KL(Bernoulli(sigmoid(phi_j)) || Bernoulli(pi)).
+        L_IB = mean over adapted modules of sum_j KL(Bernoulli(sigmoid(phi_j)) || Bernoulli(pi)), or with
+        `gate.penalty: l0` of sum_j P(gate_j != 0) under the hard-concrete distribution.
         """
         terms: dict[str, torch.Tensor] = {}
         gates = [g for layer in self.layers.values() for g in (layer.gates or {}).values()]
         if gates:
-            kl = bernoulli_kl(torch.stack([g.logits for g in gates]), self.config.gate.prior)
-            terms["ib"] = self.config.gate.lambda_ib * kl.mean()
+            penalty = gate_penalty(torch.stack([g.logits for g in gates]).float(), self.config.gate)
+            terms["ib"] = self.config.gate.lambda_ib * penalty.mean()
         penalty = static_penalty(self, self.config.penalty)
         if penalty is not None:
             terms[self.config.penalty.kind] = penalty

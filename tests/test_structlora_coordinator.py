@@ -44,7 +44,19 @@ def test_llava_graph_runs_from_the_vision_tower_through_the_projector_to_the_lan
     spaces = {n.name: (n.in_space, n.out_space) for n in sm.nodes}
     assert spaces[f"{PROJ}.linear_1"] == ("vision", "projector")
     assert spaces[f"{PROJ}.linear_2"] == ("projector", "language")
-    assert spaces[f"{LM}.1.self_attn.v_proj"] == ("language", "language")
+    # v_proj reads the residual stream (shared coordinates) and writes head space (a basis of its own)
+    assert spaces[f"{LM}.1.self_attn.v_proj"] == ("language", f"{LM}.1.self_attn.v_proj:out")
+    assert len({spaces[f"{LM}.{i}.self_attn.v_proj"][1] for i in (0, 1)}) == 2
+
+
+def test_the_paper_variant_shares_one_basis_per_width_across_every_side():
+    model = tiny_llava()
+    sm = apply_structlora(model, llava_config(model=model, coordinator={"bases": "width"}))
+    text = model.config.text_config.hidden_size
+    spaces = {n.name: (n.in_space, n.out_space) for n in sm.nodes}
+    assert spaces[f"{LM}.0.self_attn.v_proj"] == spaces[f"{LM}.1.self_attn.v_proj"] == (f"d{text}", f"d{text}")
+    streams = apply_structlora(tiny_llava(), llava_config(model=tiny_llava()))
+    assert len(streams.coordinator.basis.spaces()) > len(sm.coordinator.basis.spaces())
 
 
 def test_without_a_projector_node_the_bridge_joins_the_towers_directly():
