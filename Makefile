@@ -43,12 +43,14 @@ browser:
 test-browser: setup browser
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m browser
 
-# The method study of BENCHMARKS.md (hours on 2 cores; finished cells are kept and skipped).
+# The method study v2 of BENCHMARKS.md (many hours on 2 cores, resumable: finished cells are kept
+# and skipped; PHASES=gate runs one phase). The first study: bench/study.py bench/study.yaml.
+PHASES ?= gate,lr,grid,lowdata
 study: setup check-java
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study.py bench/study.yaml --jobs 2 --update-benchmarks
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study_v2.py bench/study_v2.yaml --jobs 2 --phases $(PHASES) --update-benchmarks
 
 study-quick: setup check-java
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study.py bench/study.yaml --quick --jobs 2
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study_v2.py bench/study_v2.yaml --quick --jobs 2
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,13 @@
 """One cell of the study, run in its own process: the pipeline's train + eval stages, then the
 update diagnostics every method shares (from merged minus base weights).
 
-The result JSON holds the cell's config, scores (CIDEr, VQA, GQA on the cell's split),
-trainable parameters, step time, peak memory, and adjacent-layer cosine and drift energy of
-the learned updates dW = W_merged - W_base along every depth chain (same tower, same module
-kind, consecutive layers), measured alike for every method.
+The result JSON holds the cell's config, scores (CIDEr, VQA, GQA on the cell's split, and the
+teacher-forced token loss on all of it, per task and mean), trainable parameters, step time,
+peak memory, the validation-loss curve, and update diagnostics measured alike for every method
+along every depth chain (same tower, same module kind, consecutive layers): adjacent-layer
+cosine of dW = W_merged - W_base and of the loss gradients dL/dW (batch-averaged), drift
+energy raw and normalised by ||dW||^2; StructLoRA cells add kept rank, gate mean and the
+coordinator's message share. A cell with `evaluate: false` (a search cell) only trains.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ def chain_diagnostics(deltas: dict[str, Any]) -> dict[str, float]:
     A chain is the modules whose names differ only in the layer index (same tower, same kind);
     consecutive indices with equal shapes form its edges, as in structlora.diagnostics.
     """
-    import torch
 
     chains: dict[str, list[tuple[int, str]]] = {}
     for name in deltas:
@@ -59,13 +61,14 @@ def chain_diagnostics(deltas: dict[str, Any]) -> dict[str, float]:
             denom = float(ua.norm() * ub.norm())
             cosines.append(float(ua @ ub) / denom if denom > 0 else 0.0)
             energy += float(((ua - ub) ** 2).sum())
+    norm_sq = float(sum((d.double() ** 2).sum() for d in deltas.values()))
     return {"adjacent_cosine": sum(cosines) / len(cosines) if cosines else float("nan"),
-            "drift_energy": energy, "depth_edges": len(cosines),
-            "update_norm": float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas.values())))}
+            "drift_energy": energy, "depth_edges": len(cosines), "update_norm": norm_sq ** 0.5,
+            "drift_energy_normalized": energy / norm_sq if norm_sq > 0 else float("nan")}
 
 
-def update_deltas(ctx) -> dict[str, Any]:
-    """{target module: W_merged - W_base} for the cell's trained method."""
+def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
+    """(merged model, processor, {target module: W_merged - W_base}, StructLoRA's own diagnostics)."""
     import torch
 
     from pipeline.stages import load_adapted_handle, load_base
@@ -74,15 +77,90 @@ def update_deltas(ctx) -> dict[str, Any]:
     base, _ = load_base(ctx)
     names = target_module_names(base, ctx.cfg.model, ctx.cfg.adapter)
     before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
-    adapted, _ = load_adapted_handle(ctx)
+    del base
+    adapted, processor = load_adapted_handle(ctx)
+    method_diag: dict[str, float] = {}
     if adapted.method == "structlora":
+        diag = adapted.handle.diagnostics()
+        kept = list(diag["kept_rank"].values())
+        method_diag["kept_rank_mean"] = sum(kept) / len(kept)
+        method_diag["kept_fraction"] = sum(kept) / (len(kept) * adapted.handle.config.rank)
+        if diag["message_share"]:
+            shares = list(diag["message_share"].values())
+            method_diag["message_share_mean"] = sum(shares) / len(shares)
+        if diag["gates"] is not None:
+            flat = [g for values in diag["gates"].values() for g in values]
+            method_diag["gate_mean"] = sum(flat) / len(flat)
         merged = adapted.handle.merge_and_unload()
     elif adapted.method == "full":
         merged = adapted.model
     else:
         merged = adapted.model.merge_and_unload()
+    merged.eval()
     with torch.no_grad():
-        return {n: merged.get_submodule(n).weight.detach().float() - w.float() for n, w in before.items()}
+        deltas = {n: merged.get_submodule(n).weight.detach().float() - w.float() for n, w in before.items()}
+    return merged, processor, deltas, method_diag
+
+
+def _batches(ctx, processor, split: str, per_task: int | None, batch_size: int, seed: int = 0):
+    """Teacher-forced batches (labels on the answers) of every task's `split`, task by task."""
+    from data.collate import LlavaCollator
+    from pipeline.evaluate import load_eval_examples
+
+    for task in ("caption", "vqav2", "gqa"):
+        examples = load_eval_examples(ctx, task, split, per_task)
+        collate = LlavaCollator(processor, max_length=ctx.cfg.data.max_length, seed=seed)
+        for i in range(0, len(examples), batch_size):
+            yield task, collate(examples[i: i + batch_size])
+
+
+def test_losses(ctx, model, processor, split: str = "test", batch_size: int = 32) -> dict[str, float]:
+    """Teacher-forced token loss on every sample of `split`, per task and their mean (the primary metric)."""
+    import torch
+
+    sums: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for task, batch in _batches(ctx, processor, split, None, batch_size):
+            tokens = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+            total = sums.setdefault(task, [0.0, 0])
+            total[0] += float(model(**batch).loss) * tokens
+            total[1] += tokens
+    out = {task: total / max(1, n) for task, (total, n) in sums.items()}
+    out["mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def gradient_cosines(ctx, model, processor, names: list[str], per_task: int = 48) -> dict[str, float]:
+    """Adjacent-layer cosine of the loss gradients dL/dW_l at the final weights, on `per_task` val
+    samples per task: of the batch-averaged gradient (the paper's CosAdj on gradients), and the
+    mean over batches of the per-batch cosine."""
+    import torch
+
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    mean = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    per_batch, count = [], 0
+    for _, batch in _batches(ctx, processor, "val", per_task, 16):
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        grads = {n: w.grad.detach().float() for n, w in weights.items()}
+        for n, g in grads.items():
+            mean[n] += g
+        per_batch.append(chain_diagnostics(grads)["adjacent_cosine"])
+        count += 1
+    for w in weights.values():
+        w.requires_grad_(False)
+        w.grad = None
+    return {"grad_adjacent_cosine": chain_diagnostics({n: g / count for n, g in mean.items()})["adjacent_cosine"],
+            "grad_adjacent_cosine_per_batch": sum(per_batch) / len(per_batch)}
+
+
+def _long_context(metrics_path: Path) -> dict[str, float]:
+    """{bucket length: CIDEr} of the adapted model's long-context captioning, when it ran."""
+    adapted = json.loads(metrics_path.read_text()).get("metrics", {})
+    buckets = (adapted.get("long_context") or {}).get("buckets") or {}
+    return {str(k): float(v["CIDEr"]) for k, v in buckets.items() if isinstance(v, dict) and "CIDEr" in v}
 
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -118,13 +196,27 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     summary = stage_train(ctx)
     train_seconds = time.perf_counter() - t0
     peak_train = _peak_rss_mb()
-    stage_eval(ctx)
-    scores = headline_from_file(run_dir / "eval" / "metrics.json")["adapted"]
-    diag = chain_diagnostics(update_deltas(ctx))
+    evaluate = cell.get("evaluate", True)  # search cells: training (val losses) only
+    scores: dict[str, float] = {}
+    if evaluate:
+        stage_eval(ctx)
+        headline = headline_from_file(run_dir / "eval" / "metrics.json")["adapted"]
+        scores = {k: float(headline[k]) for k in ("CIDEr", "VQA", "GQA")}
+        long_context = _long_context(run_dir / "eval" / "metrics.json")
+    merged, processor, deltas, method_diag = merged_model(ctx)
+    diag = {**chain_diagnostics(deltas), **method_diag}
+    if evaluate:
+        from pipeline.towers import target_module_names
+
+        losses = test_losses(ctx, merged, processor, cell["split"])
+        scores.update({f"loss_{k}": v for k, v in losses.items()})
+        diag.update(gradient_cosines(ctx, merged, processor, target_module_names(merged, cfg.model, cfg.adapter)))
+        if long_context:
+            diag["long_context_cider"] = long_context
     result = {
         "id": cell["id"], "group": cell["group"], "name": cell["name"], "rank": cell["rank"],
         "seed": cell["seed"], "fraction": cell["fraction"], "split": cell["split"],
-        "scores": {k: float(scores[k]) for k in ("CIDEr", "VQA", "GQA")},
+        "scores": scores,
         "trainable_parameters": int(summary["trainable_parameters"]), "steps": int(summary["steps"]),
         "step_seconds": train_seconds / max(1, int(summary["steps"])),
         "train_seconds": round(train_seconds, 2), "resumed_from": summary.get("resumed_from"),

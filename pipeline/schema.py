@@ -184,11 +184,12 @@ class TrainConfig:
     resume: Literal["auto", "never"] = _f("auto", "auto = continue from the newest complete checkpoint")
     log_every: int = _f(10, "log metrics every N steps")
     eval_every: int = _f(100, "validation loss every N steps")
+    val_batches: int = _f(4, "batches of the fixed validation set (batch_size each; the same at every evaluation)")
     seed: int = _f(0, "training seed")
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("max_steps, batch_size and grad_accum must be >= 1")
+        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.val_batches < 1:
+            raise ValueError("max_steps, batch_size, grad_accum and val_batches must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 < self.data_fraction <= 1.0:

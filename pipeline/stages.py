@@ -277,7 +277,7 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
     recipe, result = run_recipe(
         adapted, train_cfg, out,
         lambda: batch_iterator(cfg, train_src, processor, train_cfg.batch_size, cfg.seed, rank, world, 4096),
-        validation_batches(cfg, val_src, processor, cfg.train.batch_size))
+        validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches))
     if recipe.accelerator.is_main_process:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,7 +330,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
                                epoch_length, log_partition=out / f"shards.rank{rank}.json",
                                fraction=cfg.train.data_fraction),
-        validation_batches(cfg, val_src, processor, cfg.train.batch_size))
+        validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches))
     trainable = recipe._gathered_trainable_state()
     checksums = recipe.rank_checksums()  # a collective: every rank takes part
     if recipe.accelerator.is_main_process:

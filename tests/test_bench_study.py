@@ -1,5 +1,7 @@
-"""bench/study.py --quick: the whole study path (search on val, grid, ablation, low-data sweep,
-t-tests, CSVs, plots, BENCHMARKS.md section) on a CI-sized grid, and a re-run cell reproduces its numbers."""
+"""bench/study.py --quick (the first study, kept as history): the whole path (search on val, grid,
+ablation, low-data sweep, t-tests, CSVs, plots, BENCHMARKS.md section) on a CI-sized grid, and a
+re-run cell reproduces its numbers. Marked slow: study v2 (tests/test_bench_study_v2.py) runs the
+same cell machinery in the default suite."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def quick_study(tmp_path_factory):
     return study, study_file, tmp, bench_md, args
 
 
+@pytest.mark.slow
 def test_quick_study_writes_every_table_csv_and_plot(quick_study):
     _, _, tmp, bench_md, _ = quick_study
     results = tmp / "results"
@@ -68,6 +71,7 @@ def test_quick_study_writes_every_table_csv_and_plot(quick_study):
     assert "### Ablations" in text and "select_norm" in text and "### Low-data sweep" in text
 
 
+@pytest.mark.slow
 def test_report_only_rebuilds_the_same_tables(quick_study):
     study, study_file, tmp, _, _ = quick_study
     before = (tmp / "results" / "cells.csv").read_text()
@@ -76,6 +80,7 @@ def test_report_only_rebuilds_the_same_tables(quick_study):
     assert (tmp / "results" / "cells.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_a_rerun_cell_reproduces_its_numbers(quick_study):
     study, study_file, tmp, _, args = quick_study
     path = next((tmp / "results" / "cells" / "grid").glob("structlora-*-s1.json"))

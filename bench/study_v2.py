@@ -1,0 +1,278 @@
+"""Study v2: StructLoRA against LoRA, DoRA and full fine-tuning with one tuning budget for all.
+
+    python bench/study_v2.py bench/study_v2.yaml [--jobs 2] [--phases gate,lr,grid,lowdata] [--quick]
+                             [--report-only [--partial]] [--update-benchmarks]
+
+Phases, in order; each cell is skipped when its result JSON exists with the same config, so the
+study can be spread over several sittings (commit bench/results/study_v2 as cells finish):
+1. gate: StructLoRA's gate variants on validation loss (>= 2 seeds), then the winner's gate
+   learning rate and IB weight; the best candidate is StructLoRA's setting from then on;
+2. lr: every arm (LoRA, DoRA, full fine-tuning, the StructLoRA variants) gets the same learning-rate
+   candidates, chosen on validation loss over the seeds;
+3. grid: every arm x rank x seed at its rate, scored on the whole test split: teacher-forced test
+   loss (primary), CIDEr, VQA, GQA; long-context captioning for the arms that ask for it;
+4. lowdata: a small share of the training images for the same steps (where a model can overfit).
+The report (bench/study_v2_report.py) gives effect sizes against the reference with bootstrap 95%
+intervals, Holm-corrected paired t-tests, and the smallest difference the study could detect.
+
+The machinery (shared prepare + base, cells in fresh processes, atomic result files) is
+bench/study.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from study import base_raw, deep_merge, is_done, prepare_shared, run_cells  # noqa: E402
+
+log = logging.getLogger("study_v2")
+PHASES = ("gate", "lr", "grid", "lowdata")
+
+
+def load_spec(path: Path, quick: bool) -> dict[str, Any]:
+    """The study file; --quick narrows grid and budget with its `quick` section (same code path)."""
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or "gate" not in spec or "arms" not in spec:
+        raise SystemExit(f"{path}: not a v2 study file (needs base_config, budget, gate, arms, lr, ...)")
+    spec["base_overrides"] = {}
+    if quick:
+        q = spec["quick"]
+        spec["work_dir"], spec["results"] = q["work_dir"], q["results"]
+        spec["budget"] = deep_merge(spec["budget"], q["budget"])
+        spec["base_overrides"] = q.get("base_overrides", {})
+        gate = spec["gate"]
+        gate["variants"] = {k: gate["variants"][k] for k in q["gate"]["variants"]}
+        gate["refine"] = {k: gate["refine"][k] for k in q["gate"]["refine"]}
+        gate["seeds"] = q["gate"]["seeds"]
+        spec["arms"] = {k: spec["arms"][k] for k in q["arms"]}
+        spec["lr"] = {**spec["lr"], **q["lr"]}
+        spec["ranks"], spec["seeds"] = q["ranks"], q["seeds"]
+        spec["long_context"] = q["long_context"]
+        spec["lowdata"] = {**spec["lowdata"], **q["lowdata"]}
+    spec["gated_arms"] = [a for a in spec.get("gated_arms", []) if a in spec["arms"]]
+    spec["long_context_arms"] = [a for a in spec.get("long_context_arms", []) if a in spec["arms"]]
+    spec["lowdata"]["arms"] = [a for a in spec["lowdata"]["arms"] if a in spec["arms"]]
+    return spec
+
+
+def make_cell(spec: dict[str, Any], group: str, name: str, settings: dict[str, Any], seed: int, split: str,
+              evaluate: bool, fraction: float = 1.0) -> dict[str, Any]:
+    """One cell: base config + budget + settings, with its own run folder and result path."""
+    raw = deep_merge(deep_merge(base_raw(spec), spec["budget"]), settings)
+    raw = deep_merge(raw, {"train": {"seed": seed, "data_fraction": fraction}, "eval": {"split": split}})
+    rank = raw["adapter"]["rank"] if raw["adapter"]["method"] != "full" else 0
+    cell_id = f"{group}/{name}-r{rank}-s{seed}" + (f"-f{fraction:g}" if fraction < 1.0 else "")
+    raw["run_dir"] = str(ROOT / spec["work_dir"] / "cells" / cell_id)
+    return {"id": cell_id, "group": group, "name": name, "rank": rank, "seed": seed, "fraction": fraction,
+            "split": split, "config": raw, "evaluate": evaluate, "shared": str(ROOT / spec["work_dir"] / "shared"),
+            "result": str(ROOT / spec["results"] / "cells" / f"{cell_id}.json"), "threads": spec["threads"]}
+
+
+def final_val_loss(result: dict[str, Any]) -> float:
+    losses = result.get("val_losses") or []
+    return float(losses[-1][1]) if losses else math.nan
+
+
+def mean_val_loss(results: list[dict[str, Any]]) -> float:
+    values = [final_val_loss(r) for r in results]
+    return statistics.fmean(values) if values and all(math.isfinite(v) for v in values) else math.inf
+
+
+# --- phase 1: the gate ------------------------------------------------------------------------------
+
+
+def gate_stage_cells(spec, stage: str, candidates: dict[str, dict]) -> dict[str, list[dict[str, Any]]]:
+    g = spec["gate"]
+    rank = {"adapter": {"rank": g["rank"]}}
+    return {name: [make_cell(spec, f"gate{stage}", name, deep_merge(rank, settings), seed, "val", False)
+                   for seed in g["seeds"]] for name, settings in candidates.items()}
+
+
+def pick(cells: dict[str, list[dict]], results: dict[str, list[dict]]) -> str:
+    """The candidate with the lowest validation loss, averaged over its seeds."""
+    return min(cells, key=lambda name: mean_val_loss(results[name]))
+
+
+def gate_phase(spec, runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the chosen gate settings, every search row). `runner(cells)` returns results in order."""
+    g = spec["gate"]
+    rows: list[dict[str, Any]] = []
+    stage1 = gate_stage_cells(spec, "1", g["variants"])
+    results1 = _run_named(stage1, runner)
+    winner = pick(stage1, results1)
+    candidates = {winner: g["variants"][winner]}
+    for key, extra in g["refine"].items():  # a refinement equal to the winner itself is not run twice
+        settings = deep_merge(g["variants"][winner], extra)
+        if settings != g["variants"][winner]:
+            candidates[f"{winner}+{key}"] = settings
+    stage2 = gate_stage_cells(spec, "2", {k: v for k, v in candidates.items() if k != winner})
+    results2 = _run_named(stage2, runner)
+    results2[winner] = results1[winner]
+    stage2[winner] = stage1[winner]
+    chosen = pick(stage2, results2)
+    for stage, named in (("1", results1), ("2", results2)):
+        for name, results in named.items():
+            if stage == "2" and name == winner:
+                continue
+            rows += [{**r, "candidate": name, "stage": stage,
+                      "chosen": name == chosen, "stage_winner": stage == "1" and name == winner} for r in results]
+    log.info("gate: stage-1 winner %s, chosen %s", winner, chosen)
+    return candidates[chosen], rows
+
+
+def _run_named(named: dict[str, list[dict]], runner) -> dict[str, list[dict]]:
+    flat = [c for cells in named.values() for c in cells]
+    results = runner(flat)
+    by_id = {r["id"]: r for r in results}
+    return {name: [by_id[c["id"]] for c in cells if c["id"] in by_id] for name, cells in named.items()}
+
+
+# --- phase 2: learning rates --------------------------------------------------------------------
+
+
+def arm_settings(spec, arm: str, gate: dict[str, Any] | None) -> dict[str, Any]:
+    """An arm's settings, with the gate phase's choice where the arm is gated."""
+    settings = copy.deepcopy(spec["arms"][arm])
+    if gate is not None and arm in spec["gated_arms"]:
+        settings = deep_merge(settings, gate)
+    return settings
+
+
+def scaled_lr(spec, settings: dict[str, Any], scale: float) -> dict[str, Any]:
+    """`settings` with the learning rates (factors, gates, coordinator) multiplied by `scale`."""
+    train = deep_merge(deep_merge(base_raw(spec), spec["budget"]), settings)["train"]
+    lr = float(train["lr"])
+    out = {"lr": lr * scale}
+    for key in ("lr_gate", "lr_coordinator"):
+        if train.get(key) is not None:
+            out[key] = float(train[key]) * scale
+    return deep_merge(settings, {"train": out})
+
+
+def lr_phase(spec, gate, runner) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    lr = spec["lr"]
+    named = {}
+    for arm in spec["arms"]:
+        for scale in lr["scales"]:
+            settings = deep_merge(scaled_lr(spec, arm_settings(spec, arm, gate), scale),
+                                  {"adapter": {"rank": lr["rank"]}})
+            named[(arm, scale)] = [make_cell(spec, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False)
+                                   for seed in lr["seeds"]]
+    results = _run_named(named, runner)
+    chosen = {arm: min(lr["scales"], key=lambda s, a=arm: mean_val_loss(results[(a, s)])) for arm in spec["arms"]}
+    rows = [{**r, "arm": arm, "scale": scale, "chosen": chosen[arm] == scale}
+            for (arm, scale), rs in results.items() for r in rs]
+    log.info("lr scales: %s", json.dumps(chosen))
+    return chosen, rows
+
+
+# --- phases 3 and 4 --------------------------------------------------------------------------------
+
+
+def final_settings(spec, arm: str, gate, scales: dict[str, float], rank: int) -> dict[str, Any]:
+    settings = scaled_lr(spec, arm_settings(spec, arm, gate), scales[arm])
+    settings = deep_merge(settings, {"adapter": {"rank": rank}})
+    if arm in spec["long_context_arms"]:
+        tasks = [*spec["budget"]["eval"]["tasks"], "long_context"]
+        settings = deep_merge(settings, {"eval": {"tasks": tasks, **spec["long_context"]}})
+    return settings
+
+
+def grid_cells(spec, gate, scales) -> list[dict[str, Any]]:
+    cells = []
+    for arm in spec["arms"]:
+        full = spec["arms"][arm].get("adapter", {}).get("method") == "full"
+        for rank in spec["ranks"][-1:] if full else spec["ranks"]:
+            cells += [make_cell(spec, "grid", arm, final_settings(spec, arm, gate, scales, rank), seed, "test", True)
+                      for seed in spec["seeds"]]
+    return cells
+
+
+def lowdata_cells(spec, gate, scales) -> list[dict[str, Any]]:
+    low = spec["lowdata"]
+    return [make_cell(spec, "lowdata", arm, final_settings(spec, arm, gate, scales, low["rank"]), seed, "test", True,
+                      fraction=low["fraction"])
+            for arm in low["arms"] for seed in spec["seeds"]]
+
+
+def _finished(cells: list[dict[str, Any]], missing: list[str] | None) -> list[dict[str, Any]]:
+    todo = [c["id"] for c in cells if not is_done(c)]
+    if todo and missing is None:
+        raise SystemExit(f"--report-only: {len(todo)} cells are not finished, e.g. {todo[0]}; run the study "
+                         "(or add --partial)")
+    if missing is not None:
+        missing += todo
+    return [json.loads(Path(c["result"]).read_text()) for c in cells if c["id"] not in todo]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path, help="study file, e.g. bench/study_v2.yaml")
+    parser.add_argument("--quick", action="store_true", help="the file's quick grid: minutes, same code path")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (each in its own process)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="run cells of these phases only (later phases need the earlier ones' choices)")
+    parser.add_argument("--report-only", action="store_true", help="no training: report the finished cells")
+    parser.add_argument("--partial", action="store_true", help="with --report-only: report what is finished so far")
+    parser.add_argument("--update-benchmarks", action="store_true", help="rewrite the study's BENCHMARKS.md section")
+    parser.add_argument("--benchmarks-file", type=Path, default=ROOT / "BENCHMARKS.md", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from study_v2_report import write_report
+
+    spec = load_spec(args.study, args.quick)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise SystemExit(f"--phases: unknown {unknown}; choose from {', '.join(PHASES)}")
+    command = "python bench/study_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.time()
+    if not args.report_only:
+        prepare_shared(spec)
+    missing: list[str] = []
+
+    def runner_for(phase: str):
+        if args.report_only or phase not in phases:
+            return lambda cells: _finished(cells, missing if (args.partial or phase not in phases) else None)
+        return lambda cells: run_cells(cells, args.jobs)
+
+    def finished(phase: str) -> bool:
+        """Did `phase` complete? Later phases need its choices: running them on a partial one is refused."""
+        if missing and not args.report_only and any(p in phases for p in PHASES[PHASES.index(phase) + 1:]):
+            raise SystemExit(f"phase {phase} is not finished ({len(missing)} cells, e.g. {missing[0]}): "
+                             f"run --phases {phase} first")
+        return not missing
+
+    gate, gate_rows = gate_phase(spec, runner_for("gate"))
+    scales, lr_rows, grid, lowdata = {}, [], [], []
+    if finished("gate"):
+        scales, lr_rows = lr_phase(spec, gate, runner_for("lr"))
+        if finished("lr"):
+            grid = runner_for("grid")(grid_cells(spec, gate, scales))
+            lowdata = runner_for("lowdata")(lowdata_cells(spec, gate, scales))
+    out = write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command=command,
+                       benchmarks=args.benchmarks_file if args.update_benchmarks else None, missing=missing)
+    log.info("reported in %.0f s: %s", time.time() - t0, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

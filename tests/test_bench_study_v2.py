@@ -1,0 +1,118 @@
+"""bench/study_v2.py --quick: every phase (gate and lr searches on val loss, the grid on the test
+split with long-context captioning, the low-data arm), the statistics (bootstrap intervals, Holm,
+minimum detectable difference), CSVs, the learning-curve plot and the BENCHMARKS.md section, on a
+CI-sized grid; a re-run cell reproduces its numbers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study_v2")
+    spec = yaml.safe_load((ROOT / "bench" / "study_v2.yaml").read_text())
+    spec["quick"]["work_dir"] = str(tmp / "work")
+    spec["quick"]["results"] = str(tmp / "results")
+    study_file = tmp / "study_v2.yaml"
+    study_file.write_text(yaml.safe_dump(spec))
+    bench_md = tmp / "BENCHMARKS.md"
+    bench_md.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
+    study = _load("study_v2")
+    args = [str(study_file), "--quick", "--jobs", "2", "--update-benchmarks", "--benchmarks-file", str(bench_md)]
+    assert study.main(args) == 0
+    return study, study_file, tmp, bench_md, args
+
+
+def test_quick_study_runs_every_phase_and_writes_the_report(quick_study):
+    _, _, tmp, bench_md, _ = quick_study
+    cells = tmp / "results" / "cells"
+    groups = {p.name: [json.loads(c.read_text()) for c in p.glob("*.json")] for p in cells.iterdir()}
+    # gate: 2 variants + 1 refinement (1 seed); lr: 2 arms x 2 scales; grid and lowdata: 2 arms x 2 seeds
+    assert {k: len(v) for k, v in groups.items()} == {"gate1": 2, "gate2": 1, "lr": 4, "grid": 4, "lowdata": 4}
+    for name in ("gate1", "gate2", "lr"):  # searches never see the test split and only train
+        assert {c["split"] for c in groups[name]} == {"val"} and all(not c["scores"] for c in groups[name])
+        assert all(len(c["val_losses"]) == 2 for c in groups[name])  # the learning curve: every eval_every steps
+    for cell in groups["grid"] + groups["lowdata"]:
+        assert cell["split"] == "test"
+        assert {"CIDEr", "VQA", "GQA", "loss_mean", "loss_caption", "loss_vqav2", "loss_gqa"} <= set(cell["scores"])
+        assert math.isfinite(cell["grad_adjacent_cosine"]) and math.isfinite(cell["drift_energy_normalized"])
+    structlora = [c for c in groups["grid"] if c["name"] == "structlora"]
+    assert all("kept_fraction" in c and "message_share_mean" in c for c in structlora)
+    assert all(set(c["long_context_cider"]) == {"96", "160"} for c in groups["grid"])
+    assert all(c["fraction"] == 0.5 for c in groups["lowdata"])
+    with (tmp / "results" / "tests.csv").open() as f:
+        tests = list(csv.DictReader(f))
+    assert {t["metric"] for t in tests} == {"test loss", "CIDEr x100", "VQA acc", "GQA acc"}
+    assert {t["group"] for t in tests} == {"grid", "lowdata"} and all("holm" in t for t in tests)
+    assert (tmp / "results" / "learning_curves.png").stat().st_size > 0
+    text = bench_md.read_text()
+    for heading in ("## Method study v2", "### 1. The gate", "### 2. Learning rate per arm", "### 3. Test split",
+                    "### Power", "### Long-context captioning", "### Update structure", "### 4. Low data"):
+        assert heading in text, heading
+    assert "## Another section\n\nkept" in text
+
+
+def test_report_only_rebuilds_the_same_tables(quick_study):
+    study, study_file, tmp, _, _ = quick_study
+    before = (tmp / "results" / "study.md").read_text()
+    (tmp / "results" / "study.md").unlink()
+    assert study.main([str(study_file), "--quick", "--report-only"]) == 0
+    assert (tmp / "results" / "study.md").read_text() == before
+
+
+def test_a_rerun_cell_reproduces_its_numbers(quick_study):
+    study, study_file, tmp, _, args = quick_study
+    path = next((tmp / "results" / "cells" / "grid").glob("structlora-*-s1.json"))
+    first = json.loads(path.read_text())
+    path.unlink()
+    shutil.rmtree(tmp / "work" / "cells" / "grid" / path.stem)
+    assert study.main(args) == 0
+    again = json.loads(path.read_text())
+    for key in ("scores", "val_losses", "final_train_loss", "adjacent_cosine", "grad_adjacent_cosine"):
+        assert again[key] == first[key], key
+
+
+def test_an_unfinished_study_is_not_reported_unless_partial(tmp_path):
+    study = _load("study_v2")
+    spec = yaml.safe_load((ROOT / "bench" / "study_v2.yaml").read_text())
+    spec["quick"]["work_dir"] = str(tmp_path / "work")
+    spec["quick"]["results"] = str(tmp_path / "results")
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match="not finished"):
+        study.main([str(study_file), "--quick", "--report-only"])
+    assert study.main([str(study_file), "--quick", "--report-only", "--partial"]) == 0
+    assert "Partial report" in (tmp_path / "results" / "study.md").read_text()
+
+
+def test_statistics():
+    report = _load("study_v2_report")
+    assert report.holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    lo, hi = report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert 1.0 <= lo < 3.0 < hi <= 5.0
+    # paired t, alpha 0.05 two-sided, power 0.8, n = 5: (t_0.975,4 + t_0.8,4) * sd / sqrt(5)
+    assert report.min_detectable(1.0, 5) == pytest.approx((2.7764 + 0.9410) / 5**0.5, rel=1e-3)
+    assert math.isnan(report.min_detectable(0.0, 5)) and math.isnan(report.paired_p([1.0, 1.0]))
+    c = report.compare([{"seed": s, "scores": {"GQA": v}} for s, v in enumerate([50, 52, 51])],
+                       [{"seed": s, "scores": {"GQA": v}} for s, v in enumerate([48, 49, 50])], "GQA", 1.0)
+    assert c["n"] == 3 and c["diff"] == pytest.approx(2.0)
