@@ -1,7 +1,8 @@
-"""Training-step overhead of StructLoRA vs LoRA (CPU), side by side, on the tiny preset or at 7B widths.
+"""Training-step overhead of StructLoRA vs LoRA, side by side, on the tiny preset or at 7B widths.
 
     python bench/overhead.py [--rounds 20] [--batch-size 16] [--text-tokens 32] [--rank 8]
     python bench/overhead.py --preset skeleton --rounds 3 --warmup 1 --batch-size 1 --precisions fp32,bf16
+    python bench/overhead.py --preset skeleton --device cuda --rounds 6 --batch-size 1 --precisions bf16
 
 `--preset skeleton` is LLaVA-1.5-7B at its real widths (CLIP ViT-L/14-336 with 576 image tokens,
 projector 1024 -> 4096 -> 4096, Llama 4096 / 32 heads / 11008, vocabulary 32064) with 3 vision
@@ -20,6 +21,8 @@ Memory: torch.profiler's allocation events give the peak bytes of live tensors a
 during one training step (activations, gradients, temporaries); the resident state
 (parameters, buffers, optimizer moments) is added to it. Python objects and allocator
 caches are not counted, so the total is what the tensors need, not the process RSS.
+On CUDA (`--device cuda`) steps are timed between synchronisations and the step peak is
+torch.cuda.max_memory_allocated over one step minus what was allocated before it.
 
 A semantic-edge refresh step (gradient sketches captured, every `refresh_every` = 50 steps)
 is timed as its own row; the amortised time counts it once per 50 steps.
@@ -77,12 +80,13 @@ class Method:
     """One adapted copy of the base model with its optimizer and step function."""
 
     def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False,
-                 precision: str = "fp32", copy_base: bool = True):
+                 precision: str = "fp32", copy_base: bool = True, device: str = "cpu"):
         from pipeline.schema import AdapterConfig, ModelConfig
         from pipeline.towers import structlora_config_for, target_module_names
 
         self.name = name
-        model = copy.deepcopy(base) if copy_base else base
+        self.device = torch.device(device)
+        model = (copy.deepcopy(base) if copy_base else base).to(self.device)
         self.precision = precision
         adapter = AdapterConfig(rank=rank, alpha=2.0 * rank)
         torch.manual_seed(1)
@@ -109,7 +113,7 @@ class Method:
     def step(self, batch) -> None:
         if self.handle is not None and self.handle.semantic_edges_on:
             self.handle.set_capture(self.refresh)  # a refresh step, or an ordinary one
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             loss = self.model(**batch).loss
             if self.handle is not None:
                 loss = loss + sum(self.handle.regularization().values())
@@ -126,8 +130,21 @@ class Method:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_step_bytes(method: Method, batch) -> int:
     from torch.profiler import ProfilerActivity, profile
+
+    if method.device.type == "cuda":
+        _sync(method.device)
+        before = torch.cuda.memory_allocated(method.device)
+        torch.cuda.reset_peak_memory_stats(method.device)
+        method.step(batch)
+        _sync(method.device)
+        return torch.cuda.max_memory_allocated(method.device) - before
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         method.step(batch)
@@ -151,8 +168,10 @@ def measure(methods: list[Method], batch, rounds: int, warmup: int, precision: s
     order = random.Random(0)
     for _ in range(rounds):
         for method in order.sample(methods, len(methods)):
+            _sync(method.device)
             start = time.perf_counter()
             method.step(batch)
+            _sync(method.device)
             times[method.name].append(time.perf_counter() - start)
     step_peak = {m.name: peak_step_bytes(m, batch) for m in methods}
     memory = {m.name: step_peak[m.name] + m.resident_bytes() for m in methods}
@@ -201,29 +220,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on a CPU without AVX512-BF16/AMX "
+                                                       "falls back to a reference GEMM hundreds of times slower)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     base = build_base(preset=args.preset, vision_layers=args.vision_layers, text_layers=args.text_layers)
-    batch = make_batch(base, args.batch_size, args.text_tokens)
+    batch = {k: v.to(args.device) for k, v in make_batch(base, args.batch_size, args.text_tokens).items()}
+    dev = {"device": args.device}
     if args.preset == "skeleton":  # two copies of a 0.73 B model: the base itself becomes the second
-        methods = [Method("LoRA (PEFT)", base, args.rank, None),
-                   Method("StructLoRA, full", base, args.rank, "full", copy_base=False)]
+        methods = [Method("LoRA (PEFT)", base, args.rank, None, **dev),
+                   Method("StructLoRA, full", base, args.rank, "full", copy_base=False, **dev)]
     else:
         methods = [
-            Method("LoRA (PEFT)", base, args.rank, None),
-            Method("StructLoRA, ablation=lora", base, args.rank, "lora"),
-            Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator"),
-            Method("StructLoRA, full", base, args.rank, "full"),
-            Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True),
+            Method("LoRA (PEFT)", base, args.rank, None, **dev),
+            Method("StructLoRA, ablation=lora", base, args.rank, "lora", **dev),
+            Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator", **dev),
+            Method("StructLoRA, full", base, args.rank, "full", **dev),
+            Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, **dev),
         ]
     seq = batch["input_ids"].shape[1]
     name = "LLaVA-1.5-7B skeleton" if args.preset == "skeleton" else "tiny LLaVA preset"
     for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         result = measure(methods, batch, args.rounds, args.warmup, precision)
+        where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+            f"torch threads {torch.get_num_threads()}"
         title = (f"{name}, {precision}, batch {args.batch_size} x {seq} tokens, rank {args.rank}, {args.rounds} rounds, "
-                 f"torch threads {torch.get_num_threads()}")
+                 f"{where}")
         print("\n".join(table(methods, result, title)) + "\n", flush=True)
 
 
