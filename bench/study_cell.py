@@ -34,6 +34,21 @@ def _rss_mb() -> float:
         return float("nan")
 
 
+def code_commit() -> str:
+    """The commit the cell's code comes from (+dirty when the tree has uncommitted changes): a
+    study is only comparable within one code version, so every cell records its own."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -223,7 +238,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": round(peak_train, 1), "train_rss_growth_mb": round(peak_train - rss_before, 1),
         "final_train_loss": summary["final_train_loss"], "val_losses": summary["val_losses"],
         **diag, "threads": int(cell["threads"]),
-        "torch": torch.__version__, "config": cell["config_saved"],
+        "torch": torch.__version__, "code_commit": code_commit(), "config": cell["config_saved"],
     }
     out = Path(cell["result"])
     out.parent.mkdir(parents=True, exist_ok=True)
