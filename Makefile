@@ -44,10 +44,11 @@ test-browser: setup browser
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m browser
 
 # The method study v2 of BENCHMARKS.md (many hours on 2 cores, resumable: finished cells are kept
-# and skipped; PHASES=gate runs one phase). The first study: bench/study.py bench/study.yaml.
+# and skipped; PHASES=gate runs one phase), on its pinned code version (bench/study_v2.commit) in a
+# git worktree beside this one. The first study: bench/study.py bench/study.yaml.
 PHASES ?= gate,lr,grid,lowdata
 study: setup check-java
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study_v2.py bench/study_v2.yaml --jobs 2 --phases $(PHASES) --update-benchmarks
+	scripts/study_v2.sh --jobs 2 --phases $(PHASES) --update-benchmarks --benchmarks-file $(CURDIR)/BENCHMARKS.md
 
 study-quick: setup check-java
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study_v2.py bench/study_v2.yaml --quick --jobs 2

@@ -67,6 +67,13 @@ def load_spec(path: Path, quick: bool) -> dict[str, Any]:
         spec["long_context"] = q["long_context"]
         spec["lowdata"] = {**spec["lowdata"], **q["lowdata"]}
     spec["gated_arms"] = [a for a in spec.get("gated_arms", []) if a in spec["arms"]]
+    spec["ablation_arms"] = [a for a in spec.get("ablation_arms", []) if a in spec["arms"]]
+    lr = spec["lr"]
+    lr["arms"] = [a for a in lr.get("arms", list(spec["arms"])) if a in spec["arms"]]
+    lr["inherit"] = {a: b for a, b in (lr.get("inherit") or {}).items() if a in spec["arms"]}
+    orphans = [a for a in spec["arms"] if a not in lr["arms"] and a not in lr["inherit"]]
+    if orphans:
+        raise SystemExit(f"{path}: arms {orphans} get no learning rate: list them in lr.arms or lr.inherit")
     spec["long_context_arms"] = [a for a in spec.get("long_context_arms", []) if a in spec["arms"]]
     spec["lowdata"]["arms"] = [a for a in spec["lowdata"]["arms"] if a in spec["arms"]]
     return spec
@@ -169,14 +176,15 @@ def scaled_lr(spec, settings: dict[str, Any], scale: float) -> dict[str, Any]:
 def lr_phase(spec, gate, runner) -> tuple[dict[str, float], list[dict[str, Any]]]:
     lr = spec["lr"]
     named = {}
-    for arm in spec["arms"]:
+    for arm in lr["arms"]:
         for scale in lr["scales"]:
             settings = deep_merge(scaled_lr(spec, arm_settings(spec, arm, gate), scale),
                                   {"adapter": {"rank": lr["rank"]}})
             named[(arm, scale)] = [make_cell(spec, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False)
                                    for seed in lr["seeds"]]
     results = _run_named(named, runner)
-    chosen = {arm: min(lr["scales"], key=lambda s, a=arm: mean_val_loss(results[(a, s)])) for arm in spec["arms"]}
+    chosen = {arm: min(lr["scales"], key=lambda s, a=arm: mean_val_loss(results[(a, s)])) for arm in lr["arms"]}
+    chosen.update({arm: chosen[source] for arm, source in lr["inherit"].items()})
     rows = [{**r, "arm": arm, "scale": scale, "chosen": chosen[arm] == scale}
             for (arm, scale), rs in results.items() for r in rs]
     log.info("lr scales: %s", json.dumps(chosen))
@@ -199,7 +207,7 @@ def grid_cells(spec, gate, scales) -> list[dict[str, Any]]:
     cells = []
     for arm in spec["arms"]:
         full = spec["arms"][arm].get("adapter", {}).get("method") == "full"
-        for rank in spec["ranks"][-1:] if full else spec["ranks"]:
+        for rank in spec["ranks"][-1:] if full or arm in spec["ablation_arms"] else spec["ranks"]:
             cells += [make_cell(spec, "grid", arm, final_settings(spec, arm, gate, scales, rank), seed, "test", True)
                       for seed in spec["seeds"]]
     return cells

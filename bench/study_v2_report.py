@@ -127,7 +127,7 @@ def lr_table(rows: list[dict[str, Any]], scales: dict[str, float], spec) -> list
     cands = spec["lr"]["scales"]
     lines = ["| arm | " + " | ".join(f"lr x{s:g}" for s in cands) + " | chosen | chosen lr |",
              "|---|" + "---:|" * len(cands) + "---|---:|"]
-    for arm in spec["arms"]:
+    for arm in spec["lr"]["arms"]:
         cols, chosen_lr = [], ""
         for s in cands:
             rs = [r for r in rows if r["arm"] == arm and r["scale"] == s]
@@ -136,6 +136,8 @@ def lr_table(rows: list[dict[str, Any]], scales: dict[str, float], spec) -> list
                 chosen_lr = f"{rs[0]['config']['train']['lr']:.2g}"
         lines.append(f"| {arm} | " + " | ".join(cols) + f" | x{scales[arm]:g} | {chosen_lr} |" if arm in scales
                      else f"| {arm} | " + " | ".join(cols) + " | | |")
+    for arm, source in spec["lr"]["inherit"].items():
+        lines.append(f"| {arm} | " + " | ".join("" for _ in cands) + f" | {source}'s | |")
     return lines
 
 
