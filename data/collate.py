@@ -1,9 +1,11 @@
 """From decoded samples to model batches: conversations, label masking, padding.
 
 A sample is a dict with at least `image` (PIL) and `task`, plus the record fields of its
-task (`captions`, `question`, `answer` / `multiple_choice_answer`, `label`). The text is
-the llava-hf conversation "USER: <image>\\n{prompt} ASSISTANT: {answer}</s>" with prompts
-from `data.prompts`; only the answer and its end token are trained (IGNORE_INDEX elsewhere).
+task (`captions`, `question`, `answer` / `multiple_choice_answer`, `label`), or `turns` (the
+packed questions of one image). The text is the llava-hf conversation
+"USER: <image>\\n{prompt} ASSISTANT: {answer}</s>" (one turn after another for packed samples)
+with prompts from `data.prompts`; only the answers and their end tokens are trained
+(IGNORE_INDEX elsewhere).
 Image preprocessing is `preprocess_images`, the one function training, evaluation and the
 demo share.
 """
@@ -59,14 +61,27 @@ def conversation(sample: dict[str, Any], rng: random.Random | None = None) -> tu
     raise ValueError(f"no conversation for task {task!r}")
 
 
+def turns(sample: dict[str, Any], rng: random.Random | None = None) -> list[tuple[str, str]]:
+    """[(prompt, answer)] of a sample: one turn, or every question of a packed sample (`turns`)."""
+    if sample.get("turns"):
+        return [(task_prompt(sample["task"], t["question"]), str(t["answer"])) for t in sample["turns"]]
+    return [conversation(sample, rng)]
+
+
 @dataclass
 class LlavaCollator:
     """Batches for LlavaForConditionalGeneration: input_ids, attention_mask, pixel_values, labels.
 
+    A packed sample (`turns`: all questions of an image) becomes one multi-turn conversation,
+    "USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...", with labels on
+    every answer and its end token and on nothing else. A conversation longer than `max_length`
+    is split between turns into several rows, each starting with the image (so a batch may hold
+    more rows than samples); nothing is cut inside an answer: a turn that does not fit even
+    alone with the image is dropped and counted in `dropped`.
+
     Args:
         processor: a LlavaProcessor (expands `<image>` into the model's image tokens).
-        max_length: token limit. Image tokens are never cut: a sample whose prompt alone is
-            longer is dropped and counted in `dropped`; a long answer is cut at the end.
+        max_length: token limit per row. Image tokens are never cut.
         seed: seeds the choice of reference caption, so a stream gives the same batches.
     """
 
@@ -79,37 +94,56 @@ class LlavaCollator:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
+    def _first_turns(self, images: list[Image.Image], prompts: list[str]) -> tuple[list[list[int]], Any]:
+        """Ids of "USER: <image>\n{prompt} ASSISTANT:" (image tokens expanded) and pixel_values, in one call."""
+        enc = self.processor(images=images, text=[render_prompt(p) for p in prompts], return_tensors=None)
+        return [list(ids) for ids in enc["input_ids"]], enc["pixel_values"]
+
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tok = self.processor.tokenizer
-        pairs = [conversation(sample, self._rng) for sample in samples]
+        conversations = [turns(sample, self._rng) for sample in samples]
         images = [to_rgb(sample["image"]) for sample in samples]
-        # One processor call expands <image> to the model's image tokens and preprocesses the images
-        # (the same transform as `preprocess_images`); answers are tokenized on their own so the
-        # prompt/answer boundary is exact for any tokenizer.
-        enc = self.processor(images=images, text=[render_prompt(p) for p, _ in pairs], return_tensors=None)
-        encoded, keep = [], []
-        for i, (prompt_ids, (_, answer)) in enumerate(zip(enc["input_ids"], pairs)):
-            answer_ids = answer_token_ids(tok, answer) + [tok.eos_token_id]
-            room = self.max_length - len(prompt_ids)
-            if room < 2:  # never cut image tokens: drop the sample and count it
-                self.dropped += 1
-                continue
-            answer_ids = answer_ids[:room]
-            encoded.append((list(prompt_ids) + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids))
-            keep.append(i)
-        if not encoded:
+        # One processor call expands <image> to the model's image tokens for every first turn and
+        # preprocesses the images (the same transform as `preprocess_images`); answers and later
+        # turns are tokenized on their own so that every prompt/answer boundary is exact.
+        first_ids, pixels = self._first_turns(images, [c[0][0] for c in conversations])
+        pixels = [torch.as_tensor(p) for p in pixels]
+        rows: list[tuple[list[int], list[int], int]] = []  # (ids, labels, sample index)
+        for i, conv in enumerate(conversations):
+            answers = [answer_token_ids(tok, answer) + [tok.eos_token_id] for _, answer in conv]
+            later = [tok(render_prompt(prompt, with_image=False), add_special_tokens=False)["input_ids"]
+                     for prompt, _ in conv]
+            start, ids, labels = 0, first_ids[i], None
+            while start < len(conv):
+                prompt_ids = ids if labels is None else None
+                if prompt_ids is None:  # a split: the next row starts again with the image
+                    prompt_ids = self._first_turns([images[i]], [conv[start][0]])[0][0]
+                if len(prompt_ids) + len(answers[start]) > self.max_length:
+                    self.dropped += 1  # this turn cannot fit even alone with the image
+                    start, labels = start + 1, []
+                    continue
+                row_ids = list(prompt_ids) + answers[start]
+                row_labels = [IGNORE_INDEX] * len(prompt_ids) + answers[start]
+                k = start + 1
+                while k < len(conv) and len(row_ids) + len(later[k]) + len(answers[k]) <= self.max_length:
+                    row_ids += list(later[k]) + answers[k]
+                    row_labels += [IGNORE_INDEX] * len(later[k]) + answers[k]
+                    k += 1
+                rows.append((row_ids, row_labels, i))
+                start, labels = k, row_labels
+        if not rows:
             raise ValueError(f"every sample of this batch is longer than max_length={self.max_length} "
-                             "before its answer (image tokens are never truncated): raise data.max_length")
+                             "with its image and first answer (image tokens are never truncated): raise data.max_length")
         pad_id = tok.pad_token_id
-        width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, labs) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(labs)] = torch.tensor(labs)
-            attention[row, : len(ids)] = 1
-        pixel_values = torch.as_tensor(_stack(enc["pixel_values"]))[keep]
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, labs, _) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(labs)] = torch.tensor(labs)
+            attention[r, : len(ids)] = 1
+        pixel_values = torch.stack([pixels[i] for _, _, i in rows])
         return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixel_values, "labels": labels}
 
 

@@ -1,10 +1,12 @@
-"""WebDataset tar shards: a deterministic, atomic writer, the manifest, and a safe reader.
+"""WebDataset tar shards: a deterministic, atomic writer on `webdataset.TarWriter`, and the manifest.
 
 A shard directory holds `shard-000000.tar`, ... and `manifest.json` (samples per shard,
 byte size and sha256 of each shard). Every shard and the manifest are written under a
 temporary name and renamed when complete; the manifest is written last, so a reader that
 starts from the manifest only ever sees complete shards. Tar members carry no timestamps
-or owners, so equal input gives byte-identical shards.
+or owners, so equal input gives byte-identical shards. (webdataset's own ShardWriter names
+and rolls shards itself, without atomic renames or hashes: we drive its TarWriter instead.)
+Reading is `data.stream`, on webdataset's pipeline.
 """
 
 from __future__ import annotations
@@ -13,10 +15,6 @@ import hashlib
 import io
 import logging
 import os
-import shlex
-import subprocess
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -58,7 +56,7 @@ class ShardWriter:
         self.out, self.shard_size, self.prefix = Path(out), shard_size, prefix
         self.out.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
+        self._tar: Any = None  # a webdataset.TarWriter while a shard is open
         self._keys: set[str] = set()
 
     def write(self, key: str, members: dict[str, bytes], units: int = 1) -> None:
@@ -67,12 +65,7 @@ class ShardWriter:
         self._keys.add(key)
         if self._tar is None:
             self._open()
-        for ext, data in sorted(members.items()):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **members})  # members in sorted order, bytes as they are
         current = self.shards[-1]
         current["samples"] += 1
         current["units"] += units
@@ -80,11 +73,14 @@ class ShardWriter:
             self._close_shard()
 
     def _open(self) -> None:
+        import webdataset as wds
+
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
         self._handle = open(self._tmp, "wb")
         self._hashing = _HashingFile(self._handle)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
+        # no encoder (members are bytes already), no time, owner or group: equal input, equal bytes
+        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0.0, user="", group="", mode=0o644)
         self.shards.append({"name": name, "samples": 0, "units": 0})
 
     def _close_shard(self) -> None:
@@ -103,6 +99,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._tar is not None:
+            try:
+                self._tar.close()  # finish the tar stream into the temporary file we are about to delete
+            except (OSError, ValueError):
+                pass
             self._handle.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
@@ -157,44 +157,4 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def open_shard(url: str, allow_pipe: bool = False) -> IO[bytes]:
-    """Open a local shard, or a `pipe:COMMAND` only when explicitly allowed (it runs a shell
-    command). Remote URLs are not fetched here: stage them with the tool of your choice."""
-    if url.startswith("pipe:"):
-        if not allow_pipe:
-            raise DataError(f"refusing 'pipe:' shard URL {url!r}: it runs a shell command; "
-                            "allow it explicitly (allow_pipe=True) if you trust the source")
-        process = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE)
-        return process.stdout
-    if "://" in url:
-        raise DataError(f"unsupported shard URL {url!r}: use a local path (or an allowed 'pipe:' command)")
-    return open(url.removeprefix("file:"), "rb")
-
-
-def iter_tar_samples(stream: IO[bytes]) -> Iterator[dict[str, bytes]]:
-    """Group consecutive tar members by key: {"__key__": key, ext: bytes, ...}.
-
-    A key is the member name up to its first dot, as in WebDataset. A damaged tar raises
-    tarfile.TarError / OSError after yielding the samples before the damage.
-    """
-    current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            if not stem or not ext:
-                continue
-            key = f"{directory}/{stem}" if directory else stem
-            data = tar.extractfile(member).read()
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext.lower()] = data
-    if current is not None:
-        yield current
 

@@ -1,19 +1,37 @@
-"""Streaming shards into examples, for training and for evaluation.
+"""Streaming shards into examples, for training and for evaluation, on the `webdataset` library.
 
-Training (`TrainStream`), for each source and each (rank, worker):
+Each stream is a `webdataset.DataPipeline` per source (task), for each (rank, worker):
 
-    shard list -> split_by_node -> split_by_worker -> resample (seeded) -> read tar
-    -> shuffle buffer -> decode -> pick one example per image -> transform
-    then: mix the sources by weight -> with_epoch (a fixed number of examples per rank)
+    shard list -> node split -> worker split        (or, for too few shards, every k-th sample)
+    -> wds.tarfile_to_samples (handler: damaged shards counted)  -> [train.data_fraction]
+    -> wds.shuffle (seeded; training only) -> wds.map(restricted wds Decoder: JSON + images only)
+    -> examples of each record
 
-Evaluation (`EvalStream`): shard list -> split by node and worker (whole shards when there
-are enough of them, else every k-th sample) -> read tar -> decode -> one example per caption
-set / question -> transform. Every example is seen exactly once across ranks x workers.
+Training (`TrainStream`) then mixes its sources. Two samplings:
+- `epoch` (default): each epoch is one pass over every source, shard order and shuffle seeded by
+  (seed, epoch), so every image and every question of the split is seen once per epoch across
+  ranks x workers; a source with weight w < max weight keeps a w / max share of its images.
+- `resample`: shards drawn with replacement (in proportion to their sizes), endless, mixed by
+  weight and cut into epochs of `epoch_length` examples (`with_epoch`), for corpora where a
+  pass is longer than the run.
+Questions of an image are packed into one multi-turn conversation (`questions: packed`, as
+LLaVA trains) or each becomes its own example (`single`); a caption is sampled per visit.
 
-Everything random is drawn from RNGs seeded by (seed, epoch, rank, worker, source), so a
-stream is reproducible, and differs across ranks. Only JSON and image members are decoded
-(never pickle). A corrupt image, a bad record or a damaged shard is logged, skipped and
-counted; each example carries its stream's running counts in `__skipped__`.
+Evaluation (`EvalStream`): every example exactly once across ranks x workers, in shard order.
+
+Where our code stands in for the library, and why:
+- shard lists: the node split takes the stream's explicit rank (wds.split_by_node reads the
+  process group, and evaluation also builds rank-0 views); resampling weights shards by their
+  sample counts (wds.ResampledShards draws them uniformly, over-weighting a small last shard);
+  too few shards for the streams fall back to a split by sample, which wds does not have;
+- mixing: wds.RandomMix draws from the global `random` module, so it would not be
+  reproducible per (seed, epoch, rank, worker); ours is seeded, and in `epoch` mode it mixes in
+  proportion to what each source has left so that all sources end together;
+- skip counting: webdataset's handlers only say continue or stop; ours count damaged shards,
+  bad records and corrupt images into `StreamStats`, and stop an endless stream over unusable
+  data with DataError instead of spinning.
+Only JSON and image members are decoded (the decoder has no pickle, torch or numpy handler);
+`pipe:` and remote URLs are refused unless `allow_remote` (then webdataset's gopen opens them).
 """
 
 from __future__ import annotations
@@ -22,23 +40,27 @@ import json
 import logging
 import os
 import random
-import tarfile
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.autodecode import Decoder, handle_extension
+from webdataset.gopen import gopen_schemes
 
 from data.errors import DataError
 from data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from data.shards import iter_tar_samples, load_shards, open_shard
+from data.shards import load_shards
 
 log = logging.getLogger(__name__)
 Example = dict[str, Any]
 TASKS = ("caption", "vqav2", "gqa", "classification")
+QUESTION_TASKS = ("vqav2", "gqa")
 
 
 @dataclass(frozen=True)
@@ -99,7 +121,7 @@ class SkipCounter:
         return totals
 
 
-# --- stages (plain generators, composed top to bottom in the streams below) --------------------------
+# --- ranks, workers, URLs ---------------------------------------------------------------------------
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -130,12 +152,31 @@ def split_by_worker(items: Sequence, worker: int, num_workers: int) -> list:
     return list(items[worker::num_workers])
 
 
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+
+
+def check_urls(urls: Iterable[str], allow_remote: bool) -> None:
+    """Local paths always; `pipe:` (runs a shell command) and remote URLs (http(s), gs, hf, ais, ...,
+    opened by webdataset's gopen) only with `allow_remote` (the config's data.allow_remote)."""
+    for url in urls:
+        match = _SCHEME.match(url)
+        scheme = match.group(1).lower() if match and len(match.group(1)) > 1 else None  # C:\ is a path
+        if scheme in (None, "file"):
+            continue
+        if not allow_remote:
+            what = "runs a shell command" if scheme == "pipe" else "is a remote URL"
+            raise DataError(f"refusing shard URL {url!r}: '{scheme}:' {what}; set data.allow_remote: true "
+                            "(allow_remote=True) if you trust the source")
+        if scheme not in gopen_schemes:
+            raise DataError(f"shard URL {url!r}: webdataset cannot open '{scheme}:' URLs "
+                            f"(it opens {', '.join(sorted(k for k in gopen_schemes if k[0] != '_'))})")
+
+
 def _training_partition(pairs: list[tuple[str, int]], rank: int, world_size: int, worker: int,
                         num_workers: int) -> tuple[list[str], list[int]]:
     """This stream's shards: split by node then by worker when that gives every stream a fair
-    share (no partition under half the largest), else all shards (each stream then resamples
-    the whole set with its own seed). Without this, 2 workers over shards of 1000 and 120
-    samples would draw half of all examples from 120 images."""
+    share (no partition under half the largest), else all shards. Without this, 2 workers over
+    shards of 1000 and 120 samples would draw half of all examples from 120 images."""
     streams = world_size * num_workers
     parts = [split_by_worker(split_by_node(pairs, r, world_size), w, num_workers)
              for r in range(world_size) for w in range(num_workers)]
@@ -152,78 +193,93 @@ def resample(urls: Sequence[str], sizes: Sequence[int], rng: random.Random) -> I
         yield rng.choices(urls, weights=weights)[0]
 
 
-def read_shards(urls: Iterable[str], stats: StreamStats, allow_pipe: bool = False,
-                give_up_after: int | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples ({"__key__", "__url__", ext: bytes}) of each shard in turn. A damaged
-    shard is logged and counted after its readable samples. With `give_up_after`, that
-    many shards in a row without a sample raise DataError (an endless resampled stream
-    over unreadable shards would otherwise hang)."""
-    empty_in_a_row = 0
-    for url in urls:
-        yielded = False
-        try:
-            with open_shard(url, allow_pipe) as stream:
-                for sample in iter_tar_samples(stream):
-                    sample["__url__"] = url
-                    yielded = True
-                    yield sample
-        except (OSError, EOFError, tarfile.TarError) as err:
-            stats.shard_errors += 1
-            log.warning("shard %s: damaged or unreadable: %s (rest of shard skipped)", url, err)
-        empty_in_a_row = 0 if yielded else empty_in_a_row + 1
-        if give_up_after is not None and empty_in_a_row >= give_up_after:
-            raise DataError(f"no readable sample in {empty_in_a_row} shards in a row (last: {url})")
+# --- decoding and handlers ----------------------------------------------------------------------------
 
 
-def shuffle(samples: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Buffered shuffle: fill up to `buffer_size`, then emit a random element per input."""
-    buffer: list[Any] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(len(buffer))
-        yield buffer[index]
-        buffer[index] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+def _image_handler(key: str, data: bytes):
+    """webdataset decoder handler: image members -> fully decoded PIL images (others: not ours)."""
+    if key.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+        return decode_image(data)
+    return None
 
 
-def decode(samples: Iterable[dict[str, Any]], stats: StreamStats,
-           max_consecutive_skips: int | None = None) -> Iterator[Example]:
-    """Raw sample -> record: the JSON payload plus `image` (a fully decoded PIL image).
+# JSON and images only: no pickle / torch / numpy handler, so such members stay undecoded bytes
+DECODER = Decoder([handle_extension("json", json.loads), _image_handler], pre=[], post=[])
+_FILEOBJ_NAME = re.compile(r"name='([^']*)'")
 
-    More than `max_consecutive_skips` bad samples in a row raise DataError: an endless
-    resampled stream over unusable shards must fail rather than hang."""
-    skipped_in_a_row = 0
-    for raw in samples:
-        if max_consecutive_skips is not None and skipped_in_a_row > max_consecutive_skips:
-            raise DataError(f"{skipped_in_a_row} unusable samples in a row (last: {raw.get('__url__')}); "
+
+class _Guard:
+    """Skip accounting for one stream: webdataset handlers that count what they skip, and stop an
+    endless stream over unusable data with DataError instead of looping forever."""
+
+    def __init__(self, stats: StreamStats, max_consecutive_skips: int | None = None,
+                 max_failed_shards: int | None = None):
+        self.stats, self.max_skips, self.max_shards = stats, max_consecutive_skips, max_failed_shards
+        self.skips_in_a_row = 0
+        self.shards_in_a_row = 0
+        self._failed_url: str | None = None
+
+    def ok(self) -> None:
+        self.skips_in_a_row = self.shards_in_a_row = 0
+        self._failed_url = None
+
+    def shard_error(self, exn: Exception) -> bool:
+        """A damaged or unreadable shard: counted once (webdataset may report it twice, from the
+        member and from the tar header), the rest of it skipped."""
+        url = _url_of(exn)
+        if url is None or url != self._failed_url:
+            self.stats.shard_errors += 1
+            self.shards_in_a_row += 1
+            log.warning("shard %s: damaged or unreadable: %s (rest of shard skipped)", url or "?", exn.args[0]
+                        if exn.args else exn)
+        self._failed_url = url
+        if self.max_shards is not None and self.shards_in_a_row >= self.max_shards:
+            raise DataError(f"no readable sample in {self.shards_in_a_row} shards in a row (last: {url})") from exn
+        return True
+
+    def skip(self, kind: str, where: str, reason: str) -> None:
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        log.warning("%s: %s (%s): skipped", where, kind.replace("_", " ").rstrip("s"), reason)
+        self.skips_in_a_row += 1
+        if self.max_skips is not None and self.skips_in_a_row > self.max_skips:
+            raise DataError(f"{self.skips_in_a_row} unusable samples in a row (last: {where}); "
                             "see the warnings above")
-        skipped_in_a_row += 1
-        where = f"{raw.get('__url__')}: sample {raw['__key__']!r}"
+
+
+def _url_of(exn: Exception) -> str | None:
+    for arg in reversed(exn.args):
+        if isinstance(arg, str) and arg and " " not in arg:
+            return arg
+    first = str(exn.args[0]) if exn.args else ""
+    match = _FILEOBJ_NAME.search(first)
+    return match.group(1) if match else None
+
+
+def decode_samples(raw: Iterable[dict[str, Any]], guard: _Guard) -> Iterator[Example]:
+    """Raw sample -> record: the JSON payload plus `image` (a fully decoded PIL image), through
+    webdataset's Decoder with our two handlers; bad ones counted and skipped."""
+    for sample in raw:
+        where = f"{sample.get('__url__')}: sample {sample.get('__key__')!r}"
         try:
-            record = json.loads(raw["json"])
-            if not isinstance(record, dict) or record.get("task") not in TASKS:
-                raise ValueError(f"unknown task {record.get('task') if isinstance(record, dict) else record!r}")
-        except (KeyError, ValueError) as err:
-            stats.bad_records += 1
-            log.warning("%s: bad record (%s): skipped", where, err)
+            decoded = DECODER(sample)
+        except wds.autodecode.DecodingError as err:
+            cause = err.__cause__
+            if isinstance(cause, ImageDecodeError):
+                guard.skip("corrupt_images", where, f"field {err.k!r}: {cause}")
+            else:
+                guard.skip("bad_records", where, f"field {err.k!r}: {cause}")
             continue
-        image_ext = next((ext for ext in raw if ext in IMAGE_EXTENSIONS), None)
+        record = decoded.get("json")
+        if not isinstance(record, dict) or record.get("task") not in TASKS:
+            task = record.get("task") if isinstance(record, dict) else record
+            guard.skip("bad_records", where, "no JSON record" if record is None else f"unknown task {task!r}")
+            continue
+        image_ext = next((ext for ext in decoded if ext in IMAGE_EXTENSIONS), None)
         if image_ext is None:
-            stats.bad_records += 1
-            log.warning("%s: no image member: skipped", where)
+            guard.skip("bad_records", where, "no image member")
             continue
-        try:
-            record["image"] = decode_image(raw[image_ext])
-        except ImageDecodeError as err:
-            stats.corrupt_images += 1
-            log.warning("%s: corrupt image (%s): skipped", where, err)
-            continue
-        record["__key__"] = raw["__key__"]
-        skipped_in_a_row = 0
-        yield record
+        guard.ok()
+        yield {**record, "image": decoded[image_ext], "__key__": sample["__key__"]}
 
 
 def expand(record: Example) -> list[Example]:
@@ -241,6 +297,21 @@ def expand(record: Example) -> list[Example]:
             example["answer"] = question.get("multiple_choice_answer")
         examples.append(example)
     return examples
+
+
+def training_examples(record: Example, rng: random.Random, questions: str = "packed") -> list[Example]:
+    """Training examples of a record: captions and classification as they are (the collator samples
+    a caption); the questions of an image packed into one multi-turn example (`turns`, in a random
+    order) or one example each (`single`)."""
+    if record["task"] not in QUESTION_TASKS:
+        return [record]
+    singles = expand(record)
+    rng.shuffle(singles)
+    if questions == "single" or not singles:
+        return singles
+    base = {k: v for k, v in record.items() if k != "questions"}
+    return [{**base, "turns": [{"question": e["question"], "answer": e["answer"], "question_id": e["question_id"]}
+                               for e in singles]}]
 
 
 def attach_stats(examples: Iterable[Example], stats: StreamStats, stream: str) -> Iterator[Example]:
@@ -274,10 +345,34 @@ def _kept(raw: Iterator[dict[str, Any]], fraction: float, what: str, patience: i
                 raise DataError(f"{what}: {patience} samples in a row fall outside the fraction: it keeps no image")
 
 
+def _every(k: int, index: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """The sample-level split (a pipeline stage): keep every k-th sample, starting at `index`."""
+    def stage(samples: Iterable[Any]) -> Iterator[Any]:
+        return islice(samples, index, None, k)
+    return stage
+
+
 def mix(streams: dict[str, Iterator[Example]], weights: dict[str, float], rng: random.Random) -> Iterator[Example]:
+    """Endless sources mixed by fixed weights."""
     names = sorted(streams)
     while True:
         yield next(streams[rng.choices(names, weights=[weights[n] for n in names])[0]])
+
+
+def mix_to_the_end(streams: dict[str, Iterator[Example]], remaining: dict[str, float],
+                   rng: random.Random) -> Iterator[Example]:
+    """Finite sources interleaved in proportion to what each has left (expected counts), each to
+    its end, so that a pass over every source ends at about the same time."""
+    left = {n: max(remaining[n], 1.0) for n in sorted(streams)}
+    while left:
+        names = list(left)
+        name = rng.choices(names, weights=[left[n] for n in names])[0]
+        try:
+            yield next(streams[name])
+        except StopIteration:
+            del left[name]
+            continue
+        left[name] = max(left[name] - 1.0, 1.0)
 
 
 # --- the two streams --------------------------------------------------------------------------------
@@ -285,30 +380,35 @@ def mix(streams: dict[str, Iterator[Example]], weights: dict[str, float], rng: r
 
 @dataclass
 class TrainStream(IterableDataset):
-    """Endless, resampled, shuffled training examples mixed over sources by weight.
+    """Training examples mixed over sources: one pass per epoch (`sampling: epoch`) or resampled.
 
     Args:
         sources: one ShardSource per task (e.g. caption, vqav2, gqa), with mixing weights.
-        epoch_length: examples each rank yields per epoch (`with_epoch`), split over its workers.
+        epoch_length: examples each rank yields per epoch with `sampling: resample` (`with_epoch`),
+            split over its workers; unused with `sampling: epoch` (an epoch is one pass).
         seed, rank, world_size: with the epoch (`set_epoch`), they fix every random choice
             (call set_epoch before creating the DataLoader iterator; persistent workers keep
             the epoch they started with).
+        sampling: `epoch` or `resample` (see the module docstring).
+        questions: `packed` (all questions of an image in one conversation) or `single`.
         shuffle_buffer: raw samples held for shuffling (bytes, not decoded images).
         transform: applied to every example (e.g. image preprocessing).
-        allow_pipe: accept `pipe:` shard URLs (they run a command).
+        allow_remote: accept `pipe:` and remote shard URLs.
         max_consecutive_skips: this many unusable samples in a row stop the stream with DataError.
         fraction: train on this share of the images only (`in_fraction` of their keys), for
             low-data studies; 1.0 uses all.
     """
 
     sources: Sequence[ShardSource]
-    epoch_length: int
+    epoch_length: int = 0
     seed: int = 0
     rank: int | None = None
     world_size: int | None = None
+    sampling: Literal["epoch", "resample"] = "epoch"
+    questions: Literal["packed", "single"] = "packed"
     shuffle_buffer: int = 1000
     transform: Callable[[Example], Example] | None = None
-    allow_pipe: bool = False
+    allow_remote: bool = False
     max_consecutive_skips: int = 1000
     fraction: float = 1.0
     epoch: int = 0
@@ -322,42 +422,90 @@ class TrainStream(IterableDataset):
             raise DataError("source weights must be positive and source names unique")
         if not 0.0 < self.fraction <= 1.0:
             raise DataError(f"TrainStream.fraction must be in (0, 1], got {self.fraction}")
+        if self.sampling not in ("epoch", "resample") or self.questions not in ("packed", "single"):
+            raise DataError(f"TrainStream: sampling {self.sampling!r} / questions {self.questions!r} unknown")
+        if self.sampling == "resample" and self.epoch_length < 1:
+            raise DataError("TrainStream: sampling 'resample' needs epoch_length >= 1 (examples per epoch)")
+        for source in self.sources:
+            check_urls(source.urls, self.allow_remote)
         self.rank, self.world_size = resolve_rank(self.rank, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _pairs(self, source: ShardSource) -> list[tuple[str, int]]:
+        return list(zip(source.urls, source.sizes or [1] * len(source.urls)))
+
     def partition(self, worker: int = 0, num_workers: int = 1) -> dict[str, list[str]]:
-        """The shard URLs each source draws from on this rank and worker (for logs and checks)."""
+        """The shard URLs each source reads on this rank and worker (for logs and checks); in
+        `epoch` mode a source with fewer shards than streams is read whole, every k-th sample kept."""
         out = {}
         for source in self.sources:
-            pairs = list(zip(source.urls, source.sizes or [1] * len(source.urls)))
-            out[source.name] = _training_partition(pairs, self.rank, self.world_size, worker, num_workers)[0]
+            if self.sampling == "resample":
+                out[source.name] = _training_partition(self._pairs(source), self.rank, self.world_size, worker,
+                                                       num_workers)[0]
+            else:
+                out[source.name] = self._epoch_shards(source, worker, num_workers)[0]
         return out
 
-    def _source_examples(self, source: ShardSource, worker: int, num_workers: int) -> Iterator[Example]:
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{source.name}")
-        pairs = list(zip(source.urls, source.sizes or [1] * len(source.urls)))
-        urls, sizes = _training_partition(pairs, self.rank, self.world_size, worker, num_workers)
-        raw = read_shards(resample(urls, sizes, rng), self.stats, self.allow_pipe, give_up_after=3 * len(urls) + 3)
+    def _epoch_shards(self, source: ShardSource, worker: int, num_workers: int) -> tuple[list[str], int, int]:
+        """(shard URLs in this epoch's order, sample stride k, offset): a shard split when every
+        stream gets a fair share, else every stream reads all shards and keeps every k-th sample."""
+        pairs = self._pairs(source)
+        random.Random(f"{self.seed}/{self.epoch}/{source.name}/shards").shuffle(pairs)  # the same on every rank
+        streams, index = self.world_size * num_workers, self.rank * num_workers + worker
+        parts = [split_by_worker(split_by_node(pairs, r, self.world_size), w, num_workers)
+                 for r in range(self.world_size) for w in range(num_workers)]
+        totals = [sum(n for _, n in part) for part in parts]
+        if len(pairs) >= streams and min(totals) >= 0.5 * max(totals):
+            return [u for u, _ in parts[index]], 1, 0
+        return [u for u, _ in pairs], streams, index
+
+    def _source_pipeline(self, source: ShardSource, worker: int, num_workers: int, guard: _Guard,
+                         rng: random.Random) -> tuple[wds.DataPipeline, float]:
+        """(the pipeline of one source on this stream, the records it is expected to give)."""
+        if self.sampling == "resample":
+            urls, sizes = _training_partition(self._pairs(source), self.rank, self.world_size, worker, num_workers)
+            shards: Any = lambda: ({"url": u} for u in resample(urls, sizes, rng))  # noqa: E731 - a source
+            stages: list[Any] = []
+            expected = float("inf")
+        else:
+            urls, k, index = self._epoch_shards(source, worker, num_workers)
+            shards = wds.SimpleShardList(urls)
+            stages = [_every(k, index)] if k > 1 else []
+            sizes = dict(self._pairs(source))
+            expected = sum(sizes[u] for u in urls) / k
+        stages.insert(0, wds.tarfile_to_samples(handler=guard.shard_error))
         if self.fraction < 1.0:
-            raw = _kept(raw, self.fraction, f"{source.name}: train.data_fraction {self.fraction:g}")
-        records = decode(shuffle(raw, self.shuffle_buffer, rng), self.stats, self.max_consecutive_skips)
-        for record in records:
-            examples = expand(record)
-            if not examples:
-                continue
-            example = examples[0] if len(examples) == 1 else rng.choice(examples)
-            yield self.transform(example) if self.transform else example
+            fraction = self.fraction
+            stages.append(lambda raw: _kept(raw, fraction, f"{source.name}: train.data_fraction {fraction:g}"))
+        share = source.weight / max(s.weight for s in self.sources)
+        if self.sampling == "epoch" and share < 1.0:  # a lighter source keeps a share of its images
+            stages.append(lambda raw: (r for r in raw if rng.random() < share))
+        stages += [wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng),
+                   lambda raw: decode_samples(raw, guard),
+                   lambda records: (e for r in records for e in training_examples(r, rng, self.questions))]
+        if self.transform is not None:
+            stages.append(wds.map(self.transform))
+        return wds.DataPipeline(shards, *stages), expected * self.fraction * min(share, 1.0)
 
     def __iter__(self) -> Iterator[Example]:
         worker, num_workers = worker_slot()
         self.stats = StreamStats()  # per pass: a DataLoader worker holds its own copy anyway
-        count = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
-        streams = {s.name: self._source_examples(s, worker, num_workers) for s in self.sources}
+        failing = 3 * max(len(s.urls) for s in self.sources) + 3 if self.sampling == "resample" else None
+        guard = _Guard(self.stats, self.max_consecutive_skips, failing)
+        pipelines, expected = {}, {}
+        for s in self.sources:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{s.name}")
+            pipelines[s.name], expected[s.name] = self._source_pipeline(s, worker, num_workers, guard, rng)
         mix_rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/mix")
-        mixed = mix(streams, {s.name: s.weight for s in self.sources}, mix_rng)
-        yield from attach_stats(islice(mixed, count), self.stats, f"{self.rank}/{worker}/epoch{self.epoch}")
+        streams = {name: iter(p) for name, p in pipelines.items()}
+        if self.sampling == "resample":
+            count = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
+            mixed: Iterator[Example] = islice(mix(streams, {s.name: s.weight for s in self.sources}, mix_rng), count)
+        else:
+            mixed = mix_to_the_end(streams, expected, mix_rng)
+        yield from attach_stats(mixed, self.stats, f"{self.rank}/{worker}/epoch{self.epoch}")
 
 
 @dataclass
@@ -374,31 +522,33 @@ class EvalStream(IterableDataset):
     world_size: int | None = None
     expand: bool = True
     transform: Callable[[Example], Example] | None = None
-    allow_pipe: bool = False
+    allow_remote: bool = False
     stats: StreamStats = field(default_factory=StreamStats)
 
     def __post_init__(self) -> None:
         super().__init__()
+        check_urls(self.source.urls, self.allow_remote)
         self.rank, self.world_size = resolve_rank(self.rank, self.world_size)
 
-    def _raw(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    def pipeline(self, worker: int, num_workers: int, guard: _Guard) -> wds.DataPipeline:
         urls = list(self.source.urls)
         streams, index = self.world_size * num_workers, self.rank * num_workers + worker
         if len(urls) >= streams:
-            mine = split_by_worker(split_by_node(urls, self.rank, self.world_size), worker, num_workers)
-            yield from read_shards(mine, self.stats, self.allow_pipe)
-            return
-        for i, raw in enumerate(read_shards(urls, self.stats, self.allow_pipe)):
-            if i % streams == index:
-                yield raw
+            shards, stages = wds.SimpleShardList(split_by_worker(split_by_node(urls, self.rank, self.world_size),
+                                                                 worker, num_workers)), []
+        else:
+            shards, stages = wds.SimpleShardList(urls), [_every(streams, index)]
+        stages.insert(0, wds.tarfile_to_samples(handler=guard.shard_error))
+        stages.append(lambda raw: decode_samples(raw, guard))
+        stages.append(lambda records: (e for r in records for e in (expand(r) if self.expand else [r])))
+        if self.transform:
+            stages.append(wds.map(self.transform))
+        return wds.DataPipeline(shards, *stages)
 
     def __iter__(self) -> Iterator[Example]:
         worker, num_workers = worker_slot()
         self.stats = StreamStats()
-        records = decode(self._raw(worker, num_workers), self.stats)
-        examples = (e for r in records for e in (expand(r) if self.expand else [r]))
-        if self.transform:
-            examples = map(self.transform, examples)
+        examples = iter(self.pipeline(worker, num_workers, _Guard(self.stats)))
         yield from attach_stats(examples, self.stats, f"{self.rank}/{worker}")
 
 

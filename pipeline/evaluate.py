@@ -28,7 +28,7 @@ def load_eval_examples(ctx: StageContext, task: str, split: str, max_samples: in
     from pipeline.stages import sources
 
     (source,) = sources(ctx, split, {task: 1.0})
-    stream = EvalStream(source, rank=0, world_size=1)
+    stream = EvalStream(source, rank=0, world_size=1, allow_remote=ctx.cfg.data.allow_remote)
     return list(itertools.islice(stream, max_samples)) if max_samples else list(stream)
 
 

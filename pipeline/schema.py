@@ -51,7 +51,14 @@ class DataConfig:
     )
     num_workers: int = _f(0, "DataLoader workers per process")
     max_length: int = _f(256, "token limit per sample; image tokens are never truncated")
-    allow_pipe_urls: bool = _f(False, "allow `pipe:` shard URLs (runs a shell command: off by default)")
+    allow_remote: bool = _f(False, "allow `pipe:` (runs a shell command) and remote shard URLs (http(s), gs, hf, "
+                                   "ais, ... opened by webdataset): off by default")
+    sampling: Literal["epoch", "resample"] = _f(
+        "epoch", "training stream: epoch = one pass over every source per epoch (every image and question "
+        "seen); resample = shards drawn with replacement, endless (corpora longer than the run)")
+    questions: Literal["packed", "single"] = _f(
+        "packed", "questions of one image in training: packed = one multi-turn conversation (as LLaVA trains), "
+        "single = one example each")
 
     def __post_init__(self) -> None:
         if any(w < 0 for w in self.tasks.values()):

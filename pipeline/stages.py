@@ -197,7 +197,8 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
     from data.stream import TrainStream
 
     stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
-                         shuffle_buffer=256, allow_pipe=cfg.data.allow_pipe_urls, fraction=fraction)
+                         sampling=cfg.data.sampling, questions=cfg.data.questions, shuffle_buffer=256,
+                         allow_remote=cfg.data.allow_remote, fraction=fraction)
     if log_partition is not None:
         workers = max(1, cfg.data.num_workers)
         log_partition.write_text(json.dumps(
@@ -210,7 +211,14 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else LlavaCollator(
             processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
-        yield from (_strip(b) for b in loader)
+        batches = 0
+        for batch in loader:
+            batches += 1
+            yield _strip(batch)
+        if batches == 0:  # an epoch pass over unreadable or empty shards: stop instead of looping
+            raise UserError(f"epoch {epoch} of the training stream gave no batch: every shard of "
+                            f"{[s.name for s in srcs]} is empty, unreadable or outside train.data_fraction "
+                            "(see the warnings above)")
 
 
 def _strip(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -72,10 +72,53 @@ def test_long_prompts_are_dropped_and_counted_short_ones_kept(processor):
     assert batch["input_ids"].shape[0] == 1 and collator.dropped == 1
 
 
-def test_long_answers_are_cut_at_the_end(processor):
+def test_an_answer_that_does_not_fit_is_dropped_and_counted_never_cut(processor):
     sample = dict(_samples()[0], captions=[" ".join(["a red circle"] * 30)])
-    batch = LlavaCollator(processor, max_length=100)([sample])
-    assert batch["input_ids"].shape[1] == 100
+    collator = LlavaCollator(processor, max_length=100)
+    batch = collator([sample, _samples()[1]])
+    assert batch["input_ids"].shape[0] == 1 and collator.dropped == 1
+
+
+def _packed(n: int) -> dict:
+    base = _samples()[1]
+    return {"task": base["task"], "image": base["image"], "__key__": "7",
+            "turns": [{"question": f"what colour is shape {i}?", "answer": f"colour{i}", "question_id": i}
+                      for i in range(n)]}
+
+
+def _answer_spans(labels: torch.Tensor) -> list[list[int]]:
+    spans, current = [], []
+    for value in labels.tolist():
+        if value != IGNORE_INDEX:
+            current.append(value)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
+
+
+def test_a_packed_sample_has_labels_on_every_answer_and_nothing_else(processor):
+    from data.collate import answer_token_ids
+
+    tok = processor.tokenizer
+    batch = LlavaCollator(processor, max_length=400)([_packed(4)])
+    assert batch["input_ids"].shape[0] == 1  # one multi-turn conversation
+    spans = _answer_spans(batch["labels"][0])
+    expected = [answer_token_ids(tok, f"colour{i}") + [tok.eos_token_id] for i in range(4)]
+    assert spans == expected
+    labelled = batch["labels"][0] != IGNORE_INDEX
+    assert torch.equal(batch["input_ids"][0][labelled], torch.tensor(sum(expected, [])))
+
+
+def test_a_long_conversation_is_split_between_turns_each_part_with_the_image(processor):
+    one = LlavaCollator(processor, max_length=400)([_packed(1)])["input_ids"].shape[1]
+    batch = LlavaCollator(processor, max_length=one + 30)([_packed(6)])
+    rows = batch["input_ids"].shape[0]
+    assert rows > 1 and batch["pixel_values"].shape[0] == rows
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert all(int((row == image_token).sum()) > 0 for row in batch["input_ids"])
+    spans = [s for r in range(rows) for s in _answer_spans(batch["labels"][r])]
+    assert len(spans) == 6  # every answer once, none cut
 
 
 def test_caption_choice_is_seeded(processor):

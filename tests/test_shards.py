@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from test_shards_fixtures import make_coco, make_gqa, make_imagefolder, make_vqa
 from data.errors import DataError
 from data.prepare import prepare_coco, prepare_gqa, prepare_imagefolder, prepare_shapes_shards, prepare_vqav2
 from data.shapes import write_shapes_world
-from data.shards import MANIFEST_NAME, file_sha256, load_shards, open_shard
+from data.shards import MANIFEST_NAME, file_sha256, load_shards
 
 
 def _samples(out: Path) -> dict[str, dict[str, bytes]]:
@@ -162,18 +161,14 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path):
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 
-def test_open_shard_rejects_pipe_and_remote_urls(tmp_path):
-    with pytest.raises(DataError, match="refusing 'pipe:'"):
-        open_shard("pipe:cat /etc/hostname")
-    with pytest.raises(DataError, match="unsupported shard URL"):
-        open_shard("https://example.com/shard-000000.tar")
-    path = tmp_path / "x.tar"
-    with tarfile.open(path, "w") as tar:
-        info = tarfile.TarInfo("k.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
-    with open_shard(f"pipe:cat {path}", allow_pipe=True) as stream:
-        assert stream.read() == path.read_bytes()
+def test_shards_are_written_by_webdataset_and_read_back_by_it(tmp_path):
+    import webdataset as wds
+
+    captions, images = make_coco(tmp_path / "coco")
+    prepare_coco(captions, images, tmp_path / "out", 2)
+    shards = load_shards(tmp_path / "out")
+    keys = [s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())]
+    assert len(keys) == len(shards) and all(k.isdigit() for k in keys)
 
 
 def test_shapes_world_converts_with_the_same_code(tmp_path):

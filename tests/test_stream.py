@@ -66,7 +66,8 @@ def test_train_stream_is_reproducible_and_differs_across_ranks_and_epochs(shapes
     sources = shapes_sources(shapes_shards, "train", {"caption": 1.0, "vqav2": 1.0, "gqa": 1.0})
 
     def run(rank: int, epoch: int = 0, seed: int = 0) -> list[str]:
-        stream = TrainStream(sources, epoch_length=41, seed=seed, rank=rank, world_size=2, shuffle_buffer=16)
+        stream = TrainStream(sources, epoch_length=41, seed=seed, rank=rank, world_size=2, shuffle_buffer=16,
+                             sampling="resample")
         stream.set_epoch(epoch)
         return _keys(stream, num_workers=2)
 
@@ -80,7 +81,8 @@ def test_train_stream_is_reproducible_and_differs_across_ranks_and_epochs(shapes
 
 def test_train_stream_mixes_tasks_by_weight(shapes_shards):
     sources = shapes_sources(shapes_shards, "train", {"caption": 3.0, "vqav2": 1.0, "gqa": 0.0})
-    stream = TrainStream(sources, epoch_length=400, seed=0, rank=0, world_size=1, shuffle_buffer=8)
+    stream = TrainStream(sources, epoch_length=400, seed=0, rank=0, world_size=1, shuffle_buffer=8,
+                         sampling="resample", questions="single")
     counts = Counter(example["task"] for example in stream)
     assert set(counts) == {"caption", "vqav2"}
     assert 2.0 < counts["caption"] / counts["vqav2"] < 4.5
@@ -168,9 +170,9 @@ def test_pipe_urls_need_explicit_permission(tmp_path):
     prepare_coco(captions, images, tmp_path / "out", shard_size=100)
     url = ShardSource.from_dir(tmp_path / "out").urls[0]
     piped = ShardSource("caption", (f"pipe:cat {url}",))
-    with pytest.raises(DataError, match="refusing 'pipe:'"):
+    with pytest.raises(DataError, match="refusing shard URL 'pipe:cat .*data.allow_remote"):
         list(EvalStream(piped, rank=0, world_size=1))
-    assert len(list(EvalStream(piped, rank=0, world_size=1, allow_pipe=True))) == 5
+    assert len(list(EvalStream(piped, rank=0, world_size=1, allow_remote=True))) == 5
 
 
 def test_train_stream_over_unreadable_shards_fails_instead_of_hanging(tmp_path):
@@ -180,7 +182,7 @@ def test_train_stream_over_unreadable_shards_fails_instead_of_hanging(tmp_path):
         info.size = 7
         tar.addfile(info, io.BytesIO(b"garbage"))
     stream = TrainStream([ShardSource("caption", (str(path),))], epoch_length=5, rank=0, world_size=1,
-                         max_consecutive_skips=50)
+                         max_consecutive_skips=50, sampling="resample")
     with pytest.raises(DataError, match="unusable samples in a row"):
         list(stream)
 
@@ -213,3 +215,60 @@ def test_a_fraction_that_keeps_nothing_fails_instead_of_looping():
     raw = ({"__key__": "same-key"} for _ in range(10**9))
     with pytest.raises(DataError, match="keeps no image"):
         next(_kept(raw, 1e-9, "caption: train.data_fraction 1e-09", patience=1000))
+
+
+# --- epoch passes, packing, URLs (issue 15) -----------------------------------------------------------
+
+
+def _questions(shards: Path, task: str, split: str) -> set[str]:
+    """Keys (image/question_id) of every question of a split, from the exactly-once eval stream."""
+    return {e["__key__"] for e in EvalStream(ShardSource.from_dir(shards / task / split), rank=0, world_size=1)}
+
+
+@pytest.mark.parametrize("questions", ["packed", "single"])
+def test_one_epoch_sees_every_question_of_the_train_split_once_over_2_ranks_x_2_workers(shapes_shards, questions):
+    sources = shapes_sources(shapes_shards, "train", {"caption": 1.0, "vqav2": 1.0, "gqa": 1.0})
+    seen: Counter = Counter()
+    images: Counter = Counter()
+    for rank in range(2):
+        stream = TrainStream(sources, seed=3, rank=rank, world_size=2, shuffle_buffer=16, questions=questions)
+        stream.set_epoch(1)
+        for example in DataLoader(stream, batch_size=None, num_workers=2):
+            images[(example["task"], example["__key__"])] += 1
+            if example["task"] == "caption":
+                continue
+            if questions == "packed":
+                seen.update((example["task"], f"{example['__key__']}/{t['question_id']}") for t in example["turns"])
+            else:
+                seen[(example["task"], example["__key__"])] += 1
+    expected = {(t, k) for t in ("vqav2", "gqa") for k in _questions(shapes_shards, t, "train")}
+    assert set(seen) == expected and set(seen.values()) == {1}  # every question, exactly once
+    if questions == "packed":  # one visit per image per epoch, every task
+        assert set(images.values()) == {1}
+        assert {t for t, _ in images} == {"caption", "vqav2", "gqa"}
+
+
+def test_epoch_order_is_seeded_and_changes_with_the_epoch(shapes_shards):
+    sources = shapes_sources(shapes_shards, "train", {"caption": 1.0, "vqav2": 1.0})
+
+    def keys(epoch: int, seed: int = 0) -> list[str]:
+        stream = TrainStream(sources, seed=seed, rank=0, world_size=1, shuffle_buffer=16)
+        stream.set_epoch(epoch)
+        return [e["__key__"] for e in stream]
+
+    assert keys(0) == keys(0) and keys(0) != keys(1) and keys(0, seed=1) != keys(0)
+    assert sorted(keys(0)) == sorted(keys(1))
+
+
+def test_remote_urls_are_refused_unless_enabled():
+    from data.stream import check_urls
+
+    for url in ("https://example.com/shard-000000.tar", "gs://bucket/shard.tar", "pipe:curl -s http://x/a.tar"):
+        with pytest.raises(DataError, match="data.allow_remote"):
+            check_urls([url], allow_remote=False)
+        check_urls([url], allow_remote=True)
+    with pytest.raises(DataError, match="webdataset cannot open 'ftp:'"):
+        check_urls(["ftp://example.com/a.tar"], allow_remote=True)
+    check_urls(["/data/shard.tar", "file:/data/shard.tar", "relative/shard.tar"], allow_remote=False)
+    with pytest.raises(DataError, match="data.allow_remote"):
+        TrainStream([ShardSource("caption", ("https://example.com/a.tar",))], rank=0, world_size=1)
