@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import webdataset as wds
+
 from data.errors import DataError
 from data.files import read_json, write_json_atomic
 
@@ -50,10 +52,10 @@ class _HashingFile(io.RawIOBase):
 class ShardWriter:
     """Writes samples ({key}.{ext} members) into tar shards of at most `shard_size` samples."""
 
-    def __init__(self, out: Path, shard_size: int, prefix: str = "shard"):
+    def __init__(self, out: Path, shard_size: int, prefix: str = "shard", start: int = 0):
         if shard_size < 1:
             raise DataError(f"shard size must be at least 1, got {shard_size}")
-        self.out, self.shard_size, self.prefix = Path(out), shard_size, prefix
+        self.out, self.shard_size, self.prefix, self.start = Path(out), shard_size, prefix, start
         self.out.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict[str, Any]] = []
         self._tar: Any = None  # a webdataset.TarWriter while a shard is open
@@ -73,9 +75,7 @@ class ShardWriter:
             self._close_shard()
 
     def _open(self) -> None:
-        import webdataset as wds
-
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = f"{self.prefix}-{self.start + len(self.shards):06d}.tar"
         self._tmp = self.out / f".{name}.tmp-{os.getpid()}"
         self._handle = open(self._tmp, "wb")
         self._hashing = _HashingFile(self._handle)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,30 @@ def build_tiny_llava(preset: TinyPreset, vocabulary: Iterable[str], extra_texts:
     return model, processor
 
 
+def with_image_fit(processor, fit: str):
+    """`processor` with an image transform that fits images as `fit` says (data.image_fit).
+
+    pad_to_square is transformers' LlavaImageProcessor with `do_pad` (LLaVA-1.5's expand2square:
+    pad with the mean colour to a square, then the processor's resize and crop, on torchvision),
+    built from the processor's own settings; it is saved with the processor, so evaluation, the
+    merged model and the demo fit images the way training did. center_crop turns padding off.
+    """
+    from transformers import LlavaImageProcessor
+
+    current = processor.image_processor
+    padding = bool(getattr(current, "do_pad", False)) and isinstance(current, LlavaImageProcessor)
+    if (fit == "pad_to_square") == padding:
+        return processor
+    if fit == "center_crop":
+        current.do_pad = False
+        return processor
+    settings = {k: v for k, v in current.to_dict().items()
+                if k in ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor",
+                         "do_normalize", "image_mean", "image_std", "do_convert_rgb", "resample")}
+    processor.image_processor = LlavaImageProcessor(**settings, do_pad=True)
+    return processor
+
+
 def load_llava(cfg: ModelConfig):
     """(model, processor) from a hub id or local directory."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -243,19 +268,87 @@ def build_tiny_vit(preset: TinyPreset, impl: str = "transformers", num_labels: i
 
 
 def save_vit(model: nn.Module, out: Path) -> None:
-    """Save a ViT so `load_vit` rebuilds it: save_pretrained for transformers, safetensors + meta for timm."""
+    """Save a ViT so `load_vit` rebuilds it: save_pretrained for transformers; for timm, safetensors
+    + build metadata (models built here) or timm's own `save_for_hf` (models from the hub)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(out)
         return
-    from safetensors.torch import save_file
-
     meta = getattr(model, "structlora_meta", None)
     if meta is None:
-        raise UserError("this timm model has no build metadata; save it with timm's own tools")
+        from timm.models import save_for_hf
+
+        save_for_hf(model, out, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / _TIMM_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+TIMM_DATA_CONFIG = "timm_data_config.json"
+
+
+class TimmImageProcessor:
+    """A timm model's own preprocessing (`timm.data.resolve_model_data_config` + `create_transform`,
+    eval mode) behind the image-processor call the collators use: `(images=[PIL], return_tensors="pt")`."""
+
+    def __init__(self, data_config: dict[str, Any]):
+        from timm.data import create_transform
+
+        self.data_config = dict(data_config)
+        self.transform = create_transform(**self.data_config, is_training=False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> TimmImageProcessor:
+        from timm.data import resolve_model_data_config
+
+        config = resolve_model_data_config(model)
+        embed = getattr(model, "patch_embed", None)
+        if embed is not None and getattr(embed, "img_size", None):  # a model built here has no pretrained cfg
+            config["input_size"] = (3, *embed.img_size)
+        return cls(config)
+
+    def __call__(self, images, return_tensors: str = "pt", **_) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([self.transform(im.convert("RGB")) for im in images])}
+
+    def save_pretrained(self, out: str | Path) -> None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / TIMM_DATA_CONFIG).write_text(json.dumps(self.data_config, indent=2, sort_keys=True, default=list))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> TimmImageProcessor:
+        config = json.loads((Path(path) / TIMM_DATA_CONFIG).read_text())
+        config["input_size"] = tuple(config["input_size"])
+        return cls(config)
+
+
+class TimmClassifier(nn.Module):
+    """A timm ViT behind the interface of transformers' image classifiers, so every stage runs it
+    as it runs ViTForImageClassification: forward(pixel_values, labels) -> .loss / .logits,
+    save_pretrained / from_pretrained (the timm model's own format). The timm model is the child
+    `timm`: its blocks are `timm.blocks.{i}` (pipeline.towers knows this)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.timm = model
+        self.config = types.SimpleNamespace(num_labels=model.num_classes, model_type="timm_vit")
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **_):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = self.timm(pixel_values)
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, out: str | Path, **_) -> None:
+        save_vit(self.timm, Path(out))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **_) -> TimmClassifier:
+        model = cls(load_vit(ModelConfig(arch="vit", vit_impl="timm", name_or_path=str(path))))
+        return model.to(dtype) if dtype is not None else model
 
 
 def load_vit(cfg: ModelConfig, num_labels: int | None = None) -> nn.Module:
@@ -291,6 +384,16 @@ def build_vit(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) ->
     if cfg.preset == "tiny":
         return build_tiny_vit(cfg.tiny, cfg.vit_impl, num_labels, seed)
     return load_vit(cfg, num_labels)
+
+
+def vit_for_pipeline(model: nn.Module) -> tuple[nn.Module, Any]:
+    """(classifier, image processor) as the stages use them: a timm model wrapped in TimmClassifier
+    with timm's own preprocessing; a transformers ViT as it is (its processor comes from elsewhere)."""
+    if isinstance(model, TimmClassifier):
+        return model, TimmImageProcessor.from_model(model.timm)
+    if hasattr(model, "blocks") and not hasattr(model, "save_pretrained"):
+        return TimmClassifier(model), TimmImageProcessor.from_model(model)
+    return model, None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

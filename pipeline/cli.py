@@ -53,26 +53,26 @@ def _cmd_prepare_shapes(args: argparse.Namespace) -> int:
 
 def _cmd_prepare_coco(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_coco", captions=Path(args.captions), images=Path(args.images),
-                      out=Path(args.out), shard_size=args.shard_size))
+                      out=Path(args.out), shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
 def _cmd_prepare_vqav2(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_vqav2", questions=Path(args.questions),
                       annotations=Path(args.annotations), images=Path(args.images),
-                      out=Path(args.out), shard_size=args.shard_size))
+                      out=Path(args.out), shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
 def _cmd_prepare_gqa(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_gqa", questions=Path(args.questions), images=Path(args.images),
-                      out=Path(args.out), shard_size=args.shard_size))
+                      out=Path(args.out), shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
 def _cmd_prepare_imagefolder(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_imagefolder", root=Path(args.root), out=Path(args.out),
-                      shard_size=args.shard_size))
+                      shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
     p = add(prep_sub, "vqav2", "VQAv2 questions + annotations JSON + image folder -> shards", _cmd_prepare_vqav2)
     p.add_argument("--questions", required=True)
@@ -154,18 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
     p = add(prep_sub, "gqa", "GQA questions JSON + image folder -> shards", _cmd_prepare_gqa)
     p.add_argument("--questions", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
     p = add(prep_sub, "imagefolder", "one folder per class -> classification shards (ViT path)",
             _cmd_prepare_imagefolder)
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
     score = sub.add_parser("score", help="score a predictions file (prints JSON)",
                            description="score a predictions file against official annotations (prints JSON)")

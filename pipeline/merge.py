@@ -115,7 +115,10 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     # the saved model must stand alone: reload it with plain transformers; it must equal what was saved
     from transformers import AutoModelForImageClassification, LlavaForConditionalGeneration
 
-    model_class = AutoModelForImageClassification if cfg.model.arch == "vit" else LlavaForConditionalGeneration
+    if cfg.model.arch == "vit" and cfg.model.vit_impl == "timm":
+        from pipeline.backbones import TimmClassifier as model_class
+    else:
+        model_class = AutoModelForImageClassification if cfg.model.arch == "vit" else LlavaForConditionalGeneration
     reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
     diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(_logits(merged, batches), _logits(reloaded, batches)))
     check["max_abs_diff_reloaded_vs_saved"] = diff_reloaded

@@ -45,6 +45,7 @@ class DataConfig:
         help="official input files by role (captions, questions, annotations, images, root, shards)", factory=dict
     )
     shard_size: int = _f(1000, "samples per WebDataset shard")
+    prepare_workers: int = _f(0, "processes writing shards in prepare (0 = one per core, at most 8)")
     tasks: dict[str, float] = _f(
         help="task mixing weights for training, e.g. {caption: 1.0, vqav2: 1.0, gqa: 1.0}",
         factory=lambda: {"caption": 1.0, "vqav2": 1.0, "gqa": 1.0},
@@ -56,6 +57,10 @@ class DataConfig:
     sampling: Literal["epoch", "resample"] = _f(
         "epoch", "training stream: epoch = one pass over every source per epoch (every image and question "
         "seen); resample = shards drawn with replacement, endless (corpora longer than the run)")
+    image_fit: Literal["center_crop", "pad_to_square"] = _f(
+        "center_crop", "how an image becomes the tower's square input: center_crop = the processor's resize of the "
+        "shortest side and centre crop (llava-hf's processor); pad_to_square = pad to a square with the mean "
+        "colour first, then resize (LLaVA-1.5's training recipe; nothing is cut off). Saved with the model")
     questions: Literal["packed", "single"] = _f(
         "packed", "questions of one image in training: packed = one multi-turn conversation (as LLaVA trains), "
         "single = one example each")

@@ -51,6 +51,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Any]:
             raise UserError(f"data.paths.root: shard directory not found: {root}")
         return {"shards": str(root)}
     written = {}
+    workers = cfg.prepare_workers or None
     for split, prefix in SPLIT_KEYS.items():
         def p(role: str, prefix: str = prefix) -> Path | None:
             value = cfg.paths.get(prefix + role)
@@ -59,15 +60,15 @@ def stage_prepare(ctx: StageContext) -> dict[str, Any]:
         dest = shards / _task_of(cfg.source) / split
         if cfg.source == "coco" and p("captions"):
             written[split] = prepare.prepare_coco(p("captions"), _need(p("images"), prefix + "images"), dest,
-                                                  cfg.shard_size)
+                                                  cfg.shard_size, workers)
         elif cfg.source == "vqav2" and p("questions"):
             written[split] = prepare.prepare_vqav2(p("questions"), _need(p("annotations"), prefix + "annotations"),
-                                                   _need(p("images"), prefix + "images"), dest, cfg.shard_size)
+                                                   _need(p("images"), prefix + "images"), dest, cfg.shard_size, workers)
         elif cfg.source == "gqa" and p("questions"):
             written[split] = prepare.prepare_gqa(p("questions"), _need(p("images"), prefix + "images"), dest,
-                                                 cfg.shard_size)
+                                                 cfg.shard_size, workers)
         elif cfg.source == "imagefolder" and p("root"):
-            written[split] = prepare.prepare_imagefolder(p("root"), dest, cfg.shard_size)
+            written[split] = prepare.prepare_imagefolder(p("root"), dest, cfg.shard_size, workers=workers)
     if "train" not in written:
         raise UserError(f"data.paths: no training files given for source '{cfg.source}'")
     return {"shards": str(shards), "splits": sorted(written)}
@@ -129,20 +130,23 @@ def base_model_dir(ctx: StageContext) -> Path:
 
 def load_base(ctx: StageContext):
     """(model, processor) the adaptation starts from: the base stage's model, or the config's."""
-    from pipeline.backbones import build_llava, load_llava
+    from pipeline.backbones import build_llava, load_llava, with_image_fit
 
     cfg = ctx.cfg
     if cfg.model.arch == "vit":
         return load_vit_base(ctx)
     if cfg.model.preset is None:
-        return load_llava(cfg.model)
-    if cfg.base.enabled:
+        model, processor = load_llava(cfg.model)
+    elif cfg.base.enabled:
         path = base_model_dir(ctx)
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
-        return load_llava(ModelConfig(name_or_path=str(path), vision_feature_layer=cfg.model.vision_feature_layer))
-    vocab, extra = world_texts()
-    return build_llava(cfg.model, vocab, extra, seed=cfg.seed)
+        model, processor = load_llava(ModelConfig(name_or_path=str(path),
+                                                  vision_feature_layer=cfg.model.vision_feature_layer))
+    else:
+        vocab, extra = world_texts()
+        model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
+    return model, with_image_fit(processor, cfg.data.image_fit)
 
 
 def num_classes(ctx: StageContext) -> int:
@@ -161,27 +165,30 @@ def vit_image_processor(cfg: RunConfig):
 
 
 def load_vit_base(ctx: StageContext):
-    """(classifier, image processor): the base stage's tiny ViT, a preset, or a loaded checkpoint.
-
-    The staged pipeline runs transformers ViTs; timm ViTs (fused qkv) are supported by the
-    structlora library and pipeline.backbones, from Python."""
+    """(classifier, image processor): the base stage's tiny ViT, a preset, or a loaded checkpoint;
+    transformers' ViTForImageClassification, or a timm ViT (`model.vit_impl: timm`) wrapped in
+    TimmClassifier with timm's own preprocessing."""
     from transformers import AutoImageProcessor
 
-    from pipeline.backbones import build_vit, load_vit, resolve_pretrained
+    from pipeline.backbones import TimmClassifier, build_vit, load_vit, resolve_pretrained, vit_for_pipeline
 
     cfg = ctx.cfg
-    if cfg.model.vit_impl != "transformers":
-        raise UserError("model.vit_impl=timm: the staged pipeline runs transformers ViTs; use timm models "
-                        "through structlora.apply_structlora from Python, or set model.vit_impl=transformers")
+    timm = cfg.model.vit_impl == "timm"
     if cfg.model.preset is None:
-        return load_vit(cfg.model, num_classes(ctx)), AutoImageProcessor.from_pretrained(
-            resolve_pretrained(cfg.model.name_or_path, cfg.model.revision))
+        model = load_vit(cfg.model, num_classes(ctx))
+        if timm:
+            return vit_for_pipeline(model)
+        return model, AutoImageProcessor.from_pretrained(resolve_pretrained(cfg.model.name_or_path,
+                                                                            cfg.model.revision))
     path = base_model_dir(ctx)
     if cfg.base.enabled:
-        if not (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in ("config.json", "model.safetensors")):
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
+        if timm:
+            return vit_for_pipeline(TimmClassifier.from_pretrained(path))
         return load_vit(ModelConfig(arch="vit", name_or_path=str(path))), AutoImageProcessor.from_pretrained(path)
-    return build_vit(cfg.model, num_classes(ctx), seed=cfg.seed), vit_image_processor(cfg)
+    model = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed)
+    return vit_for_pipeline(model) if timm else (model, vit_image_processor(cfg))
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -264,9 +271,10 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
         return {"skipped": "base.enabled is false"}
     tasks = cfg.base.tasks
     if cfg.model.arch == "vit":
-        from pipeline.backbones import build_vit
+        from pipeline.backbones import build_vit, vit_for_pipeline
 
-        model, processor = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed), vit_image_processor(cfg)
+        model = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed)
+        model, processor = vit_for_pipeline(model) if cfg.model.vit_impl == "timm" else (model, vit_image_processor(cfg))
         tasks = {"classification": 1.0}
     else:
         vocab, extra = world_texts()

@@ -40,7 +40,7 @@ def backbone_kind(model: nn.Module) -> str:
         return "llava"
     if "vit" in names:
         return "vit"
-    if "blocks" in names:
+    if "blocks" in names or ("timm" in names and hasattr(model.timm, "blocks")):
         return "timm_vit"
     raise ValueError(f"unknown backbone {type(model).__name__}: expected LLaVA, a transformers ViT or a timm ViT")
 
@@ -114,15 +114,26 @@ def vit_targets(model: nn.Module, adapter: AdapterConfig, kind: str) -> list[dic
         hidden = model.config.hidden_size
         return [t for k in adapter.targets
                 if (t := _layer_target(model, "vision", r"vit\.layers", k, hidden)) is not None]
-    hidden = model.embed_dim
+    prefix = r"timm\.blocks" if hasattr(model, "timm") else r"blocks"  # pipeline.backbones.TimmClassifier
+    hidden = (model.timm if hasattr(model, "timm") else model).embed_dim
+    # transformers' names work on timm too (one config for both implementations): q/k/v_proj are the
+    # row slices of timm's fused attn.qkv, o_proj / out_proj its attn.proj; `qkv` alone means q and v
+    slices = [TIMM_QKV_SLICES[k] for k in adapter.targets if k in TIMM_QKV_SLICES] or \
+        (["q", "v"] if "qkv" in adapter.targets else [])
     targets = []
+    if slices:
+        targets.append({"tower": "vision", "pattern": rf"^{prefix}\.(\d+)\.attn\.qkv$", "kind": "qkv",
+                        "in_space": "vision", "fused": ["q", "k", "v"], "slices": sorted(set(slices), key="qkv".index)})
     for k in adapter.targets:
-        if k == "qkv":  # timm's fused projection: adapt the q and v row slices
-            targets.append({"tower": "vision", "pattern": r"^blocks\.(\d+)\.attn\.qkv$", "kind": "qkv",
-                            "in_space": "vision", "fused": ["q", "k", "v"], "slices": ["q", "v"]})
-        elif (t := _layer_target(model, "vision", r"blocks", k, hidden)) is not None:
-            targets.append(t)
+        if k in TIMM_QKV_SLICES or k == "qkv":
+            continue
+        if (t := _layer_target(model, "vision", prefix, TIMM_ALIASES.get(k, k), hidden)) is not None:
+            targets.append({**t, "kind": k})
     return targets
+
+
+TIMM_QKV_SLICES = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
+TIMM_ALIASES = {"o_proj": "proj", "out_proj": "proj"}
 
 
 def tower_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, Any]]:
@@ -130,7 +141,10 @@ def tower_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, An
     kind = backbone_kind(model)
     targets = llava_targets(model, adapter) if kind == "llava" else vit_targets(model, adapter, kind)
     layered = adapter.vision == "lora" or (kind == "llava" and adapter.language == "lora")
-    missing = [k for k in adapter.targets if k not in {t["kind"] for t in targets}]
+    kinds = {t["kind"] for t in targets}
+    if kind == "timm_vit" and "qkv" in kinds:
+        kinds |= {"qkv", *TIMM_QKV_SLICES}
+    missing = [k for k in adapter.targets if k not in kinds]
     if layered and missing:
         raise ValueError(f"adapter.targets {missing} name no linear layer in the adapted towers of "
                          f"{type(model).__name__}")
@@ -153,7 +167,7 @@ def full_module_names(model: nn.Module, adapter: AdapterConfig) -> list[str]:
     """
     kind = backbone_kind(model)
     if kind != "llava":
-        head = "classifier" if kind == "vit" else "head"
+        head = "classifier" if kind == "vit" else ("timm.head" if hasattr(model, "timm") else "head")
         return [n for n, _ in model.named_children()] if adapter.vision == "full" else [head]
     names: list[str] = []
     if adapter.vision == "full":

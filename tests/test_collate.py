@@ -157,3 +157,23 @@ def test_answer_ids_match_the_joint_text_for_sentencepiece_style_tokenizers():
     joint = tok("ASSISTANT: two shapes", add_special_tokens=False)["input_ids"]
     assert joint[1:] == answer_token_ids(tok, "two shapes")
     assert joint[0] == 3
+
+
+def test_pad_to_square_pads_with_the_mean_colour_and_travels_with_the_processor(processor, tmp_path):
+    import copy
+
+    from transformers import AutoProcessor
+
+    from pipeline.backbones import with_image_fit
+
+    wide = Image.new("RGB", (128, 32), (255, 0, 0))
+    padded = with_image_fit(copy.deepcopy(processor), "pad_to_square")
+    top = preprocess_images(padded, [wide])[0][:, 0, :]  # first row: padding in the mean colour
+    assert float(top.abs().max()) < 0.05  # the mean normalises to 0
+    cropped = preprocess_images(processor, [wide])[0][:, 0, :]  # centre crop: red to the edge
+    assert float(cropped[0].min()) > 1.0
+    padded.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert reloaded.image_processor.do_pad
+    assert torch.equal(preprocess_images(reloaded, [wide]), preprocess_images(padded, [wide]))
+    assert with_image_fit(reloaded, "center_crop").image_processor.do_pad is False

@@ -129,7 +129,7 @@ def test_shards_are_deterministic_and_checked(tmp_path):
         load_shards(tmp_path / "a", verify=True)
 
 
-def test_interrupted_prepare_leaves_previous_output(tmp_path, monkeypatch):
+def test_interrupted_prepare_leaves_previous_output_and_resumes(tmp_path, monkeypatch):
     captions, images = make_coco(tmp_path / "coco")
     out = tmp_path / "out"
     prepare_coco(captions, images, out, shard_size=2)
@@ -147,9 +147,35 @@ def test_interrupted_prepare_leaves_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.shards.ShardWriter, "write", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare_coco(captions, images, out, shard_size=2)
+        prepare_coco(captions, images, out, shard_size=2, workers=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "out"], "no staging directory left"
+    partial = tmp_path / ".out.partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "coco", "out"]
+    assert not list(partial.glob(".*tmp*")), "the shard being written when killed is not left half-done"
+    monkeypatch.setattr(data.shards.ShardWriter, "write", original)
+    (partial / "shard-000000.tar").write_bytes(b"damaged")  # a kept shard must pass its sha256
+    result = prepare_coco(captions, images, out, shard_size=2, workers=1)
+    assert result["resumed_shards"] == 0
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(data.shards.ShardWriter, "write", dying_write)
+        calls["n"] = 0
+        prepare_coco(captions, images, out, shard_size=2, workers=1)
+    monkeypatch.setattr(data.shards.ShardWriter, "write", original)
+    result = prepare_coco(captions, images, out, shard_size=2, workers=1)
+    assert result["resumed_shards"] == 1  # the first shard was finished before the kill: kept
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # same bytes as an uninterrupted prepare
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "out"]
+
+
+def test_parallel_prepare_writes_the_same_bytes_as_one_process(tmp_path):
+    captions, images = make_coco(tmp_path / "coco")
+    one = prepare_coco(captions, images, tmp_path / "one", shard_size=2, workers=1)
+    two = prepare_coco(captions, images, tmp_path / "two", shard_size=2, workers=2)
+    assert one["workers"] == 1 and two["workers"] == 2 and two["images_per_second"] > 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for path in (tmp_path / "one").iterdir():
+        assert path.read_bytes() == (tmp_path / "two" / path.name).read_bytes(), path.name
+    assert one["skipped"] == two["skipped"] and one["problems"] == two["problems"]
 
 
 def test_refuses_to_overwrite_foreign_directory(tmp_path):

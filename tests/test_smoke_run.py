@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,21 +41,31 @@ def test_smoke_config_runs_every_stage(tmp_path):
     assert again.returncode == 0 and again.stdout.count("skipped") == 6
 
 
-def test_vit_classification_runs_every_stage(tmp_path):
+@pytest.mark.parametrize("impl", ["transformers", "timm"])
+def test_vit_classification_runs_every_stage(tmp_path, impl):
     run = tmp_path / "vit"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    sets = ["model.arch=vit", "data.tasks={classification: 1.0}", "eval.tasks=[classification]",
-            "adapter.projector=frozen", "adapter.language=frozen", f"publish.registry={tmp_path / 'reg'}",
-            "base.max_steps=20", "train.max_steps=20"]
+    sets = ["model.arch=vit", f"model.vit_impl={impl}", "data.tasks={classification: 1.0}",
+            "eval.tasks=[classification]", "adapter.projector=frozen", "adapter.language=frozen",
+            f"publish.registry={tmp_path / 'reg'}", "base.max_steps=20", "train.max_steps=20"]
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run),
            *[x for s in sets for x in ("--set", s)]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["metrics"]["classification"]["top1"] <= 100 and "classification" in metrics["base"]
-    from transformers import AutoModelForImageClassification
+    if impl == "timm":  # the merged model is a plain timm model (build metadata + safetensors)
+        from pipeline.backbones import TimmClassifier, TimmImageProcessor
 
-    model = AutoModelForImageClassification.from_pretrained(run / "merge" / "model")
+        model = TimmClassifier.from_pretrained(run / "merge" / "model")
+        assert type(model.timm).__module__.startswith("timm.")
+        assert TimmImageProcessor.from_pretrained(run / "merge" / "model").data_config["input_size"][1:] == (64, 64)
+        train = json.loads((run / "train" / "final" / "summary.json").read_text())
+        assert train["trainable_parameters"] > 0
+    else:
+        from transformers import AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(run / "merge" / "model")
     assert model.config.num_labels == 5  # the shapes world's classes
     manifest = json.loads((run / "manifest.json").read_text())
     assert "skipped" in manifest["stages"]["publish"]["outputs"]
