@@ -1,6 +1,6 @@
 """Loader throughput, the webdataset pipeline against the hand-written loader it replaced.
 
-    python bench/loader.py [--images 1200] [--batches 30] [--batch-size 16] [--old-commit 12c1364]
+    python bench/loader.py [--images 1200] [--batches 20] [--rounds 3] [--batch-size 16] [--old-commit 12c1364]
 
 A COCO-format caption set of real-size JPEGs (640 x 480, generated: gradients and shapes with
 noise, quality 90) is prepared into shards once; then both loaders stream it through a torch
@@ -24,6 +24,7 @@ import importlib.util
 import itertools
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--old-commit", default="12c1364", help="the last commit with the hand-written loader")
     parser.add_argument("--workers", default="0,2")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (ratio per round, median)")
     args = parser.parse_args(argv)
     from data.collate import LlavaCollator
     from data.prepare import prepare_coco
@@ -119,22 +121,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.images} JPEGs of 640 x 480 generated and prepared in {time.perf_counter() - t0:.0f} s\n")
         words = "a picture with shapes number 0 1 2 3 4".split()
         length = args.batch_size * (args.batches + 2)
-        print("| image side | workers | old loader (samples/s) | webdataset loader (samples/s) | new / old |")
+        print(f"| image side | workers | old loader (samples/s, median of {args.rounds}) | webdataset loader "
+              "(samples/s) | new / old (median, range) |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for side, patch in ((64, 8), (336, 14)):
             processor = build_tiny_processor(words, side, patch, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
             max_length = (side // patch) ** 2 + 64
             for workers in [int(w) for w in args.workers.split(",")]:
-                rates = {}
-                for name, module, kwargs in (("old", old, {}), ("new", sys.modules["data.stream"],
-                                                                {"sampling": "resample"})):
-                    source = module.ShardSource.from_dir(root / "shards")
-                    stream = module.TrainStream([source], epoch_length=length, seed=0, rank=0, world_size=1,
-                                                shuffle_buffer=256, **kwargs)
-                    rates[name] = measure(stream, args.batch_size, args.batches, workers,
-                                          LlavaCollator(processor, max_length=max_length))
-                print(f"| {side} | {workers} | {rates['old']:.1f} | {rates['new']:.1f} | "
-                      f"{rates['new'] / rates['old']:.2f} |", flush=True)
+                rates: dict[str, list[float]] = {"old": [], "new": []}
+                for _ in range(args.rounds):  # interleaved: old, new, old, new, ...
+                    for name, module, kwargs in (("old", old, {}), ("new", sys.modules["data.stream"],
+                                                                    {"sampling": "resample"})):
+                        source = module.ShardSource.from_dir(root / "shards")
+                        stream = module.TrainStream([source], epoch_length=length, seed=0, rank=0, world_size=1,
+                                                    shuffle_buffer=256, **kwargs)
+                        rates[name].append(measure(stream, args.batch_size, args.batches, workers,
+                                                   LlavaCollator(processor, max_length=max_length)))
+                ratios = sorted(n / o for n, o in zip(rates["new"], rates["old"]))
+                print(f"| {side} | {workers} | {statistics.median(rates['old']):.1f} | "
+                      f"{statistics.median(rates['new']):.1f} | {statistics.median(ratios):.2f} "
+                      f"({ratios[0]:.2f}-{ratios[-1]:.2f}) |", flush=True)
         print(f"\nreference: one A100 consumes {A100_SAMPLES_PER_S:.1f} samples/s in LLaVA-1.5-7B tuning at 336 px; "
               f"target >= {3 * A100_SAMPLES_PER_S:.1f} samples/s per process")
     assert ShardSource and TrainStream  # the current module is what "new" measures
