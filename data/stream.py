@@ -323,6 +323,8 @@ class TrainStream(IterableDataset):
         stages += [wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng),
                    lambda raw: decode_samples(raw, guard),
                    lambda records: (e for r in records for e in training_examples(r, rng, self.questions))]
+        if self.questions == "single":  # an image's questions come out together: mix them with other images'
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
         if self.transform is not None:
             stages.append(wds.map(self.transform))
         return wds.DataPipeline(shards, *stages), expected * self.fraction * min(share, 1.0)
