@@ -38,7 +38,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from study import base_raw, deep_merge, is_done, prepare_shared, run_cells  # noqa: E402
+from study import _finished, base_raw, cell_spec, deep_merge, prepare_shared, run_cells  # noqa: E402
 
 log = logging.getLogger("study_v2")
 PHASES = ("gate", "lr", "grid", "lowdata")
@@ -81,15 +81,9 @@ def load_spec(path: Path, quick: bool) -> dict[str, Any]:
 
 def make_cell(spec: dict[str, Any], group: str, name: str, settings: dict[str, Any], seed: int, split: str,
               evaluate: bool, fraction: float = 1.0) -> dict[str, Any]:
-    """One cell: base config + budget + settings, with its own run folder and result path."""
-    raw = deep_merge(deep_merge(base_raw(spec), spec["budget"]), settings)
-    raw = deep_merge(raw, {"train": {"seed": seed, "data_fraction": fraction}, "eval": {"split": split}})
-    rank = raw["adapter"]["rank"] if raw["adapter"]["method"] != "full" else 0
-    cell_id = f"{group}/{name}-r{rank}-s{seed}" + (f"-f{fraction:g}" if fraction < 1.0 else "")
-    raw["run_dir"] = str(ROOT / spec["work_dir"] / "cells" / cell_id)
-    return {"id": cell_id, "group": group, "name": name, "rank": rank, "seed": seed, "fraction": fraction,
-            "split": split, "config": raw, "evaluate": evaluate, "shared": str(ROOT / spec["work_dir"] / "shared"),
-            "result": str(ROOT / spec["results"] / "cells" / f"{cell_id}.json"), "threads": spec["threads"]}
+    """bench/study.py's cell (base config + budget + settings, its run folder and result path), plus
+    whether it is scored after training (search cells only train)."""
+    return {**cell_spec(spec, group, name, settings, seed, split=split, fraction=fraction), "evaluate": evaluate}
 
 
 def final_val_loss(result: dict[str, Any]) -> float:
@@ -218,16 +212,6 @@ def lowdata_cells(spec, gate, scales) -> list[dict[str, Any]]:
     return [make_cell(spec, "lowdata", arm, final_settings(spec, arm, gate, scales, low["rank"]), seed, "test", True,
                       fraction=low["fraction"])
             for arm in low["arms"] for seed in spec["seeds"]]
-
-
-def _finished(cells: list[dict[str, Any]], missing: list[str] | None) -> list[dict[str, Any]]:
-    todo = [c["id"] for c in cells if not is_done(c)]
-    if todo and missing is None:
-        raise SystemExit(f"--report-only: {len(todo)} cells are not finished, e.g. {todo[0]}; run the study "
-                         "(or add --partial)")
-    if missing is not None:
-        missing += todo
-    return [json.loads(Path(c["result"]).read_text()) for c in cells if c["id"] not in todo]
 
 
 def main(argv: list[str] | None = None) -> int:

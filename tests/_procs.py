@@ -54,3 +54,18 @@ def kill_train_after_checkpoints(command: list[str], run_dir: Path, checkpoints:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "train" / "final").exists(), "the run finished before it could be killed"
+
+
+def load_bench(name: str):
+    """A module of bench/ (scripts, not a package), imported from its file."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

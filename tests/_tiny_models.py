@@ -60,6 +60,15 @@ def toy_model(seed: int = 0) -> ToyTowers:
     return ToyTowers()
 
 
+def randomize_b(sm, std: float = 0.3, seed: int = 0) -> None:
+    """Every lora_B of a StructLoRA model drawn N(0, std^2) (it starts at zero: the update is then nil)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in sm.layers.values():
+            for b in layer.lora_B.values():
+                b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
 def toy_inputs(seed: int = 1, batch: int = 4, tokens: int = 5) -> torch.Tensor:
     return torch.randn(batch, tokens, VISION_DIM, generator=torch.Generator().manual_seed(seed))
 

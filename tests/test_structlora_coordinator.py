@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _tiny_models import llava_batch, llava_config, tiny_llava, toy_config, toy_inputs, toy_model
+from _tiny_models import llava_batch, llava_config, randomize_b, tiny_llava, toy_config, toy_inputs, toy_model
 from torch import nn
 
 from structlora import apply_structlora, dirichlet_energy, drift_energy
@@ -18,12 +18,7 @@ LM = "model.language_model.layers"
 PROJ = "model.multi_modal_projector"
 
 
-def set_b(sm, std: float = 0.3, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in sm.layers.values():
-            for b in layer.lora_B.values():
-                b.copy_(torch.randn(b.shape, generator=g) * std)
+set_b = randomize_b
 
 
 # --- the graph ----------------------------------------------------------------------------------

@@ -7,24 +7,16 @@ import math
 
 import pytest
 import torch
-from _tiny_models import toy_config, toy_inputs, toy_model
+from _tiny_models import randomize_b, toy_config, toy_inputs, toy_model
 
 from structlora import apply_structlora
 from structlora.config import GateConfig
 from structlora.gate import expected_l0, gate_penalty, logit
 
 
-def _randomize_b(sm, seed: int = 0, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in sm.layers.values():
-            for b in layer.lora_B.values():
-                b.copy_(torch.randn(b.shape, generator=g) * std)
-
-
 def test_deterministic_gates_train_the_function_that_eval_computes():
     sm = apply_structlora(toy_model(), toy_config(gate={"sampling": "none"}))
-    _randomize_b(sm)
+    randomize_b(sm)
     x = toy_inputs()
     sm.train()
     train_out = sm(x)
@@ -34,7 +26,7 @@ def test_deterministic_gates_train_the_function_that_eval_computes():
 
 def test_per_example_gates_differ_between_examples_in_training_only():
     sm = apply_structlora(toy_model(), toy_config(gate={"sampling": "example", "init_prob": 0.5}))
-    _randomize_b(sm)
+    randomize_b(sm)
     x = toy_inputs(batch=1).expand(4, -1, -1).contiguous()  # four copies of one example
     sm.train()
     out = sm(x)
@@ -51,8 +43,8 @@ def test_hard_concrete_gate_initialised_saturated_starts_exactly_as_lora():
     cfg = {"sampling": "none", "hard_concrete": True, "init_prob": 0.95, "penalty": "l0"}
     gated = apply_structlora(toy_model(), toy_config(gate=cfg, coordinator=False))
     plain = apply_structlora(toy_model(), toy_config(gate=False, coordinator=False))
-    _randomize_b(gated)
-    _randomize_b(plain)
+    randomize_b(gated)
+    randomize_b(plain)
     gated.train()
     plain.train()
     x = toy_inputs()
@@ -101,7 +93,7 @@ def test_kl_with_the_paper_prior_never_prunes():
 def test_every_sampling_mode_merges_exactly(sampling):
     sm = apply_structlora(toy_model(), toy_config(gate={"sampling": sampling, "hard_concrete": True,
                                                         "init_prob": 0.5}))
-    _randomize_b(sm)
+    randomize_b(sm)
     with torch.no_grad():
         for layer in sm.layers.values():
             for g in layer.gates.values():
@@ -120,7 +112,7 @@ def test_smoother_message_is_minus_eta_times_the_laplacian_of_the_sketches():
     from structlora.graph import normalized_adjacency
 
     sm = apply_structlora(toy_model(), toy_config(gate=False, coordinator={"gnn": "smoother", "edges": "depth"}))
-    _randomize_b(sm)
+    randomize_b(sm)
     coordinator = sm.coordinator
     assert list(coordinator.parameters()) == list(coordinator.eta.parameters())
     H = torch.randn(len(sm.nodes), 4, 4)
@@ -138,7 +130,7 @@ def test_message_share_is_zero_at_start_and_measured_after():
     from structlora.diagnostics import message_share
 
     sm = apply_structlora(toy_model(), toy_config(gate=False))
-    _randomize_b(sm)
+    randomize_b(sm)
     assert max(message_share(sm).values()) == 0.0
     with torch.no_grad():
         for theta in sm.coordinator.theta[0].values():
