@@ -187,9 +187,10 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(int(cell["threads"]))
+    from eval.report import headline_from_file
     from pipeline.config import from_dict
-    from pipeline.evaluate import headline_from_file, stage_eval
-    from pipeline.runner import StageContext
+    from pipeline.context import StageContext
+    from pipeline.evaluate import stage_eval
     from pipeline.schema import RunConfig
     from pipeline.stages import stage_train
 

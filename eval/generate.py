@@ -101,7 +101,7 @@ def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: S
 def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSample], task: str,
                          batch_size: int = 8, max_new_tokens: int | None = None,
                          prompt_fn: Callable[[EvalSample], str] | None = None,
-                         progress: bool = False) -> list[dict[str, Any]]:
+                         progress: bool = False, desc: str | None = None) -> list[dict[str, Any]]:
     """Official-format prediction records for `samples` (in their order).
 
     Args:
@@ -110,6 +110,7 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
         max_new_tokens: defaults to data.prompts' budget for the task.
         prompt_fn: rendered prompt of a sample (default: ``build_prompt(task, sample.question)``);
             the long-context evaluation passes its extended prompts through here.
+        desc: the progress bar's label (default ``generate {task}``).
     """
     if task not in PREDICTION_KEYS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(PREDICTION_KEYS)}")
@@ -123,7 +124,7 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
     records: list[dict[str, Any]] = []
     try:
         starts = range(0, len(items), batch_size)
-        for start in tqdm(starts, desc=f"generate {task}", disable=not progress, unit="batch"):
+        for start in tqdm(starts, desc=desc or f"generate {task}", disable=not progress, unit="batch"):
             chunk = items[start:start + batch_size]
             texts = generate_batch(model, processor, [s.image for s in chunk], [make_prompt(s) for s in chunk], budget)
             records.extend(prediction_record(task, s.sample_id, postprocess_answer(task, t)) for s, t in zip(chunk, texts))
@@ -154,14 +155,14 @@ def write_prediction_shard(records: Iterable[dict[str, Any]], out_dir: Path, ran
 
 def run_generation(model: Any, processor: Any, samples: Sequence[EvalSample], task: str, out_dir: Path,
                    rank: int = 0, world_size: int = 1, batch_size: int = 8,
-                   max_new_tokens: int | None = None, progress: bool = False) -> Path:
+                   max_new_tokens: int | None = None, progress: bool = False, desc: str | None = None) -> Path:
     """Generate this rank's share of `samples` and write its shard; returns the shard path.
 
     Every rank calls this; after a barrier, one rank calls ``merge_prediction_shards``.
     """
     mine = shard_samples(samples, rank, world_size)
     records = generate_predictions(model, processor, mine, task, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=progress)
+                                   max_new_tokens=max_new_tokens, progress=progress, desc=desc)
     return write_prediction_shard(records, out_dir, rank)
 
 

@@ -154,15 +154,51 @@ def buckets_for_model(model: Any, meter: PromptLengthMeter, new_tokens: int = ma
     return list(buckets) if limit is None else scale_buckets(buckets, limit, new_tokens, min_length=bare)
 
 
+def bare_prompt_length(meter: PromptLengthMeter) -> int:
+    """Tokens of the long-context prompt without any filler (image tokens included)."""
+    return meter(_render([], "", CAPTION_PROMPT))
+
+
+def plan_buckets(lengths: Sequence[int], context_length: int | None, bare: int,
+                 new_tokens: int = max_new_tokens("caption"), scale: bool = True) -> tuple[list[int], dict[int, str]]:
+    """The buckets to caption at, and why each other one is skipped.
+
+    With `scale`, lengths that do not fit `context_length` (with `new_tokens` of generation) are
+    all scaled by one factor so that the largest just fits (``scale_buckets``); without it they
+    are used as given. Either way a bucket shorter than the prompt without filler (`bare`) or
+    longer than the context allows is skipped, and the returned reason says which.
+    """
+    if not lengths:
+        raise ValueError("no context lengths given")
+    skipped: dict[int, str] = {}
+    targets = {int(n): int(n) for n in lengths}
+    if scale and context_length is not None and max(targets) + new_tokens > context_length:
+        factor = (context_length - new_tokens) / max(targets)
+        targets = {n: int(n * factor) for n in targets}
+    kept = []
+    for asked, target in sorted(targets.items()):
+        label = f"{target} (scaled from {asked})" if target != asked else str(target)
+        if target < bare:
+            skipped[asked] = (f"bucket {label} tokens is shorter than the prompt without any filler "
+                              f"({bare} tokens: image tokens, roles and instruction)")
+        elif context_length is not None and target + new_tokens > context_length:
+            skipped[asked] = (f"bucket {label} tokens + {new_tokens} new tokens exceed the model's "
+                              f"{context_length} positions")
+        else:
+            kept.append(target)
+    return sorted(set(kept)), skipped
+
+
 def long_context_generations(model: Any, processor: Any, samples: Sequence[EvalSample], pool: Sequence[str],
                              buckets: Sequence[int] | None = None, batch_size: int = 8,
                              new_tokens: int | None = None, progress: bool = False,
-                             meter_image: Any = None) -> dict[int, dict[str, Any]]:
+                             meter_image: Any = None, label: str = "") -> dict[int, dict[str, Any]]:
     """Caption `samples` at each target prompt length; nothing is scored.
 
     The generation half of ``evaluate_long_context``: ranks each caption their share of the
     images (`meter_image`, the same on every rank, fixes the prompts) and one of them scores the
-    gathered records with ``score_long_context``.
+    gathered records with ``score_long_context``. A bucket that does not fit the model is an
+    error here: ``plan_buckets`` says beforehand which ones to skip and why.
 
     Returns:
         ``{target: {"prompt_tokens", "num_examples", "records": [{"image_id", "caption"}, ...]}}``.
@@ -181,27 +217,37 @@ def long_context_generations(model: Any, processor: Any, samples: Sequence[EvalS
         if limit is not None and prompt.num_tokens + budget > limit:
             raise ValueError(f"bucket {target}: {prompt.num_tokens} prompt tokens + {budget} new tokens exceed the "
                              f"model's {limit} positions; use scale_buckets(buckets, {limit})")
+        desc = f"{label}long_context {target} tok"
         records = generate_predictions(model, processor, samples, "caption", batch_size=batch_size,
                                        max_new_tokens=budget, prompt_fn=lambda _s, p=prompt: p.text,
-                                       progress=progress) if samples else []
+                                       progress=progress, desc=desc) if samples else []
         out[target] = {"prompt_tokens": prompt.num_tokens, "num_examples": round(prompt.num_examples, 3),
                        "records": records}
     return out
 
 
+CAPTION_FILLER = "reference captions of other images, one per line, between the image and the instruction"
+
+
 def score_long_context(generations: Sequence[Mapping[int, Mapping[str, Any]]],
-                       references: Mapping[Any, Sequence[str]], context_length: int | None) -> dict:
-    """CIDEr per bucket of the records of one or more ``long_context_generations`` (e.g. one per rank)."""
-    out: dict[int, dict[str, float]] = {}
+                       references: Mapping[Any, Sequence[str]], context_length: int | None,
+                       skipped: Mapping[int, str] | None = None, filler: str = CAPTION_FILLER) -> dict:
+    """CIDEr per bucket of the records of one or more ``long_context_generations`` (e.g. one per rank).
+
+    Each bucket keeps its per-image CIDEr (``per_image``) for paired comparisons; `skipped`
+    (bucket -> reason) is reported as given.
+    """
+    out: dict[int, dict[str, Any]] = {}
     for target in sorted({t for g in generations for t in g}):
         parts = [g[target] for g in generations if target in g]
         captions = {r["image_id"]: r["caption"] for part in parts for r in part["records"]}
         refs = {i: list(references[i]) for i in captions}
         scores = score_captions(refs, captions, metrics=["CIDEr"])
         out[target] = {"CIDEr": scores["metrics"]["CIDEr"], "prompt_tokens": parts[0]["prompt_tokens"],
-                       "num_examples": parts[0]["num_examples"], "num_images": len(captions)}
-    return {"buckets": out, "context_length": context_length,
-            "filler": "reference captions of other images, one per line, between the image and the instruction"}
+                       "num_examples": parts[0]["num_examples"], "num_images": len(captions),
+                       "per_image": scores["per_image"]}
+    return {"buckets": out, "context_length": context_length, "filler": filler,
+            "skipped": {int(k): v for k, v in (skipped or {}).items()}}
 
 
 def evaluate_long_context(model: Any, processor: Any, samples: Sequence[EvalSample],

@@ -1,12 +1,9 @@
-"""A run's ``metrics.json`` and a short markdown report (base vs adapted when both are given).
+"""``metrics.json`` and a markdown report for one or more models scored on the same samples.
 
-``metrics.json`` layout (read by the publish stage and the demo)::
-
-    {"schema": 1, "title": str, "metrics": {task: {...}}, "base": {task: {...}} | null,
-     "plots": {name: path relative to the run dir}}
-
-where each task block is what the eval functions return ("caption", "vqav2", "gqa",
-"classification", "long_context", ...). Per-item tables (``perQuestion``, ``per_image``) are
+``write_comparison`` writes both (layout in its docstring: schema 2, which keeps schema 1's
+``metrics`` / ``base`` keys that the publish stage and the demo read); ``write_report`` is the
+one-run form (adapted, and its base when given). Each task block is what the eval functions
+return ("caption", "vqav2", "gqa", "classification", "long_context", ...). Per-item tables (``perQuestion``, ``per_image``) are
 dropped by default: they can be 200k entries and belong in their own files. Both files are
 written with the temp-then-rename rule, so a reader never sees half of one.
 """
@@ -14,13 +11,13 @@ written with the temp-then-rename rule, so a reader never sees half of one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from eval.predictions import write_json_atomic, write_text_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Tables with one entry per item or per fine-grained type: kept out of the report table.
 DETAIL_KEYS = frozenset({"perQuestion", "per_image", "missing_ids", "perQuestionType", "perSemanticType",
                          "perStructuralType"})
@@ -78,30 +75,59 @@ def _coverage_lines(metrics: Mapping[str, Any], label: str) -> list[str]:
     return lines
 
 
-def render_report(metrics: Mapping[str, Any], base: Mapping[str, Any] | None = None,
-                  title: str = "Evaluation report", plots: Mapping[str, str] | None = None) -> str:
-    """Markdown: a metrics table (base | adapted | delta when `base` is given), coverage notes, plots."""
-    ours = flatten_scores(metrics)
-    theirs = flatten_scores(base) if base is not None else {}
+def _delta(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return ""
+    text = _fmt(a - b)
+    return text if text.startswith("-") else "+" + text
+
+
+def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | None = None,
+                      title: str = "Evaluation report", plots: Mapping[str, str] | None = None,
+                      differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+                      sources: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+    """Markdown: one score column per model (and a delta column per model against `reference`),
+    the paired-bootstrap differences when given, coverage notes, `notes`, plots."""
+    from eval.compare import format_difference
+
+    flat = {name: flatten_scores(tasks) for name, tasks in models.items()}
+    names = list(models)
+    others = [n for n in names if n != reference] if reference in models else []
+    rows = list(dict.fromkeys(key for name in names for key in flat[name]))
     lines = [f"# {title}", ""]
-    if base is not None:
-        lines += ["| metric | base | adapted | delta |", "|---|---:|---:|---:|"]
-        for name in list(ours) + [n for n in theirs if n not in ours]:
-            a, b = ours.get(name), theirs.get(name)
-            delta = _fmt(a - b) if a is not None and b is not None else ""
-            if delta and not delta.startswith("-"):
-                delta = "+" + delta
-            lines.append(f"| {name} | {_fmt(b)} | {_fmt(a)} | {delta} |")
-    else:
+    if sources:
+        lines += [f"- **{name}**: `{sources[name]}`" for name in names if name in sources] + [""]
+    if len(names) == 1:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {name} | {_fmt(value)} |" for name, value in ours.items()]
-    if not ours and not theirs:
+        lines += [f"| {key} | {_fmt(flat[names[0]].get(key))} |" for key in rows]
+    else:
+        ordered = ([reference] if reference in models else []) + [n for n in names if n != reference]
+        deltas = ["delta"] if len(others) == 1 else [f"{n} - {reference}" for n in others]
+        lines += ["| metric | " + " | ".join(ordered + deltas) + " |", "|---|" + "---:|" * (len(ordered) + len(deltas))]
+        for key in rows:
+            cells = [_fmt(flat[n].get(key)) for n in ordered]
+            cells += [_delta(flat[n].get(key), flat[reference].get(key)) for n in others]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if not rows:
         lines.append("| (no metrics) | |")
-    notes = _coverage_lines(metrics, "adapted" if base is not None else "run")
-    if base is not None:
-        notes += _coverage_lines(base, "base")
+    if differences and others:
+        keys = list(dict.fromkeys(k for n in others for k in differences.get(n, {})))
+        if keys:
+            any_row = next(iter(differences[others[0]].values()), {})
+            level = int(round(100 * any_row.get("level", 0.95)))
+            lines += ["", f"## Differences against {reference}", "",
+                      f"Mean per-item difference with a paired bootstrap {level}% interval over the items "
+                      f"({any_row.get('resamples', '?')} resamples); items = images (CIDEr) or questions.", "",
+                      "| score | items | " + " | ".join(others) + " |", "|---|---:|" + "---:|" * len(others)]
+            for key in keys:
+                count = next((differences[n][key]["items"] for n in others if key in differences.get(n, {})), 0)
+                cells = [format_difference(differences.get(n, {}).get(key, {})) for n in others]
+                lines.append(f"| {key} | {count} | " + " | ".join(cells) + " |")
+    coverage = [line for name in names for line in _coverage_lines(models[name], name)]
+    if coverage:
+        lines += ["", "## Coverage", "", *coverage]
     if notes:
-        lines += ["", "## Coverage", "", *notes]
+        lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
     lines += ["", "Captions: pycocoevalcap raw values (CIDEr 1.162 = 116.2 in papers). VQAv2: official "
               "vqaEval accuracy, percent. GQA: exact match on balanced questions after LLaVA's conversion, percent."]
     if plots:
@@ -110,25 +136,89 @@ def render_report(metrics: Mapping[str, Any], base: Mapping[str, Any] | None = N
     return "\n".join(lines) + "\n"
 
 
+def render_report(metrics: Mapping[str, Any], base: Mapping[str, Any] | None = None,
+                  title: str = "Evaluation report", plots: Mapping[str, str] | None = None) -> str:
+    """Markdown of one run: a metrics table (base | adapted | delta when `base` is given), coverage, plots."""
+    if base is None:
+        return render_comparison({"run": metrics}, None, title, plots)
+    return render_comparison({"base": base, "adapted": metrics}, "base", title, plots)
+
+
+def _relative(paths: Mapping[str, Path] | None, run_dir: Path) -> dict[str, str]:
+    """Plot paths relative to `run_dir` when they are inside it, so the folder can be moved."""
+    rel: dict[str, str] = {}
+    for name, path in (paths or {}).items():
+        path = Path(path)
+        try:
+            rel[name] = str(path.resolve().relative_to(run_dir.resolve()))
+        except ValueError:
+            rel[name] = str(path)
+    return rel
+
+
+def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], reference: str | None = None,
+                     plots: Mapping[str, Path] | None = None, title: str = "Evaluation report",
+                     differences: Mapping[str, Any] | None = None, sources: Mapping[str, str] | None = None,
+                     samples: Mapping[str, int] | None = None, notes: Sequence[str] = (),
+                     keep_details: bool = False) -> dict[str, Path]:
+    """Write ``metrics.json`` (schema 2) and ``report.md`` for models scored on the same samples.
+
+    ``metrics.json``::
+
+        {"schema": 2, "title", "reference", "models": {name: {task: {...}}}, "sources": {name: str},
+         "differences": {name: {score: {"difference", "low", "high", "items", ...}}},
+         "samples": {task: count}, "notes": [...], "plots": {name: relative path},
+         "metrics": {...}, "base": {...} | null}
+
+    ``metrics`` is the first model other than the reference and ``base`` the reference's
+    scores: the layout of schema 1, which the publish stage and the demo read.
+    """
+    out_dir = Path(out_dir)
+    rel_plots = _relative(plots, out_dir)
+    stored = {name: (tasks if keep_details else drop_large_tables(tasks)) for name, tasks in models.items()}
+    primary = next((n for n in models if n != reference), reference)
+    payload = {"schema": SCHEMA_VERSION, "title": title, "reference": reference, "models": stored,
+               "sources": dict(sources or {}), "differences": dict(differences or {}), "samples": dict(samples or {}),
+               "notes": list(notes), "plots": rel_plots,
+               "metrics": stored.get(primary, {}), "base": stored.get(reference) if reference != primary else None}
+    metrics_path = write_json_atomic(payload, out_dir / "metrics.json")
+    text = render_comparison(models, reference, title, rel_plots, differences, sources, notes)
+    report_path = write_text_atomic(text, out_dir / "report.md")
+    return {"metrics": metrics_path, "report": report_path}
+
+
 def write_report(run_dir: Path, metrics: Mapping[str, Any], base: Mapping[str, Any] | None = None,
                  plots: Mapping[str, Path] | None = None, title: str = "Evaluation report",
                  keep_details: bool = False) -> dict[str, Path]:
-    """Write ``metrics.json`` and ``report.md`` into `run_dir`; returns their paths.
+    """``write_comparison`` for one run's adapted model (``metrics``) and, optionally, its base."""
+    models = {"adapted": metrics} if base is None else {"base": base, "adapted": metrics}
+    return write_comparison(run_dir, models, "base" if base is not None else None, plots, title,
+                            keep_details=keep_details)
 
-    Plot paths are stored relative to `run_dir` when they are inside it, so the run directory
-    can be moved.
-    """
-    run_dir = Path(run_dir)
-    rel_plots: dict[str, str] = {}
-    for name, path in (plots or {}).items():
-        path = Path(path)
-        try:
-            rel_plots[name] = str(path.resolve().relative_to(run_dir.resolve()))
-        except ValueError:
-            rel_plots[name] = str(path)
-    stored = metrics if keep_details else drop_large_tables(metrics)
-    stored_base = base if (keep_details or base is None) else drop_large_tables(base)
-    payload = {"schema": SCHEMA_VERSION, "title": title, "metrics": stored, "base": stored_base, "plots": rel_plots}
-    metrics_path = write_json_atomic(payload, run_dir / "metrics.json")
-    report_path = write_text_atomic(render_report(metrics, base, title, rel_plots), run_dir / "report.md")
-    return {"metrics": metrics_path, "report": report_path}
+
+def headline(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """The few numbers a person looks at first, per model: CIDEr, VQA and GQA accuracy, top-1."""
+    out: dict[str, dict[str, float]] = {}
+    for name, tasks in scores.items():
+        row: dict[str, float] = {}
+        if "caption" in tasks:
+            row["CIDEr"] = round(float(tasks["caption"]["metrics"]["CIDEr"]), 4)
+        if "vqav2" in tasks:
+            row["VQA"] = float(tasks["vqav2"]["overall"])
+        if "gqa" in tasks:
+            row["GQA"] = float(tasks["gqa"]["accuracy"])
+        if "classification" in tasks:
+            row["top1"] = float(tasks["classification"]["top1"])
+        out[name] = row
+    return out
+
+
+def headline_from_file(path: Path) -> dict[str, dict[str, float]] | None:
+    """`headline` of a run's metrics.json ({"adapted", "base"}), or None if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    import json
+
+    data = json.loads(path.read_text())
+    return headline({"adapted": data.get("metrics") or {}, "base": data.get("base") or {}})

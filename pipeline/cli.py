@@ -100,6 +100,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    result = _call(
+        "pipeline.eval_command:run_eval",
+        models=args.models, data=Path(args.data), tasks=_csv(args.tasks), adapters=args.adapter or [],
+        split=args.split, max_samples=args.max_samples,
+        lengths=[int(n) for n in _csv(args.lengths)] if args.lengths else None, out=args.out,
+        registry=Path(args.registry) if args.registry else None, distractor=args.distractor,
+        batch_size=args.batch_size, long_context_samples=args.long_context_samples, reference=args.reference,
+        dtype=args.dtype, revision=args.revision,
+    )
+    if result:  # the main process: show the report
+        print(Path(result["report"]).read_text(encoding="utf-8"))
+        _print_json(result)
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.model_dir and not args.registry:
         raise UserError("structlora demo: give a MODEL_DIR or --registry DIR")
@@ -190,6 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add(sub, "eval", "score LLaVA models side by side on the same samples (captions, VQAv2, GQA, long context)",
+            _cmd_eval)
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="[NAME=]hub id, model directory, run directory (its merged model) or --registry entry name")
+    p.add_argument("--data", required=True, help="shards folder ({task}/{split}/ inside) or a run directory")
+    p.add_argument("--tasks", default="caption,vqav2,gqa",
+                   help="comma-separated: caption, vqav2, gqa, long_context (default: caption,vqav2,gqa)")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]PEFT_DIR",
+                   help="also score the first MODEL with this PEFT adapter on top (repeatable)")
+    p.add_argument("--split", default="test", help="shard split to score (default: test)")
+    p.add_argument("--max-samples", type=int, default=None, help="first N samples of each task (default: all)")
+    p.add_argument("--lengths", help="long-context prompt lengths in tokens, e.g. 256,512,1024,2048 (default: "
+                                     "those, scaled down to the first model's context when they do not fit)")
+    p.add_argument("--long-context-samples", type=int, default=48, help="images captioned at every length")
+    p.add_argument("--distractor", default="captions",
+                   help="long-context filler: 'captions' (other images' reference captions) or a text file")
+    p.add_argument("--reference", help="model the others are compared with (default: the first)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per generate call")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--revision", help="hub revision of hub-id models")
+    p.add_argument("--registry", help="model registry folder, to name its entries as MODEL")
+    p.add_argument("--out", help="output folder (default: runs/eval-DATE-TIME)")
 
     p = add(sub, "demo", "serve a merged model in a Gradio app", _cmd_demo)
     p.add_argument("model_dir", nargs="?", help="merged model directory")

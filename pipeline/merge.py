@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from pipeline.context import StageContext
 from pipeline.errors import UserError
-from pipeline.runner import StageContext
 
 RUN_INFO = "structlora_run.json"
 
@@ -125,7 +125,7 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     check["saved_dtype"] = cfg.model.dtype
     if diff_reloaded > 1e-6:
         raise RuntimeError(f"the reloaded merged model differs from the one saved by {diff_reloaded:.3e}")
-    from pipeline.evaluate import headline_from_file
+    from eval.report import headline_from_file
 
     metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json")
     (model_dir / "README.md").write_text(model_card(ctx, metrics, check))

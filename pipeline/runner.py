@@ -13,11 +13,11 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_config, save_config, to_dict
+from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.schema import RunConfig
 
@@ -34,19 +34,6 @@ STAGE_SLICES: dict[str, list[str]] = {
     "merge": ["merge"],
     "publish": ["publish"],
 }
-
-
-@dataclass
-class StageContext:
-    """What a stage function receives."""
-
-    cfg: RunConfig
-    run_dir: Path
-
-    def stage_dir(self, stage: str) -> Path:
-        path = self.run_dir / stage
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
 
 StageFn = Callable[[StageContext], dict[str, Any]]

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from pipeline.context import StageContext
 from pipeline.errors import UserError
-from pipeline.runner import StageContext
 from pipeline.schema import AdapterConfig, ModelConfig, RunConfig, TrainConfig
 
 log = logging.getLogger("structlora.stages")
@@ -408,7 +408,7 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
     model_dir = (ctx.run_dir / "merge" / "model").resolve()
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no merged model: run the merge stage first (--stages merge)")
-    from pipeline.evaluate import headline_from_file
+    from eval.report import headline_from_file
 
     metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json") or {}
     entry = {

@@ -56,7 +56,7 @@ def main() -> None:
     from accelerate import PartialState
 
     from pipeline.config import load_config
-    from pipeline.runner import StageContext
+    from pipeline.context import StageContext
     from pipeline.schema import RunConfig
     from pipeline.stages import attach, load_base
     from pipeline.train import TrainRecipe

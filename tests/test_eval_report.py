@@ -90,7 +90,7 @@ def test_write_report_atomic_and_relative_plots(tmp_path):
     paths = write_report(tmp_path, RUN, BASE, plots={"kept_rank": png}, title="run")
     assert RUN == run_before
     data = json.loads(paths["metrics"].read_text())
-    assert data["schema"] == 1 and data["plots"] == {"kept_rank": "plots/kept.png"}
+    assert data["schema"] == 2 and data["plots"] == {"kept_rank": "plots/kept.png"}
     assert "perQuestion" not in data["metrics"]["vqav2"] and "per_image" not in data["metrics"]["caption"]
     assert data["metrics"]["vqav2"]["perQuestionType"] == {"what": 50.0}
     assert data["base"]["vqav2"]["overall"] == 40.0

@@ -71,3 +71,38 @@ def test_no_file_is_huge():
     big = [f"{f.relative_to(ROOT)}: {n} lines" for pkg in [*PACKAGES, "tests", "bench"] for f in _files(pkg)
            if (n := len(f.read_text(encoding="utf-8").splitlines())) > limit]
     assert not big, f"split these by responsibility: {big}"
+
+
+def _module_imports(path: Path) -> set[str]:
+    """Dotted first-party modules a file imports, at any depth (lazy imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_no_import_cycle_between_modules():
+    """A module never imports (even lazily) one that imports it back, through any chain: the
+    stages import pipeline.context, and only the runner knows every stage."""
+    modules = {".".join(f.relative_to(ROOT).with_suffix("").parts): f for pkg in PACKAGES for f in _files(pkg)}
+    graph = {name: {m for m in _module_imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    cycles = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in stack:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in done:
+                visit(nxt, [*stack, nxt], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start], done)
+    assert not cycles, cycles

@@ -62,8 +62,8 @@ def test_skeleton_train_merge_export(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from pipeline.config import load_config
+    from pipeline.context import StageContext
     from pipeline.merge import _check_batches, _logits
-    from pipeline.runner import StageContext
     from pipeline.schema import RunConfig
     from pipeline.stages import load_base
 

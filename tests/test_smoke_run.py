@@ -13,19 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_smoke_config_runs_every_stage(tmp_path):
-    run, registry = tmp_path / "run", tmp_path / "registry"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run),
-           "--set", f"publish.registry={registry}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"structlora demo --registry {registry}" in proc.stdout
+def test_smoke_config_runs_every_stage(smoke_run):
+    run, registry, cmd, env = smoke_run.run, smoke_run.registry, smoke_run.command, smoke_run.env
+    assert f"structlora demo --registry {registry}" in smoke_run.stdout
     manifest = json.loads((run / "manifest.json").read_text())
     assert [s for s, r in manifest["stages"].items() if r["status"] == "done"] == sorted(
         ["prepare", "base", "train", "eval", "merge", "publish"])
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert {"caption", "vqav2", "gqa", "long_context"} <= set(metrics["metrics"]) and metrics["base"]
+    assert list(metrics["models"]) == ["adapted", "base"] and metrics["reference"] == "base"
+    assert set(metrics["differences"]["adapted"]) >= {"caption.CIDEr", "vqav2.overall", "gqa.accuracy"}
     assert (run / "eval" / "long_context_cider.png").stat().st_size > 1000
     assert (run / "eval" / "adjacent_cosine.png").stat().st_size > 1000
     model = run / "merge" / "model"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import apply_overrides, from_dict, read_yaml
-from pipeline.runner import StageContext
+from pipeline.context import StageContext
 from pipeline.schema import RunConfig
 from pipeline.stages import attach, batch_iterator, load_base, sources, stage_prepare, validation_batches
 from pipeline.train import TrainRecipe

@@ -1,0 +1,102 @@
+"""Paired comparisons of models scored on the same samples: differences with bootstrap intervals.
+
+Every headline score here is a mean of per-item scores, so a difference between two models
+is the mean of per-item differences over the items both were scored on:
+
+- captions: CIDEr-D per image (pycocoevalcap's corpus CIDEr is the mean of its per-image
+  scores; its document frequencies come from the references alone, so they are the same for
+  every model scored on the same images);
+- VQAv2: the official per-question accuracy (percent);
+- GQA: exact match per balanced question (0 / 100);
+- long-context captioning: CIDEr-D per image, per context-length bucket.
+
+The interval is a paired percentile bootstrap over items (the same resampled items for both
+models), with a fixed seed so that a report is reproducible. It treats the items as the
+sample and the references (and, for CIDEr, the document frequencies) as fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+DEFAULT_RESAMPLES = 2000
+
+
+def item_scores(task: str, block: Mapping[str, Any]) -> dict[str, float]:
+    """Per-item scores (str id -> value, on the headline's scale) of a task's score block."""
+    if task == "caption":
+        return {str(k): float(v["CIDEr"]) for k, v in block.get("per_image", {}).items() if "CIDEr" in v}
+    if task == "vqav2":
+        return {str(k): float(v) for k, v in block.get("perQuestion", {}).items()}
+    if task == "gqa":
+        return {str(k): 100.0 * float(v) for k, v in block.get("perQuestion", {}).items()}
+    raise ValueError(f"no per-item scores for task {task!r}")
+
+
+def paired_bootstrap(reference: Mapping[str, float], other: Mapping[str, float],
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Mean of other - reference over the items both have, with a paired percentile bootstrap interval.
+
+    Returns ``{"difference", "low", "high", "items", "level", "resamples"}``; with no common
+    item the difference and interval are None.
+    """
+    common = sorted(set(reference) & set(other))
+    out: dict[str, Any] = {"items": len(common), "level": level, "resamples": resamples}
+    if not common:
+        return {**out, "difference": None, "low": None, "high": None}
+    diffs = np.array([other[k] - reference[k] for k in common], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // len(diffs))  # bounded memory for large test sets
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        idx = rng.integers(0, len(diffs), size=(stop - start, len(diffs)))
+        means[start:stop] = diffs[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return {**out, "difference": float(diffs.mean()), "low": float(low), "high": float(high)}
+
+
+HEADLINE = {"caption": "CIDEr", "vqav2": "VQA accuracy", "gqa": "GQA accuracy"}
+
+
+def compare_to_reference(scores: Mapping[str, Mapping[str, Any]], reference: str,
+                         resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Paired differences of every model against `reference`, per task and per long-context bucket.
+
+    Args:
+        scores: model name -> task -> score block (what the scorers return, per-item tables kept).
+    Returns:
+        model name -> comparison key ("caption.CIDEr", "vqav2.overall", "gqa.accuracy",
+        "long_context.<tokens>.CIDEr") -> ``paired_bootstrap`` result.
+    """
+    if reference not in scores:
+        raise ValueError(f"reference model {reference!r} was not scored (models: {', '.join(scores)})")
+    keys = {"caption": "caption.CIDEr", "vqav2": "vqav2.overall", "gqa": "gqa.accuracy"}
+    base = scores[reference]
+    out: dict[str, dict[str, Any]] = {}
+    for name, tasks in scores.items():
+        if name == reference:
+            continue
+        rows: dict[str, Any] = {}
+        for task, key in keys.items():
+            if task in tasks and task in base:
+                rows[key] = paired_bootstrap(item_scores(task, base[task]), item_scores(task, tasks[task]),
+                                             resamples, seed)
+        if "long_context" in tasks and "long_context" in base:
+            theirs, ours = base["long_context"]["buckets"], tasks["long_context"]["buckets"]
+            for bucket in sorted(set(theirs) & set(ours), key=int):
+                rows[f"long_context.{bucket}.CIDEr"] = paired_bootstrap(
+                    item_scores("caption", theirs[bucket]), item_scores("caption", ours[bucket]), resamples, seed)
+        out[name] = rows
+    return out
+
+
+def format_difference(row: Mapping[str, Any], digits: int = 3) -> str:
+    """'+0.123 [-0.010, +0.250]' (empty when there is nothing to compare)."""
+    if row.get("difference") is None:
+        return ""
+    return f"{row['difference']:+.{digits}f} [{row['low']:+.{digits}f}, {row['high']:+.{digits}f}]"

@@ -1,0 +1,275 @@
+"""Score one or more models on exactly the same samples: the one implementation behind the
+pipeline's eval stage and ``structlora eval``.
+
+For each model in turn (one on the device at a time: loaded, scored, freed), every rank
+generates its strided share of each task's samples with batched, left-padded, KV-cached greedy
+decoding and writes a shard; rank 0 merges the shards into the task's official results file,
+validates it against the official schema and scores it with the official scorers. The
+long-context captioning task captions the same images at growing prompt lengths, every rank
+its share, and rank 0 scores CIDEr per bucket. Rank 0 then compares every model with a
+reference model (paired bootstrap over items), plots CIDEr against context length with one
+line per model and writes ``metrics.json`` and ``report.md``.
+
+Output layout (``out``)::
+
+    {model}/caption_predictions.json        COCO caption results  [{"image_id", "caption"}]
+    {model}/vqav2_predictions.json          VQA results (EvalAI)  [{"question_id", "answer"}]
+    {model}/gqa_predictions.json            GQA eval.py           [{"questionId", "prediction"}]
+    {model}/long_context_{tokens}_predictions.json   COCO caption results per bucket
+    long_context_cider.png, long_context.md, metrics.json, report.md
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.generate import EvalSample
+
+log = logging.getLogger("structlora.eval")
+
+GENERATION_TASKS = ("caption", "vqav2", "gqa")
+TASKS = (*GENERATION_TASKS, "long_context")
+
+
+@dataclass
+class ModelEntry:
+    """A model to score.
+
+    Attributes:
+        name: its column in the report and its folder under ``out``.
+        load: returns ``(model, processor)``; called on every rank, once.
+        source: where it came from (a hub id, a folder, a run), for the report.
+        extra: optional per-model work after generation (classification, diagnostics): called
+            on every rank with ``(model, processor, folder)``; the blocks it returns (on the main
+            process) join the model's scores.
+    """
+
+    name: str
+    load: Callable[[], tuple[Any, Any]]
+    source: str = ""
+    extra: Callable[[Any, Any, Path], dict[str, Any]] | None = None
+
+
+@dataclass
+class LongContextSettings:
+    """Long-context captioning: which images, which lengths, what fills the context.
+
+    Attributes:
+        samples: how many of the caption samples are captioned at every length.
+        lengths: target prompt lengths in tokens (image tokens included).
+        scale: scale `lengths` down to the first model's context when they do not fit it
+            (the pipeline's tiny preset); otherwise a bucket that does not fit is skipped.
+        pool: filler texts, one per line in the prompt (never the evaluated images' captions).
+        filler: what the pool is, for the report.
+    """
+
+    samples: int
+    lengths: Sequence[int]
+    pool: Sequence[str]
+    scale: bool = True
+    filler: str = ""
+
+
+@dataclass
+class EvalResults:
+    """What ``evaluate_models`` found (filled on the main process; empty elsewhere)."""
+
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    long_context: dict[str, dict[int, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]]):
+    """(EvalSamples, references in the scorer's format) of decoded eval examples."""
+    if task == "caption":
+        samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
+        refs = {e["image_id"]: list(e["captions"]) for e in examples}
+        return samples, refs
+    samples = [EvalSample(e["question_id"], e["image"], e["question"]) for e in examples]
+    if task == "vqav2":
+        refs = [{k: e[k] for k in ("question_id", "answers", "question_type", "answer_type")} for e in examples]
+    else:
+        refs = {str(e["question_id"]): {k: e[k] for k in ("answer", "isBalanced", "types", "question")}
+                for e in examples}
+    return samples, refs
+
+
+def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The official scorer of `task` on official-format prediction records."""
+    if task == "caption":
+        from eval.caption_metrics import score_captions
+
+        return score_captions(refs, {p["image_id"]: p["caption"] for p in predictions})
+    if task == "vqav2":
+        from eval.vqa_eval import score_vqa
+
+        return score_vqa(refs, {p["question_id"]: p["answer"] for p in predictions})
+    from eval.gqa_eval import score_gqa
+
+    return score_gqa(refs, {p["questionId"]: p["prediction"] for p in predictions})
+
+
+def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[str, Any]], out_dir: Path,
+                       batch_size: int, accelerator, label: str = "") -> dict[str, Any] | None:
+    """Generate this rank's share, merge and validate on rank 0, score. Returns the scores on rank 0, else None."""
+    from eval.generate import merge_prediction_shards, run_generation
+    from eval.schemas import validate_results
+
+    samples, refs = samples_and_references(task, examples)
+    shards = out_dir / f"{task}_shards"
+    run_generation(model, processor, samples, task, shards, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes, batch_size=batch_size,
+                   progress=accelerator.is_main_process, desc=f"{label}{task}")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    path = out_dir / f"{task}_predictions.json"
+    predictions = merge_prediction_shards(shards, task, path, world_size=accelerator.num_processes)
+    validate_results(predictions, task, source=str(path))
+    return score_predictions(task, refs, predictions)
+
+
+def _context_length(model) -> int | None:
+    from eval.long_context import context_length_of
+
+    return context_length_of(model)
+
+
+def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]], settings: LongContextSettings,
+                        buckets: Sequence[int], skipped: Mapping[int, str], batch_size: int, accelerator,
+                        out_dir: Path, label: str = "") -> dict[str, Any] | None:
+    """CIDEr per bucket: every rank captions its share of `examples` at each of `buckets`, rank 0
+    gathers, writes a results file per bucket and scores. Returns the scores on rank 0, else None."""
+    from eval.generate import shard_samples
+    from eval.long_context import long_context_generations, score_long_context
+    from eval.predictions import write_json_atomic
+
+    samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
+    refs = {e["image_id"]: list(e["captions"]) for e in examples}
+    mine = shard_samples(samples, accelerator.process_index, accelerator.num_processes)
+    generations = long_context_generations(model, processor, mine, settings.pool, buckets=buckets,
+                                           batch_size=batch_size, meter_image=samples[0].image,
+                                           progress=accelerator.is_main_process, label=label) if buckets else {}
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([generations])
+    else:
+        parts = [generations]
+    if not accelerator.is_main_process:
+        return None
+    for target in sorted({t for g in parts for t in g}):
+        records = sorted((r for g in parts for r in g.get(target, {}).get("records", [])),
+                         key=lambda r: (0, r["image_id"]) if isinstance(r["image_id"], int) else (1, str(r["image_id"])))
+        write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
+    filler = settings.filler or "filler texts"
+    return score_long_context(parts, refs, _context_length(model), skipped=skipped, filler=filler)
+
+
+def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequence[int] | None):
+    """(buckets, skipped reasons) for this model: planned on the first model, then kept fixed."""
+    from data.prompts import max_new_tokens
+    from eval.long_context import PromptLengthMeter, bare_prompt_length, plan_buckets
+
+    meter = PromptLengthMeter(processor, examples[0]["image"])
+    bare = bare_prompt_length(meter)
+    if fixed is None:
+        return plan_buckets(settings.lengths, _context_length(model), bare, max_new_tokens("caption"), settings.scale)
+    return plan_buckets(fixed, _context_length(model), bare, max_new_tokens("caption"), scale=False)
+
+
+def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
+                    examples: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, accelerator,
+                    batch_size: int = 8, long_context: LongContextSettings | None = None,
+                    say: Callable[[str], None] = print) -> EvalResults:
+    """Score every model of `models` on the same `examples` (the same list on every rank).
+
+    Args:
+        tasks: any of caption, vqav2, gqa, long_context (long_context captions ``examples["caption"]``).
+        examples: task -> decoded examples (``load_eval_examples``).
+        say: where the main process prints what a user should see (skipped buckets).
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a name: {names}")
+    main = accelerator.is_main_process
+    results = EvalResults(sources={m.name: m.source for m in models})
+    fixed: list[int] | None = None
+    planned: dict[int, str] = {}
+    for entry in models:
+        model, processor = entry.load()
+        model.to(accelerator.device).eval()
+        folder = Path(out) / entry.name
+        label = f"{entry.name}: " if len(models) > 1 else ""
+        scores: dict[str, Any] = {}
+        for task in (t for t in tasks if t in GENERATION_TASKS):
+            result = generate_and_score(model, processor, task, examples[task], folder, batch_size, accelerator,
+                                        label)
+            if result is not None:
+                scores[task] = result
+        if "long_context" in tasks and long_context is not None:
+            chosen = list(examples["caption"][: long_context.samples])
+            buckets, skipped = _plan(model, processor, long_context, chosen, fixed)
+            if fixed is None:  # the first model fixes the buckets every model is scored at
+                fixed, planned = buckets, {b: f"{r} (for every model: buckets are planned on {entry.name})"
+                                           for b, r in skipped.items()}
+                asked = sorted(int(n) for n in long_context.lengths)
+                if main and long_context.scale and buckets and buckets != [n for n in asked if n not in skipped]:
+                    say(f"[eval] long-context lengths {asked} scaled to {buckets} to fit the "
+                        f"{_context_length(model)}-position context of {entry.name}")
+                    results.notes.append(f"long-context lengths {asked} scaled to {buckets} to fit the "
+                                         f"{_context_length(model)}-position context of {entry.name}")
+                skipped = dict(planned)
+            else:
+                skipped = {**planned, **skipped}
+            if main:
+                for bucket, reason in skipped.items():
+                    if entry.name == models[0].name or bucket not in planned:
+                        say(f"[eval] {entry.name}: long-context bucket {bucket} skipped: {reason}")
+                        results.notes.append(f"{entry.name}: long-context bucket {bucket} skipped: {reason}")
+            lc = long_context_scores(model, processor, chosen, long_context, buckets, skipped, batch_size,
+                                     accelerator, folder, label)
+            if lc is not None:
+                scores["long_context"] = lc
+                results.long_context[entry.name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
+        if entry.extra is not None:
+            scores.update(entry.extra(model, processor, folder) or {})
+        if main:
+            results.scores[entry.name] = scores
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        accelerator.wait_for_everyone()
+    return results
+
+
+def write_outputs(results: EvalResults, out: Path, title: str, reference: str | None,
+                  plots: Mapping[str, Path] | None = None, samples: Mapping[str, int] | None = None,
+                  compare: bool = True) -> dict[str, Path]:
+    """On the main process: the long-context plot and table, differences against `reference`,
+    ``metrics.json`` and ``report.md``. Returns the paths written."""
+    from eval.compare import compare_to_reference
+    from eval.long_context import long_context_table, plot_long_context
+    from eval.report import write_comparison
+
+    out = Path(out)
+    plots = dict(plots or {})
+    if results.long_context:
+        plots["long_context"] = plot_long_context(results.long_context, out / "long_context_cider.png")
+        (out / "long_context.md").write_text(long_context_table(results.long_context) + "\n")
+    differences = compare_to_reference(results.scores, reference) \
+        if compare and reference is not None and len(results.scores) > 1 else {}
+    return write_comparison(out, results.scores, reference, plots, title, differences, results.sources,
+                            samples, results.notes)

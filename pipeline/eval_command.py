@@ -1,0 +1,257 @@
+"""``structlora eval``: score any LLaVA models side by side on the same samples.
+
+A MODEL is, in this order of precedence:
+
+- ``NAME=MODEL``: any of the below, shown as NAME in the report;
+- a run directory (it has ``manifest.json``): the run's merged model, ``merge/model``;
+- a local model directory (``config.json``, as ``save_pretrained`` writes it);
+- the name of an entry of ``--registry DIR`` (the publish stage's registry);
+- a Hugging Face Hub id (``llava-hf/llava-1.5-7b-hf``), from the local cache or the hub.
+
+``--adapter [NAME=]PEFT_DIR`` (repeatable) adds the FIRST model with that PEFT adapter on top,
+as PEFT loads it (``PeftModel.from_pretrained``), without merging. ``--data`` is a shards
+folder (``{task}/{split}/`` inside) or a run directory (its shards). Every model is scored on
+exactly the same samples by ``eval.harness``, the code of the pipeline's eval stage; works on
+one process or under ``accelerate launch`` / ``torchrun`` (ranks share the samples).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+
+GENERIC_NAMES = {"model", "merged", "final", "base", "peft_adapter", "adapter"}
+_LABEL = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def split_label(spec: str) -> tuple[str | None, str]:
+    """('NAME', 'MODEL') of 'NAME=MODEL', else (None, spec)."""
+    match = _LABEL.match(spec)
+    if match and not Path(spec).exists():
+        return match.group(1), match.group(2)
+    return None, spec
+
+
+def _default_name(source: str) -> str:
+    path = Path(source.rstrip("/"))
+    name = path.name or source
+    if name in GENERIC_NAMES and path.parent.name:
+        name = f"{path.parent.name}-{name}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def resolve_model(spec: str, registry: Path | None = None, revision: str | None = None) -> tuple[str, str]:
+    """(default name, loadable source: a local directory or a hub id) of a MODEL argument.
+
+    Raises a one-line UserError for anything that cannot be loaded (a hub id without network
+    included), before any model is loaded.
+    """
+    from pipeline.backbones import resolve_pretrained
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            merged = path / "merge" / "model"
+            if not (merged / "config.json").is_file():
+                raise UserError(f"{path}: a run directory without a merged model ({merged}/config.json): run its "
+                                f"merge stage (structlora run {path}/config.yaml --stages merge)")
+            return path.name, str(merged)
+        if (path / "config.json").is_file():
+            return _default_name(str(path)), str(path)
+        if (path / "adapter_config.json").is_file():
+            raise UserError(f"{path} is a PEFT adapter, not a model: give its base model as MODEL and "
+                            f"--adapter {path}")
+        raise UserError(f"{path}: neither a model directory (config.json), a run directory (manifest.json) "
+                        "nor a PEFT adapter (adapter_config.json)")
+    if registry is not None:
+        from app.registry import load_registry
+
+        entries = {e["name"]: e for e in load_registry(registry)}
+        if spec in entries:
+            target = Path(entries[spec]["path"])
+            if not target.is_absolute():
+                target = Path(registry) / target
+            if not (target / "config.json").is_file():
+                raise UserError(f"{registry}/index.json: entry '{spec}': path {target} has no config.json")
+            return spec, str(target)
+    source = resolve_pretrained(spec, revision)
+    return _default_name(spec), source
+
+
+def load_model(source: str, dtype: torch.dtype, revision: str | None = None):
+    """(LlavaForConditionalGeneration, processor) of a local directory or a cached / reachable hub id."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(source, revision=revision, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(source, revision=revision)
+
+
+def load_with_adapter(source: str, adapter: Path, dtype: torch.dtype, revision: str | None = None):
+    """The base model of `source` with the PEFT adapter of `adapter` on top (not merged)."""
+    from peft import PeftModel
+
+    model, processor = load_model(source, dtype, revision)
+    return PeftModel.from_pretrained(model, str(adapter)).eval(), processor
+
+
+def _unique(names: list[str]) -> list[str]:
+    out, seen = [], {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry: Path | None = None,
+                  dtype: str = "auto", revision: str | None = None):
+    """ModelEntries (in the order given; adapters after the models) for the harness."""
+    from eval.harness import ModelEntry
+
+    if not models:
+        raise UserError("structlora eval: give at least one MODEL")
+    torch_dtype = resolve_dtype(dtype)
+    names, sources, loaders = [], [], []
+    for spec in models:
+        label, rest = split_label(spec)
+        name, source = resolve_model(rest, registry, revision)
+        names.append(label or name)
+        sources.append(source)
+        loaders.append(lambda s=source: load_model(s, torch_dtype, revision))
+    for spec in adapters:
+        label, rest = split_label(spec)
+        adapter = Path(rest).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {rest}: no adapter_config.json there (a PEFT adapter folder is expected)")
+        names.append(label or f"{names[0]}+{_default_name(str(adapter))}")
+        sources.append(f"{sources[0]} + {adapter}")
+        loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision))
+    names = _unique(names)
+    return [ModelEntry(n, load, src) for n, load, src in zip(names, loaders, sources)]
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def shards_of(data: Path) -> Path:
+    """The shards root of --data: a run directory's shards, or the folder itself."""
+    data = Path(data).expanduser()
+    if not data.is_dir():
+        raise UserError(f"--data {data}: not a directory (a shards folder or a run directory is expected)")
+    config = data / "config.yaml"
+    if (data / "manifest.json").is_file() and config.is_file():
+        from pipeline.config import load_config
+        from pipeline.context import StageContext
+        from pipeline.schema import RunConfig
+        from pipeline.stages import shards_root
+
+        return shards_root(StageContext(cfg=load_config(RunConfig, config), run_dir=data))
+    return data
+
+
+def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: str,
+                 spare: Callable[[], list[dict[str, Any]]]) -> tuple[list[str], str]:
+    """(pool, description) of the long-context filler: 'captions' (reference captions of other
+    images: the val split's, else the train split's, else the eval split's images not captioned)
+    or a UTF-8 text file (one filler text per non-empty line)."""
+    from eval.long_context import CAPTION_FILLER
+    from pipeline.evaluate import caption_filler_pool, load_examples
+
+    if distractor != "captions":
+        path = Path(distractor).expanduser()
+        if not path.is_file():
+            raise UserError(f"--distractor {distractor}: neither 'captions' nor a text file")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise UserError(f"--distractor {path}: the file has no non-empty line")
+        return lines, f"lines of {path}, one per line, between the image and the instruction"
+    for split in ("val", "train"):
+        if split != eval_split and (root / "caption" / split).is_dir():
+            pool = caption_filler_pool(load_examples(root, "caption", split, 200), exclude)
+            if pool:
+                return pool, f"{CAPTION_FILLER} ({split} split)"
+    pool = caption_filler_pool(spare(), exclude)
+    if not pool:
+        raise UserError(f"long_context: no captions of other images under {root}/caption/ to fill the context "
+                        "with; give --distractor FILE.txt")
+    return pool, f"{CAPTION_FILLER} ({eval_split} split, images not captioned)"
+
+
+def _out_dir(out: str | None, accelerator) -> Path:
+    if out:
+        return Path(out)
+    stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(stamp)
+    return Path("runs") / f"eval-{stamp[0]}"
+
+
+def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption", "vqav2", "gqa"),
+             adapters: Sequence[str] = (), split: str = "test", max_samples: int | None = None,
+             lengths: Sequence[int] | None = None, out: str | None = None, registry: Path | None = None,
+             distractor: str = "captions", batch_size: int = 8, long_context_samples: int = 48,
+             reference: str | None = None, dtype: str = "auto", revision: str | None = None) -> dict[str, Any]:
+    """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths."""
+    from accelerate import Accelerator
+
+    from eval.harness import GENERATION_TASKS, TASKS, LongContextSettings, evaluate_models, write_outputs
+    from eval.long_context import DEFAULT_BUCKETS
+    from pipeline.evaluate import load_examples
+    from pipeline.runner import environment
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    entries = build_entries(models, adapters, registry, dtype, revision)
+    names = [e.name for e in entries]
+    if reference is not None and reference not in names:
+        raise UserError(f"--reference {reference}: not one of the models ({', '.join(names)})")
+    root = shards_of(data)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    examples = {t: load_examples(root, t, split, max_samples) for t in tasks if t in GENERATION_TASKS}
+    long_context = None
+    if "long_context" in tasks:
+        captions = examples.get("caption") or load_examples(root, "caption", split, max_samples)
+        examples["caption"] = captions
+        chosen = captions[:long_context_samples]
+        def spare() -> list[dict[str, Any]]:
+            return load_examples(root, "caption", split)[long_context_samples:]
+
+        pool, filler = filler_texts(distractor, root, [e["image_id"] for e in chosen], split, spare)
+        long_context = LongContextSettings(samples=long_context_samples, lengths=list(lengths or DEFAULT_BUCKETS),
+                                           pool=pool, scale=lengths is None, filler=filler)
+    gen_tasks = [t for t in tasks if t in GENERATION_TASKS or t == "long_context"]
+    out_dir = _out_dir(out, accelerator)
+    results = evaluate_models(entries, gen_tasks, examples, out_dir, accelerator, batch_size, long_context)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return {}
+    counts = {t: len(v) for t, v in examples.items() if t in tasks}
+    if long_context is not None:
+        counts["long_context"] = min(long_context_samples, len(examples["caption"]))
+    title = "Evaluation: " + ", ".join(names)
+    paths = write_outputs(results, out_dir, title, reference or names[0], samples=counts)
+    settings = {"models": list(models), "adapters": list(adapters), "names": names, "data": str(data),
+                "shards": str(root), "tasks": list(tasks), "split": split, "max_samples": max_samples,
+                "lengths": list(lengths) if lengths else None, "distractor": distractor,
+                "batch_size": batch_size, "long_context_samples": long_context_samples,
+                "reference": reference or names[0], "dtype": str(resolve_dtype(dtype)).replace("torch.", ""),
+                "world_size": accelerator.num_processes, "environment": environment()}
+    (out_dir / "eval_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return {"out": str(out_dir), "metrics": str(paths["metrics"]), "report": str(paths["report"])}

@@ -1,0 +1,89 @@
+"""Paired bootstrap differences, bucket planning with reasons, results schemas, the long-context plot."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval.compare import compare_to_reference, format_difference, item_scores, paired_bootstrap
+from eval.errors import EvalInputError
+from eval.long_context import plan_buckets, plot_long_context
+from eval.schemas import validate_results
+
+
+def test_paired_bootstrap_of_a_constant_shift_is_exact():
+    a = {str(i): float(i % 7) for i in range(50)}
+    b = {k: v + 2.5 for k, v in a.items()}
+    row = paired_bootstrap(a, b)
+    assert row["difference"] == pytest.approx(2.5) and row["low"] == pytest.approx(2.5)
+    assert row["high"] == pytest.approx(2.5) and row["items"] == 50
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_more_items():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (40, 640):
+        a = {str(i): float(x) for i, x in enumerate(rng.normal(size=n))}
+        b = {k: v + 0.3 + float(rng.normal()) for k, v in a.items()}
+        row = paired_bootstrap(a, b, seed=3)
+        assert row["low"] < row["difference"] < row["high"]
+        widths.append(row["high"] - row["low"])
+    assert widths[1] < widths[0] / 2.5  # ~1/sqrt(16) = 1/4
+    assert paired_bootstrap({"1": 1.0}, {"2": 1.0})["difference"] is None
+    assert format_difference({"difference": 0.5, "low": -0.25, "high": 1.0}) == "+0.500 [-0.250, +1.000]"
+
+
+def test_item_scores_average_to_the_headline():
+    caption = {"metrics": {"CIDEr": 0.5}, "per_image": {1: {"CIDEr": 0.25}, 2: {"CIDEr": 0.75}}}
+    gqa = {"accuracy": 50.0, "perQuestion": {"a": 1, "b": 0}}
+    assert item_scores("caption", caption) == {"1": 0.25, "2": 0.75}
+    assert item_scores("gqa", gqa) == {"a": 100.0, "b": 0.0}
+    scores = {"base": {"caption": caption, "gqa": gqa},
+              "ours": {"caption": {"per_image": {1: {"CIDEr": 0.5}, 2: {"CIDEr": 1.0}}},
+                       "gqa": {"perQuestion": {"a": 1, "b": 1}}}}
+    diffs = compare_to_reference(scores, "base")["ours"]
+    assert diffs["caption.CIDEr"]["difference"] == pytest.approx(0.25)
+    assert diffs["gqa.accuracy"]["difference"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="reference"):
+        compare_to_reference(scores, "missing")
+
+
+def test_plan_buckets_keeps_what_fits_and_gives_a_reason_for_the_rest():
+    kept, skipped = plan_buckets([32, 256, 1024, 2048], 1024, bare=40, new_tokens=64, scale=False)
+    assert kept == [256]
+    assert "shorter than the prompt without any filler (40 tokens" in skipped[32]
+    assert skipped[2048] == "bucket 2048 tokens + 64 new tokens exceed the model's 1024 positions"
+    assert set(skipped) == {32, 1024, 2048}
+    kept, skipped = plan_buckets([256, 512, 1024, 2048], 512, bare=60, new_tokens=64, scale=True)
+    assert kept == [112, 224, 448] and "scaled from 256" in skipped[256]
+    assert plan_buckets([256, 2048], 4096, bare=60)[0] == [256, 2048]  # a real context: unchanged
+
+
+@pytest.mark.parametrize("task, records, message", [
+    ("gqa", [{"questionId": 7, "prediction": "no"}], "0/questionId"),
+    ("vqav2", [{"question_id": 1, "answer": "2", "score": 1}], "Additional properties"),
+    ("caption", [{"image_id": 1}], "'caption' is a required property"),
+    ("caption", [{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}], "appears twice"),
+    ("vqav2", {"question_id": 1, "answer": "2"}, "is not of type 'array'"),
+])
+def test_results_schemas_refuse_what_the_servers_refuse(task, records, message):
+    with pytest.raises(EvalInputError, match=message):
+        validate_results(records, task, source="out.json")
+    validate_results([{"questionId": "7", "prediction": "no"}], "gqa")
+
+
+def test_the_long_context_plot_draws_a_line_per_model(tmp_path, monkeypatch):
+    import eval.plots
+
+    drawn = {}
+    save = eval.plots.save_figure
+
+    def keep(fig, path):
+        drawn["labels"] = [line.get_label() for line in fig.axes[0].get_lines()]
+        return save(fig, path)
+
+    monkeypatch.setattr(eval.plots, "save_figure", keep)
+    series = {"base": {96: 0.1, 160: 0.2}, "merged": {96: 0.4, 160: 0.3}, "adapter": {96: 0.4, 160: 0.3}}
+    path = plot_long_context(series, tmp_path / "lc.png")
+    assert drawn["labels"] == ["base", "merged", "adapter"] and path.stat().st_size > 1000
