@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,13 @@ class EvalResults:
     sources: dict[str, str] = field(default_factory=dict)
     long_context: dict[str, dict[int, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # model -> task -> {"samples", "seconds", "samples_per_second"}: generation on all ranks, scoring excluded
+    timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+def _timing(samples: int, seconds: float) -> dict[str, float]:
+    return {"samples": samples, "seconds": round(seconds, 3),
+            "samples_per_second": round(samples / seconds, 4) if seconds > 0 else 0.0}
 
 
 def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]]):
@@ -118,17 +126,24 @@ def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, A
 
 
 def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[str, Any]], out_dir: Path,
-                       batch_size: int, accelerator, label: str = "") -> dict[str, Any] | None:
-    """Generate this rank's share, merge and validate on rank 0, score. Returns the scores on rank 0, else None."""
+                       batch_size: int, accelerator, label: str = "",
+                       timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Generate this rank's share, merge and validate on rank 0, score. Returns the scores on rank 0, else None.
+
+    `timing`, when given, receives the generation's wall time over all ranks (up to the barrier).
+    """
     from eval.generate import merge_prediction_shards, run_generation
     from eval.schemas import validate_results
 
     samples, refs = samples_and_references(task, examples)
     shards = out_dir / f"{task}_shards"
+    start = time.perf_counter()
     run_generation(model, processor, samples, task, shards, rank=accelerator.process_index,
                    world_size=accelerator.num_processes, batch_size=batch_size,
                    progress=accelerator.is_main_process, desc=f"{label}{task}")
     accelerator.wait_for_everyone()
+    if timing is not None:
+        timing.update(_timing(len(samples), time.perf_counter() - start))
     if not accelerator.is_main_process:
         return None
     path = out_dir / f"{task}_predictions.json"
@@ -145,7 +160,7 @@ def _context_length(model) -> int | None:
 
 def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]], settings: LongContextSettings,
                         buckets: Sequence[int], skipped: Mapping[int, str], batch_size: int, accelerator,
-                        out_dir: Path, label: str = "") -> dict[str, Any] | None:
+                        out_dir: Path, label: str = "", timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """CIDEr per bucket: every rank captions its share of `examples` at each of `buckets`, rank 0
     gathers, writes a results file per bucket and scores. Returns the scores on rank 0, else None."""
     from eval.generate import shard_samples
@@ -155,6 +170,7 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
     samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
     refs = {e["image_id"]: list(e["captions"]) for e in examples}
     mine = shard_samples(samples, accelerator.process_index, accelerator.num_processes)
+    start = time.perf_counter()
     generations = long_context_generations(model, processor, mine, settings.pool, buckets=buckets,
                                            batch_size=batch_size, meter_image=samples[0].image,
                                            progress=accelerator.is_main_process, label=label) if buckets else {}
@@ -164,6 +180,8 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
         parts = gather_object([generations])
     else:
         parts = [generations]
+    if timing is not None:
+        timing.update(_timing(len(samples) * len(buckets), time.perf_counter() - start))
     if not accelerator.is_main_process:
         return None
     for target in sorted({t for g in parts for t in g}):
@@ -213,9 +231,10 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
         folder = Path(out) / entry.name
         label = f"{entry.name}: " if len(models) > 1 else ""
         scores: dict[str, Any] = {}
+        timings = results.timings.setdefault(entry.name, {}) if main else {}
         for task in (t for t in tasks if t in GENERATION_TASKS):
             result = generate_and_score(model, processor, task, examples[task], folder, batch_size, accelerator,
-                                        label)
+                                        label, timings.setdefault(task, {}))
             if result is not None:
                 scores[task] = result
         if "long_context" in tasks and long_context is not None:
@@ -239,7 +258,7 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                         say(f"[eval] {entry.name}: long-context bucket {bucket} skipped: {reason}")
                         results.notes.append(f"{entry.name}: long-context bucket {bucket} skipped: {reason}")
             lc = long_context_scores(model, processor, chosen, long_context, buckets, skipped, batch_size,
-                                     accelerator, folder, label)
+                                     accelerator, folder, label, timings.setdefault("long_context", {}))
             if lc is not None:
                 scores["long_context"] = lc
                 results.long_context[entry.name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
@@ -272,4 +291,4 @@ def write_outputs(results: EvalResults, out: Path, title: str, reference: str | 
     differences = compare_to_reference(results.scores, reference) \
         if compare and reference is not None and len(results.scores) > 1 else {}
     return write_comparison(out, results.scores, reference, plots, title, differences, results.sources,
-                            samples, results.notes)
+                            samples, results.notes, timings=results.timings)

@@ -85,7 +85,8 @@ def _delta(a: float | None, b: float | None) -> str:
 def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | None = None,
                       title: str = "Evaluation report", plots: Mapping[str, str] | None = None,
                       differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
-                      sources: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+                      sources: Mapping[str, str] | None = None, notes: Sequence[str] = (),
+                      timings: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> str:
     """Markdown: one score column per model (and a delta column per model against `reference`),
     the paired-bootstrap differences when given, coverage notes, `notes`, plots."""
     from eval.compare import format_difference
@@ -128,6 +129,13 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
         lines += ["", "## Coverage", "", *coverage]
     if notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
+    if timings:
+        tasks = list(dict.fromkeys(t for per in timings.values() for t in per))
+        lines += ["", "## Generation speed (samples/s, all ranks)", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        for name, per in timings.items():
+            cells = [f"{per[t]['samples_per_second']:.3f}" if per.get(t, {}).get("seconds") else "" for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Captions: pycocoevalcap raw values (CIDEr 1.162 = 116.2 in papers). VQAv2: official "
               "vqaEval accuracy, percent. GQA: exact match on balanced questions after LLaVA's conversion, percent."]
     if plots:
@@ -160,7 +168,7 @@ def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], ref
                      plots: Mapping[str, Path] | None = None, title: str = "Evaluation report",
                      differences: Mapping[str, Any] | None = None, sources: Mapping[str, str] | None = None,
                      samples: Mapping[str, int] | None = None, notes: Sequence[str] = (),
-                     keep_details: bool = False) -> dict[str, Path]:
+                     keep_details: bool = False, timings: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``metrics.json`` (schema 2) and ``report.md`` for models scored on the same samples.
 
     ``metrics.json``::
@@ -168,6 +176,7 @@ def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], ref
         {"schema": 2, "title", "reference", "models": {name: {task: {...}}}, "sources": {name: str},
          "differences": {name: {score: {"difference", "low", "high", "items", ...}}},
          "samples": {task: count}, "notes": [...], "plots": {name: relative path},
+         "timings": {name: {task: {"samples", "seconds", "samples_per_second"}}},
          "metrics": {...}, "base": {...} | null}
 
     ``metrics`` is the first model other than the reference and ``base`` the reference's
@@ -179,10 +188,10 @@ def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], ref
     primary = next((n for n in models if n != reference), reference)
     payload = {"schema": SCHEMA_VERSION, "title": title, "reference": reference, "models": stored,
                "sources": dict(sources or {}), "differences": dict(differences or {}), "samples": dict(samples or {}),
-               "notes": list(notes), "plots": rel_plots,
+               "notes": list(notes), "plots": rel_plots, "timings": dict(timings or {}),
                "metrics": stored.get(primary, {}), "base": stored.get(reference) if reference != primary else None}
     metrics_path = write_json_atomic(payload, out_dir / "metrics.json")
-    text = render_comparison(models, reference, title, rel_plots, differences, sources, notes)
+    text = render_comparison(models, reference, title, rel_plots, differences, sources, notes, timings)
     report_path = write_text_atomic(text, out_dir / "report.md")
     return {"metrics": metrics_path, "report": report_path}
 

@@ -54,6 +54,12 @@ def test_models_are_scored_side_by_side_on_the_same_samples(three_models):
         for row in diffs.values():
             assert row["low"] <= row["difference"] <= row["high"]
     assert "# Evaluation: base, merged, adapter" in proc.stdout  # the report is printed
+    for name in ("base", "merged", "adapter"):  # generation speed per model and task
+        timings = metrics["timings"][name]
+        assert set(timings) == {"caption", "vqav2", "gqa", "long_context"}
+        assert all(t["samples_per_second"] > 0 for t in timings.values())
+        assert timings["long_context"]["samples"] == 4 * 2  # images x buckets that fit
+    assert "## Generation speed (samples/s, all ranks)" in report
 
 
 def test_the_adapter_on_its_base_scores_as_the_merged_model(three_models):
