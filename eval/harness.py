@@ -90,6 +90,26 @@ class EvalResults:
     timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
+def on_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """`fn()` on the main process; if it fails there, every rank raises (none waits at a barrier forever)."""
+    error: list[str | None] = [None]
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            failure, error = err, [f"{type(err).__name__}: {err}"]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(error)
+    if failure is not None:
+        raise failure
+    if error[0]:
+        raise RuntimeError(f"the main process failed: {error[0]}")
+    return result
+
+
 def _timing(samples: int, seconds: float) -> dict[str, float]:
     return {"samples": samples, "seconds": round(seconds, 3),
             "samples_per_second": round(samples / seconds, 4) if seconds > 0 else 0.0}
@@ -127,11 +147,13 @@ def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, A
 
 def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[str, Any]], out_dir: Path,
                        batch_size: int, accelerator, label: str = "",
-                       timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                       timing: dict[str, Any] | None = None, notes: list[str] | None = None) -> dict[str, Any] | None:
     """Generate this rank's share, merge and validate on rank 0, score. Returns the scores on rank 0, else None.
 
-    `timing`, when given, receives the generation's wall time over all ranks (up to the barrier).
+    `timing`, when given, receives the generation's wall time over all ranks (up to the barrier);
+    `notes` (main process) receives why a results file is not in its official format, if it is not.
     """
+    from eval.errors import EvalInputError
     from eval.generate import merge_prediction_shards, run_generation
     from eval.schemas import validate_results
 
@@ -144,12 +166,18 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     accelerator.wait_for_everyone()
     if timing is not None:
         timing.update(_timing(len(samples), time.perf_counter() - start))
-    if not accelerator.is_main_process:
-        return None
-    path = out_dir / f"{task}_predictions.json"
-    predictions = merge_prediction_shards(shards, task, path, world_size=accelerator.num_processes)
-    validate_results(predictions, task, source=str(path))
-    return score_predictions(task, refs, predictions)
+
+    def merge_and_score() -> dict[str, Any]:
+        path = out_dir / f"{task}_predictions.json"
+        predictions = merge_prediction_shards(shards, task, path, world_size=accelerator.num_processes)
+        if notes is not None:
+            try:
+                validate_results(predictions, task, source=str(path))
+            except EvalInputError as err:  # scored all the same: our scorers match ids as strings
+                notes.append(f"{err} (the file is scored, but an official server would refuse it)")
+        return score_predictions(task, refs, predictions)
+
+    return on_main(accelerator, merge_and_score)
 
 
 def _context_length(model) -> int | None:
@@ -182,14 +210,17 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
         parts = [generations]
     if timing is not None:
         timing.update(_timing(len(samples) * len(buckets), time.perf_counter() - start))
-    if not accelerator.is_main_process:
-        return None
-    for target in sorted({t for g in parts for t in g}):
-        records = sorted((r for g in parts for r in g.get(target, {}).get("records", [])),
-                         key=lambda r: (0, r["image_id"]) if isinstance(r["image_id"], int) else (1, str(r["image_id"])))
-        write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
-    filler = settings.filler or "filler texts"
-    return score_long_context(parts, refs, _context_length(model), skipped=skipped, filler=filler)
+
+    def write_and_score() -> dict[str, Any]:
+        for target in sorted({t for g in parts for t in g}):
+            records = sorted((r for g in parts for r in g.get(target, {}).get("records", [])),
+                             key=lambda r: (0, r["image_id"]) if isinstance(r["image_id"], int)
+                             else (1, str(r["image_id"])))
+            write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
+        return score_long_context(parts, refs, _context_length(model), skipped=skipped,
+                                  filler=settings.filler or "filler texts")
+
+    return on_main(accelerator, write_and_score)
 
 
 def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequence[int] | None):
@@ -197,11 +228,39 @@ def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequ
     from data.prompts import max_new_tokens
     from eval.long_context import PromptLengthMeter, bare_prompt_length, plan_buckets
 
+    if fixed is not None and not fixed:  # the first model could take none of the buckets
+        return [], {}
     meter = PromptLengthMeter(processor, examples[0]["image"])
     bare = bare_prompt_length(meter)
     if fixed is None:
         return plan_buckets(settings.lengths, _context_length(model), bare, max_new_tokens("caption"), settings.scale)
     return plan_buckets(fixed, _context_length(model), bare, max_new_tokens("caption"), scale=False)
+
+
+def sample_counts(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]], long_context_samples: int) -> dict[str, int]:
+    """Samples per requested task (long_context: images, each captioned at every length)."""
+    counts = {t: len(examples[t]) for t in tasks if t in examples}
+    if "long_context" in tasks:
+        counts["long_context"] = min(long_context_samples, len(examples.get("caption", [])))
+    return counts
+
+
+def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
+                 long_context: LongContextSettings | None) -> None:
+    """Refuse, before any model is loaded, what could only fail after generating: a task without samples, long-context captioning without images, filler or lengths."""
+    from eval.errors import EvalInputError
+
+    for task in tasks:
+        if task in GENERATION_TASKS and not examples.get(task):
+            raise EvalInputError(f"task '{task}' has no samples to evaluate")
+    if "long_context" in tasks:
+        if long_context is None:
+            raise EvalInputError("task 'long_context' needs its settings (images, lengths, filler)")
+        if long_context.samples < 1 or not examples.get("caption"):
+            raise EvalInputError("task 'long_context' has no images to caption (caption samples and "
+                                 "long-context samples must both be at least 1)")
+        if not long_context.pool:
+            raise EvalInputError("task 'long_context' has no filler texts")
 
 
 def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
@@ -221,6 +280,7 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a name: {names}")
+    check_inputs(tasks, examples, long_context)
     main = accelerator.is_main_process
     results = EvalResults(sources={m.name: m.source for m in models})
     fixed: list[int] | None = None
@@ -234,7 +294,7 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
         timings = results.timings.setdefault(entry.name, {}) if main else {}
         for task in (t for t in tasks if t in GENERATION_TASKS):
             result = generate_and_score(model, processor, task, examples[task], folder, batch_size, accelerator,
-                                        label, timings.setdefault(task, {}))
+                                        label, timings.setdefault(task, {}), results.notes if main else None)
             if result is not None:
                 scores[task] = result
         if "long_context" in tasks and long_context is not None:

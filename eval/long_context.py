@@ -302,6 +302,6 @@ def plot_long_context(results: Mapping[str, Mapping[int, float]], path: Path, me
     ax.set_ylabel(metric)
     ax.set_title(f"Long-context captioning: {metric} vs context length")
     ax.grid(True, alpha=0.3)
-    if results:
+    if ax.get_lines():
         ax.legend()
     return save_figure(fig, path)

@@ -105,7 +105,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "pipeline.eval_command:run_eval",
         models=args.models, data=Path(args.data), tasks=_csv(args.tasks), adapters=args.adapter or [],
         split=args.split, max_samples=args.max_samples,
-        lengths=[int(n) for n in _csv(args.lengths)] if args.lengths else None, out=args.out,
+        lengths=args.lengths, out=args.out,
         registry=Path(args.registry) if args.registry else None, distractor=args.distractor,
         batch_size=args.batch_size, long_context_samples=args.long_context_samples, reference=args.reference,
         dtype=args.dtype, revision=args.revision,
@@ -114,6 +114,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(Path(result["report"]).read_text(encoding="utf-8"))
         _print_json(result)
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    return [_positive(part) for part in _csv(text)]
 
 
 def _csv(text: str) -> list[str]:
@@ -219,18 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="caption,vqav2,gqa",
                    help="comma-separated: caption, vqav2, gqa, long_context (default: caption,vqav2,gqa)")
     p.add_argument("--adapter", action="append", metavar="[NAME=]PEFT_DIR",
-                   help="also score the first MODEL with this PEFT adapter on top (repeatable)")
+                   help="also score the first MODEL with this PEFT adapter (folder or hub id) on top, unmerged "
+                        "(repeatable); the first MODEL must be the adapter's base, not a run's merged model")
     p.add_argument("--split", default="test", help="shard split to score (default: test)")
-    p.add_argument("--max-samples", type=int, default=None, help="first N samples of each task (default: all)")
-    p.add_argument("--lengths", help="long-context prompt lengths in tokens, e.g. 256,512,1024,2048 (default: "
+    p.add_argument("--max-samples", type=_positive, default=None, help="first N samples of each task (default: all)")
+    p.add_argument("--lengths", type=_lengths, help="long-context prompt lengths in tokens, e.g. 256,512,1024,2048 (default: "
                                      "those, scaled down to the first model's context when they do not fit)")
-    p.add_argument("--long-context-samples", type=int, default=48, help="images captioned at every length")
+    p.add_argument("--long-context-samples", type=_positive, default=48, help="images captioned at every length")
     p.add_argument("--distractor", default="captions",
                    help="long-context filler: 'captions' (other images' reference captions) or a text file")
     p.add_argument("--reference", help="model the others are compared with (default: the first)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per generate call")
+    p.add_argument("--batch-size", type=_positive, default=8, help="samples per generate call")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+                   help="weights dtype (auto: the checkpoint's own on a GPU, float32 on a CPU)")
     p.add_argument("--revision", help="hub revision of hub-id models")
     p.add_argument("--registry", help="model registry folder, to name its entries as MODEL")
     p.add_argument("--out", help="output folder (default: runs/eval-DATE-TIME)")

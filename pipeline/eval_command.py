@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,15 +29,19 @@ import torch
 
 from pipeline.errors import UserError
 
+log = logging.getLogger("structlora.eval")
+
 GENERIC_NAMES = {"model", "merged", "final", "base", "peft_adapter", "adapter"}
 _LABEL = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def split_label(spec: str) -> tuple[str | None, str]:
-    """('NAME', 'MODEL') of 'NAME=MODEL', else (None, spec)."""
+    """('NAME', 'MODEL') of 'NAME=MODEL', else (None, spec). NAME becomes a folder under --out."""
     match = _LABEL.match(spec)
     if match and not Path(spec).exists():
+        if match.group(1).strip(".") == "":
+            raise UserError(f"{spec}: '{match.group(1)}' cannot name a model (it is a folder under --out)")
         return match.group(1), match.group(2)
     return None, spec
 
@@ -87,7 +92,7 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
     return _default_name(spec), source
 
 
-def load_model(source: str, dtype: torch.dtype, revision: str | None = None):
+def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None):
     """(LlavaForConditionalGeneration, processor) of a local directory or a cached / reachable hub id."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -95,19 +100,28 @@ def load_model(source: str, dtype: torch.dtype, revision: str | None = None):
     return model, AutoProcessor.from_pretrained(source, revision=revision)
 
 
-def load_with_adapter(source: str, adapter: Path, dtype: torch.dtype, revision: str | None = None):
+def load_with_adapter(source: str, adapter: str, dtype: torch.dtype | str, revision: str | None = None):
     """The base model of `source` with the PEFT adapter of `adapter` on top (not merged)."""
     from peft import PeftModel
 
     model, processor = load_model(source, dtype, revision)
-    return PeftModel.from_pretrained(model, str(adapter)).eval(), processor
+    return PeftModel.from_pretrained(model, adapter, revision=revision).eval(), processor
 
 
-def _unique(names: list[str]) -> list[str]:
-    out, seen = [], {}
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+def _unique(names: list[str], explicit: list[bool]) -> list[str]:
+    """Names made unique: a NAME= given twice is an error, a derived name gets -2, -3, ..."""
+    given = [n for n, e in zip(names, explicit) if e]
+    twice = sorted({n for n in given if given.count(n) > 1})
+    if twice:
+        raise UserError(f"two models are named {twice[0]!r}: give each NAME= once")
+    taken, out = set(given), []
+    for name, is_given in zip(names, explicit):
+        if not is_given:
+            base, k = name, 2
+            while name in taken:
+                name, k = f"{base}-{k}", k + 1
+        taken.add(name)
+        out.append(name)
     return out
 
 
@@ -119,28 +133,57 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
     if not models:
         raise UserError("structlora eval: give at least one MODEL")
     torch_dtype = resolve_dtype(dtype)
-    names, sources, loaders = [], [], []
+    names, explicit, sources, loaders, run_dirs = [], [], [], [], []
     for spec in models:
         label, rest = split_label(spec)
         name, source = resolve_model(rest, registry, revision)
         names.append(label or name)
+        explicit.append(label is not None)
         sources.append(source)
+        run_dirs.append((Path(rest).expanduser() / "manifest.json").is_file())
         loaders.append(lambda s=source: load_model(s, torch_dtype, revision))
     for spec in adapters:
         label, rest = split_label(spec)
-        adapter = Path(rest).expanduser()
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {rest}: no adapter_config.json there (a PEFT adapter folder is expected)")
-        names.append(label or f"{names[0]}+{_default_name(str(adapter))}")
+        adapter = resolve_adapter(rest, revision)
+        if run_dirs[0]:
+            raise UserError(f"--adapter {rest}: the first MODEL ({models[0]}) is a run directory, i.e. its merged "
+                            "model, which already holds an adapter; give the base model the adapter was trained on")
+        declared = _adapter_base(adapter)
+        if declared and Path(declared).resolve() != Path(sources[0]).resolve() and declared != models[0]:
+            log.warning("--adapter %s was trained on %s; it is put on the first MODEL, %s", rest, declared, sources[0])
+        names.append(label or f"{names[0]}+{_default_name(rest)}")
+        explicit.append(label is not None)
         sources.append(f"{sources[0]} + {adapter}")
         loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision))
-    names = _unique(names)
+    names = _unique(names, explicit)
     return [ModelEntry(n, load, src) for n, load, src in zip(names, loaders, sources)]
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
+def resolve_adapter(spec: str, revision: str | None = None) -> str:
+    """A PEFT adapter folder (adapter_config.json) or a hub id PEFT can load."""
+    from pipeline.backbones import resolve_pretrained
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {spec}: no adapter_config.json there (a PEFT adapter folder is expected)")
+        return str(path)
+    return resolve_pretrained(spec, revision)
+
+
+def _adapter_base(adapter: str) -> str | None:
+    config = Path(adapter) / "adapter_config.json"
+    try:
+        return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """--dtype: 'auto' is the checkpoint's own dtype on a GPU (as transformers and lmms-eval load it)
+    and float32 on a CPU (half-precision matrix products are slow or missing there)."""
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return "auto" if torch.cuda.is_available() else torch.float32
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -209,14 +252,23 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths."""
     from accelerate import Accelerator
 
-    from eval.harness import GENERATION_TASKS, TASKS, LongContextSettings, evaluate_models, write_outputs
+    from eval.harness import (
+        GENERATION_TASKS,
+        TASKS,
+        LongContextSettings,
+        evaluate_models,
+        sample_counts,
+        write_outputs,
+    )
     from eval.long_context import DEFAULT_BUCKETS
     from pipeline.evaluate import load_examples
     from pipeline.runner import environment
 
+    tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if unknown or not tasks:
+        raise UserError(f"--tasks: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                        f"choose from {', '.join(TASKS)}")
     entries = build_entries(models, adapters, registry, dtype, revision)
     names = [e.name for e in entries]
     if reference is not None and reference not in names:
@@ -230,7 +282,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
         examples["caption"] = captions
         chosen = captions[:long_context_samples]
         def spare() -> list[dict[str, Any]]:
-            return load_examples(root, "caption", split)[long_context_samples:]
+            return load_examples(root, "caption", split)[len(chosen):]
 
         pool, filler = filler_texts(distractor, root, [e["image_id"] for e in chosen], split, spare)
         long_context = LongContextSettings(samples=long_context_samples, lengths=list(lengths or DEFAULT_BUCKETS),
@@ -241,9 +293,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
-    counts = {t: len(v) for t, v in examples.items() if t in tasks}
-    if long_context is not None:
-        counts["long_context"] = min(long_context_samples, len(examples["caption"]))
+    counts = sample_counts(tasks, examples, long_context_samples)
     title = "Evaluation: " + ", ".join(names)
     paths = write_outputs(results, out_dir, title, reference or names[0], samples=counts)
     settings = {"models": list(models), "adapters": list(adapters), "names": names, "data": str(data),
@@ -251,6 +301,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
                 "lengths": list(lengths) if lengths else None, "distractor": distractor,
                 "batch_size": batch_size, "long_context_samples": long_context_samples,
                 "reference": reference or names[0], "dtype": str(resolve_dtype(dtype)).replace("torch.", ""),
+                "notes": results.notes,
                 "world_size": accelerator.num_processes, "environment": environment()}
     (out_dir / "eval_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     accelerator.wait_for_everyone()

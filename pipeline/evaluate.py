@@ -65,7 +65,14 @@ def classification_scores(model, processor, ctx: StageContext, device) -> dict[s
 def stage_eval(ctx: StageContext) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from eval.harness import GENERATION_TASKS, LongContextSettings, ModelEntry, evaluate_models, write_outputs
+    from eval.harness import (
+        GENERATION_TASKS,
+        LongContextSettings,
+        ModelEntry,
+        evaluate_models,
+        sample_counts,
+        write_outputs,
+    )
     from eval.long_context import CAPTION_FILLER
     from eval.plots import plot_diagnostics
     from eval.report import headline
@@ -110,7 +117,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
         return {}
     paths = write_outputs(results, out, f"{Path(ctx.run_dir).name}: {cfg.adapter.method} on {cfg.data.source}",
                           reference="base" if cfg.eval.compare_base else None, plots=plots,
-                          samples={t: len(v) for t, v in examples.items()})
+                          samples=sample_counts(tasks, examples, cfg.eval.long_context_samples))
     acc.wait_for_everyone()
     return {"metrics": str(paths["metrics"]), "report": str(paths["report"]), "headline": headline(results.scores)}
 

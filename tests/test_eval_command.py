@@ -124,9 +124,35 @@ def test_a_hub_id_without_network_is_a_one_line_error(smoke_run, tmp_path):
     (lambda run: [str(run / "train")], "neither a model directory"),
     (lambda run: [str(run / "merge" / "model"), "--adapter", str(run / "merge" / "model")],
      "no adapter_config.json there"),
+    (lambda run: [str(run), "--adapter", str(run / "merge" / "peft_adapter")], "is a run directory"),
+    (lambda run: [f"a={run}", f"a={run / 'base' / 'model'}"], "two models are named 'a'"),
+    (lambda run: [f"..={run}"], "cannot name a model"),
+    (lambda run: [str(run), "--tasks", ","], "--tasks: none given"),
 ])
 def test_what_is_not_a_model_is_named(smoke_run, make, message, capsys):
     from pipeline.cli import main
 
     assert main(["eval", *make(smoke_run.run), "--data", str(smoke_run.run)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_numbers_are_refused_by_the_parser(capsys):
+    from pipeline.cli import main
+
+    for flag, value in (("--batch-size", "0"), ("--max-samples", "-1"), ("--lengths", "256,abc")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "m", "--data", ".", flag, value])
+        assert exit_info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_buckets_no_model_can_take_are_skipped_for_every_model(smoke_run, tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = smoke_run.run
+    assert main(["eval", f"base={run / 'base' / 'model'}", f"merged={run}", "--data", str(run), "--tasks",
+                 "long_context", "--lengths", "20", "--long-context-samples", "2", "--out", str(tmp_path)]) == 0
+    models = json.loads((tmp_path / "metrics.json").read_text())["models"]
+    for name in ("base", "merged"):
+        assert models[name]["long_context"]["buckets"] == {}
+        assert "shorter than the prompt without any filler" in models[name]["long_context"]["skipped"]["20"]
+    assert "long-context bucket 20 skipped" in capsys.readouterr().out

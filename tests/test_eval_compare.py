@@ -87,3 +87,20 @@ def test_the_long_context_plot_draws_a_line_per_model(tmp_path, monkeypatch):
     series = {"base": {96: 0.1, 160: 0.2}, "merged": {96: 0.4, 160: 0.3}, "adapter": {96: 0.4, 160: 0.3}}
     path = plot_long_context(series, tmp_path / "lc.png")
     assert drawn["labels"] == ["base", "merged", "adapter"] and path.stat().st_size > 1000
+
+
+def test_on_main_raises_on_every_rank_and_inputs_are_checked_before_loading():
+    from types import SimpleNamespace
+
+    from eval.harness import LongContextSettings, check_inputs, on_main
+
+    acc = SimpleNamespace(is_main_process=True, num_processes=1)
+    assert on_main(acc, lambda: 3) == 3
+    with pytest.raises(ZeroDivisionError):
+        on_main(acc, lambda: 1 / 0)
+    assert on_main(SimpleNamespace(is_main_process=False, num_processes=1), lambda: 1 / 0) is None
+    with pytest.raises(EvalInputError, match="'gqa' has no samples"):
+        check_inputs(["caption", "gqa"], {"caption": [{}], "gqa": []}, None)
+    settings = LongContextSettings(samples=0, lengths=[96], pool=["a red circle"])
+    with pytest.raises(EvalInputError, match="no images to caption"):
+        check_inputs(["long_context"], {"caption": [{}]}, settings)
