@@ -114,3 +114,17 @@ def test_statistics():
     c = report.compare([{"seed": s, "scores": {"GQA": v}} for s, v in enumerate([50, 52, 51])],
                        [{"seed": s, "scores": {"GQA": v}} for s, v in enumerate([48, 49, 50])], "GQA", 1.0)
     assert c["n"] == 3 and c["diff"] == pytest.approx(2.0)
+
+
+def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
+    study = _load("study_v2")
+
+    def cells(losses, kept):
+        return [{"seed": s, "val_losses": [[1200, v]], "kept_fraction": kept} for s, v in enumerate(losses)]
+
+    results = {"dense_best": cells([1.40, 1.50], 1.0),        # the lowest mean loss, keeps every direction
+               "sparse_tied": cells([1.41, 1.49], 0.6),       # +0.00 on average: as good, sparser -> chosen
+               "sparse_worse": cells([1.50, 1.60], 0.3)}      # +0.10 on both seeds (SE 0): worse
+    assert study.pick(dict.fromkeys(results), results) == "sparse_tied"
+    results["sparse_tied"] = cells([1.45, 1.55], 0.6)         # +0.05 on both seeds: no longer as good
+    assert study.pick(dict.fromkeys(results), results) == "dense_best"
