@@ -113,8 +113,31 @@ def gate_stage_cells(spec, stage: str, candidates: dict[str, dict]) -> dict[str,
 
 
 def pick(cells: dict[str, list[dict]], results: dict[str, list[dict]]) -> str:
-    """The candidate with the lowest validation loss, averaged over its seeds."""
-    return min(cells, key=lambda name: mean_val_loss(results[name]))
+    """The sparsest candidate among those as good as the best on validation loss (the one-standard-error
+    rule of Breiman et al.): the best has the lowest final val loss averaged over seeds; a candidate is
+    as good when its mean per-seed difference to the best is at most that difference's standard error
+    (paired by seed); among those, the fewest kept rank directions win, then the lower loss.
+    """
+    loss = {name: mean_val_loss(results[name]) for name in cells}
+    best = min(cells, key=loss.__getitem__)
+
+    def by_seed(name: str) -> dict[int, float]:
+        return {int(r["seed"]): final_val_loss(r) for r in results[name]}
+
+    def as_good(name: str) -> bool:
+        if name == best:
+            return True
+        mine, ref = by_seed(name), by_seed(best)
+        diffs = [mine[s] - ref[s] for s in sorted(mine) if s in ref]
+        if len(diffs) < 2 or not all(math.isfinite(d) for d in diffs):
+            return False
+        return statistics.fmean(diffs) <= statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+    def kept(name: str) -> float:
+        values = [r.get("kept_fraction") for r in results[name]]
+        return statistics.fmean(values) if values and None not in values else 1.0
+
+    return min((name for name in cells if as_good(name)), key=lambda name: (kept(name), loss[name]))
 
 
 def gate_phase(spec, runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -323,7 +323,10 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
              *(["", f"**Partial report: {len(missing)} cells are not finished yet** (e.g. `{missing[0]}`): the "
                 "phases after the unfinished one are not shown."] if missing else []),
              "", f"### 1. The gate (StructLoRA, rank {spec['gate']['rank']}, validation loss over seeds "
-             f"{spec['gate']['seeds']})", "", *gate_table(gate_rows)]
+             f"{spec['gate']['seeds']})", "",
+             "Choice (each stage): the sparsest candidate (fewest kept rank directions) among those whose final "
+             "val loss is within one paired standard error of the best's (one-standard-error rule).", "",
+             *gate_table(gate_rows)]
     if lr_rows:
         lines += ["", f"### 2. Learning rate per arm (rank {spec['lr']['rank']}, final validation loss over seeds "
                   f"{spec['lr']['seeds']})", "", *lr_table(lr_rows, scales, spec)]
