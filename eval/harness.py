@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from eval.generate import EvalSample
+from eval.long_context import context_length_of
 
 log = logging.getLogger("structlora.eval")
 
@@ -90,14 +91,17 @@ class EvalResults:
     timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
-def on_main(accelerator, fn: Callable[[], Any]) -> Any:
-    """`fn()` on the main process; if it fails there, every rank raises (none waits at a barrier forever)."""
+def on_main(accelerator, fn: Callable[[], Any], what: str = "evaluation") -> Any:
+    """`fn()` on the main process (None elsewhere); if it fails there, every rank raises, so that none
+    waits at a barrier forever. `accelerator`: anything with ``is_main_process`` and ``num_processes``
+    (an Accelerator, a PartialState); `what` names the work in the other ranks' error."""
     error: list[str | None] = [None]
-    result, failure = None, None
+    result: Any = None
+    failure: BaseException | None = None
     if accelerator.is_main_process:
         try:
             result = fn()
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        except BaseException as err:  # re-raised below, on every rank
             failure, error = err, [f"{type(err).__name__}: {err}"]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -106,7 +110,7 @@ def on_main(accelerator, fn: Callable[[], Any]) -> Any:
     if failure is not None:
         raise failure
     if error[0]:
-        raise RuntimeError(f"the main process failed: {error[0]}")
+        raise RuntimeError(f"{what} failed on the main process: {error[0]}")
     return result
 
 
@@ -180,12 +184,6 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     return on_main(accelerator, merge_and_score)
 
 
-def _context_length(model) -> int | None:
-    from eval.long_context import context_length_of
-
-    return context_length_of(model)
-
-
 def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]], settings: LongContextSettings,
                         buckets: Sequence[int], skipped: Mapping[int, str], batch_size: int, accelerator,
                         out_dir: Path, label: str = "", timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -217,7 +215,7 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
                              key=lambda r: (0, r["image_id"]) if isinstance(r["image_id"], int)
                              else (1, str(r["image_id"])))
             write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
-        return score_long_context(parts, refs, _context_length(model), skipped=skipped,
+        return score_long_context(parts, refs, context_length_of(model), skipped=skipped,
                                   filler=settings.filler or "filler texts")
 
     return on_main(accelerator, write_and_score)
@@ -233,8 +231,8 @@ def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequ
     meter = PromptLengthMeter(processor, examples[0]["image"])
     bare = bare_prompt_length(meter)
     if fixed is None:
-        return plan_buckets(settings.lengths, _context_length(model), bare, max_new_tokens("caption"), settings.scale)
-    return plan_buckets(fixed, _context_length(model), bare, max_new_tokens("caption"), scale=False)
+        return plan_buckets(settings.lengths, context_length_of(model), bare, max_new_tokens("caption"), settings.scale)
+    return plan_buckets(fixed, context_length_of(model), bare, max_new_tokens("caption"), scale=False)
 
 
 def sample_counts(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]], long_context_samples: int) -> dict[str, int]:
@@ -305,18 +303,19 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                                            for b, r in skipped.items()}
                 asked = sorted(int(n) for n in long_context.lengths)
                 if main and long_context.scale and buckets and buckets != [n for n in asked if n not in skipped]:
-                    say(f"[eval] long-context lengths {asked} scaled to {buckets} to fit the "
-                        f"{_context_length(model)}-position context of {entry.name}")
-                    results.notes.append(f"long-context lengths {asked} scaled to {buckets} to fit the "
-                                         f"{_context_length(model)}-position context of {entry.name}")
+                    note = (f"long-context lengths {asked} scaled to {buckets} to fit the "
+                            f"{context_length_of(model)}-position context of {entry.name}")
+                    say(f"[eval] {note}")
+                    results.notes.append(note)
                 skipped = dict(planned)
             else:
                 skipped = {**planned, **skipped}
             if main:
                 for bucket, reason in skipped.items():
                     if entry.name == models[0].name or bucket not in planned:
-                        say(f"[eval] {entry.name}: long-context bucket {bucket} skipped: {reason}")
-                        results.notes.append(f"{entry.name}: long-context bucket {bucket} skipped: {reason}")
+                        note = f"{entry.name}: long-context bucket {bucket} skipped: {reason}"
+                        say(f"[eval] {note}")
+                        results.notes.append(note)
             lc = long_context_scores(model, processor, chosen, long_context, buckets, skipped, batch_size,
                                      accelerator, folder, label, timings.setdefault("long_context", {}))
             if lc is not None:

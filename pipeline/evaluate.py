@@ -19,8 +19,6 @@ import torch
 
 from pipeline.context import StageContext
 
-QUESTION_TASKS = ("vqav2", "gqa")
-
 
 def load_examples(root: Path, task: str, split: str, max_samples: int | None = None,
                   allow_remote: bool = False) -> list[dict[str, Any]]:

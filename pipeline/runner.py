@@ -178,7 +178,9 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
         state.wait_for_everyone()
         outputs: dict[str, Any] = {}
         if name in MAIN_PROCESS_ONLY:
-            outputs = _main_only(state, functions[name], ctx, name)
+            from eval.harness import on_main
+
+            outputs = on_main(state, lambda fn=functions[name]: fn(ctx), f"stage '{name}'") or {}
         else:
             outputs = functions[name](ctx) or {}
         state.wait_for_everyone()
@@ -187,27 +189,6 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
             print(f"[{name}] done")
         state.wait_for_everyone()
     return run_dir
-
-
-def _main_only(state, fn: StageFn, ctx: StageContext, name: str) -> dict[str, Any]:
-    """Run `fn` on the main process; if it fails, the other ranks fail too instead of waiting forever."""
-    error: list[str | None] = [None]
-    failure: BaseException | None = None
-    outputs: dict[str, Any] = {}
-    if state.is_main_process:
-        try:
-            outputs = fn(ctx) or {}
-        except BaseException as err:
-            failure, error = err, [f"{type(err).__name__}: {err}"]
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(error)
-    if failure is not None:
-        raise failure
-    if error[0]:
-        raise RuntimeError(f"stage '{name}' failed on the main process: {error[0]}")
-    return outputs
 
 
 def _cuda() -> bool:
