@@ -304,6 +304,15 @@ def _csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _commits_line(rows: list[dict[str, Any]]) -> str:
+    """Which code versions the cells ran (a study mixes commits only where pipeline/, structlora/,
+    data/, eval/ and configs/ are identical: scripts/study_v2.sh runs it from a pinned worktree)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("code_commit", "unknown")[:12]] = counts.get(r.get("code_commit", "unknown")[:12], 0) + 1
+    return "Code: " + ", ".join(f"`{c}` ({n} cells)" for c, n in sorted(counts.items())) + "."
+
+
 def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command: str,
                  benchmarks: Path | None = None, missing: list[str] | None = None) -> Path:
     root = Path(__file__).resolve().parents[1]
@@ -320,10 +329,13 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
              f"and its base model, then {budget['max_steps']} steps of batch {budget['batch_size']}, validation loss "
              f"every {budget['eval_every']} steps on {budget['val_batches']} fixed batches; grid cells are scored on "
              "the whole test split. Primary metric: teacher-forced test loss (lower is better).",
+             "", _commits_line(gate_rows + lr_rows + grid + lowdata),
              *(["", f"**Partial report: {len(missing)} cells are not finished yet** (e.g. `{missing[0]}`): the "
                 "phases after the unfinished one are not shown."] if missing else []),
              "", f"### 1. The gate (StructLoRA, rank {spec['gate']['rank']}, validation loss over seeds "
              f"{spec['gate']['seeds']})", "",
+             "Stage 1 compares the variants; each later stage tries every refinement on top of the current choice "
+             f"(coordinate descent, at most {spec['gate'].get('max_stages', 2)} stages, until the choice stays). "
              "Choice (each stage): the sparsest candidate (fewest kept rank directions) among those whose final "
              "val loss is within one paired standard error of the best's (one-standard-error rule).", "",
              *gate_table(gate_rows)]
