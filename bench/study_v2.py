@@ -135,30 +135,47 @@ def pick(cells: dict[str, list[dict]], results: dict[str, list[dict]]) -> str:
 
 
 def gate_phase(spec, runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the chosen gate settings, every search row). `runner(cells)` returns results in order."""
+    """(the chosen gate settings, every search row). `runner(cells)` returns results in order.
+
+    Stage 1 compares the variants. Each later stage is one step of coordinate descent: the current
+    choice against each `refine` change applied on top of it (settings already trained in an earlier
+    stage are reused, not run again); the search stops when a stage keeps its choice, when every
+    refinement of the choice has been trained, or after `max_stages` stages."""
     g = spec["gate"]
-    rows: list[dict[str, Any]] = []
     stage1 = gate_stage_cells(spec, "1", g["variants"])
-    results1 = _run_named(stage1, runner)
-    winner = pick(stage1, results1)
-    candidates = {winner: g["variants"][winner]}
-    for key, extra in g["refine"].items():  # a refinement equal to the winner itself is not run twice
-        settings = deep_merge(g["variants"][winner], extra)
-        if settings != g["variants"][winner]:
-            candidates[f"{winner}+{key}"] = settings
-    stage2 = gate_stage_cells(spec, "2", {k: v for k, v in candidates.items() if k != winner})
-    results2 = _run_named(stage2, runner)
-    results2[winner] = results1[winner]
-    stage2[winner] = stage1[winner]
-    chosen = pick(stage2, results2)
-    for stage, named in (("1", results1), ("2", results2)):
-        for name, results in named.items():
-            if stage == "2" and name == winner:
+    results = _run_named(stage1, runner)
+    settings = dict(g["variants"])
+    first_stage = {name: "1" for name in stage1}
+    chosen = pick(stage1, results)
+    winners = {chosen}
+    stage = 1
+    while stage < int(g.get("max_stages", 2)):
+        stage += 1
+        base = settings[chosen]
+        known = {json.dumps(v, sort_keys=True): k for k, v in settings.items()}
+        candidates, new = {chosen: base}, {}
+        for key, extra in g["refine"].items():
+            refined = deep_merge(base, extra)
+            name = known.get(json.dumps(refined, sort_keys=True), f"{chosen}+{key}")
+            if name == chosen:
                 continue
-            rows += [{**r, "candidate": name, "stage": stage,
-                      "chosen": name == chosen, "stage_winner": stage == "1" and name == winner} for r in results]
-    log.info("gate: stage-1 winner %s, chosen %s", winner, chosen)
-    return candidates[chosen], rows
+            candidates[name] = refined
+            if name not in settings:
+                new[name] = refined
+        if not new:
+            break
+        cells = gate_stage_cells(spec, str(stage), new)
+        results.update(_run_named(cells, runner))
+        settings.update(new)
+        first_stage.update({name: str(stage) for name in new})
+        previous, chosen = chosen, pick(candidates, results)
+        winners.add(chosen)
+        if chosen == previous:
+            break
+    rows = [{**r, "candidate": name, "stage": first_stage[name], "chosen": name == chosen,
+             "stage_winner": name in winners and name != chosen} for name in settings for r in results[name]]
+    log.info("gate: chosen %s after %d stage(s)", chosen, stage)
+    return settings[chosen], rows
 
 
 def _run_named(named: dict[str, list[dict]], runner) -> dict[str, list[dict]]:

@@ -334,6 +334,8 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
                 "phases after the unfinished one are not shown."] if missing else []),
              "", f"### 1. The gate (StructLoRA, rank {spec['gate']['rank']}, validation loss over seeds "
              f"{spec['gate']['seeds']})", "",
+             "Stage 1 compares the variants; each later stage tries every refinement on top of the current choice "
+             f"(coordinate descent, at most {spec['gate'].get('max_stages', 2)} stages, until the choice stays). "
              "Choice (each stage): the sparsest candidate (fewest kept rank directions) among those whose final "
              "val loss is within one paired standard error of the best's (one-standard-error rule).", "",
              *gate_table(gate_rows)]

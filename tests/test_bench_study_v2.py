@@ -128,3 +128,45 @@ def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
     assert study.pick(dict.fromkeys(results), results) == "sparse_tied"
     results["sparse_tied"] = cells([1.45, 1.55], 0.6)         # +0.05 on both seeds: no longer as good
     assert study.pick(dict.fromkeys(results), results) == "dense_best"
+
+
+def test_the_gate_search_refines_the_choice_until_it_stays(tmp_path):
+    """Coordinate descent: stage 2 moves the gate learning rate, so stage 3 re-searches the IB weight at
+    the new rate (the unchanged refinements and settings already trained are not run again)."""
+    study = _load("study_v2")
+    spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
+    spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
+    g = spec["gate"]
+    g["variants"] = {k: g["variants"][k] for k in ("c_none_l0", "d_none_l0_as_lora")}
+    g["refine"] = {k: g["refine"][k] for k in ("lr_gate_1x", "ib_0", "ib_1e-2", "ib_1e-1")}
+    g["max_stages"] = 3
+    ran: list[list[str]] = []
+
+    def loss_and_kept(config):  # a made-up landscape: the 1x gate rate is better, lambda 0.1 prunes for free
+        gate, lr_gate = config["adapter"]["structlora"]["gate"], config["train"].get("lr_gate")
+        slow = lr_gate == config["train"]["lr"]
+        loss = 1.40 - 0.05 * slow + 0.01 * (gate["init_prob"] < 0.95)
+        kept = 0.5 if gate["lambda_ib"] >= 0.1 else (1.0 if slow or gate["lambda_ib"] == 0 else 0.6)
+        return loss, kept
+
+    def runner(cells):
+        ran.append([c["id"] for c in cells])
+        out = []
+        for c in cells:
+            loss, kept = loss_and_kept(c["config"])
+            out.append({"id": c["id"], "seed": c["seed"], "kept_fraction": kept,
+                        "val_losses": [[1200, loss + 0.001 * c["seed"] * (1 + kept)]]})
+        return out
+
+    gate, rows = study.gate_phase(spec, runner)
+    stages = [sorted({i.split("/")[0] for i in ids}) for ids in ran]
+    assert stages == [["gate1"], ["gate2"], ["gate3"]]
+    assert sorted({i.split("/")[1].rsplit("-r8", 1)[0] for i in ran[2]}) == [
+        "d_none_l0_as_lora+lr_gate_1x+ib_0", "d_none_l0_as_lora+lr_gate_1x+ib_1e-1"]
+    assert gate["adapter"]["structlora"]["gate"]["lambda_ib"] == 0.1
+    assert gate["train"]["lr_gate"] == spec["gate"]["refine"]["lr_gate_1x"]["train"]["lr_gate"]
+    chosen = {r["candidate"] for r in rows if r["chosen"]}
+    winners = {r["candidate"] for r in rows if r["stage_winner"]}
+    assert chosen == {"d_none_l0_as_lora+lr_gate_1x+ib_1e-1"}
+    assert winners == {"d_none_l0_as_lora", "d_none_l0_as_lora+lr_gate_1x"}
+    assert {r["stage"] for r in rows if r["candidate"].endswith("+ib_1e-1")} == {"2", "3"}
