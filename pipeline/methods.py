@@ -41,7 +41,7 @@ class AdaptedModel:
         """AdamW groups: adapter factors, gates, coordinator (StructLoRA) each with its own lr."""
         if self.method == "structlora":
             groups = self.handle.trainable_parameter_groups()
-            lrs = {"adapter": train.lr, "gate": train.lr_gate or train.lr, "coordinator": train.lr_coordinator or train.lr}
+            lrs = {"adapter": train.lr, "gate": train.gate_lr, "coordinator": train.lr_coordinator or train.lr}
             # no weight decay on gate logits (it would pull every gate to 0.5, against the IB prior)
             # nor on the coordinator (its zero init is "plain LoRA"; decay is not a prior we want there)
             out = [{"params": params, "lr": lrs.get(name, train.lr), "name": name,

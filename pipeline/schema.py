@@ -176,7 +176,8 @@ class TrainConfig:
     batch_size: int = _f(16, "samples per process per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-3, "learning rate of A and B")
-    lr_gate: float | None = _f(None, "learning rate of the gate logits (default: lr)")
+    lr_gate: float | None = _f(None, "learning rate of the gate logits (default: 10 x lr, study v2's choice: at "
+                                     "the factors' rate the expected-L0 term barely moves the gates)")
     lr_coordinator: float | None = _f(None, "learning rate of the coordinator (default: lr)")
     data_fraction: float = _f(1.0, "train on this share of the training images (a stable hash of each key), "
                                    "for low-data studies")
@@ -206,6 +207,11 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 < self.data_fraction <= 1.0:
             raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+
+    @property
+    def gate_lr(self) -> float:
+        """The gate logits' learning rate: `lr_gate`, else 10 x `lr`."""
+        return self.lr_gate if self.lr_gate is not None else 10.0 * self.lr
 
 
 @dataclass

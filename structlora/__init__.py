@@ -5,7 +5,7 @@ model whose linear layers the config's regexes name. Depends on torch and safete
 (peft is imported lazily, for `export_peft`).
 """
 
-from structlora.config import CoordinatorConfig, GateConfig, StructLoRAConfig, TargetConfig
+from structlora.config import PAPER_GATE, CoordinatorConfig, GateConfig, StructLoRAConfig, TargetConfig
 from structlora.coordinator import GraphCoordinator, SketchBasis
 from structlora.diagnostics import diagnostics, dirichlet_energy, drift_energy, scalar_diagnostics
 from structlora.gate import RankGate
@@ -17,6 +17,7 @@ from structlora.model import StructLoRAModel, apply_structlora
 __all__ = [
     "CoordinatorConfig",
     "GateConfig",
+    "PAPER_GATE",
     "GraphCoordinator",
     "LayerGraph",
     "Node",

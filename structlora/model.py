@@ -210,8 +210,8 @@ class StructLoRAModel(nn.Module):
         """Loss terms to add to the task loss, already weighted: {'ib': lambda_IB * L_IB}, plus the
         static depth penalty when one is configured ({'cosine' | 'laplacian': ...}).
 
-        L_IB = mean over adapted modules of sum_j KL(Bernoulli(sigmoid(phi_j)) || Bernoulli(pi)), or with
-        `gate.penalty: l0` of sum_j P(gate_j != 0) under the hard-concrete distribution.
+        L_IB = the mean over every rank direction j of every gate of KL(Bernoulli(sigmoid(phi_j)) ||
+        Bernoulli(pi)), or with `gate.penalty: l0` of P(gate_j != 0) under the hard-concrete distribution.
         """
         terms: dict[str, torch.Tensor] = {}
         gates = [g for layer in self.layers.values() for g in (layer.gates or {}).values()]

@@ -170,3 +170,21 @@ def test_the_gate_search_refines_the_choice_until_it_stays(tmp_path):
     assert chosen == {"d_none_l0_as_lora+lr_gate_1x+ib_1e-1"}
     assert winners == {"d_none_l0_as_lora", "d_none_l0_as_lora+lr_gate_1x"}
     assert {r["stage"] for r in rows if r["candidate"].endswith("+ib_1e-1")} == {"2", "3"}
+
+
+def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
+    study, report = _load("study_v2"), _load("study_v2_report")
+    spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
+    spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
+    spec["lr"].update(arms=["lora", "structlora"], inherit={"no_ib": "structlora"})
+
+    def runner(cells):  # LoRA's cells are finished, StructLoRA's are still running
+        return [{"id": c["id"], "seed": c["seed"], "config": c["config"],
+                 "val_losses": [[1200, 1.5 - 0.1 * (c["config"]["train"]["lr"] > 5e-3)]]}
+                for c in cells if c["name"].startswith("lora.")]
+
+    chosen, rows = study.lr_phase(spec, {}, runner)
+    assert chosen == {"lora": 2.0}
+    table = "\n".join(report.lr_table(rows, chosen, spec))
+    assert "| lora |" in table and "| x2 | 0.01 |" in table
+    assert [line for line in table.splitlines() if line.startswith("| structlora |")][0].endswith("| pending | |")

@@ -9,7 +9,7 @@ import torch
 from _tiny_models import llava_batch, llava_config, randomize_b, tiny_llava, toy_config, toy_inputs, toy_model
 from torch import nn
 
-from structlora import apply_structlora, dirichlet_energy, drift_energy
+from structlora import PAPER_GATE, apply_structlora, dirichlet_energy, drift_energy
 from structlora.diagnostics import update_vectors
 from structlora.graph import normalized_adjacency, semantic_edges
 
@@ -256,7 +256,7 @@ def test_gat_starts_as_plain_lora_too():
 def test_batched_sketches_equal_the_per_module_formula():
     from structlora.plan import gate_masks, node_sketches
 
-    sm = apply_structlora(toy_model(), toy_config(fused=True))
+    sm = apply_structlora(toy_model(), toy_config(fused=True, gate=dict(PAPER_GATE)))  # sampled, not all ones
     set_b(sm)
     sm.train()
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ def pruned(tmp_path_factory):
     sm = apply_structlora(model, structlora_config_for(model, cfg.model, cfg.adapter, cfg.train.max_steps))
     randomize_b(sm)
     gates = [g for layer in sm.layers.values() for g in layer.gates.values()]
-    optimizer = torch.optim.Adam([g.logits for g in gates], lr=cfg.train.lr_gate)
+    optimizer = torch.optim.Adam([g.logits for g in gates], lr=cfg.train.gate_lr)
     sm.train()
     steps = 0
     while any(bool(g.kept()[g.kept().numel() // 2:].any()) for g in gates) and steps < 400:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny_models import randomize_b, toy_config, toy_inputs, toy_model
 
-from structlora import apply_structlora
+from structlora import PAPER_GATE, apply_structlora
 from structlora.config import GateConfig
 from structlora.gate import expected_l0, gate_penalty, logit
 
@@ -77,7 +77,7 @@ def test_l0_penalty_prunes_directions_the_task_does_not_need():
 
 
 def test_kl_with_the_paper_prior_never_prunes():
-    cfg = {"sampling": "none", "penalty": "kl", "prior": 0.1, "lambda_ib": 1.0}
+    cfg = {**PAPER_GATE, "sampling": "none", "lambda_ib": 1.0}
     sm = apply_structlora(toy_model(), toy_config(gate=cfg, coordinator=False))
     optimizer = torch.optim.Adam([g.logits for layer in sm.layers.values() for g in layer.gates.values()], lr=0.1)
     for _ in range(300):
