@@ -217,9 +217,11 @@ def lr_phase(spec, gate, runner) -> tuple[dict[str, float], list[dict[str, Any]]
             named[(arm, scale)] = [make_cell(spec, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False)
                                    for seed in lr["seeds"]]
     results = _run_named(named, runner)
-    chosen = {arm: min(lr["scales"], key=lambda s, a=arm: mean_val_loss(results[(a, s)])) for arm in lr["arms"]}
-    chosen.update({arm: chosen[source] for arm, source in lr["inherit"].items()})
-    rows = [{**r, "arm": arm, "scale": scale, "chosen": chosen[arm] == scale}
+    complete = [arm for arm in lr["arms"]  # a partial report chooses nothing for an arm still running
+                if all(len(results[(arm, s)]) == len(named[(arm, s)]) for s in lr["scales"])]
+    chosen = {arm: min(lr["scales"], key=lambda s, a=arm: mean_val_loss(results[(a, s)])) for arm in complete}
+    chosen.update({arm: chosen[source] for arm, source in lr["inherit"].items() if source in chosen})
+    rows = [{**r, "arm": arm, "scale": scale, "chosen": chosen.get(arm) == scale}
             for (arm, scale), rs in results.items() for r in rs]
     log.info("lr scales: %s", json.dumps(chosen))
     return chosen, rows

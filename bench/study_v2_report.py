@@ -135,7 +135,7 @@ def lr_table(rows: list[dict[str, Any]], scales: dict[str, float], spec) -> list
             if rs and arm in scales and scales[arm] == s:
                 chosen_lr = f"{rs[0]['config']['train']['lr']:.2g}"
         lines.append(f"| {arm} | " + " | ".join(cols) + f" | x{scales[arm]:g} | {chosen_lr} |" if arm in scales
-                     else f"| {arm} | " + " | ".join(cols) + " | | |")
+                     else f"| {arm} | " + " | ".join(cols) + " | pending | |")
     for arm, source in spec["lr"]["inherit"].items():
         lines.append(f"| {arm} | " + " | ".join("" for _ in cands) + f" | {source}'s | |")
     return lines
