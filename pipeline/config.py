@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -231,9 +232,11 @@ def load_config(cls: type[T], path: Path, overrides: list[str] | None = None) ->
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    """Write the resolved config atomically (temp file, then rename)."""
+    """Write the resolved config atomically (temp file, then rename). Every rank of a launch writes it
+    before the ranks know each other, so each writes its own temp file: a shared one was moved away
+    by one rank under the other (seen under torchrun)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     tmp.replace(path)

@@ -123,3 +123,25 @@ def test_not_yaml(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(RunConfig, tmp_path / "nope.yaml")
+
+
+def _save_many(path: str, n: int) -> None:
+    cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml", [])
+    for _ in range(n):
+        save_config(cfg, Path(path))
+
+
+def test_ranks_saving_the_config_at_once_do_not_collide(tmp_path):
+    """Every rank of a launch saves the run's config.yaml before the ranks know each other."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    path = tmp_path / "config.yaml"
+    procs = [ctx.Process(target=_save_many, args=(str(path), 300)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert load_config(RunConfig, path, []) == load_config(RunConfig, ROOT / "configs" / "tiny.yaml", [])
+    assert [f.name for f in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind
