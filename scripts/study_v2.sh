@@ -4,6 +4,9 @@
 # Cells and the shared base model live in the main tree (runs/study_v2, bench/results/study_v2),
 # linked into the worktree; commit bench/results/study_v2 as cells finish.
 #   scripts/study_v2.sh --phases gate --jobs 2        (any bench/study_v2.py arguments)
+# A new pin must be a commit on top of the current pin that changes bench/ only (record it in main
+# with `git merge -s ours`): a cell is matched by its whole config, and configs/ on main have moved on
+# since (the gate, train.lr_gate), so a pin cut from main would re-run every cell.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PIN="${STUDY_V2_COMMIT:-$(cat "$ROOT/bench/study_v2.commit")}"

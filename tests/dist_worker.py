@@ -70,7 +70,10 @@ def main() -> None:
                  f"train.max_steps={args.steps}", f"train.grad_accum={accum}", f"train.batch_size={micro}",
                  f"train.sharding={args.sharding}", f"train.precision={args.precision}", "train.eval_every=0",
                  "train.save_every=1000", "train.lr=0.01", "train.warmup_ratio=0.0", "adapter.rank=4",
-                 "adapter.structlora={coordinator: {refresh_every: 2}}", *args.set]
+                 # the gate as first built: sampled per optimizer step, the hard case for "N ranks x M
+                 # micro-batches train what one process does" (every rank and micro-batch must share a draw)
+                 "adapter.structlora={coordinator: {refresh_every: 2}, gate: {sampling: step, penalty: kl, "
+                 "prior: 0.1, lambda_ib: 1.0e-3, init_prob: 0.9, hard_concrete: false}}", *args.set]
     cfg = load_config(RunConfig, ROOT / "configs" / "smoke.yaml", overrides)
     work = Path(tempfile.mkdtemp(prefix=f"dist-worker-{rank}-"))
     ctx = StageContext(cfg=cfg, run_dir=work)

@@ -130,7 +130,7 @@ def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
     assert study.pick(dict.fromkeys(results), results) == "dense_best"
 
 
-def test_the_gate_search_refines_the_choice_until_it_stays(tmp_path):
+def test_the_gate_search_refines_the_choice_of_each_stage(tmp_path):
     """Coordinate descent: stage 2 moves the gate learning rate, so stage 3 re-searches the IB weight at
     the new rate (the unchanged refinements and settings already trained are not run again)."""
     study = _load("study_v2")
@@ -188,3 +188,37 @@ def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
     table = "\n".join(report.lr_table(rows, chosen, spec))
     assert "| lora |" in table and "| x2 | 0.01 |" in table
     assert [line for line in table.splitlines() if line.startswith("| structlora |")][0].endswith("| pending | |")
+
+
+def test_the_gate_search_stops_when_the_choice_stays_and_reuses_what_it_trained(tmp_path):
+    """Stage 2 picks the IB weight 0.1 (as good, sparser); its refinements lambda 0 and 1e-2 were trained
+    already (d+ib_0 in stage 2, d itself in stage 1), so stage 3 trains the 1x gate rate only, compares
+    it with them all, keeps the choice and stops: no stage 4 although max_stages allows it."""
+    study = _load("study_v2")
+    spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
+    spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
+    g = spec["gate"]
+    g["variants"] = {k: g["variants"][k] for k in ("c_none_l0", "d_none_l0_as_lora")}
+    g["refine"] = {k: g["refine"][k] for k in ("lr_gate_1x", "ib_0", "ib_1e-2", "ib_1e-1")}
+    g["max_stages"] = 4
+    ran: list[str] = []
+
+    def runner(cells):
+        ran.extend(c["id"] for c in cells)
+        out = []
+        for c in cells:
+            gate, train = c["config"]["adapter"]["structlora"]["gate"], c["config"]["train"]
+            slow = train.get("lr_gate") == train["lr"]
+            loss = 1.40 + 0.05 * slow + 0.01 * (gate["init_prob"] < 0.95)
+            kept = 0.5 if gate["lambda_ib"] >= 0.1 else 1.0
+            out.append({"id": c["id"], "seed": c["seed"], "kept_fraction": kept,
+                        "val_losses": [[1200, loss + 0.001 * c["seed"] * (1 + kept)]]})
+        return out
+
+    gate, rows = study.gate_phase(spec, runner)
+    assert gate["adapter"]["structlora"]["gate"]["lambda_ib"] == 0.1
+    assert sorted({i.split("/")[0] for i in ran}) == ["gate1", "gate2", "gate3"]
+    assert sorted(i for i in ran if i.startswith("gate3/")) == [
+        "gate3/d_none_l0_as_lora+ib_1e-1+lr_gate_1x-r8-s0", "gate3/d_none_l0_as_lora+ib_1e-1+lr_gate_1x-r8-s1"]
+    assert len(ran) == len(set(ran)) == 2 * (2 + 3 + 1)  # nothing trained twice
+    assert {r["candidate"] for r in rows if r["chosen"]} == {"d_none_l0_as_lora+ib_1e-1"}

@@ -142,6 +142,8 @@ def test_ranks_saving_the_config_at_once_do_not_collide(tmp_path):
         p.start()
     for p in procs:
         p.join(120)
+        if p.is_alive():
+            p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     assert load_config(RunConfig, path, []) == load_config(RunConfig, ROOT / "configs" / "tiny.yaml", [])
     assert [f.name for f in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind

@@ -29,6 +29,18 @@ def test_every_config_ships_the_same_gate():
     assert all(g == chosen for g in gates.values()), gates
 
 
+def test_the_library_default_is_the_gate_configs_ship_and_trains_at_10x():
+    from pipeline.schema import TrainConfig
+    from structlora import GateConfig
+
+    shipped = tiny_default().adapter.structlora["gate"]
+    default = GateConfig()
+    assert {k: getattr(default, k) for k in shipped} == shipped
+    assert TrainConfig(lr=3e-4).gate_lr == pytest.approx(3e-3)
+    assert TrainConfig(lr=3e-4, lr_gate=1e-4).gate_lr == 1e-4
+    assert tiny_default().train.gate_lr == pytest.approx(10 * tiny_default().train.lr)
+
+
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """The tiny default's StructLoRA (its config through the pipeline) after the IB term alone has

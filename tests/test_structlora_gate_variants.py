@@ -17,6 +17,12 @@ from structlora.gate import expected_l0, gate_penalty, logit
 def test_deterministic_gates_train_the_function_that_eval_computes():
     sm = apply_structlora(toy_model(), toy_config(gate={"sampling": "none"}))
     randomize_b(sm)
+    with torch.no_grad():  # gates spread across (0, 1) and across the prune threshold, not all saturated
+        for layer in sm.layers.values():
+            for g in layer.gates.values():
+                g.logits.copy_(torch.linspace(-4.0, 4.0, g.logits.numel()))
+    assert 0 < sum(int(g.kept().sum()) for layer in sm.layers.values() for g in layer.gates.values()) < sum(
+        g.logits.numel() for layer in sm.layers.values() for g in layer.gates.values())
     x = toy_inputs()
     sm.train()
     train_out = sm(x)

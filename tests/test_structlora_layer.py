@@ -104,7 +104,7 @@ def test_at_initialisation_the_output_is_the_base_output(case):
     base, sm, run = CASES[case]()
     with torch.no_grad():
         reference = run(base)
-        sm.train()  # sampled gates and the coordinator branch are live, but B = 0 and Theta = 0
+        sm.train()  # the gates and the coordinator branch are live, but B = 0 and Theta = 0
         assert torch.equal(run(sm.model), reference)
         sm.eval()
         assert torch.equal(run(sm.model), reference)

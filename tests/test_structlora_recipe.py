@@ -12,6 +12,7 @@ from pipeline.methods import attach_method
 from pipeline.schema import AdapterConfig, ModelConfig, TinyPreset, TrainConfig
 from pipeline.towers import structlora_config_for, target_module_names
 from pipeline.train import TrainRecipe
+from structlora import PAPER_GATE
 
 WORDS = "a red blue green circle square".split()
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -25,7 +26,9 @@ def _setup(tmp_path, max_steps: int):
 
     model, processor = build_tiny_llava(PRESET, WORDS)
     model_cfg = ModelConfig(preset="tiny", tiny=PRESET)
-    adapter = AdapterConfig(rank=4, alpha=8, structlora={"coordinator": {"refresh_every": 3, "theta_init_std": 0.01}})
+    # sampled gates (as first built): a resume must also restore the random state of the gate draws
+    adapter = AdapterConfig(rank=4, alpha=8, structlora={"gate": dict(PAPER_GATE),
+                                                         "coordinator": {"refresh_every": 3, "theta_init_std": 0.01}})
     adapted = attach_method(model, adapter, target_module_names(model, model_cfg, adapter), [], max_steps,
                             structlora_config=structlora_config_for(model, model_cfg, adapter, max_steps))
     collate = LlavaCollator(processor, max_length=64)
