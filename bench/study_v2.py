@@ -150,7 +150,6 @@ def gate_phase(spec, runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     winners = {chosen}
     stage = 1
     while stage < int(g.get("max_stages", 2)):
-        stage += 1
         base = settings[chosen]
         known = {json.dumps(v, sort_keys=True): k for k, v in settings.items()}
         candidates, new = {chosen: base}, {}
@@ -159,11 +158,14 @@ def gate_phase(spec, runner) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             name = known.get(json.dumps(refined, sort_keys=True), f"{chosen}+{key}")
             if name == chosen:
                 continue
+            if name in settings and settings[name] != refined:
+                raise SystemExit(f"gate candidate name '{name}' is taken by other settings: rename the variant")
             candidates[name] = refined
             if name not in settings:
                 new[name] = refined
         if not new:
             break
+        stage += 1
         cells = gate_stage_cells(spec, str(stage), new)
         results.update(_run_named(cells, runner))
         settings.update(new)
