@@ -112,6 +112,7 @@ def write_text_atomic(text: str, path: Path) -> Path:
     path = Path(path)
     fd, tmp = _tmp_path(path)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from the other users of a cluster
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from eval.predictions import write_text_atomic
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
@@ -235,16 +235,4 @@ def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config atomically (temp file, then rename). Every rank of a launch writes it
     before the ranks know each other, so each writes its own temp file: a shared one was moved away
     by one rank under the other (seen under torchrun)."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the run's config from the other users of a cluster
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(yaml.safe_dump(to_dict(cfg), sort_keys=False), Path(path))
