@@ -130,35 +130,53 @@ def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
     assert study.pick(dict.fromkeys(results), results) == "dense_best"
 
 
-def test_the_gate_search_refines_the_choice_of_each_stage(tmp_path):
-    """Coordinate descent: stage 2 moves the gate learning rate, so stage 3 re-searches the IB weight at
-    the new rate (the unchanged refinements and settings already trained are not run again)."""
-    study = _load("study_v2")
+def _study_spec(study, tmp_path) -> dict:
     spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
     spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
+    return spec
+
+
+def _gate_search(tmp_path, max_stages: int, landscape):
+    """The gate phase on variants c_none_l0 and d_none_l0_as_lora with 4 refinements, every cell
+    "trained" by `landscape(config) -> (val loss, kept share)` (plus a small per-seed offset).
+    Returns (spec, chosen settings, report rows, the cell ids of each runner call)."""
+    study = _load("study_v2")
+    spec = _study_spec(study, tmp_path)
     g = spec["gate"]
     g["variants"] = {k: g["variants"][k] for k in ("c_none_l0", "d_none_l0_as_lora")}
     g["refine"] = {k: g["refine"][k] for k in ("lr_gate_1x", "ib_0", "ib_1e-2", "ib_1e-1")}
-    g["max_stages"] = 3
+    g["max_stages"] = max_stages
     ran: list[list[str]] = []
-
-    def loss_and_kept(config):  # a made-up landscape: the 1x gate rate is better, lambda 0.1 prunes for free
-        gate, lr_gate = config["adapter"]["structlora"]["gate"], config["train"].get("lr_gate")
-        slow = lr_gate == config["train"]["lr"]
-        loss = 1.40 - 0.05 * slow + 0.01 * (gate["init_prob"] < 0.95)
-        kept = 0.5 if gate["lambda_ib"] >= 0.1 else (1.0 if slow or gate["lambda_ib"] == 0 else 0.6)
-        return loss, kept
 
     def runner(cells):
         ran.append([c["id"] for c in cells])
         out = []
         for c in cells:
-            loss, kept = loss_and_kept(c["config"])
+            loss, kept = landscape(c["config"])
             out.append({"id": c["id"], "seed": c["seed"], "kept_fraction": kept,
                         "val_losses": [[1200, loss + 0.001 * c["seed"] * (1 + kept)]]})
         return out
 
     gate, rows = study.gate_phase(spec, runner)
+    return spec, gate, rows, ran
+
+
+def _gate_and_slow(config) -> tuple[dict, bool]:
+    """The cell's gate settings and whether its gates train at the factors' rate (1x)."""
+    return config["adapter"]["structlora"]["gate"], config["train"].get("lr_gate") == config["train"]["lr"]
+
+
+def test_the_gate_search_refines_the_choice_of_each_stage(tmp_path):
+    """Coordinate descent: stage 2 moves the gate learning rate, so stage 3 re-searches the IB weight at
+    the new rate (the unchanged refinements and settings already trained are not run again)."""
+
+    def landscape(config):  # made up: the 1x gate rate is better, lambda 0.1 prunes for free
+        gate, slow = _gate_and_slow(config)
+        loss = 1.40 - 0.05 * slow + 0.01 * (gate["init_prob"] < 0.95)
+        kept = 0.5 if gate["lambda_ib"] >= 0.1 else (1.0 if slow or gate["lambda_ib"] == 0 else 0.6)
+        return loss, kept
+
+    spec, gate, rows, ran = _gate_search(tmp_path, 3, landscape)
     stages = [sorted({i.split("/")[0] for i in ids}) for ids in ran]
     assert stages == [["gate1"], ["gate2"], ["gate3"]]
     assert sorted({i.split("/")[1].rsplit("-r8", 1)[0] for i in ran[2]}) == [
@@ -174,8 +192,7 @@ def test_the_gate_search_refines_the_choice_of_each_stage(tmp_path):
 
 def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
     study, report = _load("study_v2"), _load("study_v2_report")
-    spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
-    spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
+    spec = _study_spec(study, tmp_path)
     spec["lr"].update(arms=["lora", "structlora"], inherit={"no_ib": "structlora"})
 
     def runner(cells):  # LoRA's cells are finished, StructLoRA's are still running
@@ -194,29 +211,15 @@ def test_the_gate_search_stops_when_the_choice_stays_and_reuses_what_it_trained(
     """Stage 2 picks the IB weight 0.1 (as good, sparser); its refinements lambda 0 and 1e-2 were trained
     already (d+ib_0 in stage 2, d itself in stage 1), so stage 3 trains the 1x gate rate only, compares
     it with them all, keeps the choice and stops: no stage 4 although max_stages allows it."""
-    study = _load("study_v2")
-    spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
-    spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
-    g = spec["gate"]
-    g["variants"] = {k: g["variants"][k] for k in ("c_none_l0", "d_none_l0_as_lora")}
-    g["refine"] = {k: g["refine"][k] for k in ("lr_gate_1x", "ib_0", "ib_1e-2", "ib_1e-1")}
-    g["max_stages"] = 4
-    ran: list[str] = []
 
-    def runner(cells):
-        ran.extend(c["id"] for c in cells)
-        out = []
-        for c in cells:
-            gate, train = c["config"]["adapter"]["structlora"]["gate"], c["config"]["train"]
-            slow = train.get("lr_gate") == train["lr"]
-            loss = 1.40 + 0.05 * slow + 0.01 * (gate["init_prob"] < 0.95)
-            kept = 0.5 if gate["lambda_ib"] >= 0.1 else 1.0
-            out.append({"id": c["id"], "seed": c["seed"], "kept_fraction": kept,
-                        "val_losses": [[1200, loss + 0.001 * c["seed"] * (1 + kept)]]})
-        return out
+    def landscape(config):  # made up: the 1x gate rate is worse, lambda 0.1 prunes for free
+        gate, slow = _gate_and_slow(config)
+        loss = 1.40 + 0.05 * slow + 0.01 * (gate["init_prob"] < 0.95)
+        return loss, 0.5 if gate["lambda_ib"] >= 0.1 else 1.0
 
-    gate, rows = study.gate_phase(spec, runner)
+    _, gate, rows, calls = _gate_search(tmp_path, 4, landscape)
     assert gate["adapter"]["structlora"]["gate"]["lambda_ib"] == 0.1
+    ran = [i for ids in calls for i in ids]
     assert sorted({i.split("/")[0] for i in ran}) == ["gate1", "gate2", "gate3"]
     assert sorted(i for i in ran if i.startswith("gate3/")) == [
         "gate3/d_none_l0_as_lora+ib_1e-1+lr_gate_1x-r8-s0", "gate3/d_none_l0_as_lora+ib_1e-1+lr_gate_1x-r8-s1"]
