@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _procs import load_bench
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,56 @@ def test_a_rerun_cell_reproduces_its_numbers(quick_study):
     again = json.loads(path.read_text())
     for key in ("scores", "val_losses", "final_train_loss", "adjacent_cosine", "grad_adjacent_cosine"):
         assert again[key] == first[key], key
+
+
+def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
+    """bench/study_v2.yaml `frozen_base`: grid cells run on a committed base model (sha256 checked),
+    record it and their machine, and cells trained on another base are not done on it."""
+    study, study_file, tmp, _, _ = quick_study
+    cell = _load("study_cell")
+    trained = tmp / "work" / "shared" / "base" / "model"
+    frozen = tmp / "frozen_base"  # another base: the study's own, every weight scaled by 1.01
+    shutil.copytree(trained, frozen)
+    weights = {k: v * 1.01 if v.is_floating_point() else v for k, v in load_file(frozen / "model.safetensors").items()}
+    save_file(weights, frozen / "model.safetensors", metadata={"format": "pt"})
+    sha = cell.file_sha256(frozen / "model.safetensors")
+    env = yaml.safe_load((ROOT / "bench" / "study_v2.yaml").read_text())["frozen_base"]["env"]
+    spec = yaml.safe_load(study_file.read_text())
+    spec["quick"]["frozen_base"] = {"dir": str(frozen), "sha256": sha, "phases": ["grid"], "env": env,
+                                    "prepare_sha256": study.prepare_sha256(tmp / "work" / "shared" / "prepare")}
+    for key, value, error in (("sha256", "0" * 64, f"model.safetensors: sha256 {sha} is not frozen_base.sha256 0{{64}}"),
+                              ("prepare_sha256", "1" * 64, "prepare: the prepared world's content hash")):
+        bad = yaml.safe_load(yaml.safe_dump(spec))
+        bad["quick"]["frozen_base"][key] = value
+        (tmp / "bad.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(SystemExit, match=error):
+            study.main([str(tmp / "bad.yaml"), "--quick", "--phases", "grid"])
+    (tmp / "frozen.yaml").write_text(yaml.safe_dump(spec))
+    before = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
+    assert before and all(r["base_sha256"] == cell.file_sha256(trained / "model.safetensors") for r in before.values())
+    assert study.main([str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid"]) == 0
+    after = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
+    assert after.keys() == before.keys()
+    for name, result in after.items():  # every cell ran again, on the frozen base, and says where it ran
+        assert result["base_sha256"] == sha and result["val_losses"] != before[name]["val_losses"], name
+        assert result["machine"]["env"] == env and len(result["machine"]["numerics_fingerprint"]) == 16
+        link = tmp / "work" / "cells" / "grid" / Path(name).stem / "base"
+        assert link.resolve() == (tmp / "work" / "shared_frozen" / "base").resolve()
+    assert (tmp / "work" / "shared_frozen" / "prepare").resolve() == (tmp / "work" / "shared" / "prepare").resolve()
+    assert f"base model `{sha[:12]}` ({len(after)} cells)" in (tmp / "results" / "study.md").read_text()
+
+
+def test_frozen_phases_run_seed_major_and_record_the_base_as_a_condition(tmp_path):
+    study = _load("study_v2")
+    spec = _study_spec(study, tmp_path)
+    cells = [{"id": f"{arm}-s{seed}", "seed": seed} for arm in ("lora", "dora") for seed in (0, 1)]
+    frozen = study.on_frozen_base(spec, "grid", cells)
+    assert [c["id"] for c in frozen] == ["lora-s0", "dora-s0", "lora-s1", "dora-s1"]
+    assert all(c["match"] == {"base_sha256": spec["frozen_base"]["sha256"]} and c["env"] == spec["frozen_base"]["env"]
+               and c["shared"].endswith("shared_frozen") for c in frozen)
+    assert study.on_frozen_base(spec, "lr", cells) == cells  # the selection phases keep their cells
+    one = _load("study_cell").machine_info()
+    assert one["numerics_fingerprint"] == _load("study_cell").machine_info()["numerics_fingerprint"]
 
 
 def test_an_unfinished_study_is_not_reported_unless_partial(tmp_path):
