@@ -129,7 +129,9 @@ def is_done(cell: dict[str, Any]) -> bool:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    return saved.get("config") == _comparable(cell["config"])
+    # `match`: result fields the cell must also agree on (study v2's grid: the frozen base's sha256)
+    return saved.get("config") == _comparable(cell["config"]) and all(
+        saved.get(k) == v for k, v in cell.get("match", {}).items())
 
 
 def _comparable(raw: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,68 @@ def code_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the cell ran, and a fingerprint of this machine's float arithmetic.
+
+    CPU training is deterministic on one machine but not across CPU models: the BLAS and the
+    vectorised kernels pick code paths by CPU, and 1,200 steps amplify last-bit differences into
+    seed-sized ones (issue 14: the same cell gave val loss 2.496 at step 100 on an earlier machine and
+    2.362 on an AMD EPYC family 26). The fingerprint is a hash of a few seeded AdamW steps through the
+    kernels a cell uses (matmul, layer norm, GELU, softmax attention, conv, cross-entropy), run with
+    this process's threads: cells with equal fingerprints ran with the same arithmetic."""
+    import hashlib
+    import platform
+
+    import torch
+
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "model name", "cpu family", "model") and key not in cpu:
+                cpu[key] = value.strip()
+    except OSError:
+        pass
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(3, 64, 4, stride=4)  # widths of the tiny default's towers
+    block = torch.nn.ModuleDict({"ln": torch.nn.LayerNorm(64), "qkv": torch.nn.Linear(64, 192),
+                                 "mlp": torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                                            torch.nn.Linear(256, 64)), "head": torch.nn.Linear(64, 10)})
+    params = [*conv.parameters(), *block.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    images, labels = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8, 64), generator=gen)
+    for _ in range(3):
+        x = conv(images).flatten(2).transpose(1, 2)  # (8, 64, 64)
+        q, k, v = block["qkv"](block["ln"](x)).chunk(3, dim=-1)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + block["mlp"](block["ln"](x))
+        loss = torch.nn.functional.cross_entropy(block["head"](x).flatten(0, 1), labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
+    return {"cpu": cpu, "platform": platform.platform(), "threads": torch.get_num_threads(),
+            "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ},
+            "numerics_fingerprint": digest[:16]}
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -181,6 +243,10 @@ def _long_context(metrics_path: Path) -> dict[str, float]:
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one cell; write its result JSON atomically and return it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    env = {k: str(v) for k, v in (cell.get("env") or {}).items()}
+    if env and "torch" in sys.modules and any(os.environ.get(k) != v for k, v in env.items()):
+        raise RuntimeError(f"cell {cell['id']}: its env {env} must be set before torch is imported")
+    os.environ.update(env)  # the kernels' code paths (cell["env"]): read when torch loads
     for path in (str(ROOT), str(ROOT / "bench")):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -198,13 +264,19 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(run_dir / "eval", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in ("prepare", "base"):  # the shared world and base model
-        link = run_dir / stage
+        link, target = run_dir / stage, Path(cell["shared"]) / stage
+        if link.is_symlink() and Path(os.readlink(link)) != target:
+            link.unlink()  # a cell folder made for another shared base
         if not link.exists():
-            link.symlink_to(Path(cell["shared"]) / stage, target_is_directory=True)
-    stamp = run_dir / "cell_config.json"  # a killed cell resumes its checkpoints only under the same config
-    if not stamp.is_file() or json.loads(stamp.read_text()) != cell["config"]:
+            link.symlink_to(target, target_is_directory=True)
+    # a killed cell resumes its checkpoints only under the same config and the same shared base
+    stamp, stamped = run_dir / "cell_config.json", {"config": cell["config"], "shared": str(cell["shared"])}
+    if not stamp.is_file() or json.loads(stamp.read_text()) != stamped:
         shutil.rmtree(run_dir / "train", ignore_errors=True)
-        stamp.write_text(json.dumps(cell["config"], sort_keys=True))
+        stamp.write_text(json.dumps(stamped, sort_keys=True))
+    base_weights = run_dir / "base" / "model" / "model.safetensors"
+    base_sha256 = file_sha256(base_weights) if base_weights.is_file() else None
+    machine = machine_info()
     ctx = StageContext(cfg=cfg, run_dir=run_dir)
     rss_before = _rss_mb()
     t0 = time.perf_counter()
@@ -238,7 +310,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": round(peak_train, 1), "train_rss_growth_mb": round(peak_train - rss_before, 1),
         "final_train_loss": summary["final_train_loss"], "val_losses": summary["val_losses"],
         **diag, "threads": int(cell["threads"]),
-        "torch": torch.__version__, "code_commit": code_commit(), "config": cell["config_saved"],
+        "torch": torch.__version__, "code_commit": code_commit(), "base_sha256": base_sha256, "machine": machine,
+        "config": cell["config_saved"],
     }
     out = Path(cell["result"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -66,6 +67,7 @@ def load_spec(path: Path, quick: bool) -> dict[str, Any]:
         spec["ranks"], spec["seeds"] = q["ranks"], q["seeds"]
         spec["long_context"] = q["long_context"]
         spec["lowdata"] = {**spec["lowdata"], **q["lowdata"]}
+        spec["frozen_base"] = q.get("frozen_base")
     spec["gated_arms"] = [a for a in spec.get("gated_arms", []) if a in spec["arms"]]
     spec["ablation_arms"] = [a for a in spec.get("ablation_arms", []) if a in spec["arms"]]
     lr = spec["lr"]
@@ -84,6 +86,76 @@ def make_cell(spec: dict[str, Any], group: str, name: str, settings: dict[str, A
     """bench/study.py's cell (base config + budget + settings, its run folder and result path), plus
     whether it is scored after training (search cells only train)."""
     return {**cell_spec(spec, group, name, settings, seed, split=split, fraction=fraction), "evaluate": evaluate}
+
+
+# --- the frozen base of the grid ---------------------------------------------------------------------
+
+
+def prepare_sha256(prepare: Path) -> str:
+    """Content hash of a prepared world: every file under world/ and every shard's sha256 (from the
+    shard manifests, whose input paths are absolute and so left out)."""
+    import hashlib
+
+    from study_cell import file_sha256
+
+    h = hashlib.sha256()
+    for path in sorted((prepare / "world").rglob("*")):
+        if path.is_file():
+            h.update(f"{path.relative_to(prepare)}:{file_sha256(path)}\n".encode())
+    for manifest in sorted((prepare / "shards").rglob("manifest.json")):
+        for shard in json.loads(manifest.read_text()).get("shards", []):
+            h.update(f"{manifest.parent.relative_to(prepare)}/{shard['name']}:{shard['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def freeze_base(spec) -> dict[str, Any] | None:
+    """The base model the grid and the low-data arm adapt, as committed files (`frozen_base` in the
+    study file), checked by sha256, beside the prepared world (checked by its content hash).
+
+    Why: CPU training is reproducible on one machine but not across CPU models (study_cell.machine_info),
+    and a study spread over sittings meets several machines. A base model retrained on each machine
+    would differ per sitting, and arms run in different sittings would adapt different bases. With one
+    frozen base and seed-major cell order, a sitting's machine is a block of seeds, which the paired
+    (per-seed) comparisons remove."""
+    fb = spec.get("frozen_base")
+    if not fb:
+        return None
+    from study_cell import file_sha256
+
+    src, shared = ROOT / fb["dir"], ROOT / spec["work_dir"] / "shared"
+    prepared = prepare_sha256(shared / "prepare")
+    if prepared != fb["prepare_sha256"]:
+        raise SystemExit(f"{shared / 'prepare'}: the prepared world's content hash {prepared} is not "
+                         f"frozen_base.prepare_sha256 {fb['prepare_sha256']}: this machine prepared other data than "
+                         "the grid's base model was trained on; the grid cannot continue here")
+    weights = src / "model.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{weights}: the frozen base model (frozen_base.dir in the study file) is missing")
+    digest = file_sha256(weights)
+    if digest != fb["sha256"]:
+        raise SystemExit(f"{weights}: sha256 {digest} is not frozen_base.sha256 {fb['sha256']}")
+    frozen = ROOT / spec["work_dir"] / "shared_frozen"
+    (frozen / "base").mkdir(parents=True, exist_ok=True)
+    if not (frozen / "prepare").exists():  # relative: the worktree's path changes with the pin
+        (frozen / "prepare").symlink_to(Path("..") / "shared" / "prepare", target_is_directory=True)
+    model = frozen / "base" / "model"
+    if not (model / "model.safetensors").is_file() or file_sha256(model / "model.safetensors") != digest:
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(src, model)
+    log.info("frozen base %s (sha256 %s...) for phases %s", fb["dir"], digest[:12], ", ".join(fb["phases"]))
+    return {"shared": str(frozen), "sha256": digest}
+
+
+def on_frozen_base(spec, phase: str, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The phase's cells, on the frozen base (if the study freezes it for this phase): shared folder,
+    the base's sha256 as a condition of being done, the kernels' env; seed-major order."""
+    fb = spec.get("frozen_base")
+    if not fb or phase not in fb["phases"]:
+        return cells
+    shared = str(ROOT / spec["work_dir"] / "shared_frozen")
+    cells = [{**c, "shared": shared, "match": {"base_sha256": fb["sha256"]}, "env": dict(fb.get("env") or {})}
+             for c in cells]
+    return sorted(cells, key=lambda c: c["seed"])  # stable: arms in file order within a seed
 
 
 def final_val_loss(result: dict[str, Any]) -> float:
@@ -248,14 +320,15 @@ def grid_cells(spec, gate, scales) -> list[dict[str, Any]]:
         for rank in spec["ranks"][-1:] if full or arm in spec["ablation_arms"] else spec["ranks"]:
             cells += [make_cell(spec, "grid", arm, final_settings(spec, arm, gate, scales, rank), seed, "test", True)
                       for seed in spec["seeds"]]
-    return cells
+    return on_frozen_base(spec, "grid", cells)
 
 
 def lowdata_cells(spec, gate, scales) -> list[dict[str, Any]]:
     low = spec["lowdata"]
-    return [make_cell(spec, "lowdata", arm, final_settings(spec, arm, gate, scales, low["rank"]), seed, "test", True,
-                      fraction=low["fraction"])
-            for arm in low["arms"] for seed in spec["seeds"]]
+    return on_frozen_base(spec, "lowdata", [
+        make_cell(spec, "lowdata", arm, final_settings(spec, arm, gate, scales, low["rank"]), seed, "test", True,
+                  fraction=low["fraction"])
+        for arm in low["arms"] for seed in spec["seeds"]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not args.report_only:
         prepare_shared(spec)
+        if any(p in phases for p in (spec.get("frozen_base") or {}).get("phases", [])):
+            freeze_base(spec)
     missing: list[str] = []
 
     def runner_for(phase: str):

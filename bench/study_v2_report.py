@@ -313,6 +313,29 @@ def _commits_line(rows: list[dict[str, Any]]) -> str:
     return "Code: " + ", ".join(f"`{c}` ({n} cells)" for c, n in sorted(counts.items())) + "."
 
 
+def _machines_line(rows: list[dict[str, Any]]) -> str:
+    """Which base model and which machines the grid and low-data cells ran on (bench/study_v2.py,
+    freeze_base): a seed whose arms ran on machines with different numerics fingerprints is paired
+    across arithmetic, which adds noise to its differences but no bias."""
+    if not rows:
+        return ""
+    bases: dict[str, int] = {}
+    machines: dict[str, set[int]] = {}
+    for r in rows:
+        sha = (r.get("base_sha256") or "not recorded")[:12]
+        bases[sha] = bases.get(sha, 0) + 1
+        m = r.get("machine") or {}
+        cpu = m.get("cpu", {})
+        key = (f"{cpu.get('model name', '?')} family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')}, "
+               f"numerics `{m.get('numerics_fingerprint', 'not recorded')}`")
+        machines.setdefault(key, set()).add(int(r["seed"]))
+    seen = [s for seeds in machines.values() for s in seeds]
+    mixed = sorted({s for s in seen if seen.count(s) > 1})
+    return ("Grid and low-data cells: base model " + ", ".join(f"`{b}` ({n} cells)" for b, n in sorted(bases.items()))
+            + "; machines " + "; ".join(f"{k} (seeds {sorted(v)})" for k, v in sorted(machines.items()))
+            + (f"; seeds {mixed} have cells on more than one machine." if mixed else "."))
+
+
 def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command: str,
                  benchmarks: Path | None = None, missing: list[str] | None = None) -> Path:
     root = Path(__file__).resolve().parents[1]
@@ -330,6 +353,7 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
              f"every {budget['eval_every']} steps on {budget['val_batches']} fixed batches; grid cells are scored on "
              "the whole test split. Primary metric: teacher-forced test loss (lower is better).",
              "", _commits_line(gate_rows + lr_rows + grid + lowdata),
+             *(["", _machines_line(grid + lowdata)] if grid or lowdata else []),
              *(["", f"**Partial report: {len(missing)} cells are not finished yet** (e.g. `{missing[0]}`): the "
                 "phases after the unfinished one are not shown."] if missing else []),
              "", f"### 1. The gate (StructLoRA, rank {spec['gate']['rank']}, validation loss over seeds "
