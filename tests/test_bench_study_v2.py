@@ -95,13 +95,13 @@ def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
     """bench/study_v2.yaml `frozen_base`: grid cells run on a committed base model (sha256 checked),
     record it and their machine, and cells trained on another base are not done on it."""
     study, study_file, tmp, _, _ = quick_study
-    cell = _load("study_cell")
+    from data.shards import file_sha256
     trained = tmp / "work" / "shared" / "base" / "model"
     frozen = tmp / "frozen_base"  # another base: the study's own, every weight scaled by 1.01
     shutil.copytree(trained, frozen)
     weights = {k: v * 1.01 if v.is_floating_point() else v for k, v in load_file(frozen / "model.safetensors").items()}
     save_file(weights, frozen / "model.safetensors", metadata={"format": "pt"})
-    sha = cell.file_sha256(frozen / "model.safetensors")
+    sha = file_sha256(frozen / "model.safetensors")
     env = yaml.safe_load((ROOT / "bench" / "study_v2.yaml").read_text())["frozen_base"]["env"]
     spec = yaml.safe_load(study_file.read_text())
     spec["quick"]["frozen_base"] = {"dir": str(frozen), "sha256": sha, "phases": ["grid"], "env": env,
@@ -115,7 +115,7 @@ def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
             study.main([str(tmp / "bad.yaml"), "--quick", "--phases", "grid"])
     (tmp / "frozen.yaml").write_text(yaml.safe_dump(spec))
     before = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
-    assert before and all(r["base_sha256"] == cell.file_sha256(trained / "model.safetensors") for r in before.values())
+    assert before and all(r["base_sha256"] == file_sha256(trained / "model.safetensors") for r in before.values())
     assert study.main([str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid"]) == 0
     after = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
     assert after.keys() == before.keys()
