@@ -49,16 +49,6 @@ def code_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
@@ -253,6 +243,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(int(cell["threads"]))
+    from data.shards import file_sha256
     from pipeline.config import from_dict
     from pipeline.evaluate import headline_from_file, stage_eval
     from pipeline.runner import StageContext

@@ -96,7 +96,7 @@ def prepare_sha256(prepare: Path) -> str:
     shard manifests, whose input paths are absolute and so left out)."""
     import hashlib
 
-    from study_cell import file_sha256
+    from data.shards import file_sha256
 
     h = hashlib.sha256()
     for path in sorted((prepare / "world").rglob("*")):
@@ -120,7 +120,7 @@ def freeze_base(spec) -> dict[str, Any] | None:
     fb = spec.get("frozen_base")
     if not fb:
         return None
-    from study_cell import file_sha256
+    from data.shards import file_sha256
 
     src, shared = ROOT / fb["dir"], ROOT / spec["work_dir"] / "shared"
     prepared = prepare_sha256(shared / "prepare")
