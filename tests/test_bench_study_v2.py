@@ -167,6 +167,42 @@ def test_statistics():
     assert c["n"] == 3 and c["diff"] == pytest.approx(2.0)
 
 
+def test_the_low_data_table_shows_whether_the_model_overfits():
+    report = _load("study_v2_report")
+    spec = {"lowdata": {"arms": ["lora", "structlora"]}}
+
+    def cell(seed, curve, train):
+        return {"name": "lora", "seed": seed, "scores": {"loss_mean": 1.0}, "final_train_loss": train,
+                "val_losses": [[100 * (i + 1), v] for i, v in enumerate(curve)]}
+
+    # val loss turns up after its minimum (seed 0 at step 200, seed 1 at step 300), train loss keeps falling
+    row = report.lowdata_table(spec, [cell(0, [2.0, 1.0, 1.5, 1.8], 0.2), cell(1, [2.0, 1.4, 1.2, 1.6], 0.4)])[2]
+    assert row.startswith("| lora | 1.0000 ± 0.0000 |") and row.endswith("| 2 |")
+    assert "| 0.3000 ± 0.1414 | 1.1000 ± 0.1414 (steps 200-300) | 1.7000 ± 0.1414 |" in row
+    assert "(step 400)" in report.lowdata_table(spec, [cell(0, [2.0, 1.5, 1.2, 1.1], 0.9)])[2]
+
+
+def test_ablations_are_compared_with_structlora_in_a_family_of_their_own():
+    report = _load("study_v2_report")
+    spec = {"arms": {"lora": {}, "structlora": {}, "structlora_paper": {}, "no_ib": {}},
+            "ablation_arms": ["no_ib", "no_coordinator"]}
+
+    def cell(name, rank, seed, loss):
+        return {"name": name, "rank": rank, "seed": seed, "scores": {"loss_mean": loss}}
+
+    grid = [cell("lora", r, s, 9.0) for r in (4, 16) for s in range(3)]
+    grid += [cell("structlora", r, s, 1.0 + 0.01 * s) for r in (4, 16) for s in range(3)]
+    grid += [cell("structlora_paper", r, s, 1.5 + 0.02 * s) for r in (4, 16) for s in range(3)]
+    grid += [cell("no_ib", 16, s, 0.9 + 0.01 * s + 0.001 * (s == 1)) for s in range(3)]
+    rows = report.ablation_comparisons(spec, grid)
+    assert {(c["arm"], c["rank"]) for c in rows} == {("structlora_paper", 4), ("structlora_paper", 16), ("no_ib", 16)}
+    assert all(c["reference"] == "structlora" and c["group"] == "ablation" and c["metric"] == "test loss" for c in rows)
+    by = {(c["arm"], c["rank"]): c for c in rows}
+    assert by[("structlora_paper", 4)]["diff"] == pytest.approx(0.51)
+    assert by[("no_ib", 16)]["diff"] == pytest.approx(-0.1 + 0.001 / 3)
+    assert report.ablation_comparisons({**spec, "arms": {"lora": {}, "structlora": {}}, "ablation_arms": []}, grid) == []
+
+
 def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
     study = _load("study_v2")
 
