@@ -180,6 +180,17 @@ def comparisons(spec, results, group_label: str) -> list[dict[str, Any]]:
     return out
 
 
+def ablation_comparisons(spec, grid) -> list[dict[str, Any]]:
+    """What each part of StructLoRA does: the paper variant and the ablations against StructLoRA itself
+    (the tests against LoRA cannot say this), per rank where both ran."""
+    ref = "structlora"
+    arms = [a for a in ("structlora_paper", *spec.get("ablation_arms", [])) if a in spec["arms"]]
+    if ref not in spec["arms"] or not arms:
+        return []
+    rows = comparisons({**spec, "reference": ref, "arms": {a: 1 for a in arms}}, grid, "ablation")
+    return [{**c, "reference": ref} for c in rows]
+
+
 def effects_table(rows: list[dict[str, Any]], ref: str) -> list[str]:
     lines = [f"| rank | arm | metric | difference vs {ref} | 95% bootstrap CI | p | Holm p | verdict | "
              "min. detectable |", "|---:|---|---|---:|---|---:|---:|---|---:|"]
@@ -247,17 +258,33 @@ def diagnostics_table(spec, grid) -> list[str]:
     return lines
 
 
+def _span(steps: list[int]) -> str:
+    """'step 800' or 'steps 600-1200': where the seeds' best validation losses fell."""
+    if not steps:
+        return "n/a"
+    return f"step {steps[0]}" if steps[0] == steps[-1] else f"steps {steps[0]}-{steps[-1]}"
+
+
 def lowdata_table(spec, lowdata) -> list[str]:
+    """Test scores, and whether the model overfits: the final train loss, the best validation loss on the
+    curve (and where the seeds reached it) against the final one."""
     if not lowdata:
         return []
     low = spec["lowdata"]
-    lines = ["| arm | test loss | CIDEr x100 | VQA acc | GQA acc | seeds |", "|---|---|---|---|---|---:|"]
+    lines = ["| arm | test loss | CIDEr x100 | VQA acc | GQA acc | final train loss | best val loss (step) "
+             "| final val loss | seeds |", "|---|---|---|---|---|---|---|---|---:|"]
     for arm in low["arms"]:
         rs = _cells(lowdata, name=arm)
         if rs:
+            curves = [[(int(s), float(v)) for s, v in r.get("val_losses", [])] for r in rs]
+            best = [min(c, key=lambda sv: sv[1]) for c in curves if c]
+            steps = sorted(s for s, _ in best)
             lines.append(f"| {arm} | {_fmt([_value(r, 'loss_mean') for r in rs], 4)} | "
                          f"{_fmt([_value(r, 'CIDEr', 100) for r in rs], 1)} | {_fmt([_value(r, 'VQA') for r in rs], 1)} | "
-                         f"{_fmt([_value(r, 'GQA') for r in rs], 1)} | {len(rs)} |")
+                         f"{_fmt([_value(r, 'GQA') for r in rs], 1)} | "
+                         f"{_fmt([float(r.get('final_train_loss', math.nan)) for r in rs], 4)} | "
+                         f"{_fmt([v for _, v in best], 4)} ({_span(steps)}) | "
+                         f"{_fmt([c[-1][1] for c in curves if c], 4)} | {len(rs)} |")
     return lines
 
 
@@ -346,6 +373,9 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
                                                           lowdata, "lowdata")
     for c, adjusted in zip(tests, holm([c["p"] for c in tests])):
         c["holm"] = adjusted
+    ablations = ablation_comparisons(spec, grid)
+    for c, adjusted in zip(ablations, holm([c["p"] for c in ablations])):
+        c["holm"] = adjusted
     first = (gate_rows or grid or [{}])[0]
     lines = [f"Command: `{command}` (date {datetime.date.today().isoformat()}, torch {first.get('torch')}, "
              f"{first.get('threads')} thread(s) per cell). Every cell: the shapes world of `{spec['base_config']}` "
@@ -371,6 +401,10 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
                   "", f"### Effects against {spec['reference']} (paired by seed; Holm over all {len(tests)} tests)", "",
                   *effects_table([c for c in tests if c["group"] == "grid"], spec["reference"]),
                   "", "### Power", "", *power_lines(tests)]
+        if ablations:
+            lines += ["", f"### Ablations against {ablations[0]['reference']} (paired by seed; Holm over these "
+                      f"{len(ablations)} tests, a family of their own)", "",
+                      *effects_table(ablations, ablations[0]["reference"])]
         lc = long_context_table(spec, grid)
         if lc:
             lines += ["", "### Long-context captioning (CIDEr per context length)", "", *lc]
@@ -384,7 +418,7 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     if curves is not None:
         lines += ["", f"![learning curves]({Path(os.path.relpath(curves, root)).as_posix()})"]
     _csv(gate_rows + lr_rows + grid + lowdata, out / "cells.csv")
-    _csv(tests, out / "tests.csv")
+    _csv(tests + ablations, out / "tests.csv")
     lines += ["", f"CSV: `{Path(os.path.relpath(out / 'cells.csv', root)).as_posix()}` (every cell), "
               f"`{Path(os.path.relpath(out / 'tests.csv', root)).as_posix()}` (every test)."]
     body = "\n".join(lines)
