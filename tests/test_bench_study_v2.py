@@ -169,17 +169,18 @@ def test_statistics():
 
 def test_the_low_data_table_shows_whether_the_model_overfits():
     report = _load("study_v2_report")
-    spec = {"lowdata": {"arms": ["lora", "structlora"]}}
+    spec = {"lowdata": {"arms": ["lora", "structlora"], "fractions": [0.1, 0.02]}}
 
-    def cell(seed, curve, train):
-        return {"name": "lora", "seed": seed, "scores": {"loss_mean": 1.0}, "final_train_loss": train,
-                "val_losses": [[100 * (i + 1), v] for i, v in enumerate(curve)]}
+    def cell(seed, curve, train, fraction=0.02):
+        return {"name": "lora", "seed": seed, "fraction": fraction, "scores": {"loss_mean": 1.0},
+                "final_train_loss": train, "val_losses": [[100 * (i + 1), v] for i, v in enumerate(curve)]}
 
     # val loss turns up after its minimum (seed 0 at step 200, seed 1 at step 300), train loss keeps falling
-    row = report.lowdata_table(spec, [cell(0, [2.0, 1.0, 1.5, 1.8], 0.2), cell(1, [2.0, 1.4, 1.2, 1.6], 0.4)])[2]
-    assert row.startswith("| lora | 1.0000 ± 0.0000 |") and row.endswith("| 2 |")
-    assert "| 0.3000 ± 0.1414 | 1.1000 ± 0.1414 (steps 200-300) | 1.7000 ± 0.1414 |" in row
-    assert "(step 400)" in report.lowdata_table(spec, [cell(0, [2.0, 1.5, 1.2, 1.1], 0.9)])[2]
+    rows = report.lowdata_table(spec, [cell(0, [2.0, 1.5, 1.2, 1.1], 0.9, fraction=0.1),
+                                       cell(0, [2.0, 1.0, 1.5, 1.8], 0.2), cell(1, [2.0, 1.4, 1.2, 1.6], 0.4)])
+    assert len(rows) == 4 and rows[2].startswith("| 10% | lora | 1.0000 |") and "(step 400)" in rows[2]
+    assert rows[3].startswith("| 2% | lora | 1.0000 ± 0.0000 |") and rows[3].endswith("| 2 |")
+    assert "| 0.3000 ± 0.1414 | 1.1000 ± 0.1414 (steps 200-300) | 1.7000 ± 0.1414 |" in rows[3]
 
 
 def test_ablations_are_compared_with_structlora_in_a_family_of_their_own():
