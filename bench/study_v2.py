@@ -11,7 +11,7 @@ study can be spread over several sittings (commit bench/results/study_v2 as cell
    candidates, chosen on validation loss over the seeds;
 3. grid: every arm x rank x seed at its rate, scored on the whole test split: teacher-forced test
    loss (primary), CIDEr, VQA, GQA; long-context captioning for the arms that ask for it;
-4. lowdata: a small share of the training images for the same steps (where a model can overfit).
+4. lowdata: small shares of the training images for the same steps (where a model can overfit).
 The report (bench/study_v2_report.py) gives effect sizes against the reference with bootstrap 95%
 intervals, Holm-corrected paired t-tests, and the smallest difference the study could detect.
 
@@ -327,8 +327,8 @@ def lowdata_cells(spec, gate, scales) -> list[dict[str, Any]]:
     low = spec["lowdata"]
     return on_frozen_base(spec, "lowdata", [
         make_cell(spec, "lowdata", arm, final_settings(spec, arm, gate, scales, low["rank"]), seed, "test", True,
-                  fraction=low["fraction"])
-        for arm in low["arms"] for seed in spec["seeds"]])
+                  fraction=fraction)
+        for fraction in low["fractions"] for arm in low["arms"] for seed in spec["seeds"]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,15 +271,15 @@ def lowdata_table(spec, lowdata) -> list[str]:
     if not lowdata:
         return []
     low = spec["lowdata"]
-    lines = ["| arm | test loss | CIDEr x100 | VQA acc | GQA acc | final train loss | best val loss (step) "
-             "| final val loss | seeds |", "|---|---|---|---|---|---|---|---|---:|"]
-    for arm in low["arms"]:
-        rs = _cells(lowdata, name=arm)
+    lines = ["| images | arm | test loss | CIDEr x100 | VQA acc | GQA acc | final train loss | best val loss (step) "
+             "| final val loss | seeds |", "|---:|---|---|---|---|---|---|---|---|---:|"]
+    for fraction, arm in [(f, a) for f in low["fractions"] for a in low["arms"]]:
+        rs = _cells(lowdata, name=arm, fraction=fraction)
         if rs:
             curves = [[(int(s), float(v)) for s, v in r.get("val_losses", [])] for r in rs]
             best = [min(c, key=lambda sv: sv[1]) for c in curves if c]
             steps = sorted(s for s, _ in best)
-            lines.append(f"| {arm} | {_fmt([_value(r, 'loss_mean') for r in rs], 4)} | "
+            lines.append(f"| {fraction:.0%} | {arm} | {_fmt([_value(r, 'loss_mean') for r in rs], 4)} | "
                          f"{_fmt([_value(r, 'CIDEr', 100) for r in rs], 1)} | {_fmt([_value(r, 'VQA') for r in rs], 1)} | "
                          f"{_fmt([_value(r, 'GQA') for r in rs], 1)} | "
                          f"{_fmt([float(r.get('final_train_loss', math.nan)) for r in rs], 4)} | "
@@ -291,25 +291,38 @@ def lowdata_table(spec, lowdata) -> list[str]:
 # --- plots and files ------------------------------------------------------------------------------
 
 
-def learning_curves(spec, grid, out: Path) -> Path | None:
-    """Validation loss against steps, mean over seeds, one line per arm, a panel per rank."""
+def _mean_curve(ax, rs, label: str, color: str) -> None:
+    curves = [dict((int(s), float(v)) for s, v in r.get("val_losses", [])) for r in rs]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    if steps:
+        ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], marker=".", label=label, color=color)
+
+
+def learning_curves(spec, grid, out: Path, lowdata=()) -> Path | None:
+    """Validation loss against steps, mean over seeds, one line per arm: a panel per rank of the grid,
+    then one per low-data share (where a model overfits, its curve turns up)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ranks = sorted({r["rank"] for r in grid if r["rank"]})
-    if not ranks:
+    shares = [f for f in spec["lowdata"]["fractions"] if _cells(lowdata, fraction=f)]
+    if not ranks and not shares:
         return None
-    fig, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4), squeeze=False)
+    panels = len(ranks) + len(shares)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    color = {arm: f"C{i % 10}" for i, arm in enumerate(spec["arms"])}  # one colour per arm in every panel
+    for ax, fraction in zip(axes[0][len(ranks):], shares):
+        for arm in spec["lowdata"]["arms"]:
+            _mean_curve(ax, _cells(lowdata, name=arm, fraction=fraction), arm, color[arm])
+        ax.set_title(f"low data, {fraction:.0%} of the images: val loss (mean over seeds)")
     for ax, rank in zip(axes[0], ranks):
         for arm in spec["arms"]:
-            rs = _cells(grid, name=arm, rank=rank) or (_cells(grid, name=arm, rank=0) if rank == ranks[-1] else [])
-            curves = [dict((int(s), float(v)) for s, v in r.get("val_losses", [])) for r in rs]
-            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-            if steps:
-                ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], marker=".", label=arm)
+            _mean_curve(ax, _cells(grid, name=arm, rank=rank) or (_cells(grid, name=arm, rank=0)
+                                                                   if rank == ranks[-1] else []), arm, color[arm])
         ax.set_title(f"rank {rank}: validation loss (mean over seeds)")
+    for ax in axes[0]:
         ax.set_xlabel("step")
         ax.set_ylabel("val loss")
         ax.grid(alpha=0.3)
@@ -369,8 +382,10 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     out = root / spec["results"]
     out.mkdir(parents=True, exist_ok=True)
     budget = spec["budget"]["train"]
-    tests = comparisons(spec, grid, "grid") + comparisons({**spec, "arms": {a: 1 for a in spec["lowdata"]["arms"]}},
-                                                          lowdata, "lowdata")
+    low_spec = {**spec, "arms": {a: 1 for a in spec["lowdata"]["arms"]}}
+    tests = comparisons(spec, grid, "grid") + [
+        {**c, "fraction": f} for f in spec["lowdata"]["fractions"]
+        for c in comparisons(low_spec, _cells(lowdata, fraction=f), "lowdata")]
     for c, adjusted in zip(tests, holm([c["p"] for c in tests])):
         c["holm"] = adjusted
     ablations = ablation_comparisons(spec, grid)
@@ -411,10 +426,15 @@ def write_report(spec, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
         lines += ["", "### Update structure", "", *diagnostics_table(spec, grid)]
     if lowdata:
         low = spec["lowdata"]
-        lines += ["", f"### 4. Low data ({low['fraction']:.0%} of the training images, rank {low['rank']}, "
-                  f"{budget['max_steps']} steps)", "", *lowdata_table(spec, lowdata),
-                  "", *effects_table([c for c in tests if c["group"] == "lowdata"], spec["reference"])]
-    curves = learning_curves(spec, grid, out) if grid else None
+        shares = " and ".join(f"{f:.0%}" for f in low["fractions"])
+        lines += ["", f"### 4. Low data ({shares} of the training images, rank {low['rank']}, "
+                  f"{budget['max_steps']} steps)", "", *lowdata_table(spec, lowdata)]
+        for f in low["fractions"]:
+            rows = [c for c in tests if c["group"] == "lowdata" and c["fraction"] == f]
+            if rows:
+                lines += ["", f"{f:.0%} of the training images, against {spec['reference']}:", "",
+                          *effects_table(rows, spec["reference"])]
+    curves = learning_curves(spec, grid, out, lowdata) if grid or lowdata else None
     if curves is not None:
         lines += ["", f"![learning curves]({Path(os.path.relpath(curves, root)).as_posix()})"]
     _csv(gate_rows + lr_rows + grid + lowdata, out / "cells.csv")
