@@ -10,8 +10,7 @@ are saved with the temp-then-rename rule.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from data.files import write_bytes_atomic
 
 
 def new_figure(size: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:
@@ -29,18 +30,12 @@ def new_figure(size: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Save as PNG through a temp file and rename."""
+    """Render to PNG in memory, then write it atomically (temp file and rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

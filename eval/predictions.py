@@ -15,13 +15,12 @@ record (index or line) and the field, and nothing here mutates what it is given.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.files import write_bytes_atomic
 from eval.errors import EvalInputError
 
 TASKS = ("caption", "vqav2", "gqa")
@@ -102,23 +101,10 @@ def _read_jsonl(path: Path, text: str) -> list[Any]:
     return records
 
 
-def _tmp_path(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def write_text_atomic(text: str, path: Path) -> Path:
     """Write to a temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
-    fd, tmp = _tmp_path(path)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from the other users of a cluster
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8"))
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,23 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
     write_json_atomic({"a": 1}, target)
     write_json_atomic({"b": np.float32(2.5), "c": np.arange(2)}, target)
     assert json.loads(target.read_text()) == {"b": 2.5, "c": [0, 1]}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    from data import files
+
+    target = tmp_path / "m.json"
+    write_json_atomic({"a": 1}, target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # readable by the other users of a cluster
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic({"b": 2}, target)
+    assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
