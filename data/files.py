@@ -28,7 +28,7 @@ def json_bytes(obj: Any, indent: int | None = 1) -> bytes:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary sibling and an atomic rename.
 
-    The one atomic file writer of the project (eval's text/JSON writers call it): readers see the
+    The one atomic file writer of the project (eval's text, JSON and PNG writers call it): readers see the
     old file or the whole new one, never half of it, and a failed write leaves no temporary behind.
     """
     path = Path(path)

@@ -116,8 +116,6 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
-    from data import files
-
     target = tmp_path / "m.json"
     write_json_atomic({"a": 1}, target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644  # readable by the other users of a cluster
@@ -125,7 +123,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, m
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(files.os, "replace", fail)
+    monkeypatch.setattr("os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_json_atomic({"b": 2}, target)
     assert json.loads(target.read_text()) == {"a": 1}
