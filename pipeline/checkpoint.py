@@ -11,10 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from data.shards import file_sha256
 
@@ -100,3 +105,18 @@ def prune(root: Path, keep_last: int) -> None:
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (torch, Python, NumPy, CUDA), for training_state.pt."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what `capture_rng_state` took, so a resumed run draws the same numbers."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

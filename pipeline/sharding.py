@@ -17,6 +17,8 @@ values), so:
 - DeepSpeed ZeRO-3: parameters below `stage3_param_persistence_threshold` are never
   partitioned; a run starts only if every adapter tensor is below it.
 - Anything else that cannot work stops here, before the first step, with one line.
+
+The stage's `Accelerator` (precision, gradient accumulation) is built here too: `make_accelerator`.
 """
 
 from __future__ import annotations
@@ -192,3 +194,25 @@ def sync_replicated_gradients(params: list[nn.Parameter], world_size: int) -> No
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on GPUs that support it, else fp32."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def make_accelerator(precision: str, grad_accum: int):
+    """An Accelerator for one stage. accelerate keeps one global state per process: a stage that
+    needs another precision than the previous one (the tiny base stage trains in fp32, the train
+    stage may run bf16) resets it; the process group (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = {"fp32": "no"}.get(precision, precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
+                       cpu=not torch.cuda.is_available())

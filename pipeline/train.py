@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,28 +33,6 @@ Batch = dict[str, torch.Tensor]
 ACCELERATE_STATE = "accelerate_state"
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' -> bf16 on GPUs that support it, else fp32."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
-
-
-def make_accelerator(precision: str, grad_accum: int):
-    """An Accelerator for one stage. accelerate keeps one global state per process: a stage that
-    needs another precision than the previous one (the tiny base stage trains in fp32, the train
-    stage may run bf16) resets it; the process group (PartialState) is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    mixed = {"fp32": "no"}.get(precision, precision)
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed) != mixed:
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
-                       cpu=not torch.cuda.is_available())
-
-
 def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup over `warmup_ratio` of the steps, then cosine decay to 0."""
     warmup = int(round(warmup_ratio * total_steps))
@@ -67,19 +44,6 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int],
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -119,7 +83,7 @@ class TrainRecipe:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        from pipeline.sharding import apply_fsdp2, plan_sharding
+        from pipeline.sharding import apply_fsdp2, make_accelerator, plan_sharding, resolve_precision
 
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
@@ -163,7 +127,7 @@ class TrainRecipe:
         for _ in range(self.batches_seen):  # replay the stream to where the checkpoint left it
             next(self.batches)
         if self.resumed_from is not None:
-            _set_rng_state(self._pending_rng)  # after the replay, which may draw random numbers
+            ckpt.restore_rng_state(self._pending_rng)  # after the replay, which may draw random numbers
         self._writer = None
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,7 +310,9 @@ class TrainRecipe:
 
     def save_checkpoint(self) -> None:
         acc = self.accelerator
-        rng = acc.gather_for_metrics([_rng_state()], use_gather_object=True) if acc.num_processes > 1 else [_rng_state()]
+        rng = [ckpt.capture_rng_state()]
+        if acc.num_processes > 1:
+            rng = acc.gather_for_metrics(rng, use_gather_object=True)
         trainable = self._gathered_trainable_state()
         shared = None
         if self.state_by_every_rank:  # every rank writes its partition of the optimizer state first

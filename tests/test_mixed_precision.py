@@ -121,7 +121,7 @@ def test_fp16_autocast_with_grad_scaler_trains_and_skips_overflow():
 
 def test_recipe_refuses_fp16_on_cpu(tmp_path):
     from pipeline.errors import UserError
-    from pipeline.train import make_accelerator, resolve_precision
+    from pipeline.sharding import make_accelerator, resolve_precision
 
     assert resolve_precision("auto") in ("fp32", "bf16")
     from pipeline.sharding import plan_sharding
