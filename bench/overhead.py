@@ -80,14 +80,20 @@ class Method:
     """One adapted copy of the base model with its optimizer and step function."""
 
     def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False,
-                 precision: str = "fp32", copy_base: bool = True, device: str = "cpu"):
+                 precision: str = "fp32", copy_base: bool = True, device: str = "cpu",
+                 shared_with: Method | None = None):
         from pipeline.schema import AdapterConfig, ModelConfig
         from pipeline.towers import structlora_config_for, target_module_names
 
         self.name = name
         self.device = torch.device(device)
-        model = (copy.deepcopy(base) if copy_base else base).to(self.device)
+        self.refresh = refresh
         self.precision = precision
+        if shared_with is not None:  # the same adapted model and optimizer, stepped another way (7B widths:
+            self.model, self.handle = shared_with.model, shared_with.handle  # no room for a third copy)
+            self.optimizer, self.steps = shared_with.optimizer, 0
+            return
+        model = (copy.deepcopy(base) if copy_base else base).to(self.device)
         adapter = AdapterConfig(rank=rank, alpha=2.0 * rank)
         torch.manual_seed(1)
         if ablation is None:
@@ -105,7 +111,6 @@ class Method:
                                                                          max_steps=1000))
             self.model = self.handle.model
             params = [p for group in self.handle.trainable_parameter_groups().values() for p in group]
-        self.refresh = refresh
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.steps = 0
         self.model.train()
@@ -230,8 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     batch = {k: v.to(args.device) for k, v in make_batch(base, args.batch_size, args.text_tokens).items()}
     dev = {"device": args.device}
     if args.preset == "skeleton":  # two copies of a 0.73 B model: the base itself becomes the second
-        methods = [Method("LoRA (PEFT)", base, args.rank, None, **dev),
-                   Method("StructLoRA, full", base, args.rank, "full", copy_base=False, **dev)]
+        lora = Method("LoRA (PEFT)", base, args.rank, None, **dev)  # a copy of the base, taken first
+        full = Method("StructLoRA, full", base, args.rank, "full", copy_base=False, **dev)
+        methods = [lora, full,
+                   Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, shared_with=full,
+                          **dev)]
     else:
         methods = [
             Method("LoRA (PEFT)", base, args.rank, None, **dev),

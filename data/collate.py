@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data.errors import OverlongBatchError
 from data.prompts import ASSISTANT_ROLE, render_prompt, task_prompt
 
 IGNORE_INDEX = -100
@@ -77,7 +78,10 @@ class LlavaCollator:
     every answer and its end token and on nothing else. A conversation longer than `max_length`
     is split between turns into several rows, each starting with the image (so a batch may hold
     more rows than samples); nothing is cut inside an answer: a turn that does not fit even
-    alone with the image is dropped and counted in `dropped`.
+    alone with the image is dropped and counted, in `dropped_turns` when other turns of its
+    sample are kept, in `overlong_examples` when none is (the whole sample is lost). A batch
+    whose every sample is too long raises OverlongBatchError (`collate_with_stats` counts it
+    and hands on an empty batch, so a stream never dies of it mid-run).
 
     Args:
         processor: a LlavaProcessor (expands `<image>` into the model's image tokens).
@@ -88,7 +92,8 @@ class LlavaCollator:
     processor: Any
     max_length: int = 256
     seed: int = 0
-    dropped: int = 0
+    dropped_turns: int = 0
+    overlong_examples: int = 0
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,15 +118,16 @@ class LlavaCollator:
             answers = [answer_token_ids(tok, answer) + [tok.eos_token_id] for _, answer in conv]
             later = [tok(render_prompt(prompt, with_image=False), add_special_tokens=False)["input_ids"]
                      for prompt, _ in conv]
-            start, ids, labels = 0, first_ids[i], None
+            start, ids, labels, dropped, kept = 0, first_ids[i], None, 0, False
             while start < len(conv):
                 prompt_ids = ids if labels is None else None
                 if prompt_ids is None:  # a split: the next row starts again with the image
                     prompt_ids = self._first_turns([images[i]], [conv[start][0]])[0][0]
                 if len(prompt_ids) + len(answers[start]) > self.max_length:
-                    self.dropped += 1  # this turn cannot fit even alone with the image
+                    dropped += 1  # this turn cannot fit even alone with the image
                     start, labels = start + 1, []
                     continue
+                kept = True
                 row_ids = list(prompt_ids) + answers[start]
                 row_labels = [IGNORE_INDEX] * len(prompt_ids) + answers[start]
                 k = start + 1
@@ -131,8 +137,12 @@ class LlavaCollator:
                     k += 1
                 rows.append((row_ids, row_labels, i))
                 start, labels = k, row_labels
+            if kept:
+                self.dropped_turns += dropped
+            else:
+                self.overlong_examples += 1
         if not rows:
-            raise ValueError(f"every sample of this batch is longer than max_length={self.max_length} "
+            raise OverlongBatchError(f"every sample of this batch is longer than max_length={self.max_length} "
                              "with its image and first answer (image tokens are never truncated): raise data.max_length")
         pad_id = tok.pad_token_id
         width = max(len(ids) for ids, _, _ in rows)

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """Bad or missing input data: the message names the file and the field or record."""
+
+
+class OverlongBatchError(ValueError):
+    """Every sample of a batch is longer than max_length with its image and first answer."""

@@ -17,7 +17,7 @@ from typing import Any
 import webdataset as wds
 from webdataset.autodecode import Decoder, handle_extension
 
-from data.errors import DataError
+from data.errors import DataError, OverlongBatchError
 from data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 
 log = logging.getLogger("data.stream")  # one logger for the whole stream: users filter on it
@@ -182,7 +182,9 @@ def training_examples(record: Example, rng: random.Random, questions: str = "pac
 
 def attach_stats(examples: Iterable[Example], stats: StreamStats, stream: str) -> Iterator[Example]:
     """Stamp each example with its stream's running skip counts, one example late, so that
-    the last example of a stream carries the final counts."""
+    the last example of a stream carries the final counts. A stream that yields no example but
+    skipped something (its only shard damaged) yields one marker instead (`__marker__`: no data),
+    so that its counts still reach the main process; `collate_with_stats` drops it."""
     previous = None
     for example in examples:
         if previous is not None:
@@ -190,13 +192,34 @@ def attach_stats(examples: Iterable[Example], stats: StreamStats, stream: str) -
         previous = example
     if previous is not None:
         yield {**previous, "__stream__": stream, "__skipped__": stats.as_dict()}
+    elif any(stats.as_dict().values()):
+        yield {"__marker__": True, "__stream__": stream, "__skipped__": stats.as_dict()}
+
+
+def without_markers(examples: Iterable[Example]) -> list[Example]:
+    return [e for e in examples if not e.get("__marker__")]
+
+
+# what a collator drops, by counter attribute (LlavaCollator has both)
+COLLATOR_DROPS = ("overlong_examples", "dropped_turns")
 
 
 def collate_with_stats(collate: Callable[[list[Example]], dict]) -> Callable[[list[Example]], dict]:
     """Wrap a collate function so that the batch keeps the skip counts (`__skipped__`) of its
-    examples' streams (DataLoader workers run the collate function), for `SkipCounter.update(batch)`."""
+    examples' streams (DataLoader workers run the collate function), for `SkipCounter.update(batch)`,
+    and what the collator itself dropped in this batch (`__dropped__`: over-long examples and turns).
+    Stream markers are left out; a batch with nothing left, or whose every example is too long, comes
+    out with the counts and no data (the caller skips it), so one bad batch never stops a run."""
     def wrapped(examples: list[Example]) -> dict:
-        batch = collate(examples)
+        before = {k: getattr(collate, k, 0) for k in COLLATOR_DROPS}
+        real = without_markers(examples)
+        batch: dict[str, Any] = {}
+        if real:
+            try:
+                batch = collate(real)
+            except OverlongBatchError:
+                batch = {}
         batch["__skipped__"] = {e["__stream__"]: e["__skipped__"] for e in examples if "__stream__" in e}
+        batch["__dropped__"] = {k: getattr(collate, k, 0) - before[k] for k in COLLATOR_DROPS}
         return batch
     return wrapped

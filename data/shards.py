@@ -134,20 +134,78 @@ class ShardSet:
         return int(self.manifest["samples"])
 
 
-def load_shards(root: Path, verify: bool = False) -> ShardSet:
-    """Read `root/manifest.json` and check that every shard is complete: byte size always,
-    sha256 too when `verify` (reads every byte). A shard that fails raises DataError."""
+@dataclass(frozen=True)
+class DamagedShard:
+    """A shard of a manifest that cannot be trusted: missing, of the wrong size (truncated or
+    grown) or, same size, not matching its sha256 (damaged in place). `samples` images and
+    `units` captions / questions are what a reader loses by leaving it out."""
+
+    path: str
+    reason: str
+    samples: int
+    units: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shard": self.path, "reason": self.reason, "images": self.samples, "units": self.units}
+
+
+# sha256 of shards already checked in this process, by (path, size, mtime_ns, inode): a stage that
+# opens one folder twice (the eval split for captions and for long context) reads it once
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = file_sha256(path)
+    return _VERIFIED[key]
+
+
+def check_shards(root: Path, verify: bool = True, threads: int | None = None) -> tuple[ShardSet, list[DamagedShard]]:
+    """Read `root/manifest.json` and check every shard against it: its byte size always, its sha256
+    too when `verify` (reads every byte, several shards at a time: hashlib hashes outside the GIL).
+    Returns the ShardSet of the manifest and the shards that failed, each with its reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(root)
     manifest = read_json(root / MANIFEST_NAME, "shard manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{root / MANIFEST_NAME}: not a {MANIFEST_FORMAT} manifest")
+    damaged: list[DamagedShard] = []
+    to_hash = []
     for shard in manifest["shards"]:
         path = root / shard["name"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            raise DataError(f"shard {path} is missing or incomplete (expected {shard['bytes']} bytes)")
-        if verify and file_sha256(path) != shard["sha256"]:
-            raise DataError(f"shard {path} does not match its sha256 in {root / MANIFEST_NAME}")
-    return ShardSet(root, manifest)
+        lost = (str(path), shard.get("samples", 0), shard.get("units", shard.get("samples", 0)))
+        if not path.is_file():
+            damaged.append(DamagedShard(lost[0], "missing", *lost[1:]))
+        elif path.stat().st_size != shard["bytes"]:
+            size = path.stat().st_size
+            what = "truncated" if size < shard["bytes"] else "longer than written"
+            damaged.append(DamagedShard(lost[0], f"{what}: {size} bytes, the manifest says {shard['bytes']}", *lost[1:]))
+        elif verify:
+            to_hash.append((path, shard, lost))
+    if to_hash:
+        workers = threads or min(len(to_hash), max(1, min(8, os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = list(pool.map(lambda item: _sha256_cached(item[0]), to_hash))
+        for (_, shard, lost), digest in zip(to_hash, digests):
+            if digest != shard["sha256"]:
+                damaged.append(DamagedShard(lost[0], "sha256 does not match the manifest (same size: damaged in "
+                                                     "place)", *lost[1:]))
+    order = {str(root / s["name"]): i for i, s in enumerate(manifest["shards"])}
+    damaged.sort(key=lambda d: order[d.path])
+    return ShardSet(root, manifest), damaged
+
+
+def load_shards(root: Path, verify: bool = False) -> ShardSet:
+    """Read `root/manifest.json` and check that every shard is complete: byte size always,
+    sha256 too when `verify` (reads every byte). A shard that fails raises DataError."""
+    shards, damaged = check_shards(root, verify)
+    if damaged:
+        first = damaged[0]
+        raise DataError(f"shard {first.path}: {first.reason} ({Path(root) / MANIFEST_NAME})")
+    return shards
 
 
 def file_sha256(path: Path) -> str:

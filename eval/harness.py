@@ -157,9 +157,7 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     `timing`, when given, receives the generation's wall time over all ranks (up to the barrier);
     `notes` (main process) receives why a results file is not in its official format, if it is not.
     """
-    from eval.errors import EvalInputError
     from eval.generate import merge_prediction_shards, run_generation
-    from eval.schemas import validate_results
 
     samples, refs = samples_and_references(task, examples)
     shards = out_dir / f"{task}_shards"
@@ -174,19 +172,35 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     def merge_and_score() -> dict[str, Any]:
         path = out_dir / f"{task}_predictions.json"
         predictions = merge_prediction_shards(shards, task, path, world_size=accelerator.num_processes)
-        if notes is not None:
-            try:
-                validate_results(predictions, task, source=str(path))
-            except EvalInputError as err:  # scored all the same: our scorers match ids as strings
-                notes.append(f"{err} (the file is scored, but an official server would refuse it)")
-        return score_predictions(task, refs, predictions)
+        check = results_file_check(predictions, task, path, notes)
+        return {**score_predictions(task, refs, predictions), "results_file": check}
 
     return on_main(accelerator, merge_and_score)
 
 
+def results_file_check(records: Sequence[Mapping[str, Any]], task: str, path: Path,
+                       notes: list[str] | None = None) -> dict[str, Any]:
+    """Validate a results file we wrote against its official schema (``eval.schemas``).
+
+    A file that fails is still scored (our scorers match ids as strings, so e.g. string image ids of
+    a user's own COCO-style data score fine) but marked: ``{"valid": false, "reason"}`` joins the task's
+    scores, the report's table shows its scores as "(invalid file)", and `notes` says why."""
+    from eval.errors import EvalInputError
+    from eval.schemas import validate_results
+
+    try:
+        validate_results(records, task, source=str(path))
+    except EvalInputError as err:
+        if notes is not None:
+            notes.append(f"{err} (scored, and marked invalid in the table: an official server would refuse it)")
+        return {"file": Path(path).name, "valid": False, "reason": str(err)}
+    return {"file": Path(path).name, "valid": True}
+
+
 def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]], settings: LongContextSettings,
                         buckets: Sequence[int], skipped: Mapping[int, str], batch_size: int, accelerator,
-                        out_dir: Path, label: str = "", timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                        out_dir: Path, label: str = "", timing: dict[str, Any] | None = None,
+                        notes: list[str] | None = None) -> dict[str, Any] | None:
     """CIDEr per bucket: every rank captions its share of `examples` at each of `buckets`, rank 0
     gathers, writes a results file per bucket and scores. Returns the scores on rank 0, else None."""
     from eval.generate import shard_samples
@@ -210,13 +224,18 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
         timing.update(_timing(len(samples) * len(buckets), time.perf_counter() - start))
 
     def write_and_score() -> dict[str, Any]:
+        checks = {}
         for target in sorted({t for g in parts for t in g}):
             records = sorted((r for g in parts for r in g.get(target, {}).get("records", [])),
                              key=lambda r: (0, r["image_id"]) if isinstance(r["image_id"], int)
                              else (1, str(r["image_id"])))
-            write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
-        return score_long_context(parts, refs, context_length_of(model), skipped=skipped,
-                                  filler=settings.filler or "filler texts")
+            path = write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
+            checks[target] = results_file_check(records, "caption", path, notes)  # COCO caption results, per bucket
+        scores = score_long_context(parts, refs, context_length_of(model), skipped=skipped,
+                                    filler=settings.filler or "filler texts")
+        for target, check in checks.items():
+            scores["buckets"][target]["results_file"] = check
+        return scores
 
     return on_main(accelerator, write_and_score)
 
@@ -317,7 +336,8 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                         say(f"[eval] {note}")
                         results.notes.append(note)
             lc = long_context_scores(model, processor, chosen, long_context, buckets, skipped, batch_size,
-                                     accelerator, folder, label, timings.setdefault("long_context", {}))
+                                     accelerator, folder, label, timings.setdefault("long_context", {}),
+                                     results.notes if main else None)
             if lc is not None:
                 scores["long_context"] = lc
                 results.long_context[entry.name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
@@ -335,9 +355,13 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
 
 def write_outputs(results: EvalResults, out: Path, title: str, reference: str | None,
                   plots: Mapping[str, Path] | None = None, samples: Mapping[str, int] | None = None,
-                  compare: bool = True) -> dict[str, Path]:
+                  compare: bool = True, data: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """On the main process: the long-context plot and table, differences against `reference`,
-    ``metrics.json`` and ``report.md``. Returns the paths written."""
+    ``metrics.json`` and ``report.md``. Returns the paths written.
+
+    `data`: what the scored splits (``{"eval": {task: account}}``, ``data.accounting.eval_account``) and,
+    for a run, the training streams (``{"train": ..., "base": ...}``) read and lost; a loss is said in the
+    report's first lines."""
     from eval.compare import compare_to_reference
     from eval.long_context import long_context_table, plot_long_context
     from eval.report import write_comparison
@@ -350,4 +374,4 @@ def write_outputs(results: EvalResults, out: Path, title: str, reference: str | 
     differences = compare_to_reference(results.scores, reference) \
         if compare and reference is not None and len(results.scores) > 1 else {}
     return write_comparison(out, results.scores, reference, plots, title, differences, results.sources,
-                            samples, results.notes, timings=results.timings)
+                            samples, results.notes, timings=results.timings, data=data)

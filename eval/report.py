@@ -20,7 +20,8 @@ from eval.predictions import write_json_atomic, write_text_atomic
 SCHEMA_VERSION = 2
 # Tables with one entry per item or per fine-grained type: kept out of the report table.
 DETAIL_KEYS = frozenset({"perQuestion", "per_image", "missing_ids", "perQuestionType", "perSemanticType",
-                         "perStructuralType"})
+                         "perStructuralType", "results_file"})
+INVALID_MARK = " (invalid file)"
 # Bookkeeping numbers that are not scores.
 _NOT_SCORES = frozenset({"num_questions", "num_predictions", "num_images", "num_binary", "num_open", "missing",
                          "duplicates", "ignored_unbalanced", "num_samples", "coverage", "prompt_tokens",
@@ -75,6 +76,81 @@ def _coverage_lines(metrics: Mapping[str, Any], label: str) -> list[str]:
     return lines
 
 
+def invalid_prefixes(tasks: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted prefixes of the score blocks whose results file failed its official schema."""
+    found: list[str] = []
+    for key, value in tasks.items():
+        if isinstance(value, Mapping):
+            check = value.get("results_file")
+            if isinstance(check, Mapping) and check.get("valid") is False:
+                found.append(f"{prefix}{key}.")
+            found += invalid_prefixes(value, f"{prefix}{key}.")
+    return found
+
+
+def _cell(flat: Mapping[str, float], key: str, invalid: Sequence[str]) -> str:
+    text = _fmt(flat.get(key))
+    return text + INVALID_MARK if text and any(key.startswith(p) for p in invalid) else text
+
+
+def data_headline(data: Mapping[str, Any] | None) -> list[str]:
+    """The report's first lines: how many examples of each scored split were scored, and any loss, with why."""
+    from data.accounting import describe_loss, describe_train_loss
+
+    if not data:
+        return []
+    lines = []
+    evals = data.get("eval") or {}
+    lost = [describe_loss(a) for a in evals.values() if a.get("lost_anything")]
+    if lost:
+        lines += [f"**Data lost, scores cover only what was read.** {line}." for line in lost]
+    elif evals:
+        counts = ", ".join(f"{t} {a['scored']} of {a['wanted']}" for t, a in evals.items())
+        lines.append(f"Scored every wanted example ({counts}, {next(iter(evals.values()))['split']} split); "
+                     "nothing skipped.")
+    for stage in ("base", "train"):
+        for account in (data.get(stage) or {}).values():
+            line = describe_train_loss(account)
+            if line:
+                lines.append(f"**Training data lost ({stage} stage):** {line}.")
+    return lines + [""] if lines else []
+
+
+def data_section(data: Mapping[str, Any] | None) -> list[str]:
+    """'## Data': per scored task what its split holds, what was scored and lost by reason; per training
+    stream the totals and every epoch that lost something."""
+    from data.accounting import KINDS, LABELS
+
+    if not data:
+        return []
+    lines = ["", "## Data", ""]
+    evals = data.get("eval") or {}
+    if evals:
+        kinds = ["shards_left_out", "damaged_shards_read", "corrupt_images", "bad_records"]
+        lines += ["| task | split | examples held | wanted | scored | lost | " + " | ".join(LABELS[k] for k in kinds)
+                  + " | skipped at prepare |", "|---|---|" + "---:|" * (5 + len(kinds))]
+        for task, a in evals.items():
+            cells = [str(a["skipped"].get(k, 0)) for k in kinds]
+            lines.append(f"| {task} | {a['split']} | {a['holds']} | {a['wanted']} | {a['scored']} | {a['lost']} | "
+                         + " | ".join(cells) + f" | {a.get('skipped_at_prepare', 0)} |")
+        for a in evals.values():
+            lines += [f"- {a['task']}: left out {s['shard']} ({s['reason']}; {s['images']} images, {s['units']} "
+                      "captions / questions)" for s in a["shards_left_out"]]
+    streams = [(stage, role, a) for stage in ("base", "train") for role, a in (data.get(stage) or {}).items()]
+    if streams:
+        kinds = ["shards_left_out", *KINDS]
+        lines += ["", "Training streams (counts summed over ranks; per epoch in the stage's summary.json):", "",
+                  "| stage | split | epoch | " + " | ".join(LABELS[k] for k in kinds) + " |",
+                  "|---|---|---|" + "---:|" * len(kinds)]
+        for stage, _, a in streams:
+            rows = [("total", a["total"])] + [(str(r["epoch"]), {"shards_left_out": a["total"]["shards_left_out"], **r})
+                                              for r in a["per_epoch"] if any(r.get(k) for k in KINDS)]
+            for epoch, row in rows:
+                lines.append(f"| {stage} | {a['split']} | {epoch} | " + " | ".join(str(row.get(k, 0)) for k in kinds)
+                             + " |")
+    return lines
+
+
 def _delta(a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return ""
@@ -86,27 +162,31 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
                       title: str = "Evaluation report", plots: Mapping[str, str] | None = None,
                       differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
                       sources: Mapping[str, str] | None = None, notes: Sequence[str] = (),
-                      timings: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> str:
-    """Markdown: one score column per model (and a delta column per model against `reference`),
-    the paired-bootstrap differences when given, coverage notes, `notes`, plots."""
+                      timings: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+                      data: Mapping[str, Any] | None = None) -> str:
+    """Markdown: what was scored and lost (first lines), one score column per model (and a delta column
+    per model against `reference`; scores from a results file that fails its official schema are marked
+    "(invalid file)"), the paired-bootstrap differences when given, coverage notes, `notes`, the data
+    accounting, plots."""
     from eval.compare import format_difference
 
     flat = {name: flatten_scores(tasks) for name, tasks in models.items()}
+    invalid = {name: invalid_prefixes(tasks) for name, tasks in models.items()}
     names = list(models)
     others = [n for n in names if n != reference] if reference in models else []
     rows = list(dict.fromkeys(key for name in names for key in flat[name]))
-    lines = [f"# {title}", ""]
+    lines = [f"# {title}", "", *data_headline(data)]
     if sources:
         lines += [f"- **{name}**: `{sources[name]}`" for name in names if name in sources] + [""]
     if len(names) == 1:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {key} | {_fmt(flat[names[0]].get(key))} |" for key in rows]
+        lines += [f"| {key} | {_cell(flat[names[0]], key, invalid[names[0]])} |" for key in rows]
     else:
         ordered = ([reference] if reference in models else []) + [n for n in names if n != reference]
         deltas = ["delta"] if len(others) == 1 else [f"{n} - {reference}" for n in others]
         lines += ["| metric | " + " | ".join(ordered + deltas) + " |", "|---|" + "---:|" * (len(ordered) + len(deltas))]
         for key in rows:
-            cells = [_fmt(flat[n].get(key)) for n in ordered]
+            cells = [_cell(flat[n], key, invalid[n]) for n in ordered]
             cells += [_delta(flat[n].get(key), flat[reference].get(key)) for n in others]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if not rows:
@@ -129,6 +209,7 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
         lines += ["", "## Coverage", "", *coverage]
     if notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
+    lines += data_section(data)
     if timings:
         tasks = list(dict.fromkeys(t for per in timings.values() for t in per))
         lines += ["", "## Generation speed (samples/s, all ranks)", "",
@@ -168,7 +249,8 @@ def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], ref
                      plots: Mapping[str, Path] | None = None, title: str = "Evaluation report",
                      differences: Mapping[str, Any] | None = None, sources: Mapping[str, str] | None = None,
                      samples: Mapping[str, int] | None = None, notes: Sequence[str] = (),
-                     keep_details: bool = False, timings: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                     keep_details: bool = False, timings: Mapping[str, Any] | None = None,
+                     data: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``metrics.json`` (schema 2) and ``report.md`` for models scored on the same samples.
 
     ``metrics.json``::
@@ -177,7 +259,12 @@ def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], ref
          "differences": {name: {score: {"difference", "low", "high", "items", ...}}},
          "samples": {task: count}, "notes": [...], "plots": {name: relative path},
          "timings": {name: {task: {"samples", "seconds", "samples_per_second"}}},
+         "data": {"eval": {task: account}, "train": {...}, "base": {...}},
          "metrics": {...}, "base": {...} | null}
+
+    ``data`` (``data.accounting``): per scored task what its split holds, what was scored, what was
+    lost and why; for a run, also what its training streams skipped, per epoch and in total. A score
+    block's ``results_file`` says whether its results file passed the official schema.
 
     ``metrics`` is the first model other than the reference and ``base`` the reference's
     scores: the layout of schema 1, which the publish stage and the demo read.
@@ -188,10 +275,10 @@ def write_comparison(out_dir: Path, models: Mapping[str, Mapping[str, Any]], ref
     primary = next((n for n in models if n != reference), reference)
     payload = {"schema": SCHEMA_VERSION, "title": title, "reference": reference, "models": stored,
                "sources": dict(sources or {}), "differences": dict(differences or {}), "samples": dict(samples or {}),
-               "notes": list(notes), "plots": rel_plots, "timings": dict(timings or {}),
+               "notes": list(notes), "plots": rel_plots, "timings": dict(timings or {}), "data": dict(data or {}),
                "metrics": stored.get(primary, {}), "base": stored.get(reference) if reference != primary else None}
     metrics_path = write_json_atomic(payload, out_dir / "metrics.json")
-    text = render_comparison(models, reference, title, rel_plots, differences, sources, notes, timings)
+    text = render_comparison(models, reference, title, rel_plots, differences, sources, notes, timings, data)
     report_path = write_text_atomic(text, out_dir / "report.md")
     return {"metrics": metrics_path, "report": report_path}
 

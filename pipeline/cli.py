@@ -108,7 +108,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         lengths=args.lengths, out=args.out,
         registry=Path(args.registry) if args.registry else None, distractor=args.distractor,
         batch_size=args.batch_size, long_context_samples=args.long_context_samples, reference=args.reference,
-        dtype=args.dtype, revision=args.revision,
+        dtype=args.dtype, revision=args.revision, damaged_shards=args.damaged_shards,
+        verify_shards=not args.no_verify_shards, timeout_minutes=args.timeout_minutes,
     )
     if result:  # the main process: show the report
         print(Path(result["report"]).read_text(encoding="utf-8"))
@@ -249,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision of hub-id models")
     p.add_argument("--registry", help="model registry folder, to name its entries as MODEL")
     p.add_argument("--out", help="output folder (default: runs/eval-DATE-TIME)")
+    p.add_argument("--damaged-shards", choices=["error", "skip"], default="error",
+                   help="a shard that fails its manifest check (size, sha256): error = stop naming it (default); "
+                        "skip = leave it out and report its examples as lost in report.md and metrics.json")
+    p.add_argument("--no-verify-shards", action="store_true",
+                   help="check shard sizes only, not their sha256 (misses a shard damaged in place)")
+    p.add_argument("--timeout-minutes", type=_positive, default=240,
+                   help="collective timeout under torchrun / accelerate launch: the other ranks wait while "
+                        "rank 0 scores (default 240, as structlora run)")
 
     p = add(sub, "demo", "serve a merged model in a Gradio app", _cmd_demo)
     p.add_argument("model_dir", nargs="?", help="merged model directory")

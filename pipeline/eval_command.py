@@ -233,6 +233,19 @@ def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: st
     return pool, f"{CAPTION_FILLER} ({eval_split} split, images not captioned)"
 
 
+def make_eval_accelerator(timeout_minutes: int):
+    """The Accelerator of ``structlora eval``, its process group (under torchrun / accelerate launch) made
+    with the collective timeout `structlora run` uses: the default (10 minutes for NCCL) would kill the
+    ranks that wait while rank 0 scores a large split."""
+    import datetime
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+
+
 def _out_dir(out: str | None, accelerator) -> Path:
     if out:
         return Path(out)
@@ -248,9 +261,15 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
              adapters: Sequence[str] = (), split: str = "test", max_samples: int | None = None,
              lengths: Sequence[int] | None = None, out: str | None = None, registry: Path | None = None,
              distractor: str = "captions", batch_size: int = 8, long_context_samples: int = 48,
-             reference: str | None = None, dtype: str = "auto", revision: str | None = None) -> dict[str, Any]:
-    """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths."""
-    from accelerate import Accelerator
+             reference: str | None = None, dtype: str = "auto", revision: str | None = None,
+             damaged_shards: str = "error", verify_shards: bool = True,
+             timeout_minutes: int = 240) -> dict[str, Any]:
+    """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths.
+
+    `damaged_shards`: a shard that fails its manifest check (size, and sha256 with `verify_shards`)
+    stops the command ("error") or is left out and its examples reported as lost ("skip").
+    `timeout_minutes`: the collective timeout of the process group, as `structlora run`'s
+    `distributed_timeout_minutes`: rank 0 scores alone (Java METEOR on a large split) while the others wait."""
 
     from eval.harness import (
         GENERATION_TASKS,
@@ -261,7 +280,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
         write_outputs,
     )
     from eval.long_context import DEFAULT_BUCKETS
-    from pipeline.evaluate import load_examples
+    from pipeline.evaluate import load_examples, load_split
     from pipeline.runner import environment
 
     tasks = list(dict.fromkeys(tasks))
@@ -274,15 +293,20 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     if reference is not None and reference not in names:
         raise UserError(f"--reference {reference}: not one of the models ({', '.join(names)})")
     root = shards_of(data)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    examples = {t: load_examples(root, t, split, max_samples) for t in tasks if t in GENERATION_TASKS}
+    accelerator = make_eval_accelerator(timeout_minutes)
+    checks = {"verify": verify_shards, "on_damaged": damaged_shards}
+    accounts: dict[str, Any] = {}
+    examples = {}
+    for task in (t for t in tasks if t in GENERATION_TASKS):
+        examples[task], accounts[task] = load_split(root, task, split, max_samples, **checks)
     long_context = None
     if "long_context" in tasks:
-        captions = examples.get("caption") or load_examples(root, "caption", split, max_samples)
-        examples["caption"] = captions
+        if "caption" not in examples:
+            examples["caption"], accounts["caption"] = load_split(root, "caption", split, max_samples, **checks)
+        captions = examples["caption"]
         chosen = captions[:long_context_samples]
         def spare() -> list[dict[str, Any]]:
-            return load_examples(root, "caption", split)[len(chosen):]
+            return load_examples(root, "caption", split, **checks)[len(chosen):]
 
         pool, filler = filler_texts(distractor, root, [e["image_id"] for e in chosen], split, spare)
         long_context = LongContextSettings(samples=long_context_samples, lengths=list(lengths or DEFAULT_BUCKETS),
@@ -295,13 +319,14 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
         return {}
     counts = sample_counts(tasks, examples, long_context_samples)
     title = "Evaluation: " + ", ".join(names)
-    paths = write_outputs(results, out_dir, title, reference or names[0], samples=counts)
+    paths = write_outputs(results, out_dir, title, reference or names[0], samples=counts, data={"eval": accounts})
     settings = {"models": list(models), "adapters": list(adapters), "names": names, "data": str(data),
                 "shards": str(root), "tasks": list(tasks), "split": split, "max_samples": max_samples,
                 "lengths": list(lengths) if lengths else None, "distractor": distractor,
                 "batch_size": batch_size, "long_context_samples": long_context_samples,
                 "reference": reference or names[0], "dtype": str(resolve_dtype(dtype)).replace("torch.", ""),
-                "notes": results.notes,
+                "damaged_shards": damaged_shards, "verify_shards": verify_shards,
+                "timeout_minutes": timeout_minutes, "notes": results.notes,
                 "world_size": accelerator.num_processes, "environment": environment()}
     (out_dir / "eval_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     accelerator.wait_for_everyone()

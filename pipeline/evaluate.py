@@ -20,24 +20,47 @@ import torch
 from pipeline.context import StageContext
 
 
-def load_examples(root: Path, task: str, split: str, max_samples: int | None = None,
-                  allow_remote: bool = False) -> list[dict[str, Any]]:
-    """Every example of `root/task/split` (the same list on every rank), capped at `max_samples`."""
-    from data.stream import EvalStream, ShardSource
+def load_split(root: Path, task: str, split: str, max_samples: int | None = None, allow_remote: bool = False,
+               verify: bool = True, on_damaged: str = "error") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(every example of `root/task/split`, capped at `max_samples`; its account: what the split holds,
+    what was read, what was lost and why). The same on every rank: each reads the whole split.
+
+    Every shard is checked against the manifest first (`verify`: sha256 too); a damaged one stops here
+    with its name (`on_damaged="error"`) or is left out and counted (`"skip"`)."""
+    from data.accounting import eval_account
+    from data.errors import DataError
+    from data.stream import EvalStream, ShardSource, without_markers
     from pipeline.errors import UserError
 
     path = Path(root) / task / split
     if not path.is_dir():
         raise UserError(f"no '{split}' shards for task '{task}' under {root} (expected {path}/)")
-    stream = EvalStream(ShardSource.from_dir(path, name=task), rank=0, world_size=1, allow_remote=allow_remote)
-    return list(itertools.islice(stream, max_samples)) if max_samples else list(stream)
+    source = ShardSource.from_dir(path, name=task, verify=verify, on_damaged=on_damaged)
+    if not source.urls:
+        raise DataError(f"{path}: every shard is damaged ({'; '.join(d.reason for d in source.excluded)}): "
+                        "nothing left to evaluate; prepare the split again")
+    stream = EvalStream(source, rank=0, world_size=1, allow_remote=allow_remote)
+    examples = without_markers(itertools.islice(stream, max_samples) if max_samples else stream)
+    return examples, eval_account(task, split, source, stream.stats, len(examples), max_samples)
 
 
-def load_eval_examples(ctx: StageContext, task: str, split: str, max_samples: int | None) -> list[dict[str, Any]]:
-    """``load_examples`` on the run's shards."""
+def load_examples(root: Path, task: str, split: str, max_samples: int | None = None,
+                  allow_remote: bool = False, verify: bool = True, on_damaged: str = "error") -> list[dict[str, Any]]:
+    """The examples of ``load_split`` alone (filler pools and other reads that are not scored)."""
+    return load_split(root, task, split, max_samples, allow_remote, verify, on_damaged)[0]
+
+
+def load_eval_examples(ctx: StageContext, task: str, split: str, max_samples: int | None,
+                       accounts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``load_split`` on the run's shards, with the config's shard checks; the account goes into `accounts`."""
     from pipeline.stages import shards_root
 
-    return load_examples(shards_root(ctx), task, split, max_samples, ctx.cfg.data.allow_remote)
+    data = ctx.cfg.data
+    examples, account = load_split(shards_root(ctx), task, split, max_samples, data.allow_remote,
+                                   data.verify_shards, data.damaged_shards)
+    if accounts is not None:
+        accounts[task] = account
+    return examples
 
 
 def caption_filler_pool(examples: list[dict[str, Any]], exclude: list[Any]) -> list[str]:
@@ -47,13 +70,14 @@ def caption_filler_pool(examples: list[dict[str, Any]], exclude: list[Any]) -> l
     return filler_pool({e["image_id"]: list(e["captions"]) for e in examples}, exclude=exclude)
 
 
-def classification_scores(model, processor, ctx: StageContext, device) -> dict[str, Any]:
+def classification_scores(model, processor, ctx: StageContext, device,
+                          accounts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Top-1 / top-5 accuracy on the eval split's classification shards."""
     from data.collate import ClassificationCollator
     from eval.classification import evaluate_classifier
 
     cfg = ctx.cfg
-    examples = load_eval_examples(ctx, "classification", cfg.eval.split, cfg.eval.max_samples)
+    examples = load_eval_examples(ctx, "classification", cfg.eval.split, cfg.eval.max_samples, accounts)
     collate, size = ClassificationCollator(processor), cfg.eval.batch_size
     batches = ({k: v.to(device) for k, v in collate(examples[i:i + size]).items()}
                for i in range(0, len(examples), size))
@@ -79,12 +103,13 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     cfg, out = ctx.cfg, ctx.stage_dir("eval")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     tasks = [t for t in cfg.eval.tasks if t in (*GENERATION_TASKS, "long_context")]
-    examples = {t: load_eval_examples(ctx, t, cfg.eval.split, cfg.eval.max_samples)
+    accounts: dict[str, Any] = {}  # task -> what its split holds, what was scored, what was lost and why
+    examples = {t: load_eval_examples(ctx, t, cfg.eval.split, cfg.eval.max_samples, accounts)
                 for t in tasks if t in GENERATION_TASKS}
     long_context = None
     if "long_context" in tasks:
         if "caption" not in examples:
-            examples["caption"] = load_eval_examples(ctx, "caption", cfg.eval.split, cfg.eval.max_samples)
+            examples["caption"] = load_eval_examples(ctx, "caption", cfg.eval.split, cfg.eval.max_samples, accounts)
         chosen = examples["caption"][: cfg.eval.long_context_samples]
         pool = caption_filler_pool(load_eval_examples(ctx, "caption", "val", 200), [e["image_id"] for e in chosen])
         long_context = LongContextSettings(samples=cfg.eval.long_context_samples,
@@ -96,7 +121,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
         found: dict[str, Any] = {}
         if "classification" in cfg.eval.tasks and acc.is_main_process:
             with torch.no_grad():
-                found["classification"] = classification_scores(model, processor, ctx, acc.device)
+                found["classification"] = classification_scores(model, processor, ctx, acc.device, accounts)
         diagnostics = getattr(model, "structlora_diagnostics", None)
         if callable(diagnostics) and acc.is_main_process:
             diag = diagnostics()
@@ -115,9 +140,22 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
         return {}
     paths = write_outputs(results, out, f"{Path(ctx.run_dir).name}: {cfg.adapter.method} on {cfg.data.source}",
                           reference="base" if cfg.eval.compare_base else None, plots=plots,
-                          samples=sample_counts(tasks, examples, cfg.eval.long_context_samples))
+                          samples=sample_counts(tasks, examples, cfg.eval.long_context_samples),
+                          data={"eval": accounts, **_training_data(ctx)})
     acc.wait_for_everyone()
     return {"metrics": str(paths["metrics"]), "report": str(paths["report"]), "headline": headline(results.scores)}
+
+
+def _training_data(ctx: StageContext) -> dict[str, Any]:
+    """The base and train stages' data accounts (their summaries), for the run's report."""
+    found = {}
+    for stage, path in (("base", ctx.run_dir / "base" / "summary.json"),
+                        ("train", ctx.run_dir / "train" / "final" / "summary.json")):
+        if path.is_file():
+            data = json.loads(path.read_text()).get("data")
+            if data:
+                found[stage] = data
+    return found
 
 
 def _jsonable(value: Any) -> Any:

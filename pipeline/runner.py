@@ -36,12 +36,19 @@ STAGE_SLICES: dict[str, list[str]] = {
 }
 
 
+# Read-side checks that change no stage's output when they pass: left out of every hash, so that a
+# stage stopped by a damaged shard can be re-run with `data.damaged_shards: skip` without preparing,
+# pretraining and training again (which would also overwrite the damaged shards being reported).
+UNHASHED = {"data": ("verify_shards", "damaged_shards")}
+
 StageFn = Callable[[StageContext], dict[str, Any]]
 
 
 def config_hash(cfg: RunConfig, stage: str) -> str:
     """Hash of the config slices `stage` and every stage before it depend on."""
     full = to_dict(cfg)
+    for section, keys in UNHASHED.items():
+        full[section] = {k: v for k, v in full[section].items() if k not in keys}
     upto = STAGES[: STAGES.index(stage) + 1]
     relevant = {key: full[key] for s in upto for key in STAGE_SLICES[s]}
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()

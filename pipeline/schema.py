@@ -64,6 +64,12 @@ class DataConfig:
     questions: Literal["packed", "single"] = _f(
         "packed", "questions of one image in training: packed = one multi-turn conversation (as LLaVA trains), "
         "single = one example each")
+    verify_shards: bool = _f(
+        True, "when a stage opens a shard folder, check every shard's sha256 against its manifest (reads each "
+        "byte once more; cost in BENCHMARKS.md); false checks byte sizes only, which misses in-place damage")
+    damaged_shards: Literal["error", "skip"] = _f(
+        "error", "a shard that fails that check: error = stop the stage with one line naming it; skip = leave it "
+        "out, and report what it held as lost in the stage summary, manifest.json, metrics.json and report.md")
 
     def __post_init__(self) -> None:
         if any(w < 0 for w in self.tasks.values()):

@@ -11,16 +11,14 @@ a JSON-able dict of its outputs for the manifest.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from data.accounting import TrainAccount
+from pipeline.batches import batch_iterator, data_summary, validation_batches  # noqa: F401 - the stages' names
 from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.schema import AdapterConfig, ModelConfig, RunConfig, TrainConfig
@@ -109,7 +107,8 @@ def sources(ctx: StageContext, split: str, tasks: dict[str, float]):
         if not path.is_dir():
             raise UserError(f"no '{split}' shards for task '{task}' under {root}: run the prepare stage, "
                             "or remove the task from the config")
-        out.append(ShardSource.from_dir(path, weight=weight, name=task))
+        out.append(ShardSource.from_dir(path, weight=weight, name=task, verify=ctx.cfg.data.verify_shards,
+                                        on_damaged=ctx.cfg.data.damaged_shards))
     return out
 
 
@@ -191,52 +190,7 @@ def load_vit_base(ctx: StageContext):
     return vit_for_pipeline(model) if timm else (model, vit_image_processor(cfg))
 
 
-# --- batches ----------------------------------------------------------------------------------
-
-
-def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, rank: int, world_size: int,
-                   epoch_length: int, log_partition: Path | None = None,
-                   fraction: float = 1.0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless training batches for this rank: the resampled stream, epoch after epoch."""
-    from torch.utils.data import DataLoader
-
-    from data.collate import ClassificationCollator, LlavaCollator
-    from data.stream import TrainStream
-
-    stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
-                         sampling=cfg.data.sampling, questions=cfg.data.questions, shuffle_buffer=256,
-                         allow_remote=cfg.data.allow_remote, fraction=fraction)
-    if log_partition is not None:
-        workers = max(1, cfg.data.num_workers)
-        log_partition.write_text(json.dumps(
-            {"rank": rank, "world_size": world_size,
-             "workers": [stream.partition(w, workers) for w in range(workers)]}, indent=1))
-    for epoch in itertools.count():
-        stream.set_epoch(epoch)
-        # a collator per (rank, epoch): DataLoader workers each get a copy of it, so one reused across
-        # epochs would replay the same caption choices every epoch
-        collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else LlavaCollator(
-            processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
-        loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
-        batches = 0
-        for batch in loader:
-            batches += 1
-            yield _strip(batch)
-        if batches == 0:  # an epoch pass over unreadable or empty shards: stop instead of looping
-            raise UserError(f"epoch {epoch} of the training stream gave no batch: every shard of "
-                            f"{[s.name for s in srcs]} is empty, unreadable or outside train.data_fraction "
-                            "(see the warnings above)")
-
-
-def _strip(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def validation_batches(cfg: RunConfig, srcs, processor, batch_size: int, max_batches: int = 4) -> list[dict]:
-    """A fixed validation set: the first batches of a seeded pass over the split, the same on every rank."""
-    batches = batch_iterator(cfg, srcs, processor, batch_size, seed=12345, rank=0, world_size=1,
-                             epoch_length=batch_size * max_batches)
-    return list(itertools.islice(batches, max_batches))
+# --- batches: pipeline/batches.py (the streams, their skip accounting) ------------------------
 
 
 def run_recipe(adapted, train_cfg: TrainConfig, out_dir: Path, make_batches, val_batches):
@@ -290,10 +244,13 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
     train_src = sources(ctx, "base", tasks)
     val_src = sources(ctx, "val", {t: 1.0 for t in tasks})
     out = ctx.stage_dir("base")
+    accounts = TrainAccount("base", train_src), TrainAccount("val", val_src)
     recipe, result = run_recipe(
         adapted, train_cfg, out,
-        lambda: batch_iterator(cfg, train_src, processor, train_cfg.batch_size, cfg.seed, rank, world, 4096),
-        validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches))
+        lambda: batch_iterator(cfg, train_src, processor, train_cfg.batch_size, cfg.seed, rank, world, 4096,
+                               account=accounts[0]),
+        validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches, accounts[1]))
+    data = data_summary(recipe.accelerator, *accounts)
     if recipe.accelerator.is_main_process:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -304,7 +261,7 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
     recipe.accelerator.wait_for_everyone()
     summary = {"model": str(base_model_dir(ctx)), "parameters": count_parameters(model), "steps": result.steps,
                "final_train_loss": result.final_train_loss, "val_losses": result.val_losses,
-               "seconds": round(result.seconds, 1)}
+               "seconds": round(result.seconds, 1), "data": data}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -341,12 +298,14 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     val_src = sources(ctx, "val", cfg.data.tasks)
     out = ctx.stage_dir("train")
     epoch_length = cfg.train.batch_size * cfg.train.grad_accum * max(50, cfg.train.max_steps // 4)
+    accounts = TrainAccount("train", train_src), TrainAccount("val", val_src)
     recipe, result = run_recipe(
         adapted, cfg.train, out,
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
                                epoch_length, log_partition=out / f"shards.rank{rank}.json",
-                               fraction=cfg.train.data_fraction),
-        validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches))
+                               fraction=cfg.train.data_fraction, account=accounts[0]),
+        validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches, accounts[1]))
+    data = data_summary(recipe.accelerator, *accounts)
     trainable = recipe._gathered_trainable_state()
     checksums = recipe.rank_checksums()  # a collective: every rank takes part
     if recipe.accelerator.is_main_process:
@@ -360,7 +319,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
                    "steps": result.steps, "final_train_loss": result.final_train_loss,
                    "val_losses": result.val_losses, "seconds": round(result.seconds, 1),
                    "resumed_from": result.resumed_from, "world_size": world,
-                   "rank_checksums": checksums}
+                   "rank_checksums": checksums, "data": data}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(final_dir(ctx), ignore_errors=True)
         tmp.rename(final_dir(ctx))

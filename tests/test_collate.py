@@ -62,21 +62,38 @@ def test_image_tokens_are_never_truncated(processor):
     collator = LlavaCollator(processor, max_length=70)  # 64 image tokens + prompt do not fit
     with pytest.raises(ValueError, match="image tokens are never truncated"):
         collator(_samples()[:1])
-    assert collator.dropped == 1
+    assert collator.overlong_examples == 1 and collator.dropped_turns == 0
 
 
 def test_long_prompts_are_dropped_and_counted_short_ones_kept(processor):
     long = dict(_samples()[1], question=" ".join(["how many shapes"] * 20) + "?")
     collator = LlavaCollator(processor, max_length=95)
     batch = collator([_samples()[0], long])
-    assert batch["input_ids"].shape[0] == 1 and collator.dropped == 1
+    assert batch["input_ids"].shape[0] == 1 and collator.overlong_examples == 1
 
 
 def test_an_answer_that_does_not_fit_is_dropped_and_counted_never_cut(processor):
     sample = dict(_samples()[0], captions=[" ".join(["a red circle"] * 30)])
     collator = LlavaCollator(processor, max_length=100)
     batch = collator([sample, _samples()[1]])
-    assert batch["input_ids"].shape[0] == 1 and collator.dropped == 1
+    assert batch["input_ids"].shape[0] == 1 and collator.overlong_examples == 1
+
+
+def test_over_long_examples_and_dropped_turns_are_counted_apart_and_never_stop_a_stream(processor):
+    from data.stream import collate_with_stats
+
+    long_q = " ".join(["how many shapes"] * 30) + "?"
+    image = Image.new("RGB", (64, 64), "red")
+    packed = {"task": "vqav2", "image": image, "__key__": "a",
+              "turns": [{"question": "how many shapes?", "answer": "two", "question_id": 1},
+                        {"question": long_q, "answer": "two", "question_id": 2}]}
+    alone = {"task": "vqav2", "image": image, "__key__": "b", "question": long_q, "answer": "two"}
+    collate = collate_with_stats(LlavaCollator(processor, max_length=100))
+    batch = collate([packed, alone])
+    assert batch["input_ids"].shape[0] == 1  # the packed sample's first turn
+    assert batch["__dropped__"] == {"overlong_examples": 1, "dropped_turns": 1}
+    nothing = collate([alone])  # every sample too long: counted, no data, no exception
+    assert "input_ids" not in nothing and nothing["__dropped__"] == {"overlong_examples": 1, "dropped_turns": 0}
 
 
 def _packed(n: int) -> dict:
