@@ -234,9 +234,12 @@ def _class_names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def prepare_shapes_shards(world_dir: Path, out: Path, shard_size: int = 1000) -> dict[str, Any]:
+def prepare_shapes_shards(world_dir: Path, out: Path, shard_size: int = 1000, workers: int = 1) -> dict[str, Any]:
     """Convert every split of a shapes world with prepare_coco / prepare_vqav2 / prepare_gqa /
-    prepare_imagefolder into out/{task}/{split}/, and write out/index.json listing them."""
+    prepare_imagefolder into out/{task}/{split}/, and write out/index.json listing them.
+
+    `workers` processes write each folder's shards (default one: the world is small, and starting
+    workers for each of its 16 folders costs more than it saves); the bytes are the same for any count."""
     world_dir = _require_dir(world_dir, "shapes world directory")
     summary = read_json(world_dir / "summary.json", "shapes world summary")
     staging = staging_dir(Path(out))
@@ -247,13 +250,13 @@ def prepare_shapes_shards(world_dir: Path, out: Path, shard_size: int = 1000) ->
                 return world_dir / files[name]
 
             results = {
-                # small synthetic sets: one process (starting workers would cost more than it saves)
-                "caption": prepare_coco(src("captions"), src("images"), staging / "caption" / split, shard_size, 1),
+                "caption": prepare_coco(src("captions"), src("images"), staging / "caption" / split, shard_size,
+                                        workers),
                 "vqav2": prepare_vqav2(src("vqav2_questions"), src("vqav2_annotations"), src("images"),
-                                       staging / "vqav2" / split, shard_size, 1),
-                "gqa": prepare_gqa(src("gqa_questions"), src("images"), staging / "gqa" / split, shard_size, 1),
+                                       staging / "vqav2" / split, shard_size, workers),
+                "gqa": prepare_gqa(src("gqa_questions"), src("images"), staging / "gqa" / split, shard_size, workers),
                 "classification": prepare_imagefolder(src("classification"), staging / "classification" / split,
-                                                      shard_size, classes=list(SHAPES), workers=1),
+                                                      shard_size, classes=list(SHAPES), workers=workers),
             }
             for task, result in results.items():
                 index["tasks"].setdefault(task, {})[split] = {

@@ -45,7 +45,9 @@ class DataConfig:
         help="official input files by role (captions, questions, annotations, images, root, shards)", factory=dict
     )
     shard_size: int = _f(1000, "samples per WebDataset shard")
-    prepare_workers: int = _f(0, "processes writing shards in prepare (0 = one per core, at most 8)")
+    prepare_workers: int = _f(0, "processes writing shards in prepare (0 = auto: one per core, at most 8, for "
+                                 "official data; one for the small shapes world); the shards are byte-identical "
+                                 "for any count")
     tasks: dict[str, float] = _f(
         help="task mixing weights for training, e.g. {caption: 1.0, vqav2: 1.0, gqa: 1.0}",
         factory=lambda: {"caption": 1.0, "vqav2": 1.0, "gqa": 1.0},

@@ -41,7 +41,8 @@ def stage_prepare(ctx: StageContext) -> dict[str, Any]:
 
         world = write_shapes_world(out / "world", seed=cfg.shapes.seed, num_images=cfg.shapes.images,
                                    size=cfg.shapes.size, image_format=cfg.shapes.image_format)
-        index = prepare.prepare_shapes_shards(out / "world", shards, cfg.shard_size)
+        # 0 (auto) is one process for the small synthetic world; a count given is honoured
+        index = prepare.prepare_shapes_shards(out / "world", shards, cfg.shard_size, cfg.prepare_workers or 1)
         return {"world": world.get("counts", world), "shards": str(shards), "tasks": sorted(index["tasks"])}
     if cfg.source == "shards":
         root = Path(_path(cfg.paths, "root", "data.paths.root"))

@@ -290,9 +290,14 @@ def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
 
     chosen, rows = study.lr_phase(spec, {}, runner)
     assert chosen == {"lora": 2.0}
-    table = "\n".join(report.lr_table(rows, chosen, spec))
-    assert "| lora |" in table and "| x2 | 0.01 |" in table
-    assert [line for line in table.splitlines() if line.startswith("| structlora |")][0].endswith("| pending | |")
+    table = "\n".join(report.lr_table(rows, chosen, spec, gate_cells=4))
+    lora_cells = sum(1 for r in rows if r["arm"] == "lora")
+    structlora_cells = sum(1 for r in rows if r["arm"] == "structlora") + 4
+    assert f"| x2 (edge of the grid) | 0.01 | {lora_cells} |" in table, "a choice at the grid's edge is flagged"
+    assert [line for line in table.splitlines() if line.startswith("| structlora |")][0].endswith(
+        f"| pending |  | {structlora_cells} |")
+    assert f"Tuning cells per arm: lora {lora_cells}, structlora {structlora_cells}" in table
+    assert "Chosen at the edge of the candidates: lora" in table
 
 
 def test_the_gate_search_stops_when_the_choice_stays_and_reuses_what_it_trained(tmp_path):

@@ -209,3 +209,27 @@ def test_shapes_world_converts_with_the_same_code(tmp_path):
         assert all(t["skipped"] == 0 for t in tasks.values())
         assert len(load_shards(tmp_path / "shards" / "caption" / split)) == counts["images"]
     assert json.loads((tmp_path / "shards" / "index.json").read_text())["tasks"] == index["tasks"]
+
+
+def test_the_shapes_world_honours_prepare_workers_with_the_same_bytes(tmp_path, monkeypatch):
+    import data.prepare as prepare
+    from data.shapes import write_shapes_world
+    from pipeline.context import StageContext
+    from pipeline.schema import RunConfig
+    from pipeline.stages import stage_prepare
+
+    write_shapes_world(tmp_path / "world", seed=1, num_images=40, size=32)
+    one = prepare.prepare_shapes_shards(tmp_path / "world", tmp_path / "one", 3, workers=1)
+    two = prepare.prepare_shapes_shards(tmp_path / "world", tmp_path / "two", 3, workers=2)
+    assert one["tasks"] == two["tasks"]
+    for task, splits in one["tasks"].items():
+        for split in splits:
+            manifests = [json.loads((tmp_path / r / task / split / MANIFEST_NAME).read_text()) for r in ("one", "two")]
+            assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]
+    seen = []
+    real = prepare.prepare_coco
+    monkeypatch.setattr(prepare, "prepare_coco", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k) or real(*a, **k))
+    cfg = RunConfig()
+    cfg.data.shapes.images, cfg.data.shapes.size, cfg.data.prepare_workers = 40, 32, 2
+    stage_prepare(StageContext(cfg=cfg, run_dir=tmp_path / "run"))
+    assert seen and set(seen) == {2}, "data.prepare_workers reaches the shapes world's writers"
