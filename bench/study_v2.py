@@ -1,4 +1,4 @@
-"""Study v2: StructLoRA against LoRA, DoRA and full fine-tuning with one tuning budget for all.
+"""Study v2: StructLoRA against LoRA, DoRA and full fine-tuning, every arm with the same learning-rate candidates (StructLoRA also has a gate phase: its tuning budget is the larger).
 
     python bench/study_v2.py bench/study_v2.yaml [--jobs 2] [--phases gate,lr,grid,lowdata] [--quick]
                              [--report-only [--partial]] [--update-benchmarks]
