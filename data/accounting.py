@@ -33,6 +33,14 @@ LABELS = {
     "overlong_examples": "over-long examples",
     "dropped_turns": "dropped turns",
 }
+_SINGULAR = {"shards_left_out": "damaged shard left out", "damaged_shards_read": "damaged shard (found while read)",
+             "corrupt_images": "undecodable image", "bad_records": "bad record",
+             "overlong_examples": "over-long example", "dropped_turns": "dropped turn"}
+
+
+def count_of(kind: str, n: int) -> str:
+    """'1 damaged shard left out', '3 undecodable images'."""
+    return f"{n} {_SINGULAR[kind] if n == 1 else LABELS[kind]}"
 
 
 def stream_counts(stats: Mapping[str, int] | StreamStats) -> dict[str, int]:
@@ -111,7 +119,7 @@ def describe_loss(account: Mapping[str, Any]) -> str:
     """'15 of 35 test examples lost: 1 damaged shard left out (shard-000001.tar: sha256 ...)' or ''."""
     if not account.get("lost_anything"):
         return ""
-    reasons = [f"{n} {LABELS[k]}" for k, n in account["skipped"].items() if n]
+    reasons = [count_of(k, n) for k, n in account["skipped"].items() if n]
     names = ", ".join(f"{s['shard'].rsplit('/', 1)[-1]}: {s['reason']}" for s in account["shards_left_out"])
     why = "; ".join(reasons) + (f" ({names})" if names else "")
     if account["lost"]:
@@ -143,7 +151,7 @@ def describe_train_loss(account: Mapping[str, Any]) -> str:
     if not account.get("lost_anything"):
         return ""
     total = account["total"]
-    parts = [f"{n} {LABELS[k]}" for k, n in total.items() if n]
+    parts = [count_of(k, n) for k, n in total.items() if n]
     if account.get("images_left_out"):
         parts.append(f"{account['images_left_out']} images in the shards left out")
     epochs = len(account["per_epoch"])

@@ -103,7 +103,7 @@ def data_headline(data: Mapping[str, Any] | None) -> list[str]:
     evals = data.get("eval") or {}
     lost = [describe_loss(a) for a in evals.values() if a.get("lost_anything")]
     if lost:
-        lines += [f"**Data lost, scores cover only what was read.** {line}." for line in lost]
+        lines += [f"**Data lost, scores cover only what was read.** {'; '.join(lost)}."]
     elif evals:
         counts = ", ".join(f"{t} {a['scored']} of {a['wanted']}" for t, a in evals.items())
         lines.append(f"Scored every wanted example ({counts}, {next(iter(evals.values()))['split']} split); "
@@ -113,7 +113,7 @@ def data_headline(data: Mapping[str, Any] | None) -> list[str]:
             line = describe_train_loss(account)
             if line:
                 lines.append(f"**Training data lost ({stage} stage):** {line}.")
-    return lines + [""] if lines else []
+    return [x for line in lines for x in (line, "")]  # one paragraph each
 
 
 def data_section(data: Mapping[str, Any] | None) -> list[str]:
@@ -133,6 +133,8 @@ def data_section(data: Mapping[str, Any] | None) -> list[str]:
             cells = [str(a["skipped"].get(k, 0)) for k in kinds]
             lines.append(f"| {task} | {a['split']} | {a['holds']} | {a['wanted']} | {a['scored']} | {a['lost']} | "
                          + " | ".join(cells) + f" | {a.get('skipped_at_prepare', 0)} |")
+        left = [s for a in evals.values() for s in a["shards_left_out"]]
+        lines += [""] if left else []
         for a in evals.values():
             lines += [f"- {a['task']}: left out {s['shard']} ({s['reason']}; {s['images']} images, {s['units']} "
                       "captions / questions)" for s in a["shards_left_out"]]

@@ -47,31 +47,39 @@ def _cmd_prepare_shapes(args: argparse.Namespace) -> int:
         out=Path(args.out), seed=args.seed, num_images=args.images, size=args.size,
         image_format=args.format,
     )
+    if args.shards:
+        summary["shards"] = _call("data.prepare:prepare_shapes_shards", world_dir=Path(args.out),
+                                  out=Path(args.shards), shard_size=args.shard_size, workers=args.workers or 1)
     _print_json(summary)
     return 0
 
 
+def _shard_dir(args: argparse.Namespace, task: str) -> Path:
+    """--out as given, or --out/{task}/{split}/ with --split: the layout `--data` and `data.source: shards` read."""
+    return Path(args.out) / task / args.split if args.split else Path(args.out)
+
+
 def _cmd_prepare_coco(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_coco", captions=Path(args.captions), images=Path(args.images),
-                      out=Path(args.out), shard_size=args.shard_size, workers=args.workers))
+                      out=_shard_dir(args, "caption"), shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
 def _cmd_prepare_vqav2(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_vqav2", questions=Path(args.questions),
                       annotations=Path(args.annotations), images=Path(args.images),
-                      out=Path(args.out), shard_size=args.shard_size, workers=args.workers))
+                      out=_shard_dir(args, "vqav2"), shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
 def _cmd_prepare_gqa(args: argparse.Namespace) -> int:
     _print_json(_call("data.prepare:prepare_gqa", questions=Path(args.questions), images=Path(args.images),
-                      out=Path(args.out), shard_size=args.shard_size, workers=args.workers))
+                      out=_shard_dir(args, "gqa"), shard_size=args.shard_size, workers=args.workers))
     return 0
 
 
 def _cmd_prepare_imagefolder(args: argparse.Namespace) -> int:
-    _print_json(_call("data.prepare:prepare_imagefolder", root=Path(args.root), out=Path(args.out),
+    _print_json(_call("data.prepare:prepare_imagefolder", root=Path(args.root), out=_shard_dir(args, "classification"),
                       shard_size=args.shard_size, workers=args.workers))
     return 0
 
@@ -176,11 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2000, help="number of images over all splits")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--format", choices=["png", "jpg"], default="png", help="image file format")
+    p.add_argument("--shards", metavar="DIR", help="also convert every split into DIR/{task}/{split}/ shards "
+                                                   "(what `structlora eval --data` and data.source: shards read)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (with --shards)")
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (with --shards; default 1)")
 
     p = add(prep_sub, "coco", "COCO captions JSON + image folder -> shards", _cmd_prepare_coco)
     p.add_argument("--captions", required=True, help="captions_*.json")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--out", required=True)
+    p.add_argument("--split", help="write the shards into OUT/{task}/{split}/ (e.g. test), the layout of "
+                                   "`structlora eval --data OUT` and data.source: shards; default: into OUT itself")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
@@ -189,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--split", help="write the shards into OUT/{task}/{split}/ (e.g. test), the layout of "
+                                   "`structlora eval --data OUT` and data.source: shards; default: into OUT itself")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
@@ -196,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--split", help="write the shards into OUT/{task}/{split}/ (e.g. test), the layout of "
+                                   "`structlora eval --data OUT` and data.source: shards; default: into OUT itself")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 
@@ -203,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
             _cmd_prepare_imagefolder)
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--split", help="write the shards into OUT/{task}/{split}/ (e.g. test), the layout of "
+                                   "`structlora eval --data OUT` and data.source: shards; default: into OUT itself")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at most 8); a killed prepare resumes")
 

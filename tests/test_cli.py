@@ -63,3 +63,33 @@ def test_fp16_on_cpu_is_refused_before_any_stage_runs(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.precision=fp16 needs a GPU" in lines[0]
     assert not (run / "prepare").exists(), "a stage ran before the refusal"
+
+
+def test_every_prepare_command_can_write_the_layout_that_eval_data_reads(tmp_path, capsys):
+    """`--data` (structlora eval) and data.source: shards read {task}/{split}/: `--split` writes it."""
+    from test_shards_fixtures import make_coco, make_gqa, make_imagefolder, make_vqav2
+
+    from pipeline.evaluate import load_split
+
+    out = tmp_path / "shards"
+    captions, images = make_coco(tmp_path / "coco")
+    assert main(["prepare", "coco", "--captions", str(captions), "--images", str(images), "--out", str(out),
+                 "--split", "test", "--workers", "1"]) == 0
+    questions, annotations, vqa_images = make_vqav2(tmp_path / "vqa")
+    assert main(["prepare", "vqav2", "--questions", str(questions), "--annotations", str(annotations), "--images",
+                 str(vqa_images), "--out", str(out), "--split", "test", "--workers", "1"]) == 0
+    gqa_questions, gqa_images = make_gqa(tmp_path / "gqa")
+    assert main(["prepare", "gqa", "--questions", str(gqa_questions), "--images", str(gqa_images), "--out", str(out),
+                 "--split", "test", "--workers", "1"]) == 0
+    root = make_imagefolder(tmp_path / "folder")
+    assert main(["prepare", "imagefolder", "--root", str(root), "--out", str(out), "--split", "test",
+                 "--workers", "1"]) == 0
+    for task in ("caption", "vqav2", "gqa", "classification"):
+        examples, account = load_split(out, task, "test")
+        assert examples and account["scored"] == len(examples)
+    world = tmp_path / "world"
+    assert main(["prepare", "shapes", "--out", str(world), "--images", "40", "--size", "32",
+                 "--shards", str(tmp_path / "shapes_shards")]) == 0
+    for task in ("caption", "vqav2", "gqa", "classification"):
+        assert load_split(tmp_path / "shapes_shards", task, "test")[0]
+    capsys.readouterr()

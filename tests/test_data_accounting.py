@@ -111,7 +111,7 @@ def test_a_cap_below_what_is_left_is_not_a_loss_but_the_damage_is_still_said(sha
     same_size_damage(_shard(shards / "gqa" / "test", 0))
     examples, account = load_split(shards, "gqa", "test", max_samples=5, on_damaged="skip")
     assert len(examples) == 5 and account["lost"] == 0 and account["lost_anything"]
-    assert "but 1 damaged shards left out" in describe_loss(account)
+    assert "but 1 damaged shard left out" in describe_loss(account)
 
 
 @pytest.mark.parametrize("damage", ["same_size", "truncated"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from eval.compare import compare_to_reference, format_difference, item_scores, paired_bootstrap
 from eval.errors import EvalInputError
 from eval.long_context import plan_buckets, plot_long_context
 from eval.schemas import validate_results
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_paired_bootstrap_of_a_constant_shift_is_exact():
@@ -89,7 +93,26 @@ def test_the_long_context_plot_draws_a_line_per_model(tmp_path, monkeypatch):
     assert drawn["labels"] == ["base", "merged", "adapter"] and path.stat().st_size > 1000
 
 
-def test_on_main_raises_on_every_rank_and_inputs_are_checked_before_loading():
+def test_on_main_raises_on_every_rank_under_two_torchrun_ranks():
+    """Rank 0's scoring fails: rank 0 re-raises its own error, rank 1 gets a RuntimeError naming it, and
+    neither waits forever; `structlora eval`'s process group carries the timeout it was given."""
+    import subprocess
+
+    from _procs import cpu_env, torchrun
+
+    proc = subprocess.run(torchrun(2, str(ROOT / "tests" / "on_main_worker.py")), env=cpu_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout  # both ranks write to it: lines may run together, each is whole
+    for rank in (0, 1):
+        assert f"rank {rank}: world 2 timeout 0:07:00" in lines
+    assert "rank 0: result 42" in lines and "rank 1: result None" in lines
+    assert "rank 0: raised ZeroDivisionError: division by zero" in lines
+    assert "rank 1: raised RuntimeError: scoring failed on the main process: ZeroDivisionError: division by zero" \
+        in lines
+
+
+def test_on_main_in_one_process_and_inputs_are_checked_before_loading():
     from types import SimpleNamespace
 
     from eval.harness import LongContextSettings, check_inputs, on_main
