@@ -81,6 +81,11 @@ def test_results_files_validate_against_the_official_schemas(three_models):
         assert validate_results_file(out / name / "gqa_predictions.json", "gqa") == 8
         for bucket in (96, 160):
             assert validate_results_file(out / name / f"long_context_{bucket}_predictions.json", "caption") == 4
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    for scores in models.values():  # what the harness found, in metrics.json and not marked in the report
+        assert all(scores[t]["results_file"]["valid"] for t in ("caption", "vqav2", "gqa"))
+        assert all(b["results_file"]["valid"] for b in scores["long_context"]["buckets"].values())
+    assert "(invalid file)" not in (out / "report.md").read_text()
 
 
 def test_long_context_has_a_line_per_model_and_says_why_a_bucket_was_skipped(three_models):

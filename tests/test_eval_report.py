@@ -148,3 +148,38 @@ def test_eval_never_imports_structlora_or_pipeline():
         roots = {name.split(".")[0] for name in _imported_modules(path)}
         assert not roots & {"structlora", "pipeline"}, f"{path.name} imports {roots & {'structlora', 'pipeline'}}"
         assert len(path.read_text().splitlines()) <= 420, f"{path.name} is too long"
+
+
+def test_results_files_that_fail_their_schema_are_scored_and_marked_invalid_in_the_table(tmp_path):
+    """String image ids (a user's own COCO-style data) are not the official integer ids: the caption file
+    and every long-context bucket's file fail the schema, are scored all the same, and their scores are
+    marked in the report's table and in metrics.json."""
+    from types import SimpleNamespace
+
+    import torch
+    from _eval_tiny import tiny_images, tiny_llava, tiny_processor
+
+    from eval.harness import LongContextSettings, evaluate_models, write_outputs
+    from eval.harness import ModelEntry as Entry
+
+    processor = tiny_processor()
+    images = tiny_images(4)
+    examples = {"caption": [{"image_id": f"img-{i}", "image": im, "captions": ["a red square", "a blue circle"]}
+                            for i, im in enumerate(images)]}
+    acc = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, device=torch.device("cpu"),
+                          wait_for_everyone=lambda: None)
+    settings = LongContextSettings(samples=2, lengths=[80, 120], pool=["a big green star", "two small circles"],
+                                   scale=False, filler="test filler")
+    results = evaluate_models([Entry("m", lambda: (tiny_llava(processor), processor))], ["caption", "long_context"],
+                              examples, tmp_path, acc, batch_size=2, long_context=settings, say=lambda _: None)
+    scores = results.scores["m"]
+    assert scores["caption"]["results_file"]["valid"] is False and "image_id" in scores["caption"]["results_file"]["reason"]
+    buckets = scores["long_context"]["buckets"]
+    assert buckets and all(b["results_file"]["valid"] is False for b in buckets.values())
+    assert any("scored, and marked invalid in the table" in note for note in results.notes)
+    paths = write_outputs(results, tmp_path, "invalid ids", reference=None)
+    table = [line for line in paths["report"].read_text().splitlines() if line.startswith("| caption.metrics.CIDEr")
+             or line.startswith("| long_context.buckets.")]
+    assert table and all(line.rstrip(" |").endswith("(invalid file)") for line in table)
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["models"]["m"]["caption"]["results_file"]["valid"] is False
