@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from data.chat import ChatRows
 from data.errors import OverlongBatchError
-from data.prompts import ASSISTANT_ROLE, render_prompt, task_prompt
+from data.prompts import ASSISTANT_ROLE, IMAGE_TOKEN, render_prompt, task_prompt
 
 IGNORE_INDEX = -100
 QUESTION_TASKS = ("vqav2", "gqa")
@@ -95,6 +96,7 @@ class LlavaCollator:
     dropped_turns: int = 0
     overlong_examples: int = 0
     _rng: random.Random = field(init=False, repr=False)
+    _chat: ChatRows | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -104,21 +106,48 @@ class LlavaCollator:
         enc = self.processor(images=images, text=[render_prompt(p) for p in prompts], return_tensors=None)
         return [list(ids) for ids in enc["input_ids"]], enc["pixel_values"]
 
+    def _chat_rows(self) -> ChatRows:
+        """The conversation row builder (data.chat), made on first use: it needs the model's image-token count."""
+        if self._chat is None:
+            enc = self.processor(images=[Image.new("RGB", (32, 32))], text=[IMAGE_TOKEN], return_tensors=None)
+            image_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            count = sum(1 for i in enc["input_ids"][0] if i == image_id)
+            self._chat = ChatRows(self.processor.tokenizer, count, answer_token_ids, self.max_length)
+        return self._chat
+
+    def _conversation(self, sample: dict[str, Any]) -> list[tuple[list[int], list[int], list[torch.Tensor]]]:
+        """Rows of one conversation sample (your own data): several images, or none, per row."""
+        rows, dropped = self._chat_rows().rows(sample["messages"])
+        if not rows:
+            self.overlong_examples += 1
+            return []
+        self.dropped_turns += dropped
+        images = list(sample.get("images") or [])
+        pixels = list(preprocess_images(self.processor, images)) if images else []
+        return [(ids, labels, pixels[:n]) for ids, labels, n in rows]
+
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tok = self.processor.tokenizer
-        conversations = [turns(sample, self._rng) for sample in samples]
-        images = [to_rgb(sample["image"]) for sample in samples]
+        per_sample: list[list[tuple[list[int], list[int], list[torch.Tensor]]]] = [[] for _ in samples]
+        for i, sample in enumerate(samples):
+            if sample["task"] == "conversations":
+                per_sample[i] = self._conversation(sample)
+        bench = [i for i, sample in enumerate(samples) if sample["task"] != "conversations"]
+        conversations = {i: turns(samples[i], self._rng) for i in bench}
+        images = {i: to_rgb(samples[i]["image"]) for i in bench}
         # One processor call expands <image> to the model's image tokens for every first turn and
         # preprocesses the images (the same transform as `preprocess_images`); answers and later
         # turns are tokenized on their own so that every prompt/answer boundary is exact.
-        first_ids, pixels = self._first_turns(images, [c[0][0] for c in conversations])
-        pixels = [torch.as_tensor(p) for p in pixels]
-        rows: list[tuple[list[int], list[int], int]] = []  # (ids, labels, sample index)
-        for i, conv in enumerate(conversations):
+        first_ids, pixels = self._first_turns([images[i] for i in bench], [conversations[i][0][0] for i in bench]) \
+            if bench else ([], [])
+        first = dict(zip(bench, first_ids))
+        pixel = {i: torch.as_tensor(p) for i, p in zip(bench, pixels)}
+        for i in bench:
+            conv = conversations[i]
             answers = [answer_token_ids(tok, answer) + [tok.eos_token_id] for _, answer in conv]
             later = [tok(render_prompt(prompt, with_image=False), add_special_tokens=False)["input_ids"]
                      for prompt, _ in conv]
-            start, ids, labels, dropped, kept = 0, first_ids[i], None, 0, False
+            start, ids, labels, dropped, kept = 0, first[i], None, 0, False
             while start < len(conv):
                 prompt_ids = ids if labels is None else None
                 if prompt_ids is None:  # a split: the next row starts again with the image
@@ -135,15 +164,17 @@ class LlavaCollator:
                     row_ids += list(later[k]) + answers[k]
                     row_labels += [IGNORE_INDEX] * len(later[k]) + answers[k]
                     k += 1
-                rows.append((row_ids, row_labels, i))
+                per_sample[i].append((row_ids, row_labels, [pixel[i]]))
                 start, labels = k, row_labels
             if kept:
                 self.dropped_turns += dropped
             else:
                 self.overlong_examples += 1
+        rows = [row for sample_rows in per_sample for row in sample_rows]
         if not rows:
             raise OverlongBatchError(f"every sample of this batch is longer than max_length={self.max_length} "
-                             "with its image and first answer (image tokens are never truncated): raise data.max_length")
+                                     "with its image and first answer (image tokens are never truncated): raise "
+                                     "data.max_length")
         pad_id = tok.pad_token_id
         width = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -153,8 +184,11 @@ class LlavaCollator:
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(labs)] = torch.tensor(labs)
             attention[r, : len(ids)] = 1
-        pixel_values = torch.stack([pixels[i] for _, _, i in rows])
-        return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixel_values, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        row_pixels = [p for _, _, ps in rows for p in ps]
+        if row_pixels:  # a batch of text-only rows has no images at all
+            batch["pixel_values"] = torch.stack(row_pixels)
+        return batch
 
 
 def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:

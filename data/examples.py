@@ -22,7 +22,7 @@ from data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 
 log = logging.getLogger("data.stream")  # one logger for the whole stream: users filter on it
 Example = dict[str, Any]
-TASKS = ("caption", "vqav2", "gqa", "classification")
+TASKS = ("caption", "vqav2", "gqa", "classification", "conversations")
 QUESTION_TASKS = ("vqav2", "gqa")
 
 
@@ -140,6 +140,15 @@ def decode_samples(raw: Iterable[dict[str, Any]], guard: Guard) -> Iterator[Exam
             task = record.get("task") if isinstance(record, dict) else record
             guard.skip("bad_records", where, "no JSON record" if record is None else f"unknown task {task!r}")
             continue
+        if record["task"] == "conversations":  # 0..n images, members img0.{ext}, img1.{ext}, ...
+            images = _numbered_images(decoded)
+            if len(images) != record.get("num_images", 0):
+                guard.skip("bad_records", where, f"{len(images)} image members, the record says "
+                                                 f"{record.get('num_images', 0)}")
+                continue
+            guard.ok()
+            yield {**record, "images": images, "__key__": sample["__key__"]}
+            continue
         image_ext = next((ext for ext in decoded if ext in IMAGE_EXTENSIONS), None)
         if image_ext is None:
             guard.skip("bad_records", where, "no image member")
@@ -148,13 +157,22 @@ def decode_samples(raw: Iterable[dict[str, Any]], guard: Guard) -> Iterator[Exam
         yield {**record, "image": decoded[image_ext], "__key__": sample["__key__"]}
 
 
+_NUMBERED = re.compile(r"^img(\d+)\.([a-z0-9]+)$")
+
+
+def _numbered_images(decoded: dict[str, Any]) -> list[Any]:
+    found = sorted((int(m.group(1)), value) for ext, value in decoded.items()
+                   if (m := _NUMBERED.match(ext)) and m.group(2) in IMAGE_EXTENSIONS)
+    return [value for _, value in found]
+
+
 def expand(record: Example) -> list[Example]:
     """Evaluation examples of a record: one per image (captions, classification) or per question.
 
     Question examples carry `question`, `answer` (VQAv2: multiple_choice_answer) and all fields
     of their question (VQAv2 `answers`, GQA `fullAnswer`, `isBalanced`, `types`)."""
     base = {k: v for k, v in record.items() if k != "questions"}
-    if record["task"] in ("caption", "classification"):
+    if record["task"] in ("caption", "classification", "conversations"):
         return [base]
     examples = []
     for question in record.get("questions", []):

@@ -106,6 +106,8 @@ def _resume(staging: Path, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
         except json.JSONDecodeError:
             same = False
         if same:
+            for stray in staging.glob(".*.tmp-*"):  # a shard the kill caught half-written
+                stray.unlink()
             done = {}
             journal = staging / PARTIAL_JOURNAL
             for line in journal.read_text().splitlines() if journal.is_file() else []:

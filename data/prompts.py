@@ -41,4 +41,5 @@ def render_prompt(prompt: str, with_image: bool = True) -> str:
 
 
 def max_new_tokens(task: str) -> int:
-    return CAPTION_MAX_NEW_TOKENS if task == "caption" else SHORT_ANSWER_MAX_NEW_TOKENS
+    """Caption and your own conversations' answers (which may be sentences): 64; short answers: 16."""
+    return CAPTION_MAX_NEW_TOKENS if task in ("caption", "conversations") else SHORT_ANSWER_MAX_NEW_TOKENS

@@ -33,6 +33,8 @@ def item_scores(task: str, block: Mapping[str, Any]) -> dict[str, float]:
         return {str(k): float(v) for k, v in block.get("perQuestion", {}).items()}
     if task == "gqa":
         return {str(k): 100.0 * float(v) for k, v in block.get("perQuestion", {}).items()}
+    if task == "conversations":  # the block's headline metric, per sample
+        return {str(k): float(v[block["headline"]]) for k, v in block.get("per_sample", {}).items()}
     raise ValueError(f"no per-item scores for task {task!r}")
 
 
@@ -86,6 +88,11 @@ def compare_to_reference(scores: Mapping[str, Mapping[str, Any]], reference: str
             if task in tasks and task in base:
                 rows[key] = paired_bootstrap(item_scores(task, base[task]), item_scores(task, tasks[task]),
                                              resamples, seed)
+        if "conversations" in tasks and "conversations" in base:
+            rows[f"conversations.{base['conversations']['headline']}"] = paired_bootstrap(
+                item_scores("conversations", base["conversations"]),
+                item_scores("conversations", {**tasks["conversations"],
+                                              "headline": base["conversations"]["headline"]}), resamples, seed)
         if "long_context" in tasks and "long_context" in base:
             theirs, ours = base["long_context"]["buckets"], tasks["long_context"]["buckets"]
             for bucket in sorted(set(theirs) & set(ours), key=int):

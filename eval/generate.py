@@ -46,7 +46,9 @@ _SHARD_RE = re.compile(r"^predictions\.rank(\d+)\.jsonl$")
 
 @dataclass(frozen=True)
 class EvalSample:
-    """One item to answer: ``sample_id`` is the image_id (captions) or question_id (VQAv2, GQA)."""
+    """One item to answer: ``sample_id`` is the image_id (captions) or question_id (VQAv2, GQA), or the
+    conversation's id (your own data: ``image`` is then a list of 0..n images and ``question`` the whole
+    rendered prompt, earlier turns included)."""
 
     sample_id: int | str
     image: Any
@@ -89,7 +91,9 @@ def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: S
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     device, dtype = _model_device_dtype(model)
-    batch = processor(text=list(prompts), images=list(images), padding=True, padding_side="left",
+    # a sample may hold a list of images (one per <image> tag of its prompt) or none at all
+    flat = [im for item in images for im in (item if isinstance(item, list | tuple) else [item])]
+    batch = processor(text=list(prompts), images=flat or None, padding=True, padding_side="left",
                       return_tensors="pt")
     batch = batch.to(device=device, dtype=dtype)
     output = model.generate(**batch, do_sample=False, use_cache=True, max_new_tokens=max_new_tokens,
@@ -117,7 +121,8 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     budget = default_max_new_tokens(task) if max_new_tokens is None else max_new_tokens
-    make_prompt = prompt_fn or (lambda s: build_prompt(task, s.question))
+    default_prompt = (lambda s: s.question) if task == "conversations" else (lambda s: build_prompt(task, s.question))
+    make_prompt = prompt_fn or default_prompt
     items = list(samples)
     was_training = getattr(model, "training", False)
     model.eval()

@@ -36,7 +36,7 @@ from eval.long_context import context_length_of
 
 log = logging.getLogger("structlora.eval")
 
-GENERATION_TASKS = ("caption", "vqav2", "gqa")
+GENERATION_TASKS = ("caption", "vqav2", "gqa", "conversations")
 TASKS = (*GENERATION_TASKS, "long_context")
 
 
@@ -119,11 +119,21 @@ def _timing(samples: int, seconds: float) -> dict[str, float]:
             "samples_per_second": round(samples / seconds, 4) if seconds > 0 else 0.0}
 
 
-def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]]):
-    """(EvalSamples, references in the scorer's format) of decoded eval examples."""
+def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]], eos: str = "</s>"):
+    """(EvalSamples, references in the scorer's format) of decoded eval examples; `eos` ends the earlier
+    answers of a conversation's prompt (the tokenizer's end-of-sequence text, as training ends them)."""
     if task == "caption":
         samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
         refs = {e["image_id"]: list(e["captions"]) for e in examples}
+        return samples, refs
+    if task == "conversations":  # the last answer, the earlier turns as context (data.chat)
+        from data.chat import generation_prompt
+
+        samples, refs = [], {}
+        for e in examples:
+            prompt, answer = generation_prompt(e["messages"], eos=eos)
+            samples.append(EvalSample(str(e["id"]), list(e.get("images") or []), prompt))
+            refs[str(e["id"])] = answer
         return samples, refs
     samples = [EvalSample(e["question_id"], e["image"], e["question"]) for e in examples]
     if task == "vqav2":
@@ -134,7 +144,8 @@ def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]]):
     return samples, refs
 
 
-def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, Any]],
+                      conversation_metric: str = "auto") -> dict[str, Any]:
     """The official scorer of `task` on official-format prediction records."""
     if task == "caption":
         from eval.caption_metrics import score_captions
@@ -144,6 +155,10 @@ def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, A
         from eval.vqa_eval import score_vqa
 
         return score_vqa(refs, {p["question_id"]: p["answer"] for p in predictions})
+    if task == "conversations":
+        from eval.conversation_metrics import score_conversations
+
+        return score_conversations(refs, {p["id"]: p["prediction"] for p in predictions}, conversation_metric)
     from eval.gqa_eval import score_gqa
 
     return score_gqa(refs, {p["questionId"]: p["prediction"] for p in predictions})
@@ -151,7 +166,8 @@ def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, A
 
 def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[str, Any]], out_dir: Path,
                        batch_size: int, accelerator, label: str = "",
-                       timing: dict[str, Any] | None = None, notes: list[str] | None = None) -> dict[str, Any] | None:
+                       timing: dict[str, Any] | None = None, notes: list[str] | None = None,
+                       conversation_metric: str = "auto") -> dict[str, Any] | None:
     """Generate this rank's share, merge and validate on rank 0, score. Returns the scores on rank 0, else None.
 
     `timing`, when given, receives the generation's wall time over all ranks (up to the barrier);
@@ -159,7 +175,7 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     """
     from eval.generate import merge_prediction_shards, run_generation
 
-    samples, refs = samples_and_references(task, examples)
+    samples, refs = samples_and_references(task, examples, getattr(getattr(processor, "tokenizer", processor), "eos_token", None) or "</s>")
     shards = out_dir / f"{task}_shards"
     start = time.perf_counter()
     run_generation(model, processor, samples, task, shards, rank=accelerator.process_index,
@@ -173,7 +189,16 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
         path = out_dir / f"{task}_predictions.json"
         predictions = merge_prediction_shards(shards, task, path, world_size=accelerator.num_processes)
         check = results_file_check(predictions, task, path, notes)
-        return {**score_predictions(task, refs, predictions), "results_file": check}
+        scores = {**score_predictions(task, refs, predictions, conversation_metric), "results_file": check}
+        if task == "conversations":  # per sample: what was asked, what was expected, what came, how it scored
+            from eval.predictions import write_jsonl_atomic
+
+            answers = {str(p["id"]): p["prediction"] for p in predictions}
+            write_jsonl_atomic(({"id": s.sample_id, "prompt": s.question, "reference": refs[str(s.sample_id)],
+                                 "prediction": answers.get(str(s.sample_id), ""),
+                                 "scores": scores["per_sample"][str(s.sample_id)]} for s in samples),
+                               out_dir / f"{task}_samples.jsonl")
+        return scores
 
     return on_main(accelerator, merge_and_score)
 
@@ -283,11 +308,13 @@ def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
 def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                     examples: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, accelerator,
                     batch_size: int = 8, long_context: LongContextSettings | None = None,
-                    say: Callable[[str], None] = print) -> EvalResults:
+                    say: Callable[[str], None] = print, conversation_metric: str = "auto") -> EvalResults:
     """Score every model of `models` on the same `examples` (the same list on every rank).
 
     Args:
-        tasks: any of caption, vqav2, gqa, long_context (long_context captions ``examples["caption"]``).
+        tasks: any of caption, vqav2, gqa, conversations, long_context (long_context captions
+            ``examples["caption"]``).
+        conversation_metric: the conversations task's headline (``eval.conversation_metrics``).
         examples: task -> decoded examples (``load_eval_examples``).
         say: where the main process prints what a user should see (skipped buckets).
     """
@@ -311,9 +338,13 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
         timings = results.timings.setdefault(entry.name, {}) if main else {}
         for task in (t for t in tasks if t in GENERATION_TASKS):
             result = generate_and_score(model, processor, task, examples[task], folder, batch_size, accelerator,
-                                        label, timings.setdefault(task, {}), results.notes if main else None)
+                                        label, timings.setdefault(task, {}), results.notes if main else None,
+                                        conversation_metric)
             if result is not None:
                 scores[task] = result
+                if task == "conversations" and entry.name == models[0].name:
+                    results.notes.append(f"conversations: the headline is {result['headline']} "
+                                         f"({result['headline_reason']}); every metric is in the table")
         if "long_context" in tasks and long_context is not None:
             chosen = list(examples["caption"][: long_context.samples])
             buckets, skipped = _plan(model, processor, long_context, chosen, fixed)

@@ -23,13 +23,14 @@ from typing import Any
 from data.files import write_bytes_atomic
 from eval.errors import EvalInputError
 
-TASKS = ("caption", "vqav2", "gqa")
+TASKS = ("caption", "vqav2", "gqa", "conversations")
 
 # (accepted id keys, accepted text keys); the first of each is what we write.
 PREDICTION_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "caption": (("image_id",), ("caption",)),
     "vqav2": (("question_id",), ("answer",)),
     "gqa": (("questionId", "question_id"), ("prediction", "answer", "text")),
+    "conversations": (("id",), ("prediction", "answer", "text")),  # your own data: the last answer
 }
 
 

@@ -40,8 +40,9 @@ RESULTS_SCHEMAS: dict[str, dict[str, Any]] = {
     "caption": _list_of("image_id", "integer", "caption"),
     "vqav2": _list_of("question_id", "integer", "answer"),
     "gqa": _list_of("questionId", "string", "prediction"),
+    "conversations": _list_of("id", "string", "prediction"),
 }
-_ID_FIELD = {"caption": "image_id", "vqav2": "question_id", "gqa": "questionId"}
+_ID_FIELD = {"caption": "image_id", "vqav2": "question_id", "gqa": "questionId", "conversations": "id"}
 
 
 def validate_results(records: Sequence[Any], task: str, source: str = "<memory>") -> None:

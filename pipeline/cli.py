@@ -47,10 +47,24 @@ def _cmd_prepare_shapes(args: argparse.Namespace) -> int:
         out=Path(args.out), seed=args.seed, num_images=args.images, size=args.size,
         image_format=args.format,
     )
+    if args.as_ == "conversations":
+        summary["conversation_files"] = _call("data.shapes_conversations:write_shapes_conversations",
+                                              world_dir=Path(args.out), out_dir=Path(args.out) / "conversation_files",
+                                              fmt=args.conversation_format)
     if args.shards:
         summary["shards"] = _call("data.prepare:prepare_shapes_shards", world_dir=Path(args.out),
                                   out=Path(args.shards), shard_size=args.shard_size, workers=args.workers or 1)
     _print_json(summary)
+    return 0
+
+
+def _cmd_prepare_conversations(args: argparse.Namespace) -> int:
+    splits = {s: Path(getattr(args, s)) for s in ("train", "val", "test") if getattr(args, s)}
+    _print_json(_call("data.prepare_conversations:prepare_conversations", out=Path(args.out),
+                      file=Path(args.file) if args.file else None, splits=splits or None, fmt=args.format,
+                      images=Path(args.images) if args.images else None, val_fraction=args.val_fraction,
+                      test_fraction=args.test_fraction, shard_size=args.shard_size, workers=args.workers,
+                      strict=args.strict, tags=args.tags))
     return 0
 
 
@@ -118,6 +132,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, long_context_samples=args.long_context_samples, reference=args.reference,
         dtype=args.dtype, revision=args.revision, damaged_shards=args.damaged_shards,
         verify_shards=not args.no_verify_shards, timeout_minutes=args.timeout_minutes,
+        conversation_metric=args.conversation_metric,
     )
     if result:  # the main process: show the report
         print(Path(result["report"]).read_text(encoding="utf-8"))
@@ -184,10 +199,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2000, help="number of images over all splits")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--format", choices=["png", "jpg"], default="png", help="image file format")
+    p.add_argument("--as", dest="as_", choices=["world", "conversations"], default="world",
+                   help="conversations: also write the world as conversation files, OUT/conversation_files/"
+                        "shapes_{train,val,test}.json[l] (the offline example of bringing your own data)")
+    p.add_argument("--conversation-format", choices=["llava", "sharegpt", "messages"], default="llava",
+                   help="format of those files (default llava)")
     p.add_argument("--shards", metavar="DIR", help="also convert every split into DIR/{task}/{split}/ shards "
                                                    "(what `structlora eval --data` and data.source: shards read)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (with --shards)")
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (with --shards; default 1)")
+
+    p = add(prep_sub, "conversations", "your own conversation file (LLaVA, ShareGPT or messages format) -> "
+            "shards in OUT/conversations/{train,val,test}/", _cmd_prepare_conversations)
+    p.add_argument("--file", help="the conversation file (JSON array or JSONL), split by a hash of each id")
+    p.add_argument("--train", help="instead of --file: the training file (and --val, --test)")
+    p.add_argument("--val", help="the validation file")
+    p.add_argument("--test", help="the test file")
+    p.add_argument("--format", default="auto", choices=["auto", "llava", "sharegpt", "messages"],
+                   help="auto (default): from the first records")
+    p.add_argument("--images", help="folder of relative image paths (default: the data file's own folder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="with --file: share for val (default 0.05)")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="with --file: share for test (default 0.05)")
+    p.add_argument("--shard-size", type=int, default=1000, help="conversations per shard")
+    p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at "
+                                                             "most 8); a killed prepare resumes")
+    p.add_argument("--strict", action="store_true", help="a bad record is an error (default: counted and skipped)")
+    p.add_argument("--tags", help="field / role names, e.g. role=from,content=value,user=human,assistant=gpt")
 
     p = add(prep_sub, "coco", "COCO captions JSON + image folder -> shards", _cmd_prepare_coco)
     p.add_argument("--captions", required=True, help="captions_*.json")
@@ -252,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[NAME=]hub id, model directory, run directory (its merged model) or --registry entry name")
     p.add_argument("--data", required=True, help="shards folder ({task}/{split}/ inside) or a run directory")
     p.add_argument("--tasks", default="caption,vqav2,gqa",
-                   help="comma-separated: caption, vqav2, gqa, long_context (default: caption,vqav2,gqa)")
+                   help="comma-separated: caption, vqav2, gqa, conversations (your own data: the last answer of "
+                        "each held-out conversation), long_context (default: caption,vqav2,gqa)")
+    p.add_argument("--conversation-metric", default="auto",
+                   choices=["auto", "exact_match", "token_f1", "anls", "bleu4", "cider"],
+                   help="headline of the conversations task (auto: exact match for short answers, CIDEr for "
+                        "sentences); every metric is reported")
     p.add_argument("--adapter", action="append", metavar="[NAME=]PEFT_DIR",
                    help="also score the first MODEL with this PEFT adapter (folder or hub id) on top, unmerged "
                         "(repeatable); the first MODEL must be the adapter's base, not a run's merged model")

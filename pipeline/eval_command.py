@@ -263,7 +263,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
              distractor: str = "captions", batch_size: int = 8, long_context_samples: int = 48,
              reference: str | None = None, dtype: str = "auto", revision: str | None = None,
              damaged_shards: str = "error", verify_shards: bool = True,
-             timeout_minutes: int = 240) -> dict[str, Any]:
+             timeout_minutes: int = 240, conversation_metric: str = "auto") -> dict[str, Any]:
     """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths.
 
     `damaged_shards`: a shard that fails its manifest check (size, and sha256 with `verify_shards`)
@@ -313,7 +313,8 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
                                            pool=pool, scale=lengths is None, filler=filler)
     gen_tasks = [t for t in tasks if t in GENERATION_TASKS or t == "long_context"]
     out_dir = _out_dir(out, accelerator)
-    results = evaluate_models(entries, gen_tasks, examples, out_dir, accelerator, batch_size, long_context)
+    results = evaluate_models(entries, gen_tasks, examples, out_dir, accelerator, batch_size, long_context,
+                              conversation_metric=conversation_metric)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
@@ -326,7 +327,8 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
                 "batch_size": batch_size, "long_context_samples": long_context_samples,
                 "reference": reference or names[0], "dtype": str(resolve_dtype(dtype)).replace("torch.", ""),
                 "damaged_shards": damaged_shards, "verify_shards": verify_shards,
-                "timeout_minutes": timeout_minutes, "notes": results.notes,
+                "timeout_minutes": timeout_minutes, "conversation_metric": conversation_metric,
+                "notes": results.notes,
                 "world_size": accelerator.num_processes, "environment": environment()}
     (out_dir / "eval_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     accelerator.wait_for_everyone()

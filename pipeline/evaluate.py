@@ -134,7 +134,8 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     if cfg.eval.compare_base:
         models.append(ModelEntry("base", lambda: load_base(ctx), cfg.model.name_or_path or f"{ctx.run_dir}/base",
                                  extra))
-    results = evaluate_models(models, tasks, examples, out, acc, cfg.eval.batch_size, long_context)
+    results = evaluate_models(models, tasks, examples, out, acc, cfg.eval.batch_size, long_context,
+                              conversation_metric=cfg.eval.conversation_metric)
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return {}

@@ -25,6 +25,10 @@ class ShapesConfig:
     size: int = _f(64, "image side in pixels")
     seed: int = _f(0, "world seed: same seed, byte-identical files")
     image_format: Literal["png", "jpg"] = _f("png", "image file format")
+    conversations: Literal["none", "llava", "sharegpt", "messages"] = _f(
+        "none", "also write the world as conversation files in this format (one per split, beside the world) and "
+        "prepare them as the `conversations` task, exactly as your own files are: the offline example of "
+        "bringing your own data (configs/conversations_example.yaml)")
 
     def __post_init__(self) -> None:
         if self.images < 10:
@@ -34,12 +38,45 @@ class ShapesConfig:
 
 
 @dataclass
+class ConversationsConfig:
+    """How a conversation file is read (`structlora prepare conversations`; data/conversations.py)."""
+
+    format: Literal["auto", "llava", "sharegpt", "messages"] = _f(
+        "auto", "llava (JSON array, conversations + image), sharegpt (LLaMA-Factory: messages + images), messages "
+        "(ms-swift JSONL); auto = from the first records")
+    val_fraction: float = _f(0.05, "share of a single file's records for val (by a hash of the id)")
+    test_fraction: float = _f(0.05, "share of a single file's records for test (by a hash of the id)")
+    strict: bool = _f(False, "a bad record stops prepare (default: counted by reason and skipped)")
+    tags: str | None = _f(None, "field and role names, e.g. 'role=from,content=value,user=human,assistant=gpt' "
+                                "(LLaMA-Factory's dataset_info tags); default: both spellings recognised")
+
+
+@dataclass
+class SourceConfig:
+    """One more source prepared into the same shards folder, mixed by `data.tasks` weights."""
+
+    kind: Literal["coco", "vqav2", "gqa", "imagefolder", "conversations"] = _f(
+        "conversations", "what the files are (its task: caption, vqav2, gqa, classification, conversations)")
+    paths: dict[str, str] = _f(help="its files by role, as data.paths (conversations: file, or train/val/test; "
+                                    "images)", factory=dict)
+    conversations: ConversationsConfig = _f(help="how its conversation file is read", factory=ConversationsConfig)
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how it is streamed."""
 
-    source: Literal["shapes", "coco", "vqav2", "gqa", "imagefolder", "shards"] = _f(
-        "shapes", "shapes = generate the synthetic world; others convert official files; shards = use ready shards"
+    source: Literal["shapes", "coco", "vqav2", "gqa", "imagefolder", "conversations", "shards"] = _f(
+        "shapes", "shapes = generate the synthetic world; coco / vqav2 / gqa / imagefolder convert official files; "
+        "conversations = your own conversation file (data.conversations says how to read it); shards = use "
+        "ready shards"
     )
+    conversations: ConversationsConfig = _f(help="how a conversation file (source: conversations) is read",
+                                            factory=ConversationsConfig)
+    sources: list[SourceConfig] = _f(
+        help="more sources prepared beside the first into the same {task}/{split}/ folders and mixed with it by "
+             "data.tasks weights, e.g. [{kind: conversations, paths: {file: my.json, images: imgs/}}]",
+        factory=list)
     shapes: ShapesConfig = _f(help="settings of the synthetic world", factory=ShapesConfig)
     paths: dict[str, str] = _f(
         help="official input files by role (captions, questions, annotations, images, root, shards)", factory=dict
@@ -226,8 +263,12 @@ class TrainConfig:
 class EvalConfig:
     """What the eval stage measures."""
 
-    tasks: list[Literal["caption", "vqav2", "gqa", "classification", "long_context"]] = _f(
-        help="what to evaluate", factory=lambda: ["caption", "vqav2", "gqa"])
+    tasks: list[Literal["caption", "vqav2", "gqa", "classification", "conversations", "long_context"]] = _f(
+        help="what to evaluate (conversations: the last answer of each held-out conversation)",
+        factory=lambda: ["caption", "vqav2", "gqa"])
+    conversation_metric: Literal["auto", "exact_match", "token_f1", "anls", "bleu4", "cider"] = _f(
+        "auto", "headline of the conversations task: auto = exact match for short answers (median reference <= 3 "
+        "words), CIDEr for sentences; every metric is reported either way")
     split: str = _f("test", "split scored")
     max_samples: int | None = _f(None, "cap per task (None = all)")
     batch_size: int = _f(16, "generation batch size")

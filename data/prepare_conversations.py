@@ -1,0 +1,216 @@
+"""`structlora prepare conversations`: a conversation file (LLaVA, ShareGPT, messages) -> shards.
+
+    out/conversations/{train,val,test}/shard-000000.tar ...   {key}.json + {key}.img0.{ext}, img1, ...
+    out/conversations/{train,val,test}/manifest.json          as every other source's
+    out/conversations/prepare_summary.json                    records kept per split, skipped per reason
+
+The file is streamed once (`data.conversations`): each record is checked and normalised, given its
+split by a hash of its id (so a grown file keeps its old samples where they were; a file per split
+can be given instead), and queued; every `shard_size` records of a split become one shard, written by
+a pool of `workers` processes that open and fully decode every image (a missing or broken image is
+found now, not at step 22 of training). Shard i of a split holds records [i * shard_size, (i + 1) *
+shard_size) of that split in file order (fewer where images fail), so the bytes are the same for any
+worker count. Memory stays flat in the file size: a few shards' records in flight and 8 bytes per id
+(duplicate ids). Like the other sources, each split is built in `.{split}.partial` next to its
+folder: a killed prepare re-run on the same file keeps the shards it had finished (verified by their
+sha256) and writes the rest, to the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data.conversations import (
+    Conversation,
+    RecordProblem,
+    Tags,
+    detect_format,
+    id_digest,
+    normalize,
+    raw_records,
+    split_of,
+)
+from data.errors import DataError
+from data.files import json_bytes, replace_directory, write_json_atomic
+from data.images import ImageDecodeError, decode_image, sniff_extension
+from data.prepare import PARTIAL_JOURNAL, PARTIAL_PLAN, _resume, default_workers
+from data.records import Problems, sample_key
+from data.shards import MANIFEST_NAME, ShardWriter, file_sha256, write_manifest
+
+TASK = "conversations"
+SPLITS = ("train", "val", "test")
+SUMMARY_NAME = "prepare_summary.json"
+
+
+def shard_key(sample_id: str) -> str:
+    """A tar-safe, unique sample key: the id made safe (shortened) and 8 hex digits of its hash."""
+    return f"{sample_key(sample_id)[:48]}-{hashlib.blake2b(sample_id.encode(), digest_size=4).hexdigest()}"
+
+
+def _write_shard(staging: Path, index: int, items: list[tuple[str, dict[str, Any], list[str], str]]) -> dict:
+    """Write one shard (a worker's unit of work): every image read and fully decoded first; a sample with
+    a missing or undecodable image is left out and reported. Returns the journal entry."""
+    writer = ShardWriter(staging, shard_size=max(1, len(items)), start=index)
+    problems: list[dict[str, Any]] = []
+    try:
+        for key, payload, images, where in items:
+            members: dict[str, bytes] = {}
+            try:
+                for i, path in enumerate(images):
+                    data = Path(path).read_bytes()
+                    decode_image(data)  # the whole image, as training will
+                    members[f"img{i}.{sniff_extension(data)}"] = data
+            except OSError as err:
+                problems.append({"where": where, "reason": f"missing image: {err.filename or path}: {err.strerror}"})
+                continue
+            except ImageDecodeError as err:
+                problems.append({"where": where, "reason": f"undecodable image: {path}: {err}"})
+                continue
+            writer.write(key, {**members, "json": json_bytes(payload, indent=None)})
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    entry = shards[0] if shards else {"name": None, "samples": 0, "units": 0}
+    return {"index": index, **entry, "images": len(items), "problems": problems}
+
+
+def _inputs(file: Path | None, splits: dict[str, Path] | None) -> list[tuple[Path, str | None]]:
+    if (file is None) == (not splits):
+        raise DataError("prepare conversations: give --file, or a file per split (--train, --val, --test)")
+    if file is not None:
+        return [(Path(file), None)]
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise DataError(f"prepare conversations: unknown split(s) {unknown}; use {', '.join(SPLITS)}")
+    return [(Path(path), split) for split, path in splits.items() if path]
+
+
+def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str, Path] | None = None,
+                          fmt: str = "auto", images: Path | None = None, val_fraction: float = 0.05,
+                          test_fraction: float = 0.05, shard_size: int = 1000, workers: int | None = None,
+                          strict: bool = False, tags: Tags | str | None = None) -> dict[str, Any]:
+    """Prepare `file` (or one file per split) into `out/conversations/{split}/`; returns the summary."""
+    inputs = _inputs(file, splits)
+    if shard_size < 1:
+        raise DataError(f"shard size must be at least 1, got {shard_size}")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be in [0, 1) "
+                        "and leave some records for training")
+    if fmt not in ("auto", "llava", "sharegpt", "messages"):
+        raise DataError(f"--format {fmt!r}: choose auto, llava, sharegpt or messages")
+    tags = tags if isinstance(tags, Tags) else Tags.parse(tags)
+    images_dir = Path(images).expanduser().resolve() if images else None
+    if images_dir is not None and not images_dir.is_dir():
+        raise DataError(f"image folder not found: {images_dir}")
+    formats = {path: (detect_format(path) if fmt == "auto" else fmt) for path, _ in inputs}
+    start = time.perf_counter()
+    workers = workers or default_workers()
+    plan = {"task": TASK, "shard_size": shard_size, "format": {str(p): f for p, f in formats.items()},
+            "files": [{"path": str(p.resolve()), "split": s, "sha256": file_sha256(p)} for p, s in inputs],
+            "images": str(images_dir) if images_dir else None, "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "tags": tags.__dict__}
+    root = Path(out) / TASK
+    root.mkdir(parents=True, exist_ok=True)
+    staging = {s: root / f".{s}.partial" for s in SPLITS}
+    done = {s: _resume(staging[s], {**plan, "split": s}) for s in SPLITS}
+    resumed = sum(len(d) for d in done.values())
+    problems = Problems(source="prepare conversations")
+    chunks: dict[str, list[Conversation]] = {s: [] for s in SPLITS}
+    next_index = dict.fromkeys(SPLITS, 0)
+    seen: set[int] = set()
+    journals = {s: open(staging[s] / PARTIAL_JOURNAL, "a") for s in SPLITS}
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context) if workers > 1 else None
+    in_flight: dict[Future, str] = {}
+
+    def record(split: str, entry: dict[str, Any]) -> None:
+        journals[split].write(json.dumps(entry) + "\n")
+        journals[split].flush()
+        os.fsync(journals[split].fileno())
+        done[split][entry["index"]] = entry
+
+    def settle(block_until: int) -> None:
+        while len(in_flight) > block_until:
+            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for future in finished:
+                record(in_flight.pop(future), future.result())
+
+    def flush(split: str) -> None:
+        index, items = next_index[split], chunks[split]
+        next_index[split] += 1
+        chunks[split] = []
+        if index in done[split]:  # written before the kill, verified by its sha256
+            return
+        work = [(shard_key(c.id), c.payload(), list(c.images), c.where) for c in items]
+        if pool is None:
+            record(split, _write_shard(staging[split], index, work))
+        else:
+            in_flight[pool.submit(_write_shard, staging[split], index, work)] = split
+            settle(2 * workers)  # a few shards in flight: memory stays flat
+
+    try:
+        with tqdm(desc="prepare conversations", unit="record", disable=None) as bar:
+            for path, forced in inputs:
+                for where, raw in raw_records(path):
+                    bar.update(1)
+                    where = f"{path.name}: {where}"
+                    try:
+                        conv = normalize(raw, formats[path], tags, images_dir, path, where)
+                        digest = id_digest(conv.id)
+                        if digest in seen:
+                            raise RecordProblem("duplicate id", f"id {conv.id!r} appears again")
+                    except RecordProblem as problem:
+                        if strict:
+                            raise DataError(f"{where}: {problem} (--strict)") from None
+                        problems.add(where, str(problem))
+                        continue
+                    seen.add(digest)
+                    split = forced or split_of(conv.id, val_fraction, test_fraction)
+                    chunks[split].append(conv)
+                    if len(chunks[split]) >= shard_size:
+                        flush(split)
+            for split in SPLITS:
+                if chunks[split]:
+                    flush(split)
+            settle(0)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        for handle in journals.values():
+            handle.close()
+    if pool is not None:
+        pool.shutdown()
+    per_split = {}
+    for split in SPLITS:
+        entries = [done[split][i] for i in sorted(done[split]) if i < next_index[split]]
+        for entry in entries:
+            for p in entry["problems"]:
+                if strict:
+                    raise DataError(f"{p['where']}: {p['reason']} (--strict)")
+                problems.add(p["where"], p["reason"])
+        shards = [{k: e[k] for k in ("name", "samples", "units", "bytes", "sha256")} for e in entries if e["name"]]
+        write_manifest(staging[split], shards, task=TASK, units=sum(s["units"] for s in shards),
+                       inputs=[f["path"] for f in plan["files"]])
+        for name in (PARTIAL_PLAN, PARTIAL_JOURNAL):
+            (staging[split] / name).unlink()
+        replace_directory(staging[split], root / split, MANIFEST_NAME)
+        per_split[split] = {"records": sum(s["samples"] for s in shards), "shards": len(shards)}
+    report = problems.summary()
+    summary = {"out": str(root), "task": TASK, "format": plan["format"], "splits": per_split,
+               "kept": sum(v["records"] for v in per_split.values()), "skipped": report["skipped"],
+               "skipped_by_reason": report["skipped_by_reason"], "problems": report["problems"],
+               "workers": workers, "resumed_shards": resumed, "seconds": round(time.perf_counter() - start, 2)}
+    write_json_atomic(root / SUMMARY_NAME, summary)
+    return {**summary, "problems": report["problems"][:20]}
