@@ -126,9 +126,13 @@ class DemoHandlers:
             return ""
         return self._run("base", image, question or "", max_new_tokens, decoding)
 
-    def pick_example(self, evt: gr.SelectData) -> str | None:
+    def pick_example(self, evt: gr.SelectData) -> tuple[str | None, Any]:
+        """The example image, and its prompt from the test split in the question box when the run has one."""
         examples = self.host.source.example_images()
-        return str(examples[evt.index]) if isinstance(evt.index, int) and evt.index < len(examples) else None
+        if not (isinstance(evt.index, int) and evt.index < len(examples)):
+            return None, gr.update()
+        prompt = self.host.source.example_prompts().get(examples[evt.index].name)
+        return str(examples[evt.index]), (prompt if prompt else gr.update())
 
 
 def header_markdown(source: ModelSource) -> str:
@@ -209,7 +213,7 @@ def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
             _guard(handlers.answer_base), [image, question, answer_budget, decoding, compare], answer_base,
             api_name="answer_base", **queued)
         question.submit(**answer_event, api_visibility="private")
-        examples.select(handlers.pick_example, None, image, api_visibility="private")
+        examples.select(handlers.pick_example, None, [image, question], api_visibility="private")
 
         def load_model(name: str) -> str:
             """Serve another registry model (the previous one is freed first); returns the new header."""

@@ -106,6 +106,20 @@ class ModelSource:
                     return found[:limit]
         return []
 
+    def example_prompts(self) -> dict[str, str]:
+        """{example image file name: its prompt} from `examples/prompts.json` (the publish stage writes it
+        from the test split of your own conversations); {} when there is none."""
+        for folder in [self.model_dir / f for f in EXAMPLE_FOLDERS_IN_MODEL] + \
+                [self.run_dir / f for f in EXAMPLE_FOLDERS_IN_RUN if self.run_dir is not None]:
+            path = folder / "prompts.json"
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError):
+                    return {}
+                return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        return {}
+
     def plots(self) -> list[Path]:
         """The run's evaluation plots (long-context CIDEr, adjacent-layer cosine, ...)."""
         if self.run_dir is None or not (self.run_dir / "eval").is_dir():

@@ -400,6 +400,30 @@ def load_adapted(ctx: StageContext):
 # --- publish ----------------------------------------------------------------------------------
 
 
+def conversation_examples(split_dir: Path, out: Path, limit: int = 6) -> int:
+    """The demo's examples from held-out conversations: the first `limit` with an image, the image as
+    `out/NN.png` and the first user turn (its tags removed) in `out/prompts.json`. Returns how many."""
+    from data.files import write_json_atomic
+    from data.prompts import IMAGE_TOKEN
+    from data.stream import EvalStream, ShardSource
+
+    if not (split_dir / "manifest.json").is_file():
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = {}
+    for example in EvalStream(ShardSource.from_dir(split_dir), rank=0, world_size=1):
+        if not example.get("images"):
+            continue
+        name = f"{len(prompts):02d}.png"
+        example["images"][0].convert("RGB").save(out / name)
+        user = next(m["content"] for m in example["messages"] if m["role"] == "user")
+        prompts[name] = " ".join(user.replace(IMAGE_TOKEN, " ").split())
+        if len(prompts) >= limit:
+            break
+    write_json_atomic(out / "prompts.json", prompts)
+    return len(prompts)
+
+
 def stage_publish(ctx: StageContext) -> dict[str, Any]:
     """Register the merged model with the demo's registry and print the command that serves it."""
     import datetime as dt
@@ -426,6 +450,8 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     registry = Path(cfg.publish.registry)
+    if cfg.data.tasks.get("conversations", 0) > 0:
+        conversation_examples(shards_root(ctx) / "conversations" / cfg.eval.split, ctx.run_dir / "examples")
     register_model(registry, entry)
     command = f"structlora demo --registry {registry}"
     print(f"published '{entry['name']}' to {registry}; serve it with:\n    {command}\n"

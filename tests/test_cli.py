@@ -13,7 +13,7 @@ from pipeline.cli import build_parser, main
 
 SUBCOMMANDS = [
     ["run"], ["prepare", "shapes"], ["prepare", "coco"], ["prepare", "vqav2"], ["prepare", "gqa"],
-    ["prepare", "imagefolder"], ["score", "caption"], ["score", "vqa"], ["score", "gqa"], ["merge"], ["demo"],
+    ["prepare", "imagefolder"], ["prepare", "conversations"], ["score", "caption"], ["score", "vqa"], ["score", "gqa"], ["merge"], ["demo"],
 ]
 
 
@@ -89,7 +89,14 @@ def test_every_prepare_command_can_write_the_layout_that_eval_data_reads(tmp_pat
         assert examples and account["scored"] == len(examples)
     world = tmp_path / "world"
     assert main(["prepare", "shapes", "--out", str(world), "--images", "40", "--size", "32",
-                 "--shards", str(tmp_path / "shapes_shards")]) == 0
+                 "--shards", str(tmp_path / "shapes_shards"), "--as", "conversations"]) == 0
+    files = sorted(p.name for p in (world / "conversation_files").iterdir())
+    assert files == ["shapes_test.json", "shapes_train.json", "shapes_val.json"]
+    assert main(["prepare", "conversations", "--train", str(world / "conversation_files" / "shapes_train.json"),
+                 "--val", str(world / "conversation_files" / "shapes_val.json"), "--test",
+                 str(world / "conversation_files" / "shapes_test.json"), "--out", str(out), "--workers", "1"]) == 0
+    examples, account = load_split(out, "conversations", "test")
+    assert examples and all(len(e["images"]) == 1 for e in examples) and not account["lost_anything"]
     for task in ("caption", "vqav2", "gqa", "classification"):
         assert load_split(tmp_path / "shapes_shards", task, "test")[0]
     capsys.readouterr()

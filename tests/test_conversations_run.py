@@ -1,0 +1,74 @@
+"""configs/conversations_example.yaml at smoke size, and a user's own files through `data.sources`: prepare ->
+base -> train -> eval -> merge -> publish, then `structlora eval` of base and merged model on the held-out
+conversations with the per-sample JSONL and the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from _procs import cpu_env, run_command
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.shapes.images=200", "data.shard_size=50", "base.max_steps=20", "train.max_steps=16",
+         "train.save_every=8", "train.eval_every=8", "train.val_batches=2", "eval.max_samples=12",
+         "model.tiny.vision_layers=2", "model.tiny.text_layers=2"]
+
+
+def test_your_own_files_through_data_sources_run_every_stage_and_score(tmp_path):
+    from data.shapes import write_shapes_world
+    from data.shapes_conversations import write_shapes_conversations
+
+    write_shapes_world(tmp_path / "world", seed=5, num_images=120, size=64)
+    files = write_shapes_conversations(tmp_path / "world", tmp_path / "mine", "messages")
+    source = ("data.sources=[{kind: conversations, conversations: {format: messages}, paths: {"
+              + ", ".join(f"{s}: {f['file']}" for s, f in files.items()) + "}}]")
+    run, registry = tmp_path / "run", tmp_path / "registry"
+    cmd = run_command("conversations_example.yaml", run, [*SMALL, "data.shapes.conversations=none", source,
+                                                           f"publish.registry={registry}"])
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    prepared = manifest["stages"]["prepare"]["outputs"]["sources"][0]
+    assert prepared["task"] == "conversations" and prepared["kept"] == sum(f["records"] for f in files.values())
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    block = metrics["models"]["adapted"]["conversations"]
+    assert block["headline"] == "exact_match" and block["num_samples"] == 12 and block["results_file"]["valid"]
+    assert "conversations.exact_match" in metrics["differences"]["adapted"]
+    assert metrics["data"]["eval"]["conversations"]["scored"] == 12
+    report = (run / "eval" / "report.md").read_text()
+    assert "| conversations.exact_match |" in report and "the headline is exact_match" in report
+    rows = [json.loads(line) for line in (run / "eval" / "adapted" / "conversations_samples.jsonl").open()]
+    assert len(rows) == 12 and set(rows[0]) == {"id", "prompt", "reference", "prediction", "scores"}
+    assert rows[0]["prompt"].rstrip().endswith("ASSISTANT:") and "</s>USER:" in rows[0]["prompt"]
+    prompts = json.loads((run / "examples" / "prompts.json").read_text())  # the demo's examples, from test
+    assert prompts and all((run / "examples" / name).is_file() for name in prompts)
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "pipeline.cli", "eval", f"base={run / 'base' / 'model'}", f"merged={run}",
+           "--data", str(run), "--tasks", "conversations", "--max-samples", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"base", "merged"}
+    assert metrics["differences"]["merged"]["conversations.exact_match"]["items"] == 8
+    for name in ("base", "merged"):
+        assert len((out / name / "conversations_samples.jsonl").read_text().splitlines()) == 8
+        assert len(json.loads((out / name / "conversations_predictions.json").read_text())) == 8
+    assert "conversations.exact_match" in (out / "report.md").read_text()
+
+
+def test_the_example_config_prepares_the_world_as_conversation_files(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(run_command("conversations_example.yaml", run, SMALL, "--stages", "prepare"),
+                          env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in (run / "prepare" / "conversation_files").iterdir())
+    assert files == ["shapes_test.json", "shapes_train.json", "shapes_val.json"]
+    first = json.loads((run / "prepare" / "conversation_files" / "shapes_train.json").read_text())[0]
+    assert first["conversations"][0]["from"] == "human" and not Path(first["image"]).is_absolute()
+    for split in ("train", "val", "test"):
+        assert (run / "prepare" / "shards" / "conversations" / split / "manifest.json").is_file()
+        assert (run / "prepare" / "shards" / "vqav2" / split / "manifest.json").is_file()
