@@ -127,6 +127,7 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
     problems = Problems(source="prepare conversations")
     chunks: dict[str, list[Conversation]] = {s: [] for s in SPLITS}
     next_index = dict.fromkeys(SPLITS, 0)
+    most_images = dict.fromkeys(SPLITS, 0)  # the most images one sample has: training checks it fits max_length
     seen: set[int] = set()
     journals = {s: open(staging[s] / PARTIAL_JOURNAL, "a") for s in SPLITS}
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -151,6 +152,7 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
         chunks[split] = []
         if index in done[split]:  # written before the kill, verified by its sha256
             return
+        most_images[split] = max([most_images[split], *(len(c.images) for c in items)])
         work = [(shard_key(c.id), c.payload(), list(c.images), c.where) for c in items]
         if pool is None:
             record(split, _write_shard(staging[split], index, work))
@@ -202,7 +204,7 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
                 problems.add(p["where"], p["reason"])
         shards = [{k: e[k] for k in ("name", "samples", "units", "bytes", "sha256")} for e in entries if e["name"]]
         write_manifest(staging[split], shards, task=TASK, units=sum(s["units"] for s in shards),
-                       inputs=[f["path"] for f in plan["files"]])
+                       inputs=[f["path"] for f in plan["files"]], max_images=most_images[split])
         for name in (PARTIAL_PLAN, PARTIAL_JOURNAL):
             (staging[split] / name).unlink()
         replace_directory(staging[split], root / split, MANIFEST_NAME)

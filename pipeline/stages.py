@@ -21,116 +21,14 @@ from data.accounting import TrainAccount
 from pipeline.batches import batch_iterator, data_summary, validation_batches  # noqa: F401 - the stages' names
 from pipeline.context import StageContext
 from pipeline.errors import UserError
+from pipeline.prepare_stage import SPLIT_KEYS, stage_prepare  # noqa: F401 - the stages' names
 from pipeline.schema import AdapterConfig, ModelConfig, RunConfig, TrainConfig
 
 log = logging.getLogger("structlora.stages")
 
-SPLIT_KEYS = {"train": "", "val": "val_", "test": "test_"}
 
 
-# --- prepare ----------------------------------------------------------------------------------
-
-
-def stage_prepare(ctx: StageContext) -> dict[str, Any]:
-    from data import prepare
-
-    cfg, out = ctx.cfg.data, ctx.stage_dir("prepare")
-    shards = out / "shards"
-    workers = cfg.prepare_workers or None
-    result: dict[str, Any]
-    if cfg.source == "shapes":
-        from data.shapes import write_shapes_world
-
-        world = write_shapes_world(out / "world", seed=cfg.shapes.seed, num_images=cfg.shapes.images,
-                                   size=cfg.shapes.size, image_format=cfg.shapes.image_format)
-        # 0 (auto) is one process for the small synthetic world; a count given is honoured
-        index = prepare.prepare_shapes_shards(out / "world", shards, cfg.shard_size, cfg.prepare_workers or 1)
-        result = {"world": world.get("counts", world), "shards": str(shards), "tasks": sorted(index["tasks"])}
-        if cfg.shapes.conversations != "none":  # the world as conversation files, prepared as yours would be
-            from data.shapes_conversations import write_shapes_conversations
-
-            files = write_shapes_conversations(out / "world", out / "conversation_files", cfg.shapes.conversations)
-            from pipeline.schema import ConversationsConfig
-
-            result["conversations"] = _prepare_conversations(
-                {split: f["file"] for split, f in files.items()}, ConversationsConfig(format=cfg.shapes.conversations),
-                shards, cfg.shard_size, workers)
-    elif cfg.source == "shards":
-        root = Path(_path(cfg.paths, "root", "data.paths.root"))
-        if not root.is_dir():
-            raise UserError(f"data.paths.root: shard directory not found: {root}")
-        return {"shards": str(root)}
-    else:
-        result = {"shards": str(shards), **_prepare_source(cfg.source, cfg.paths, cfg.conversations, shards,
-                                                            cfg.shard_size, workers, "data.paths")}
-    for i, extra in enumerate(cfg.sources):
-        result.setdefault("sources", []).append(_prepare_source(extra.kind, extra.paths, extra.conversations, shards,
-                                                                cfg.shard_size, workers, f"data.sources[{i}].paths"))
-    return result
-
-
-def _prepare_conversations(paths: dict[str, str], conv, shards: Path, shard_size: int, workers: int | None):
-    """A conversation file (`file`), or a file per split (`train`, `val`, `test`), into shards/conversations/."""
-    from data.prepare_conversations import prepare_conversations
-
-    splits = {k: Path(v) for k, v in paths.items() if k in ("train", "val", "test")}
-    summary = prepare_conversations(shards, file=Path(paths["file"]) if paths.get("file") else None,
-                                    splits=splits or None, fmt=conv.format,
-                                    images=Path(paths["images"]) if paths.get("images") else None,
-                                    val_fraction=conv.val_fraction, test_fraction=conv.test_fraction,
-                                    shard_size=shard_size, workers=workers, strict=conv.strict, tags=conv.tags)
-    if summary["skipped"]:
-        print(f"[prepare] conversations: {summary['kept']} records kept, {summary['skipped']} skipped "
-              f"({summary['skipped_by_reason']}; {shards / 'conversations' / 'prepare_summary.json'})")
-    return {k: summary[k] for k in ("splits", "kept", "skipped", "skipped_by_reason", "format")}
-
-
-def _prepare_source(kind: str, paths: dict[str, str], conv, shards: Path, shard_size: int, workers: int | None,
-                    where: str) -> dict[str, Any]:
-    """One source of official files (or a conversation file) into shards/{task}/{split}/."""
-    from data import prepare
-
-    if kind == "conversations":
-        if not paths.get("file") and not any(paths.get(s) for s in ("train", "val", "test")):
-            raise UserError(f"{where}: give `file` (one conversation file) or `train` / `val` / `test`")
-        return {"task": "conversations", **_prepare_conversations(paths, conv, shards, shard_size, workers)}
-    written = {}
-    for split, prefix in SPLIT_KEYS.items():
-        def p(role: str, prefix: str = prefix) -> Path | None:
-            value = paths.get(prefix + role)
-            return Path(value) if value else None
-
-        dest = shards / _task_of(kind) / split
-        if kind == "coco" and p("captions"):
-            written[split] = prepare.prepare_coco(p("captions"), _need(p("images"), prefix + "images"), dest,
-                                                  shard_size, workers)
-        elif kind == "vqav2" and p("questions"):
-            written[split] = prepare.prepare_vqav2(p("questions"), _need(p("annotations"), prefix + "annotations"),
-                                                   _need(p("images"), prefix + "images"), dest, shard_size, workers)
-        elif kind == "gqa" and p("questions"):
-            written[split] = prepare.prepare_gqa(p("questions"), _need(p("images"), prefix + "images"), dest,
-                                                 shard_size, workers)
-        elif kind == "imagefolder" and p("root"):
-            written[split] = prepare.prepare_imagefolder(p("root"), dest, shard_size, workers=workers)
-    if "train" not in written:
-        raise UserError(f"{where}: no training files given for source '{kind}'")
-    return {"task": _task_of(kind), "splits": sorted(written)}
-
-
-def _task_of(source: str) -> str:
-    return {"coco": "caption", "imagefolder": "classification"}.get(source, source)
-
-
-def _path(paths: dict[str, str], key: str, name: str) -> str:
-    if key not in paths:
-        raise UserError(f"{name} is required for this data source")
-    return paths[key]
-
-
-def _need(value: Path | None, role: str) -> Path:
-    if value is None:
-        raise UserError(f"data.paths.{role} is required")
-    return value
+# --- prepare: pipeline/prepare_stage.py ------------------------------------------------------
 
 
 def shards_root(ctx: StageContext) -> Path:
@@ -341,6 +239,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     rank, world = _dist()
     train_src = sources(ctx, "train", cfg.data.tasks)
     val_src = sources(ctx, "val", cfg.data.tasks)
+    check_image_budget(ctx, processor)
     out = ctx.stage_dir("train")
     epoch_length = cfg.train.batch_size * cfg.train.grad_accum * max(50, cfg.train.max_steps // 4)
     accounts = TrainAccount("train", train_src), TrainAccount("val", val_src)
@@ -370,6 +269,26 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         tmp.rename(final_dir(ctx))
     recipe.accelerator.wait_for_everyone()
     return json.loads((final_dir(ctx) / "summary.json").read_text())
+
+
+def check_image_budget(ctx: StageContext, processor) -> None:
+    """Before training: do the conversation samples with the most images fit `data.max_length`? Their image
+    tokens alone are never cut, so a sample that cannot fit is dropped (and counted); say so now."""
+    manifest = shards_root(ctx) / "conversations" / "train" / "manifest.json"
+    if ctx.cfg.data.tasks.get("conversations", 0) <= 0 or not manifest.is_file() or ctx.cfg.model.arch != "llava":
+        return
+    most = int(json.loads(manifest.read_text()).get("max_images", 0))
+    if most == 0:
+        return
+    from data.collate import LlavaCollator
+
+    per_image = LlavaCollator(processor, max_length=ctx.cfg.data.max_length)._chat_rows().image_tokens
+    if most * per_image >= ctx.cfg.data.max_length:
+        line = (f"conversations: a training sample has {most} images = {most * per_image} image tokens, not below "
+                f"data.max_length={ctx.cfg.data.max_length}: such samples cannot fit and will be dropped (counted "
+                "as over-long examples); raise data.max_length")
+        log.warning(line)
+        print(f"warning: {line}")
 
 
 def load_adapted_handle(ctx: StageContext):

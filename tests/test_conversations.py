@@ -193,3 +193,22 @@ def test_last_answers_are_scored_with_every_metric_and_a_headline_chosen_by_leng
     assert long["headline"] == "cider" and 0 < long["token_f1"] < 100 and long["missing"] == 0
     assert Counter(score_conversations({"a": "x"}, {}, metric="anls")) and \
         score_conversations({"a": "x"}, {}, metric="anls")["coverage"] == 0.0
+
+
+def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_path, capsys):
+    from pipeline.backbones import build_llava
+    from pipeline.context import StageContext
+    from pipeline.schema import ModelConfig, RunConfig
+    from pipeline.stages import check_image_budget
+
+    folder = tmp_path / "run" / "prepare" / "shards" / "conversations" / "train"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"max_images": 3}))
+    cfg = RunConfig()
+    cfg.data.tasks, cfg.data.max_length = {"conversations": 1.0}, 160
+    _, processor = build_llava(ModelConfig(preset="tiny"), ["a"], [])
+    check_image_budget(StageContext(cfg=cfg, run_dir=tmp_path / "run"), processor)
+    assert "a training sample has 3 images = 192 image tokens" in capsys.readouterr().out
+    cfg.data.max_length = 400
+    check_image_budget(StageContext(cfg=cfg, run_dir=tmp_path / "run"), processor)
+    assert capsys.readouterr().out == ""
