@@ -71,7 +71,10 @@ def _strip(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def validation_batches(cfg: RunConfig, srcs, processor, batch_size: int, max_batches: int = 4,
                        account: TrainAccount | None = None) -> list[dict]:
-    """A fixed validation set: the first batches of a seeded pass over the split, the same on every rank."""
+    """A fixed validation set: the first batches of a seeded pass over the split, the same on every rank
+    (none when every task's split is empty: validation losses are then NaN, and said so)."""
+    if not srcs:
+        return []
     batches = batch_iterator(cfg, srcs, processor, batch_size, seed=12345, rank=0, world_size=1,
                              epoch_length=batch_size * max_batches, account=account)
     return list(itertools.islice(batches, max_batches))

@@ -50,8 +50,16 @@ def sources(ctx: StageContext, split: str, tasks: dict[str, float]):
         if not path.is_dir():
             raise UserError(f"no '{split}' shards for task '{task}' under {root}: run the prepare stage, "
                             "or remove the task from the config")
-        out.append(ShardSource.from_dir(path, weight=weight, name=task, verify=ctx.cfg.data.verify_shards,
-                                        on_damaged=ctx.cfg.data.damaged_shards))
+        source = ShardSource.from_dir(path, weight=weight, name=task, verify=ctx.cfg.data.verify_shards,
+                                      on_damaged=ctx.cfg.data.damaged_shards)
+        if not source.urls:  # e.g. a small conversation file whose hash split left no record for val
+            if split in ("train", "base"):
+                raise UserError(f"{path}: no usable '{split}' shards for task '{task}' (the split is empty, or every "
+                                "shard was left out as damaged)")
+            log.warning("no '%s' shards for task '%s' (%s is empty): left out of this split", split, task, path)
+            print(f"warning: the '{split}' split of task '{task}' is empty: it is left out of {split}")
+            continue
+        out.append(source)
     return out
 
 
