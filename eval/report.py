@@ -200,7 +200,7 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
             level = int(round(100 * any_row.get("level", 0.95)))
             lines += ["", f"## Differences against {reference}", "",
                       f"Mean per-item difference with a paired bootstrap {level}% interval over the items "
-                      f"({any_row.get('resamples', '?')} resamples); items = images (CIDEr) or questions.", "",
+                      f"({any_row.get('resamples', '?')} resamples); items = images (CIDEr), questions (VQA, GQA) or conversations (your own data).", "",
                       "| score | items | " + " | ".join(others) + " |", "|---|---:|" + "---:|" * len(others)]
             for key in keys:
                 count = next((differences[n][key]["items"] for n in others if key in differences.get(n, {})), 0)

@@ -329,7 +329,7 @@ def load_adapted(ctx: StageContext):
 
 def conversation_examples(split_dir: Path, out: Path, limit: int = 6) -> int:
     """The demo's examples from held-out conversations: the first `limit` with an image, the image as
-    `out/NN.png` and the first user turn (its tags removed) in `out/prompts.json`. Returns how many."""
+    `out/NN.png` and the last user turn (the one evaluation asks; tags removed) in `out/prompts.json`."""
     from data.files import write_json_atomic
     from data.prompts import IMAGE_TOKEN
     from data.stream import EvalStream, ShardSource
@@ -343,7 +343,7 @@ def conversation_examples(split_dir: Path, out: Path, limit: int = 6) -> int:
             continue
         name = f"{len(prompts):02d}.png"
         example["images"][0].convert("RGB").save(out / name)
-        user = next(m["content"] for m in example["messages"] if m["role"] == "user")
+        user = [m["content"] for m in example["messages"] if m["role"] == "user"][-1]
         prompts[name] = " ".join(user.replace(IMAGE_TOKEN, " ").split())
         if len(prompts) >= limit:
             break
