@@ -94,31 +94,35 @@ class ModelSource:
             defaults["run_dir"] = str(_resolve(entry["run_dir"], Path(registry)))
         return cls.from_model_dir(path, name=entry["name"], defaults=defaults)
 
-    def example_images(self, limit: int = MAX_EXAMPLES) -> list[Path]:
-        """Up to `limit` example images shipped with the model or the run (sorted by name)."""
+    def _example_folder(self) -> Path | None:
+        """The first example folder (the model's, then the run's) that holds images."""
         folders = [self.model_dir / f for f in EXAMPLE_FOLDERS_IN_MODEL]
         if self.run_dir is not None:
             folders += [self.run_dir / f for f in EXAMPLE_FOLDERS_IN_RUN]
         for folder in folders:
-            if folder.is_dir():
-                found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-                if found:
-                    return found[:limit]
-        return []
+            if folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir()):
+                return folder
+        return None
+
+    def example_images(self, limit: int = MAX_EXAMPLES) -> list[Path]:
+        """Up to `limit` example images shipped with the model or the run (sorted by name)."""
+        folder = self._example_folder()
+        if folder is None:
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
 
     def example_prompts(self) -> dict[str, str]:
-        """{example image file name: its prompt} from `examples/prompts.json` (the publish stage writes it
-        from the test split of your own conversations); {} when there is none."""
-        for folder in [self.model_dir / f for f in EXAMPLE_FOLDERS_IN_MODEL] + \
-                [self.run_dir / f for f in EXAMPLE_FOLDERS_IN_RUN if self.run_dir is not None]:
-            path = folder / "prompts.json"
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError):
-                    return {}
-                return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-        return {}
+        """{example image file name: its prompt} from `prompts.json` beside the example images (the publish
+        stage writes it from the test split of your own conversations); {} when there is none."""
+        folder = self._example_folder()
+        path = folder / "prompts.json" if folder is not None else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def plots(self) -> list[Path]:
         """The run's evaluation plots (long-context CIDEr, adjacent-layer cosine, ...)."""

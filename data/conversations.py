@@ -253,6 +253,9 @@ def normalize(record: Any, fmt: str, tags: Tags, images_dir: Path | None, data_f
                                 "alternate, starting with the user)")
     if body[-1][0] != "assistant":
         raise RecordProblem("roles do not alternate", "the last turn is the user's, with no answer")
+    if messages[0][0] == "system" and IMAGE_TOKEN in messages[0][1]:
+        raise RecordProblem("image tags != images", f"the system turn holds an {IMAGE_TOKEN} tag (images go in "
+                                                    "user turns)")
     for i, (role, content) in enumerate(body):
         if role == "assistant" and not content.strip():
             raise RecordProblem("empty answer", f"assistant turn {i} is empty")
@@ -261,7 +264,7 @@ def normalize(record: Any, fmt: str, tags: Tags, images_dir: Path | None, data_f
     image_key = tags.images or ("image" if fmt == "llava" else ("images" if "images" in record else "image"))
     raw = record.get(image_key)
     paths = [] if raw is None or raw == "" else (list(raw) if isinstance(raw, list) else [raw])
-    tags_count = sum(content.count(IMAGE_TOKEN) for role, content in messages if role in ("user", "system"))
+    tags_count = sum(content.count(IMAGE_TOKEN) for role, content in messages if role == "user")
     if tags_count != len(paths):
         raise RecordProblem("image tags != images", f"{tags_count} {IMAGE_TOKEN} tags, {len(paths)} images")
     images = [resolve_image(p, images_dir, data_file) for p in paths]

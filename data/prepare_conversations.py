@@ -150,9 +150,9 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
         index, items = next_index[split], chunks[split]
         next_index[split] += 1
         chunks[split] = []
+        most_images[split] = max([most_images[split], *(len(c.images) for c in items)])
         if index in done[split]:  # written before the kill, verified by its sha256
             return
-        most_images[split] = max([most_images[split], *(len(c.images) for c in items)])
         work = [(shard_key(c.id), c.payload(), list(c.images), c.where) for c in items]
         if pool is None:
             record(split, _write_shard(staging[split], index, work))
@@ -203,8 +203,11 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
                     raise DataError(f"{p['where']}: {p['reason']} (--strict)")
                 problems.add(p["where"], p["reason"])
         shards = [{k: e[k] for k in ("name", "samples", "units", "bytes", "sha256")} for e in entries if e["name"]]
+        # `skipped`: this split's records whose images failed (record-level problems have no split yet:
+        # they are in prepare_summary.json)
         write_manifest(staging[split], shards, task=TASK, units=sum(s["units"] for s in shards),
-                       inputs=[f["path"] for f in plan["files"]], max_images=most_images[split])
+                       inputs=[f["path"] for f in plan["files"]], max_images=most_images[split],
+                       skipped=sum(len(e["problems"]) for e in entries))
         for name in (PARTIAL_PLAN, PARTIAL_JOURNAL):
             (staging[split] / name).unlink()
         replace_directory(staging[split], root / split, MANIFEST_NAME)

@@ -29,7 +29,12 @@ Where our code stands in for the library, and why:
   proportion to what each source has left so that all sources end together;
 - skip counting: webdataset's handlers only say continue or stop; ours count damaged shards,
   bad records and corrupt images into `StreamStats`, and stop an endless stream over unusable
-  data with DataError instead of spinning.
+  data with DataError instead of spinning. The counts ride on the examples (`__skipped__`, a
+  marker when a stream yields nothing) through DataLoader workers to `data.accounting`, which
+  the stages report;
+- shard check at open: `ShardSource.from_dir` checks every shard's size and sha256 against the
+  manifest before anything is read (a same-size change is often invisible to the stream), and
+  stops naming a damaged shard or leaves it out to be reported (`on_damaged`).
 Only JSON and image members are decoded (the decoder has no pickle, torch or numpy handler);
 `pipe:` and remote URLs are refused unless `allow_remote` (then webdataset's gopen opens them).
 """

@@ -206,7 +206,8 @@ def shards_of(data: Path) -> Path:
 
 
 def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: str,
-                 spare: Callable[[], list[dict[str, Any]]]) -> tuple[list[str], str]:
+                 spare: Callable[[], list[dict[str, Any]]],
+                 checks: dict[str, Any] | None = None) -> tuple[list[str], str]:
     """(pool, description) of the long-context filler: 'captions' (reference captions of other
     images: the val split's, else the train split's, else the eval split's images not captioned)
     or a UTF-8 text file (one filler text per non-empty line)."""
@@ -223,7 +224,7 @@ def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: st
         return lines, f"lines of {path}, one per line, between the image and the instruction"
     for split in ("val", "train"):
         if split != eval_split and (root / "caption" / split).is_dir():
-            pool = caption_filler_pool(load_examples(root, "caption", split, 200), exclude)
+            pool = caption_filler_pool(load_examples(root, "caption", split, 200, **(checks or {})), exclude)
             if pool:
                 return pool, f"{CAPTION_FILLER} ({split} split)"
     pool = caption_filler_pool(spare(), exclude)
@@ -308,7 +309,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
         def spare() -> list[dict[str, Any]]:
             return load_examples(root, "caption", split, **checks)[len(chosen):]
 
-        pool, filler = filler_texts(distractor, root, [e["image_id"] for e in chosen], split, spare)
+        pool, filler = filler_texts(distractor, root, [e["image_id"] for e in chosen], split, spare, checks)
         long_context = LongContextSettings(samples=long_context_samples, lengths=list(lengths or DEFAULT_BUCKETS),
                                            pool=pool, scale=lengths is None, filler=filler)
     gen_tasks = [t for t in tasks if t in GENERATION_TASKS or t == "long_context"]

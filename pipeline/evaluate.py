@@ -36,9 +36,13 @@ def load_split(root: Path, task: str, split: str, max_samples: int | None = None
     if not path.is_dir():
         raise UserError(f"no '{split}' shards for task '{task}' under {root} (expected {path}/)")
     source = ShardSource.from_dir(path, name=task, verify=verify, on_damaged=on_damaged)
-    if not source.urls:
+    if not source.urls and source.excluded:
         raise DataError(f"{path}: every shard is damaged ({'; '.join(d.reason for d in source.excluded)}): "
                         "nothing left to evaluate; prepare the split again")
+    if not source.urls:
+        raise UserError(f"{path}: the '{split}' split of task '{task}' holds no records (a small conversation file's "
+                        "hash split can leave one empty: raise --test-fraction / --val-fraction, or give the split "
+                        "its own file with --test / --val)")
     stream = EvalStream(source, rank=0, world_size=1, allow_remote=allow_remote)
     examples = without_markers(itertools.islice(stream, max_samples) if max_samples else stream)
     return examples, eval_account(task, split, source, stream.stats, len(examples), max_samples)

@@ -37,8 +37,11 @@ def shards_root(ctx: StageContext) -> Path:
     return ctx.run_dir / "prepare" / "shards"
 
 
-def sources(ctx: StageContext, split: str, tasks: dict[str, float]):
-    """ShardSources of `split` for the tasks with a positive weight; a missing split says which."""
+def sources(ctx: StageContext, split: str, tasks: dict[str, float], left_out: list | None = None):
+    """ShardSources of `split` for the tasks with a positive weight; a missing split says which. A source
+    with no shard to read (an empty split of a small file, or every shard left out as damaged under
+    `damaged_shards: skip`) is refused for training and left out of other splits, appended to `left_out`
+    so that its damaged shards are still accounted."""
     from data.stream import ShardSource
 
     root = shards_root(ctx)
@@ -53,11 +56,14 @@ def sources(ctx: StageContext, split: str, tasks: dict[str, float]):
         source = ShardSource.from_dir(path, weight=weight, name=task, verify=ctx.cfg.data.verify_shards,
                                       on_damaged=ctx.cfg.data.damaged_shards)
         if not source.urls:  # e.g. a small conversation file whose hash split left no record for val
+            why = (f"every shard was left out as damaged ({len(source.excluded)})" if source.excluded
+                   else "the split holds no records")
             if split in ("train", "base"):
-                raise UserError(f"{path}: no usable '{split}' shards for task '{task}' (the split is empty, or every "
-                                "shard was left out as damaged)")
-            log.warning("no '%s' shards for task '%s' (%s is empty): left out of this split", split, task, path)
-            print(f"warning: the '{split}' split of task '{task}' is empty: it is left out of {split}")
+                raise UserError(f"{path}: no '{split}' shards to read for task '{task}': {why}")
+            log.warning("'%s' split of task '%s' (%s): %s: left out", split, task, path, why)
+            print(f"warning: the '{split}' split of task '{task}' is left out: {why}")
+            if left_out is not None:
+                left_out.append(source)
             continue
         out.append(source)
     return out
@@ -193,9 +199,10 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
                             log_every=20, seed=cfg.seed, keep_last=1)
     rank, world = _dist()
     train_src = sources(ctx, "base", tasks)
-    val_src = sources(ctx, "val", {t: 1.0 for t in tasks})
+    val_lost: list = []
+    val_src = sources(ctx, "val", {t: 1.0 for t in tasks}, val_lost)
     out = ctx.stage_dir("base")
-    accounts = TrainAccount("base", train_src), TrainAccount("val", val_src)
+    accounts = TrainAccount("base", train_src), TrainAccount("val", val_src + val_lost)
     recipe, result = run_recipe(
         adapted, train_cfg, out,
         lambda: batch_iterator(cfg, train_src, processor, train_cfg.batch_size, cfg.seed, rank, world, 4096,
@@ -246,11 +253,12 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     adapted = attach(ctx, model)
     rank, world = _dist()
     train_src = sources(ctx, "train", cfg.data.tasks)
-    val_src = sources(ctx, "val", cfg.data.tasks)
+    val_lost: list = []
+    val_src = sources(ctx, "val", cfg.data.tasks, val_lost)
     check_image_budget(ctx, processor)
     out = ctx.stage_dir("train")
     epoch_length = cfg.train.batch_size * cfg.train.grad_accum * max(50, cfg.train.max_steps // 4)
-    accounts = TrainAccount("train", train_src), TrainAccount("val", val_src)
+    accounts = TrainAccount("train", train_src), TrainAccount("val", val_src + val_lost)
     recipe, result = run_recipe(
         adapted, cfg.train, out,
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
@@ -327,27 +335,34 @@ def load_adapted(ctx: StageContext):
 # --- publish ----------------------------------------------------------------------------------
 
 
-def conversation_examples(split_dir: Path, out: Path, limit: int = 6) -> int:
-    """The demo's examples from held-out conversations: the first `limit` with an image, the image as
-    `out/NN.png` and the last user turn (the one evaluation asks; tags removed) in `out/prompts.json`."""
+def conversation_examples(split_dir: Path, out: Path, limit: int = 6, verify: bool = True,
+                          on_damaged: str = "error") -> int:
+    """The demo's examples from held-out conversations: the first `limit` with exactly one image (the demo
+    takes one), the image as `out/NN.png` and the last user turn (the one evaluation asks; tags removed) in
+    `out/prompts.json`. The folder is written anew. Returns how many."""
     from data.files import write_json_atomic
     from data.prompts import IMAGE_TOKEN
     from data.stream import EvalStream, ShardSource
 
     if not (split_dir / "manifest.json").is_file():
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = {}
-    for example in EvalStream(ShardSource.from_dir(split_dir), rank=0, world_size=1):
-        if not example.get("images"):
+    source = ShardSource.from_dir(split_dir, verify=verify, on_damaged=on_damaged)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    prompts: dict[str, str] = {}
+    for example in EvalStream(source, rank=0, world_size=1) if source.urls else []:
+        if len(example.get("images") or []) != 1:
             continue
         name = f"{len(prompts):02d}.png"
-        example["images"][0].convert("RGB").save(out / name)
+        example["images"][0].convert("RGB").save(tmp / name)
         user = [m["content"] for m in example["messages"] if m["role"] == "user"][-1]
         prompts[name] = " ".join(user.replace(IMAGE_TOKEN, " ").split())
         if len(prompts) >= limit:
             break
-    write_json_atomic(out / "prompts.json", prompts)
+    write_json_atomic(tmp / "prompts.json", prompts)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return len(prompts)
 
 
@@ -378,7 +393,8 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
     }
     registry = Path(cfg.publish.registry)
     if cfg.data.tasks.get("conversations", 0) > 0:
-        conversation_examples(shards_root(ctx) / "conversations" / cfg.eval.split, ctx.run_dir / "examples")
+        conversation_examples(shards_root(ctx) / "conversations" / cfg.eval.split, ctx.run_dir / "examples",
+                              verify=cfg.data.verify_shards, on_damaged=cfg.data.damaged_shards)
     register_model(registry, entry)
     command = f"structlora demo --registry {registry}"
     print(f"published '{entry['name']}' to {registry}; serve it with:\n    {command}\n"

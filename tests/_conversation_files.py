@@ -14,7 +14,7 @@ from PIL import Image
 
 GOOD = ["good1", "text1", "multi1", "abs1", "sys1"]
 # reason -> number of records skipped for it, in every format (plus the format's own container problem)
-BAD = {"missing image": 1, "image tags != images": 1, "roles do not alternate": 1, "unknown role": 1,
+BAD = {"missing image": 1, "image tags != images": 2, "roles do not alternate": 1, "unknown role": 1,
        "empty answer": 1, "no assistant turn": 1, "duplicate id": 1, "undecodable image": 1}
 
 
@@ -46,6 +46,7 @@ def records(root: Path) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
         ("noasst", [("user", "<image>\nanything?")], ["imgs/red.png"]),
         ("good1", [("user", "a repeat"), ("assistant", "of an id")], []),
         ("broken1", [("user", "<image>\nwhat?"), ("assistant", "x")], ["imgs/broken.png"]),
+        ("systag", [("system", "<image> look"), ("user", "what?"), ("assistant", "x")], ["imgs/red.png"]),
     ]
 
 

@@ -184,3 +184,40 @@ def test_eval_account_without_loss():
     assert account == {**account, "holds": 10, "wanted": 10, "scored": 10, "lost": 0, "lost_anything": False,
                        "skipped_at_prepare": 2}
     assert describe_loss(account) == ""
+
+
+def test_a_val_split_whose_every_shard_is_damaged_is_left_out_and_still_accounted(prepared, tmp_path):
+    from pipeline.context import StageContext
+    from pipeline.errors import UserError
+    from pipeline.schema import RunConfig
+    from pipeline.stages import sources
+
+    run = tmp_path / "run"
+    shutil.copytree(prepared, run / "prepare" / "shards")
+    folder = run / "prepare" / "shards" / "gqa" / "val"
+    names = [s["name"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
+    for name in names:
+        truncate(folder / name)
+    cfg = RunConfig()
+    cfg.data.damaged_shards = "skip"
+    ctx = StageContext(cfg=cfg, run_dir=run)
+    lost: list = []
+    kept = sources(ctx, "val", {"caption": 1.0, "gqa": 1.0}, lost)
+    assert [s.name for s in kept] == ["caption"] and [s.name for s in lost] == ["gqa"]
+    account = TrainAccount("val", kept + lost).as_dict()
+    assert account["total"]["shards_left_out"] == len(names) and account["lost_anything"]
+    shutil.copytree(folder, run / "prepare" / "shards" / "gqa" / "train", dirs_exist_ok=True)
+    with pytest.raises(UserError, match="every shard was left out as damaged"):
+        sources(ctx, "train", {"gqa": 1.0})
+
+
+def test_an_empty_eval_split_says_so(tmp_path):
+    from data.shards import write_manifest
+    from pipeline.errors import UserError
+    from pipeline.evaluate import load_split
+
+    folder = tmp_path / "conversations" / "test"
+    folder.mkdir(parents=True)
+    write_manifest(folder, [], task="conversations")
+    with pytest.raises(UserError, match="holds no records.*--test-fraction"):
+        load_split(tmp_path, "conversations", "test")
