@@ -343,10 +343,20 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+def _close_process_group() -> None:
+    """Under torchrun / accelerate launch: tear the process group down before the interpreter exits (a gloo
+    group left running can abort a finished rank at exit, 'terminate called without an active exception')."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        _close_process_group()
+        return code
     except Exception as err:  # noqa: BLE001 - user-facing errors become one line; anything else re-raises
         if isinstance(err, _user_facing_errors()):
             print(f"error: {err}", file=sys.stderr)

@@ -23,6 +23,7 @@ def main() -> None:
     else:
         print(f"rank {rank}: did not raise", flush=True)
     acc.wait_for_everyone()  # every rank reaches this: nobody is left waiting for rank 0
+    dist.destroy_process_group()  # a clean exit: gloo's threads may abort a process that leaves them running
 
 
 if __name__ == "__main__":
