@@ -234,6 +234,10 @@ class TrainConfig:
     sharding: Literal["auto", "fsdp"] = _f(
         "auto", "auto = follow the accelerate config (DDP, FSDP, DeepSpeed); fsdp = shard the frozen base with "
                 "fully_shard even where accelerate would not (e.g. torchrun on CPU); the adapter stays replicated")
+    find_unused_parameters: bool | None = _f(
+        None, "DDP's find_unused_parameters. None (auto) = on when the data has a conversations task: a rank "
+              "whose batch holds only text-only rows leaves the vision tower's adapters without gradients, which "
+              "DDP refuses otherwise; off elsewhere (it costs a graph walk per step)")
     fsdp_layer_classes: list[str] = _f(
         help="module classes that become FSDP units (default: the accelerate config's, else the model's "
              "decoder / encoder layers)", factory=list)

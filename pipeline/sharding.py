@@ -203,16 +203,19 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def make_accelerator(precision: str, grad_accum: int):
+def make_accelerator(precision: str, grad_accum: int, find_unused_parameters: bool = False):
     """An Accelerator for one stage. accelerate keeps one global state per process: a stage that
     needs another precision than the previous one (the tiny base stage trains in fp32, the train
-    stage may run bf16) resets it; the process group (PartialState) is kept."""
+    stage may run bf16) resets it; the process group (PartialState) is kept. `find_unused_parameters`
+    goes to DDP (parameters a rank's batch does not reach, e.g. vision adapters on text-only rows)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     mixed = {"fp32": "no"}.get(precision, precision)
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed) != mixed:
         AcceleratorState._reset_state()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)

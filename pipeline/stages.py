@@ -11,6 +11,7 @@ a JSON-able dict of its outputs for the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -256,11 +257,15 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     val_lost: list = []
     val_src = sources(ctx, "val", cfg.data.tasks, val_lost)
     check_image_budget(ctx, processor)
+    # auto: text-only conversation rows can leave the vision adapters without gradients on a rank
+    unused = cfg.train.find_unused_parameters
+    train_cfg = dataclasses.replace(cfg.train, find_unused_parameters=cfg.data.tasks.get("conversations", 0) > 0
+                                    if unused is None else unused)
     out = ctx.stage_dir("train")
     epoch_length = cfg.train.batch_size * cfg.train.grad_accum * max(50, cfg.train.max_steps // 4)
     accounts = TrainAccount("train", train_src), TrainAccount("val", val_src + val_lost)
     recipe, result = run_recipe(
-        adapted, cfg.train, out,
+        adapted, train_cfg, out,
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
                                epoch_length, log_partition=out / f"shards.rank{rank}.json",
                                fraction=cfg.train.data_fraction, account=accounts[0]),

@@ -88,7 +88,7 @@ class TrainRecipe:
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         if self.accelerator is None:
-            self.accelerator = make_accelerator(self.precision, cfg.grad_accum)
+            self.accelerator = make_accelerator(self.precision, cfg.grad_accum, bool(cfg.find_unused_parameters))
         acc = self.accelerator
         if acc.gradient_accumulation_steps != cfg.grad_accum:
             raise UserError(f"the accelerator accumulates {acc.gradient_accumulation_steps} micro-batches but "

@@ -72,3 +72,39 @@ def test_the_example_config_prepares_the_world_as_conversation_files(tmp_path):
     for split in ("train", "val", "test"):
         assert (run / "prepare" / "shards" / "conversations" / split / "manifest.json").is_file()
         assert (run / "prepare" / "shards" / "vqav2" / split / "manifest.json").is_file()
+
+
+def test_text_only_conversations_train_on_two_ranks(tmp_path):
+    """Most samples text-only, batches of 2, plain LoRA: a rank whose batch has no image leaves the vision
+    adapters without gradients, which DDP refuses ("make sure all forward function outputs participate in
+    calculating loss", checked with train.find_unused_parameters=false); data with a conversations task turns
+    find_unused_parameters on. (StructLoRA trains here either way: its coordinator sends gradients from the
+    language tower to every adapted layer.)"""
+    from _procs import torchrun
+
+    from data.shapes import write_shapes_world
+    from data.shapes_conversations import shapes_turns
+
+    write_shapes_world(tmp_path / "world", seed=7, num_images=80, size=64)
+    lines = []
+    for i, (sample_id, image, turns) in enumerate(shapes_turns(tmp_path / "world", "train")):
+        messages = [{"role": r, "content": t} for user, answer in turns[1:3] for r, t in (("user", user),
+                                                                                         ("assistant", answer))]
+        if i % 4 == 0:  # one in four sees its image
+            messages[0]["content"] = "<image>\n" + messages[0]["content"]
+        lines.append(json.dumps({"id": sample_id, "messages": messages, "images": [image] if i % 4 == 0 else []}))
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    sets = ["data.source=conversations", f"data.paths={{file: {data}}}", "data.tasks={conversations: 1.0}",
+            "data.conversations.val_fraction=0.2", "data.conversations.test_fraction=0.2", "base.enabled=false",
+            "eval.tasks=[conversations]", "eval.compare_base=false", "adapter.method=lora", "train.batch_size=2",
+            "train.max_steps=8",
+            "train.save_every=8", "train.eval_every=8", "model.tiny.vision_layers=2", "model.tiny.text_layers=2"]
+    cli = run_command("smoke.yaml", run, sets, "--stages", "prepare,train")
+    proc = subprocess.run(torchrun(2, "-m", "pipeline.cli", *cli[3:]), env=cpu_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "train" / "final" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+    assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
