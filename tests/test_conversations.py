@@ -215,3 +215,36 @@ def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_pat
     cfg.data.max_length = 400
     check_image_budget(StageContext(cfg=cfg, run_dir=tmp_path / "run"), processor)
     assert capsys.readouterr().out == ""
+
+
+def test_generation_takes_text_only_and_multi_image_conversations_in_one_batch(tmp_path):
+    """The conversations task through the harness: a text-only sample, a two-image one and a one-image one
+    in one generate call; every sample gets a prediction, a per-sample JSONL row and all five scores."""
+    from types import SimpleNamespace
+
+    from _eval_tiny import tiny_images, tiny_llava, tiny_processor
+
+    from eval.harness import ModelEntry, evaluate_models
+
+    processor = tiny_processor()
+    images = tiny_images(3)
+
+    def conv(sample_id, user, answer, imgs):
+        return {"task": "conversations", "id": sample_id, "images": imgs, "num_images": len(imgs),
+                "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what?"},
+                             {"role": "assistant", "content": "a square"}, {"role": "user", "content": user},
+                             {"role": "assistant", "content": answer}]}
+
+    examples = {"conversations": [conv("t", "is it red?", "yes", []),
+                                  conv("m", "<image> <image> which is blue?", "the second", images[:2]),
+                                  conv("o", "<image>\nwhat colour?", "red", images[2:])]}
+    acc = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, device=torch.device("cpu"),
+                          wait_for_everyone=lambda: None)
+    results = evaluate_models([ModelEntry("m", lambda: (tiny_llava(processor), processor))], ["conversations"],
+                              examples, tmp_path, acc, batch_size=3, say=lambda _: None)
+    block = results.scores["m"]["conversations"]
+    assert block["num_samples"] == 3 and block["missing"] == 0 and block["results_file"]["valid"]
+    assert set(block["per_sample"]["m"]) == {"exact_match", "token_f1", "anls", "bleu4", "cider"}
+    rows = [json.loads(line) for line in (tmp_path / "m" / "conversations_samples.jsonl").open()]
+    assert [r["id"] for r in rows] == ["t", "m", "o"] and rows[1]["reference"] == "the second"
+    assert rows[0]["prompt"].startswith("be brief USER: what? ASSISTANT: a square</s>USER: is it red? ASSISTANT:")
