@@ -97,6 +97,7 @@ class LlavaCollator:
     overlong_examples: int = 0
     _rng: random.Random = field(init=False, repr=False)
     _chat: ChatRows | None = field(init=False, repr=False, default=None)
+    last_rows: list[int] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -171,6 +172,8 @@ class LlavaCollator:
             else:
                 self.overlong_examples += 1
         rows = [row for sample_rows in per_sample for row in sample_rows]
+        # which sample each row of the last batch came from (a long sample may give several rows)
+        self.last_rows = [i for i, sample_rows in enumerate(per_sample) for _ in sample_rows]
         if not rows:
             raise OverlongBatchError(f"every sample of this batch is longer than max_length={self.max_length} "
                                      "with its image and first answer (image tokens are never truncated): raise "

@@ -35,6 +35,9 @@ def item_scores(task: str, block: Mapping[str, Any]) -> dict[str, float]:
         return {str(k): 100.0 * float(v) for k, v in block.get("perQuestion", {}).items()}
     if task == "conversations":  # the block's headline metric, per sample
         return {str(k): float(v[block["headline"]]) for k, v in block.get("per_sample", {}).items()}
+    if task == "test_loss":  # each example's mean token loss, over every task scored ("task/id")
+        return {f"{t}/{k}": float(v) for t, b in block.items() if isinstance(b, Mapping)
+                for k, v in b.get("per_item", {}).items()}
     raise ValueError(f"no per-item scores for task {task!r}")
 
 
@@ -93,6 +96,9 @@ def compare_to_reference(scores: Mapping[str, Mapping[str, Any]], reference: str
                 item_scores("conversations", base["conversations"]),
                 item_scores("conversations", {**tasks["conversations"],
                                               "headline": base["conversations"]["headline"]}), resamples, seed)
+        if "test_loss" in tasks and "test_loss" in base:  # lower is better: a negative difference is a gain
+            rows["test_loss.item_mean"] = paired_bootstrap(item_scores("test_loss", base["test_loss"]),
+                                                           item_scores("test_loss", tasks["test_loss"]), resamples, seed)
         if "long_context" in tasks and "long_context" in base:
             theirs, ours = base["long_context"]["buckets"], tasks["long_context"]["buckets"]
             for bucket in sorted(set(theirs) & set(ours), key=int):

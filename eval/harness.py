@@ -37,7 +37,7 @@ from eval.long_context import context_length_of
 log = logging.getLogger("structlora.eval")
 
 GENERATION_TASKS = ("caption", "vqav2", "gqa", "conversations")
-TASKS = (*GENERATION_TASKS, "long_context")
+TASKS = (*GENERATION_TASKS, "long_context", "test_loss")
 
 
 @dataclass
@@ -265,6 +265,35 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
     return on_main(accelerator, write_and_score)
 
 
+def test_loss_scores(model, processor, examples: Mapping[str, Sequence[Mapping[str, Any]]], batch_size: int,
+                     accelerator, max_length: int, timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Teacher-forced loss of every task's answers (``eval.test_loss``): every rank scores its strided share,
+    rank 0 merges. Returns the score block on rank 0, else None."""
+    from eval.generate import shard_samples
+    from eval.test_loss import example_losses, summarize
+
+    start = time.perf_counter()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = {t: example_losses(model, processor, t, shard_samples(list(ex), rank, world), batch_size, max_length)
+            for t, ex in examples.items()}
+    parts = [mine]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([mine])
+    if timing is not None:
+        timing.update(_timing(sum(len(ex) for ex in examples.values()), time.perf_counter() - start))
+
+    def merge() -> dict[str, Any]:
+        merged: dict[str, dict[str, tuple[float, int]]] = {t: {} for t in examples}
+        for part in parts:
+            for task, items in part.items():
+                merged[task].update(items)
+        return summarize(merged, {t: len(ex) for t, ex in examples.items()})
+
+    return on_main(accelerator, merge)
+
+
 def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequence[int] | None):
     """(buckets, skipped reasons) for this model: planned on the first model, then kept fixed."""
     from data.prompts import max_new_tokens
@@ -295,6 +324,9 @@ def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
     for task in tasks:
         if task in GENERATION_TASKS and not examples.get(task):
             raise EvalInputError(f"task '{task}' has no samples to evaluate")
+    if "test_loss" in tasks and not any(t in GENERATION_TASKS for t in tasks):
+        raise EvalInputError("task 'test_loss' scores the answers of other tasks: ask for at least one of "
+                             f"{', '.join(GENERATION_TASKS)} too")
     if "long_context" in tasks:
         if long_context is None:
             raise EvalInputError("task 'long_context' needs its settings (images, lengths, filler)")
@@ -308,13 +340,15 @@ def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
 def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                     examples: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, accelerator,
                     batch_size: int = 8, long_context: LongContextSettings | None = None,
-                    say: Callable[[str], None] = print, conversation_metric: str = "auto") -> EvalResults:
+                    say: Callable[[str], None] = print, conversation_metric: str = "auto",
+                    loss_max_length: int = 4096) -> EvalResults:
     """Score every model of `models` on the same `examples` (the same list on every rank).
 
     Args:
         tasks: any of caption, vqav2, gqa, conversations, long_context (long_context captions
             ``examples["caption"]``).
         conversation_metric: the conversations task's headline (``eval.conversation_metrics``).
+        loss_max_length: the token limit of the rows `test_loss` scores (the training collator's rule).
         examples: task -> decoded examples (``load_eval_examples``).
         say: where the main process prints what a user should see (skipped buckets).
     """
@@ -345,6 +379,11 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                 if task == "conversations" and entry.name == models[0].name:
                     results.notes.append(f"conversations: the headline is {result['headline']} "
                                          f"({result['headline_reason']}); every metric is in the table")
+        if "test_loss" in tasks:
+            block = test_loss_scores(model, processor, {t: examples[t] for t in tasks if t in GENERATION_TASKS},
+                                     batch_size, accelerator, loss_max_length, timings.setdefault("test_loss", {}))
+            if block is not None:
+                scores["test_loss"] = block
         if "long_context" in tasks and long_context is not None:
             chosen = list(examples["caption"][: long_context.samples])
             buckets, skipped = _plan(model, processor, long_context, chosen, fixed)

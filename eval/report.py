@@ -19,14 +19,14 @@ from eval.predictions import write_json_atomic, write_text_atomic
 
 SCHEMA_VERSION = 2
 # Tables with one entry per item or per fine-grained type: kept out of the report table.
-DETAIL_KEYS = frozenset({"perQuestion", "per_image", "per_sample", "missing_ids", "perQuestionType",
+DETAIL_KEYS = frozenset({"perQuestion", "per_image", "per_sample", "per_item", "missing_ids", "perQuestionType",
                          "perSemanticType", "perStructuralType", "results_file"})
 INVALID_MARK = " (invalid file)"
 # Bookkeeping numbers that are not scores.
 _NOT_SCORES = frozenset({"num_questions", "num_predictions", "num_images", "num_binary", "num_open", "missing",
                          "duplicates", "ignored_unbalanced", "num_samples", "coverage", "prompt_tokens",
-                         "num_examples", "context_length", "schema", "headline_value"})
-_LARGE_KEYS = frozenset({"perQuestion", "per_image", "per_sample"})
+                         "num_examples", "context_length", "schema", "headline_value", "tokens", "dropped"})
+_LARGE_KEYS = frozenset({"perQuestion", "per_image", "per_sample", "per_item"})
 
 
 def _is_number(value: Any) -> bool:
@@ -307,6 +307,8 @@ def headline(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, flo
             row["GQA"] = float(tasks["gqa"]["accuracy"])
         if "classification" in tasks:
             row["top1"] = float(tasks["classification"]["top1"])
+        if "test_loss" in tasks:
+            row["test loss"] = float(tasks["test_loss"]["mean"])
         if "conversations" in tasks:
             row[f"conversations {tasks['conversations']['headline']}"] = float(tasks["conversations"]["headline_value"])
         out[name] = row

@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shards folder ({task}/{split}/ inside) or a run directory")
     p.add_argument("--tasks", default="caption,vqav2,gqa",
                    help="comma-separated: caption, vqav2, gqa, conversations (your own data: the last answer of "
-                        "each held-out conversation), long_context (default: caption,vqav2,gqa)")
+                        "each held-out conversation), long_context, test_loss (the teacher-forced loss of the other "
+                        "tasks' reference answers) (default: caption,vqav2,gqa)")
     p.add_argument("--conversation-metric", default="auto",
                    choices=["auto", "exact_match", "token_f1", "anls", "bleu4", "cider"],
                    help="headline of the conversations task (auto: exact match for short answers, CIDEr for "

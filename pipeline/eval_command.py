@@ -312,7 +312,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
         pool, filler = filler_texts(distractor, root, [e["image_id"] for e in chosen], split, spare, checks)
         long_context = LongContextSettings(samples=long_context_samples, lengths=list(lengths or DEFAULT_BUCKETS),
                                            pool=pool, scale=lengths is None, filler=filler)
-    gen_tasks = [t for t in tasks if t in GENERATION_TASKS or t == "long_context"]
+    gen_tasks = [t for t in tasks if t in GENERATION_TASKS or t in ("long_context", "test_loss")]
     out_dir = _out_dir(out, accelerator)
     results = evaluate_models(entries, gen_tasks, examples, out_dir, accelerator, batch_size, long_context,
                               conversation_metric=conversation_metric)

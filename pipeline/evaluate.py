@@ -106,7 +106,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
 
     cfg, out = ctx.cfg, ctx.stage_dir("eval")
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    tasks = [t for t in cfg.eval.tasks if t in (*GENERATION_TASKS, "long_context")]
+    tasks = [t for t in cfg.eval.tasks if t in (*GENERATION_TASKS, "long_context", "test_loss")]
     accounts: dict[str, Any] = {}  # task -> what its split holds, what was scored, what was lost and why
     examples = {t: load_eval_examples(ctx, t, cfg.eval.split, cfg.eval.max_samples, accounts)
                 for t in tasks if t in GENERATION_TASKS}
@@ -139,7 +139,7 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
         models.append(ModelEntry("base", lambda: load_base(ctx), cfg.model.name_or_path or f"{ctx.run_dir}/base",
                                  extra))
     results = evaluate_models(models, tasks, examples, out, acc, cfg.eval.batch_size, long_context,
-                              conversation_metric=cfg.eval.conversation_metric)
+                              conversation_metric=cfg.eval.conversation_metric, loss_max_length=cfg.data.max_length)
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return {}

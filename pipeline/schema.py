@@ -267,8 +267,9 @@ class TrainConfig:
 class EvalConfig:
     """What the eval stage measures."""
 
-    tasks: list[Literal["caption", "vqav2", "gqa", "classification", "conversations", "long_context"]] = _f(
-        help="what to evaluate (conversations: the last answer of each held-out conversation)",
+    tasks: list[Literal["caption", "vqav2", "gqa", "classification", "conversations", "long_context", "test_loss"]] = _f(
+        help="what to evaluate (conversations: the last answer of each held-out conversation; test_loss: the "
+             "teacher-forced loss of the other tasks' reference answers, lower is better)",
         factory=lambda: ["caption", "vqav2", "gqa"])
     conversation_metric: Literal["auto", "exact_match", "token_f1", "anls", "bleu4", "cider"] = _f(
         "auto", "headline of the conversations task: auto = exact match for short answers (median reference <= 3 "

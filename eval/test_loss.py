@@ -1,0 +1,73 @@
+"""Teacher-forced test loss: the mean token loss of the reference answers, per task (no generation).
+
+Each evaluation example goes through the training collator (`data.collate.LlavaCollator`: the same
+prompt, labels on the answer tokens and their end token only, the same truncation rule; a caption
+example trains on one of its references, picked by a fixed seed) and the model's logits give the
+cross-entropy of every labelled token. Per task:
+
+- ``loss``: the token-weighted mean over the split (every answer token counts once: the method
+  study's primary metric, `bench/study_cell.py`);
+- ``per_item``: each example's mean token loss (image_id, question_id or conversation id), which the
+  paired bootstrap between models compares;
+- ``tokens``, ``num_examples`` and ``dropped`` (examples too long for `max_length`).
+
+``mean`` is the unweighted mean of the tasks' ``loss``. Lower is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from data.collate import IGNORE_INDEX, LlavaCollator
+
+ID_FIELD = {"caption": "image_id", "vqav2": "question_id", "gqa": "question_id", "conversations": "id"}
+
+
+def item_id(task: str, example: Mapping[str, Any]) -> str:
+    return str(example[ID_FIELD[task]])
+
+
+@torch.no_grad()
+def example_losses(model: Any, processor: Any, task: str, examples: Sequence[Mapping[str, Any]], batch_size: int = 8,
+                   max_length: int = 4096, seed: int = 0) -> dict[str, tuple[float, int]]:
+    """{item id: (summed token loss, tokens)} of `examples` under `model` (eval mode, no gradients)."""
+    collate = LlavaCollator(processor, max_length=max_length, seed=seed)
+    param = next(model.parameters())
+    out: dict[str, tuple[float, int]] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        try:
+            batch = collate(chunk)
+        except ValueError:  # every example of the chunk too long: none of them is scored
+            continue
+        labels = batch.pop("labels").to(param.device)
+        inputs = {k: (v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
+                  for k, v in batch.items()}
+        logits = model(**inputs).logits.float()
+        shifted, targets = logits[:, :-1], labels[:, 1:]  # the model predicts token t + 1 at t
+        losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+        counted = targets != IGNORE_INDEX
+        for row, sample in enumerate(collate.last_rows):
+            key = item_id(task, chunk[sample])
+            total, tokens = out.get(key, (0.0, 0))
+            out[key] = (total + float(losses[row][counted[row]].sum()), tokens + int(counted[row].sum()))
+    return out
+
+
+def summarize(parts: Mapping[str, Mapping[str, tuple[float, int]]], expected: Mapping[str, int]) -> dict[str, Any]:
+    """The test_loss score block from {task: {item id: (summed loss, tokens)}} (all ranks merged);
+    `expected` is the number of examples asked per task (the rest were too long to score)."""
+    block: dict[str, Any] = {}
+    for task, items in parts.items():
+        total = sum(t for t, _ in items.values())
+        tokens = sum(n for _, n in items.values())
+        block[task] = {"loss": round(total / tokens, 6) if tokens else float("nan"), "tokens": tokens,
+                       "num_examples": len(items), "dropped": expected.get(task, len(items)) - len(items),
+                       "per_item": {k: t / n for k, (t, n) in items.items() if n}}
+    losses = [b["loss"] for b in block.values() if b["tokens"]]
+    block["mean"] = round(sum(losses) / len(losses), 6) if losses else float("nan")
+    return block
