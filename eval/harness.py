@@ -265,35 +265,6 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
     return on_main(accelerator, write_and_score)
 
 
-def test_loss_scores(model, processor, examples: Mapping[str, Sequence[Mapping[str, Any]]], batch_size: int,
-                     accelerator, max_length: int, timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Teacher-forced loss of every task's answers (``eval.test_loss``): every rank scores its strided share,
-    rank 0 merges. Returns the score block on rank 0, else None."""
-    from eval.generate import shard_samples
-    from eval.test_loss import example_losses, summarize
-
-    start = time.perf_counter()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = {t: example_losses(model, processor, t, shard_samples(list(ex), rank, world), batch_size, max_length)
-            for t, ex in examples.items()}
-    parts = [mine]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([mine])
-    if timing is not None:
-        timing.update(_timing(sum(len(ex) for ex in examples.values()), time.perf_counter() - start))
-
-    def merge() -> dict[str, Any]:
-        merged: dict[str, dict[str, tuple[float, int]]] = {t: {} for t in examples}
-        for part in parts:
-            for task, items in part.items():
-                merged[task].update(items)
-        return summarize(merged, {t: len(ex) for t, ex in examples.items()})
-
-    return on_main(accelerator, merge)
-
-
 def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequence[int] | None):
     """(buckets, skipped reasons) for this model: planned on the first model, then kept fixed."""
     from data.prompts import max_new_tokens
@@ -380,6 +351,8 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                     results.notes.append(f"conversations: the headline is {result['headline']} "
                                          f"({result['headline_reason']}); every metric is in the table")
         if "test_loss" in tasks:
+            from eval.test_loss import test_loss_scores
+
             block = test_loss_scores(model, processor, {t: examples[t] for t in tasks if t in GENERATION_TASKS},
                                      batch_size, accelerator, loss_max_length, timings.setdefault("test_loss", {}))
             if block is not None:

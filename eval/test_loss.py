@@ -16,6 +16,7 @@ cross-entropy of every labelled token. Per task:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,3 +72,32 @@ def summarize(parts: Mapping[str, Mapping[str, tuple[float, int]]], expected: Ma
     losses = [b["loss"] for b in block.values() if b["tokens"]]
     block["mean"] = round(sum(losses) / len(losses), 6) if losses else float("nan")
     return block
+
+
+def test_loss_scores(model, processor, examples: Mapping[str, Sequence[Mapping[str, Any]]], batch_size: int,
+                     accelerator, max_length: int, timing: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Teacher-forced loss of every task's answers (``eval.test_loss``): every rank scores its strided share,
+    rank 0 merges. Returns the score block on rank 0, else None."""
+    from eval.generate import shard_samples
+    from eval.harness import _timing, on_main
+
+    start = time.perf_counter()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = {t: example_losses(model, processor, t, shard_samples(list(ex), rank, world), batch_size, max_length)
+            for t, ex in examples.items()}
+    parts = [mine]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([mine])
+    if timing is not None:
+        timing.update(_timing(sum(len(ex) for ex in examples.values()), time.perf_counter() - start))
+
+    def merge() -> dict[str, Any]:
+        merged: dict[str, dict[str, tuple[float, int]]] = {t: {} for t in examples}
+        for part in parts:
+            for task, items in part.items():
+                merged[task].update(items)
+        return summarize(merged, {t: len(ex) for t, ex in examples.items()})
+
+    return on_main(accelerator, merge)
