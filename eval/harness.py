@@ -33,6 +33,7 @@ import torch
 
 from eval.generate import EvalSample
 from eval.long_context import context_length_of
+from eval.ranks import on_main, timing_record  # noqa: F401 - on_main is also the stages' (pipeline.runner)
 
 log = logging.getLogger("structlora.eval")
 
@@ -89,34 +90,6 @@ class EvalResults:
     notes: list[str] = field(default_factory=list)
     # model -> task -> {"samples", "seconds", "samples_per_second"}: generation on all ranks, scoring excluded
     timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-
-
-def on_main(accelerator, fn: Callable[[], Any], what: str = "evaluation") -> Any:
-    """`fn()` on the main process (None elsewhere); if it fails there, every rank raises, so that none
-    waits at a barrier forever. `accelerator`: anything with ``is_main_process`` and ``num_processes``
-    (an Accelerator, a PartialState); `what` names the work in the other ranks' error."""
-    error: list[str | None] = [None]
-    result: Any = None
-    failure: BaseException | None = None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except BaseException as err:  # re-raised below, on every rank
-            failure, error = err, [f"{type(err).__name__}: {err}"]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(error)
-    if failure is not None:
-        raise failure
-    if error[0]:
-        raise RuntimeError(f"{what} failed on the main process: {error[0]}")
-    return result
-
-
-def _timing(samples: int, seconds: float) -> dict[str, float]:
-    return {"samples": samples, "seconds": round(seconds, 3),
-            "samples_per_second": round(samples / seconds, 4) if seconds > 0 else 0.0}
 
 
 def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]], eos: str = "</s>"):
@@ -183,7 +156,7 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
                    progress=accelerator.is_main_process, desc=f"{label}{task}")
     accelerator.wait_for_everyone()
     if timing is not None:
-        timing.update(_timing(len(samples), time.perf_counter() - start))
+        timing.update(timing_record(len(samples), time.perf_counter() - start))
 
     def merge_and_score() -> dict[str, Any]:
         path = out_dir / f"{task}_predictions.json"
@@ -246,7 +219,7 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
     else:
         parts = [generations]
     if timing is not None:
-        timing.update(_timing(len(samples) * len(buckets), time.perf_counter() - start))
+        timing.update(timing_record(len(samples) * len(buckets), time.perf_counter() - start))
 
     def write_and_score() -> dict[str, Any]:
         checks = {}

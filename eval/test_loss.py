@@ -79,7 +79,7 @@ def test_loss_scores(model, processor, examples: Mapping[str, Sequence[Mapping[s
     """Teacher-forced loss of every task's answers (``eval.test_loss``): every rank scores its strided share,
     rank 0 merges. Returns the score block on rank 0, else None."""
     from eval.generate import shard_samples
-    from eval.harness import _timing, on_main
+    from eval.ranks import on_main, timing_record
 
     start = time.perf_counter()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -91,7 +91,7 @@ def test_loss_scores(model, processor, examples: Mapping[str, Sequence[Mapping[s
 
         parts = gather_object([mine])
     if timing is not None:
-        timing.update(_timing(sum(len(ex) for ex in examples.values()), time.perf_counter() - start))
+        timing.update(timing_record(sum(len(ex) for ex in examples.values()), time.perf_counter() - start))
 
     def merge() -> dict[str, Any]:
         merged: dict[str, dict[str, tuple[float, int]]] = {t: {} for t in examples}
