@@ -92,11 +92,24 @@ def _write_shard(staging: Path, index: int, records: list[Record]) -> dict[str, 
     except BaseException:
         writer.abort()
         raise
+    return journal_entry(index, shards, len(records), problems)
+
+
+def journal_entry(index: int, shards: list[dict[str, Any]], images: int, problems: list[dict[str, Any]]) -> dict:
+    """What a worker reports for shard `index`: its manifest fields (none when every image failed),
+    how many records it was given and what it skipped; the journal line a resume reads back."""
     entry = shards[0] if shards else {"name": None, "samples": 0, "units": 0}
-    return {"index": index, **entry, "images": len(records), "problems": problems}
+    return {"index": index, **entry, "images": images, "problems": problems}
 
 
-def _resume(staging: Path, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def append_journal(handle: Any, entry: dict[str, Any]) -> None:
+    """One journal line, on disk before the next shard is counted done (a kill leaves whole lines)."""
+    handle.write(json.dumps(entry) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def resume_partial(staging: Path, plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Shards a killed prepare of the same plan already wrote, each verified by its sha256 (a
     partial or damaged one is written again); a different plan starts afresh."""
     plan_path = staging / PARTIAL_PLAN
@@ -144,7 +157,7 @@ def _write(out: Path, shard_size: int, task: str, inputs: dict[str, str],
             "extra": json.loads(json.dumps(extra, default=str))}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial")
-    done = _resume(staging, plan)
+    done = resume_partial(staging, plan)
     resumed = len(done)
     chunks = {i: records[i * shard_size:(i + 1) * shard_size] for i in range((len(records) + shard_size - 1) // shard_size)}
     todo = [i for i in chunks if i not in done]
@@ -152,9 +165,7 @@ def _write(out: Path, shard_size: int, task: str, inputs: dict[str, str],
             tqdm(total=len(records), initial=sum(len(chunks[i]) for i in done), desc=f"prepare {task}",
                  unit="image", disable=None) as bar:
         def record(entry: dict[str, Any]) -> None:
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
+            append_journal(journal, entry)
             done[entry["index"]] = entry
             bar.update(entry["images"])
 

@@ -19,9 +19,7 @@ sha256) and writes the rest, to the same bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -42,7 +40,14 @@ from data.conversations import (
 from data.errors import DataError
 from data.files import json_bytes, replace_directory, write_json_atomic
 from data.images import ImageDecodeError, decode_image, sniff_extension
-from data.prepare import PARTIAL_JOURNAL, PARTIAL_PLAN, _resume, default_workers
+from data.prepare import (
+    PARTIAL_JOURNAL,
+    PARTIAL_PLAN,
+    append_journal,
+    default_workers,
+    journal_entry,
+    resume_partial,
+)
 from data.records import Problems, sample_key
 from data.shards import MANIFEST_NAME, ShardWriter, file_sha256, write_manifest
 
@@ -80,8 +85,7 @@ def _write_shard(staging: Path, index: int, items: list[tuple[str, dict[str, Any
     except BaseException:
         writer.abort()
         raise
-    entry = shards[0] if shards else {"name": None, "samples": 0, "units": 0}
-    return {"index": index, **entry, "images": len(items), "problems": problems}
+    return journal_entry(index, shards, len(items), problems)
 
 
 def _inputs(file: Path | None, splits: dict[str, Path] | None) -> list[tuple[Path, str | None]]:
@@ -122,7 +126,7 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
     root = Path(out) / TASK
     root.mkdir(parents=True, exist_ok=True)
     staging = {s: root / f".{s}.partial" for s in SPLITS}
-    done = {s: _resume(staging[s], {**plan, "split": s}) for s in SPLITS}
+    done = {s: resume_partial(staging[s], {**plan, "split": s}) for s in SPLITS}
     resumed = sum(len(d) for d in done.values())
     problems = Problems(source="prepare conversations")
     chunks: dict[str, list[Conversation]] = {s: [] for s in SPLITS}
@@ -135,9 +139,7 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
     in_flight: dict[Future, str] = {}
 
     def record(split: str, entry: dict[str, Any]) -> None:
-        journals[split].write(json.dumps(entry) + "\n")
-        journals[split].flush()
-        os.fsync(journals[split].fileno())
+        append_journal(journals[split], entry)
         done[split][entry["index"]] = entry
 
     def settle(block_until: int) -> None:
