@@ -87,11 +87,15 @@ class TrainAccount:
     def as_dict(self) -> dict[str, Any]:
         epochs = sorted(set(self._streams) | set(self._drops))
         per_epoch = [{"epoch": e, "batches": self.batches.get(e, 0), **self.epoch(e)} for e in epochs]
-        total = {k: sum(row[k] for row in per_epoch) for k in KINDS}
-        return {"split": self.split, "sources": self.sources, "shards_left_out": self.left_out,
-                "images_left_out": sum(s["images"] for s in self.left_out),
-                "per_epoch": per_epoch, "total": {"shards_left_out": len(self.left_out), **total},
-                "lost_anything": bool(self.left_out) or any(total.values())}
+        return with_totals({"split": self.split, "sources": self.sources, "shards_left_out": self.left_out,
+                            "images_left_out": sum(s["images"] for s in self.left_out)}, per_epoch)
+
+
+def with_totals(account: Mapping[str, Any], per_epoch: list[dict[str, Any]]) -> dict[str, Any]:
+    """`account` with its epochs, their totals, and whether anything at all was lost."""
+    total = {k: sum(row[k] for row in per_epoch) for k in KINDS}
+    return {**account, "per_epoch": per_epoch, "total": {"shards_left_out": len(account["shards_left_out"]), **total},
+            "lost_anything": bool(account["shards_left_out"]) or any(total.values())}
 
 
 def examples_held(task: str, source: Any) -> int:
@@ -140,10 +144,7 @@ def merge_train_accounts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             into = epochs.setdefault(row["epoch"], {"epoch": row["epoch"], "batches": 0, **dict.fromkeys(KINDS, 0)})
             for key in ("batches", *KINDS):
                 into[key] += row.get(key, 0)
-    per_epoch = [epochs[e] for e in sorted(epochs)]
-    total = {k: sum(row[k] for row in per_epoch) for k in KINDS}
-    return {**first, "per_epoch": per_epoch, "total": {"shards_left_out": len(first["shards_left_out"]), **total},
-            "lost_anything": bool(first["shards_left_out"]) or any(total.values()), "ranks": len(parts)}
+    return {**with_totals(first, [epochs[e] for e in sorted(epochs)]), "ranks": len(parts)}
 
 
 def describe_train_loss(account: Mapping[str, Any]) -> str:
