@@ -107,6 +107,10 @@ class LlavaCollator:
         enc = self.processor(images=images, text=[render_prompt(p) for p in prompts], return_tensors=None)
         return [list(ids) for ids in enc["input_ids"]], enc["pixel_values"]
 
+    def image_tokens(self) -> int:
+        """How many tokens one `<image>` tag expands to for this processor (asked of it once)."""
+        return self._chat_rows().image_tokens
+
     def _chat_rows(self) -> ChatRows:
         """The conversation row builder (data.chat), made on first use: it needs the model's image-token count."""
         if self._chat is None:

@@ -6,7 +6,9 @@ temporary name and renamed when complete; the manifest is written last, so a rea
 starts from the manifest only ever sees complete shards. Tar members carry no timestamps
 or owners, so equal input gives byte-identical shards. (webdataset's own ShardWriter names
 and rolls shards itself, without atomic renames or hashes: we drive its TarWriter instead.)
-Reading is `data.stream`, on webdataset's pipeline.
+`ShardSource.from_dir` is a folder opened for reading: every shard checked against the manifest
+(size, and sha256), a damaged one stopped at or left out. Reading is `data.stream`, on webdataset's
+pipeline.
 """
 
 from __future__ import annotations
@@ -172,29 +174,31 @@ def check_shards(root: Path, verify: bool = True, threads: int | None = None) ->
     manifest = read_json(root / MANIFEST_NAME, "shard manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{root / MANIFEST_NAME}: not a {MANIFEST_FORMAT} manifest")
-    damaged: list[DamagedShard] = []
-    to_hash = []
+    reasons: list[str | None] = []  # per shard of the manifest, in its order
+    to_hash: list[int] = []
     for shard in manifest["shards"]:
         path = root / shard["name"]
-        lost = (str(path), shard.get("samples", 0), shard.get("units", shard.get("samples", 0)))
-        if not path.is_file():
-            damaged.append(DamagedShard(lost[0], "missing", *lost[1:]))
-        elif path.stat().st_size != shard["bytes"]:
-            size = path.stat().st_size
+        size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            reasons.append("missing")
+        elif size != shard["bytes"]:
             what = "truncated" if size < shard["bytes"] else "longer than written"
-            damaged.append(DamagedShard(lost[0], f"{what}: {size} bytes, the manifest says {shard['bytes']}", *lost[1:]))
-        elif verify:
-            to_hash.append((path, shard, lost))
+            reasons.append(f"{what}: {size} bytes, the manifest says {shard['bytes']}")
+        else:
+            reasons.append(None)
+            if verify:
+                to_hash.append(len(reasons) - 1)
     if to_hash:
+        shards = manifest["shards"]
         workers = threads or min(len(to_hash), max(1, min(8, os.cpu_count() or 1)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            digests = list(pool.map(lambda item: _sha256_cached(item[0]), to_hash))
-        for (_, shard, lost), digest in zip(to_hash, digests):
-            if digest != shard["sha256"]:
-                damaged.append(DamagedShard(lost[0], "sha256 does not match the manifest (same size: damaged in "
-                                                     "place)", *lost[1:]))
-    order = {str(root / s["name"]): i for i, s in enumerate(manifest["shards"])}
-    damaged.sort(key=lambda d: order[d.path])
+            digests = pool.map(lambda i: _sha256_cached(root / shards[i]["name"]), to_hash)
+            for i, digest in zip(to_hash, digests):
+                if digest != shards[i]["sha256"]:
+                    reasons[i] = "sha256 does not match the manifest (same size: damaged in place)"
+    damaged = [DamagedShard(str(root / shard["name"]), reason, shard.get("samples", 0),
+                            shard.get("units", shard.get("samples", 0)))
+               for shard, reason in zip(manifest["shards"], reasons) if reason is not None]
     return ShardSet(root, manifest), damaged
 
 
@@ -216,3 +220,59 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+DAMAGED_SHARD_POLICIES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One task's shards: `name` is the task used for mixing, `sizes` the samples per shard.
+
+    `excluded` are shards of the folder's manifest left out because they failed the check at open
+    (missing, wrong size, or sha256 mismatch): what they held is lost to the reader, and reported."""
+
+    name: str
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    weight: float = 1.0
+    excluded: tuple[DamagedShard, ...] = ()
+    units: int = 0  # captions / questions in the manifest, excluded shards included
+    images: int = 0  # images in the manifest, excluded shards included
+    prepare_skipped: int = 0  # records prepare could not write (the manifest's `skipped`)
+
+    @property
+    def samples(self) -> int:
+        """Samples (images) over the shards read, as the manifest counts them (0 if unknown)."""
+        return sum(self.sizes)
+
+    @property
+    def empty_reason(self) -> str | None:
+        """Why there is no shard to read (every one left out as damaged, or none at all), or None."""
+        if self.urls:
+            return None
+        if self.excluded:
+            return (f"every shard was left out as damaged ({len(self.excluded)}: "
+                    f"{'; '.join(d.reason for d in self.excluded)})")
+        return "the split holds no records"
+
+    @classmethod
+    def from_dir(cls, root: Path | str, weight: float = 1.0, name: str | None = None,
+                 verify: bool = True, on_damaged: str = "error") -> ShardSource:
+        """The shards of `root` (a prepared folder with its manifest), each checked against the manifest
+        before anything is read: size always, sha256 too when `verify`. A shard that fails stops here
+        with DataError naming it (`on_damaged="error"`), or is left out and listed in `excluded`
+        (`"skip"`), with every other shard of the folder read as usual."""
+        if on_damaged not in DAMAGED_SHARD_POLICIES:
+            raise DataError(f"on_damaged {on_damaged!r}: choose from {', '.join(DAMAGED_SHARD_POLICIES)}")
+        shards, damaged = check_shards(Path(root), verify=verify)
+        if damaged and on_damaged == "error":
+            first = damaged[0]
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise DataError(f"shard {first.path}: {first.reason}{more}; prepare the split again, or skip damaged "
+                            "shards (data.damaged_shards: skip / --damaged-shards skip) and have their examples "
+                            "counted as lost")
+        bad = {d.path for d in damaged}
+        kept = [(url, s["samples"]) for url, s in zip(shards.urls, shards.manifest["shards"]) if url not in bad]
+        listed = shards.manifest["shards"]
+        return cls(name or shards.task, tuple(u for u, _ in kept), tuple(n for _, n in kept), weight,
+                   tuple(damaged), units=sum(s.get("units", s["samples"]) for s in listed),
+                   images=sum(s["samples"] for s in listed), prepare_skipped=int(shards.manifest.get("skipped", 0)))

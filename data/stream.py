@@ -71,57 +71,9 @@ from data.examples import (  # noqa: F401 - re-exported: the stream's public nam
     training_examples,
     without_markers,
 )
-from data.shards import DamagedShard, check_shards
+from data.shards import DAMAGED_SHARD_POLICIES, DamagedShard, ShardSource  # noqa: F401 - the stream's names
 
 log = logging.getLogger(__name__)
-
-
-DAMAGED_SHARD_POLICIES = ("error", "skip")
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    """One task's shards: `name` is the task used for mixing, `sizes` the samples per shard.
-
-    `excluded` are shards of the folder's manifest left out because they failed the check at open
-    (missing, wrong size, or sha256 mismatch): what they held is lost to the reader, and reported."""
-
-    name: str
-    urls: tuple[str, ...]
-    sizes: tuple[int, ...] = ()
-    weight: float = 1.0
-    excluded: tuple[DamagedShard, ...] = ()
-    units: int = 0  # captions / questions in the manifest, excluded shards included
-    images: int = 0  # images in the manifest, excluded shards included
-    prepare_skipped: int = 0  # records prepare could not write (the manifest's `skipped`)
-
-    @property
-    def samples(self) -> int:
-        """Samples (images) over the shards read, as the manifest counts them (0 if unknown)."""
-        return sum(self.sizes)
-
-    @classmethod
-    def from_dir(cls, root: Path | str, weight: float = 1.0, name: str | None = None,
-                 verify: bool = True, on_damaged: str = "error") -> ShardSource:
-        """The shards of `root` (a prepared folder with its manifest), each checked against the manifest
-        before anything is read: size always, sha256 too when `verify`. A shard that fails stops here
-        with DataError naming it (`on_damaged="error"`), or is left out and listed in `excluded`
-        (`"skip"`), with every other shard of the folder read as usual."""
-        if on_damaged not in DAMAGED_SHARD_POLICIES:
-            raise DataError(f"on_damaged {on_damaged!r}: choose from {', '.join(DAMAGED_SHARD_POLICIES)}")
-        shards, damaged = check_shards(Path(root), verify=verify)
-        if damaged and on_damaged == "error":
-            first = damaged[0]
-            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-            raise DataError(f"shard {first.path}: {first.reason}{more}; prepare the split again, or skip damaged "
-                            "shards (data.damaged_shards: skip / --damaged-shards skip) and have their examples "
-                            "counted as lost")
-        bad = {d.path for d in damaged}
-        kept = [(url, s["samples"]) for url, s in zip(shards.urls, shards.manifest["shards"]) if url not in bad]
-        listed = shards.manifest["shards"]
-        return cls(name or shards.task, tuple(u for u, _ in kept), tuple(n for _, n in kept), weight,
-                   tuple(damaged), units=sum(s.get("units", s["samples"]) for s in listed),
-                   images=sum(s["samples"] for s in listed), prepare_skipped=int(shards.manifest.get("skipped", 0)))
 
 
 # --- ranks, workers, URLs ---------------------------------------------------------------------------

@@ -36,9 +36,8 @@ def load_split(root: Path, task: str, split: str, max_samples: int | None = None
     if not path.is_dir():
         raise UserError(f"no '{split}' shards for task '{task}' under {root} (expected {path}/)")
     source = ShardSource.from_dir(path, name=task, verify=verify, on_damaged=on_damaged)
-    if not source.urls and source.excluded:
-        raise DataError(f"{path}: every shard is damaged ({'; '.join(d.reason for d in source.excluded)}): "
-                        "nothing left to evaluate; prepare the split again")
+    if source.excluded and not source.urls:
+        raise DataError(f"{path}: {source.empty_reason}: nothing left to evaluate; prepare the split again")
     if not source.urls:
         raise UserError(f"{path}: the '{split}' split of task '{task}' holds no records (a small conversation file's "
                         "hash split can leave one empty: raise --test-fraction / --val-fraction, or give the split "

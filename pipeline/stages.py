@@ -56,9 +56,8 @@ def sources(ctx: StageContext, split: str, tasks: dict[str, float], left_out: li
                             "or remove the task from the config")
         source = ShardSource.from_dir(path, weight=weight, name=task, verify=ctx.cfg.data.verify_shards,
                                       on_damaged=ctx.cfg.data.damaged_shards)
-        if not source.urls:  # e.g. a small conversation file whose hash split left no record for val
-            why = (f"every shard was left out as damaged ({len(source.excluded)})" if source.excluded
-                   else "the split holds no records")
+        why = source.empty_reason  # e.g. a small conversation file whose hash split left no record for val
+        if why:
             if split in ("train", "base"):
                 raise UserError(f"{path}: no '{split}' shards to read for task '{task}': {why}")
             log.warning("'%s' split of task '%s' (%s): %s: left out", split, task, path, why)
@@ -303,7 +302,7 @@ def check_image_budget(ctx: StageContext, processor) -> None:
         return
     from data.collate import LlavaCollator
 
-    per_image = LlavaCollator(processor, max_length=ctx.cfg.data.max_length)._chat_rows().image_tokens
+    per_image = LlavaCollator(processor, max_length=ctx.cfg.data.max_length).image_tokens()
     if most * per_image >= ctx.cfg.data.max_length:
         line = (f"conversations: a training sample has {most} images = {most * per_image} image tokens, not below "
                 f"data.max_length={ctx.cfg.data.max_length}: such samples cannot fit and will be dropped (counted "
