@@ -34,6 +34,13 @@ def run_command(config: str, run_dir: Path, overrides: list[str], *args: str) ->
             *sets, *args]
 
 
+def prepare_only(run_dir: Path, overrides: list[str], config: str = "smoke.yaml") -> Path:
+    """Run only the prepare stage of `config` with `overrides` into `run_dir` (a world the tests copy)."""
+    subprocess.run(run_command(config, run_dir, overrides, "--stages", "prepare"), check=True, env=cpu_env(),
+                   capture_output=True, timeout=300)
+    return run_dir
+
+
 def torchrun(nproc: int, *args: str) -> list[str]:
     """`python -m torch.distributed.run` on localhost with a free port, then `args`."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",

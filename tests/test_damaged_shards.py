@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _procs import cpu_env, free_port, run_command
+from _procs import cpu_env, free_port, prepare_only, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
@@ -29,9 +29,7 @@ def _cli(run_dir: Path, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("damaged") / "run"
-    subprocess.run(_cli(run, "--stages", "prepare"), check=True, env=cpu_env(), capture_output=True, timeout=300)
-    return run
+    return prepare_only(tmp_path_factory.mktemp("damaged") / "run", MICRO)
 
 
 def _shard(folder: Path, index: int) -> tuple[Path, dict]:

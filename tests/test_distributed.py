@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _procs import cpu_env, free_port, kill_train_after_checkpoints, run_command
+from _procs import cpu_env, free_port, kill_train_after_checkpoints, prepare_only, run_command
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +35,7 @@ def _cli(run_dir: Path, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("prepared") / "run"
-    subprocess.run(_cli(run, "--stages", "prepare"), check=True, env=_env(), capture_output=True, timeout=300)
-    return run
+    return prepare_only(tmp_path_factory.mktemp("prepared") / "run", MICRO)
 
 
 def _copy(prepared: Path, dest: Path) -> Path:

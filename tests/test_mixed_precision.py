@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _procs import cpu_env, kill_train_after_checkpoints, run_command
+from _procs import cpu_env, kill_train_after_checkpoints, prepare_only, run_command
 from _tiny_models import llava_batch, llava_config, tiny_llava
 from safetensors.torch import load_file
 
@@ -49,8 +49,7 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
 def test_bf16_train_killed_resumed_evaluated_merged(tmp_path):
     import shutil
 
-    prepared = tmp_path / "prepared"
-    subprocess.run(_cli(prepared, "--stages", "prepare"), check=True, env=_env(), capture_output=True, timeout=300)
+    prepared = prepare_only(tmp_path / "prepared", MICRO)
     steps = ["--stages", "train", "--set", "train.max_steps=30", "--set", "train.save_every=5",
              "--set", "train.keep_last=3"]
     reference = tmp_path / "reference"
