@@ -167,6 +167,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    _call("pipeline.compare:compare_command", config=args.config, methods=args.methods, ranks=args.ranks,
+          seeds=args.seeds, lr_grid=args.lr_grid, tune_seeds=args.tune_seeds, metric=args.metric, out=args.out,
+          jobs=args.jobs, threads=args.threads, launcher=args.launcher, report_only=args.report_only,
+          partial=args.partial, plan_file=args.plan, quick=args.quick, phases=args.phases,
+          accelerate_config=args.accelerate_config, sbatch=args.sbatch, overrides=args.set or [],
+          diagnostics=args.diagnostics, command="structlora " + " ".join(sys.argv[1:]))
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -188,6 +198,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", help="re-run from this stage on, even if finished")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. train.max_steps=10")
     p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+
+    p = add(sub, "compare", "compare methods fairly on a config: the same lr candidates per arm, paired seeds, "
+            "bootstrap intervals, Holm, power", _cmd_compare)
+    p.add_argument("config", help="YAML config every cell shares (data, model, base), e.g. configs/tiny.yaml")
+    p.add_argument("--methods", help="comma-separated arms, the first is the reference, e.g. lora,structlora,dora")
+    p.add_argument("--ranks", default="8", help="comma-separated adapter ranks of the grid (default 8)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per arm and rank (default 3)")
+    p.add_argument("--lr-grid", default="0.5,1,2", help="multiples of each arm's configured lr, chosen on validation "
+                   "loss (default 0.5,1,2; one value: no search)")
+    p.add_argument("--tune-seeds", type=int, default=1, help="seeds per lr candidate (default 1)")
+    p.add_argument("--metric", default="test_loss", help="primary metric: test_loss (default), caption.CIDEr, "
+                   "vqav2.overall, gqa.accuracy, conversations.exact_match, ...")
+    p.add_argument("--out", help="folder of the cells and the report (default runs/compare-CONFIG)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run side by side here, each in its own process")
+    p.add_argument("--threads", type=int, help="torch threads per cell (default: cores / jobs)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="slurm: write a job array (one cell per task) for the next unfinished phase, no training here")
+    p.add_argument("--accelerate-config", help="launch each cell with `accelerate launch --config_file FILE`")
+    p.add_argument("--sbatch", action="append", metavar="OPTION", help="an #SBATCH line, e.g. --sbatch=--gres=gpu:1")
+    p.add_argument("--report-only", action="store_true", help="no training: report the finished cells")
+    p.add_argument("--partial", action="store_true", help="with --report-only: report what is finished so far")
+    p.add_argument("--plan", help="a plan file instead of --methods... (gate search, ablations, low data; "
+                   "see bench/study_v2.yaml)")
+    p.add_argument("--quick", action="store_true", help="with --plan: the file's quick section")
+    p.add_argument("--phases", help="run only these phases (gate, lr, grid, lowdata); the others must be done")
+    p.add_argument("--diagnostics", action="store_true", help="also measure the update structure of every grid cell")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of CONFIG, e.g. train.max_steps=300")
 
     prep = sub.add_parser("prepare", help="convert datasets (official formats) into WebDataset shards",
                           description="convert datasets (official formats) into WebDataset shards")

@@ -1,0 +1,215 @@
+"""The cells of `structlora compare`: specs, matching, running them here or writing a Slurm job array.
+
+A cell is one training run of the comparison (an arm at a rank, a learning-rate scale and a seed). Its
+spec is a JSON file (`cell.json` in its run directory) holding the whole run config; the cell itself
+is an ordinary run directory (config.yaml, manifest.json, train/ with checkpoints, eval/) whose
+prepare/ and base/ link to the comparison's one shared prepared data and base model. A finished cell
+leaves its result record (`results/cells/<id>.json`, written atomically), and a cell counts as done
+only when that record's config equals the spec's config (the run directory's path aside): a changed
+config never reuses a stale cell. A killed cell resumes from its last checkpoint, as `structlora run`
+does. `pipeline.compare_cell` runs one spec; this module decides which to run and how to launch them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+log = logging.getLogger("structlora.compare")
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `extra` merged in, mappings recursively."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def base_raw(plan: dict[str, Any]) -> dict[str, Any]:
+    """The comparison's config (the CONFIG file, its --set overrides, the plan's base_overrides), run in
+    the shared folder: every cell is this plus its own settings."""
+    from pipeline.config import apply_overrides, read_yaml
+    from pipeline.schema import RunConfig
+
+    raw = apply_overrides(read_yaml(Path(plan["base_config"])), plan.get("overrides") or [], RunConfig)
+    raw = deep_merge(raw, plan.get("base_overrides") or {})
+    raw["run_dir"] = str(Path(plan["work_dir"]) / "shared")
+    return raw
+
+
+# The config sections a cell may not change: they make the shared prepared data and base model.
+SHARED_SECTIONS = ("data", "model", "base", "seed")
+
+
+def cell_spec(plan: dict[str, Any], group: str, name: str, settings: dict[str, Any], seed: int,
+              split: str = "test", fraction: float = 1.0, evaluate: bool = True) -> dict[str, Any]:
+    """One cell: the comparison's config + the plan's budget + the arm's settings + seed, split and share
+    of the training data. Its id names its run directory and its result file."""
+    shared = base_raw(plan)
+    raw = deep_merge(deep_merge(shared, plan.get("budget") or {}), settings)
+    raw = deep_merge(raw, {"train": {"seed": seed, "data_fraction": fraction}, "eval": {"split": split}})
+    changed = [k for k in SHARED_SECTIONS if raw.get(k) != shared.get(k)]
+    if changed:
+        raise UserError(f"cell {group}/{name}: its settings change {', '.join(changed)}, which every cell shares "
+                        "(one prepared data folder and one base model): put that change in the CONFIG instead")
+    rank = raw["adapter"]["rank"] if raw["adapter"].get("method") != "full" else 0
+    cell_id = f"{group}/{name}-r{rank}-s{seed}" + (f"-f{fraction:g}" if fraction < 1.0 else "")
+    raw["run_dir"] = str(Path(plan["work_dir"]) / "cells" / cell_id)
+    return {"id": cell_id, "group": group, "name": name, "rank": rank, "seed": seed, "fraction": fraction,
+            "split": split, "config": raw, "shared": str(Path(plan["work_dir"]) / "shared"),
+            "result": str(Path(plan["results"]) / "cells" / f"{cell_id}.json"), "threads": plan.get("threads", 1),
+            "evaluate": evaluate, "diagnostics": bool(plan.get("diagnostics")) and evaluate}
+
+
+def comparable(raw: dict[str, Any]) -> dict[str, Any]:
+    """The cell's config as matched: without its run directory (a results folder moves with its repo)."""
+    out = copy.deepcopy(raw)
+    out.pop("run_dir", None)
+    return out
+
+
+def is_done(cell: dict[str, Any]) -> bool:
+    """Has this cell a result under the same config (and the same `match` fields, e.g. the base's sha256)?"""
+    path = Path(cell["result"])
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return comparable(saved.get("config") or {}) == comparable(cell["config"]) and all(
+        saved.get(k) == v for k, v in cell.get("match", {}).items())
+
+
+def finished(cells: list[dict[str, Any]], missing: list[str] | None = None) -> list[dict[str, Any]]:
+    """Results of the finished cells. Unfinished ones stop the report, or are appended to `missing`."""
+    todo = [c["id"] for c in cells if not is_done(c)]
+    if todo and missing is None:
+        raise UserError(f"--report-only: {len(todo)} cells are not finished, e.g. {todo[0]}; run the comparison "
+                        "(or add --partial to report what is finished)")
+    if missing is not None:
+        missing += todo
+    return [json.loads(Path(c["result"]).read_text()) for c in cells if c["id"] not in todo]
+
+
+def write_spec(cell: dict[str, Any]) -> Path:
+    """The cell's spec file (in its run directory), written atomically; what a launched cell reads."""
+    run_dir = Path(cell["config"]["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "cell.json"
+    tmp = path.with_name(f"cell.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cell, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def launch_command(spec: Path, accelerate_config: str | None = None) -> list[str]:
+    """How one cell is started: `python -m pipeline.compare_cell SPEC`, or under `accelerate launch
+    --config_file FILE` (the user's multi-GPU / FSDP / DeepSpeed settings) when one is given."""
+    if accelerate_config:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                "-m", "pipeline.compare_cell", str(spec)]
+    return [sys.executable, "-m", "pipeline.compare_cell", str(spec)]
+
+
+def _cell_env(cell: dict[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    threads = str(cell.get("threads") or 1)
+    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"})
+    env.update({k: str(v) for k, v in (cell.get("env") or {}).items()})  # the kernels' code paths, before torch
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_cells(cells: list[dict[str, Any]], jobs: int = 1, accelerate_config: str | None = None) -> list[dict[str, Any]]:
+    """Run the cells that are not done, `jobs` at a time, each in its own process (its own peak memory, and
+    a kill takes only that cell); returns every cell's result, in order. A failing cell stops the rest."""
+    from tqdm import tqdm
+
+    todo = [c for c in cells if not is_done(c)]
+    if todo:
+        log.info("%d of %d cells to run (%d done)", len(todo), len(cells), len(cells) - len(todo))
+        queue, running = list(todo), {}
+        bar = tqdm(total=len(todo), desc="cells", unit="cell", dynamic_ncols=True)
+        try:
+            while queue or running:
+                while queue and len(running) < max(1, jobs):
+                    cell = queue.pop(0)
+                    log_path = Path(cell["config"]["run_dir"]) / "cell.log"
+                    spec = write_spec(cell)
+                    with log_path.open("ab") as out:
+                        running[cell["id"]] = (subprocess.Popen(launch_command(spec, accelerate_config), stdout=out,
+                                                                stderr=subprocess.STDOUT, env=_cell_env(cell)),
+                                               cell, log_path)
+                time.sleep(0.2)
+                for cid, (proc, cell, log_path) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del running[cid]
+                    if proc.returncode != 0 or not is_done(cell):
+                        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+                        raise UserError(f"cell {cid} failed (exit {proc.returncode}); its log {log_path} ends:\n  "
+                                        + "\n  ".join(tail))
+                    bar.update(1)
+                    scores = json.loads(Path(cell["result"]).read_text()).get("scores", {})
+                    bar.set_postfix_str(f"{cid}: " + ", ".join(f"{k} {v:.3g}" for k, v in list(scores.items())[:3]))
+        finally:
+            for proc, _, _ in running.values():  # stopped (an error, Ctrl-C, SIGTERM): no orphan cells
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc, _, _ in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            bar.close()
+    return [json.loads(Path(c["result"]).read_text()) for c in cells]
+
+
+def write_slurm(cells: list[dict[str, Any]], out: Path, phase: str, accelerate_config: str | None = None,
+                sbatch: list[str] | None = None) -> Path | None:
+    """A Slurm job array for the unfinished cells of one phase (one cell per array task), or None when
+    every cell is done. The array task reads its spec's path from a list beside the script."""
+    todo = [c for c in cells if not is_done(c)]
+    if not todo:
+        return None
+    folder = out / "slurm"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    listing = folder / f"{phase}.cells"
+    listing.write_text("".join(f"{write_spec(c).resolve()}\n" for c in todo))
+    launcher = (f"accelerate launch --config_file {shlex.quote(str(Path(accelerate_config).resolve()))}"
+                if accelerate_config else "python")
+    threads = todo[0].get("threads") or 1
+    lines = ["#!/usr/bin/env bash", f"# structlora compare, phase {phase}: {len(todo)} cells, one per array task.",
+             f"#   sbatch {folder.resolve() / f'{phase}.sbatch'}",
+             "# then run the same `structlora compare` command again (the next phase, or the report).",
+             f"#SBATCH --job-name=compare-{phase}", f"#SBATCH --array=0-{len(todo) - 1}",
+             f"#SBATCH --output={(folder / 'logs').resolve()}/{phase}-%A_%a.out",
+             *[f"#SBATCH {s}" for s in sbatch or []],
+             "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
+             f'SPEC=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(listing.resolve()))})',
+             "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0} TOKENIZERS_PARALLELISM=false",
+             f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}",
+             *[f"export {k}={shlex.quote(str(v))}" for k, v in (todo[0].get("env") or {}).items()],
+             f'exec {launcher} -m pipeline.compare_cell "$SPEC"', ""]
+    script = folder / f"{phase}.sbatch"
+    script.write_text("\n".join(lines))
+    script.chmod(0o755)
+    return script
