@@ -9,7 +9,7 @@ CONFIG ?= configs/tiny.yaml
 # torch/torchvision come first and pinned: on these machines pip takes them from local disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test test-slow test-browser browser lint check-java clean study study-quick
+.PHONY: setup run test test-slow test-browser browser lint check-java clean study study-quick compare-default
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -43,15 +43,20 @@ browser:
 test-browser: setup browser
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m browser
 
-# The method study v2 of BENCHMARKS.md (many hours on 2 cores, resumable: finished cells are kept
-# and skipped; PHASES=gate runs one phase), on its pinned code version (bench/study_v2.commit) in a
-# git worktree beside this one. The first study: bench/study.py bench/study.yaml.
+# The method study v2 of BENCHMARKS.md: `structlora compare` with the plan bench/study_v2.yaml (many hours on
+# 2 cores, resumable: finished cells are kept and skipped; PHASES=gate runs one phase).
 PHASES ?= gate,lr,grid,lowdata
 study: setup check-java
-	scripts/study_v2.sh --jobs 2 --phases $(PHASES) --update-benchmarks --benchmarks-file $(CURDIR)/BENCHMARKS.md
+	HF_HUB_OFFLINE=1 $(PY) bench/study_v2.py --jobs 2 --phases $(PHASES) --update-benchmarks
 
 study-quick: setup check-java
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/study_v2.py bench/study_v2.yaml --quick --jobs 2
+	HF_HUB_OFFLINE=1 $(PY) bench/study_v2.py --quick --jobs 2
+
+# The shipped default against LoRA at ranks 4, 8, 16 over 10 seeds, with forgetting (bench/compare_default.yaml;
+# hours on 2 cores, resumable cell by cell; results in bench/results/compare_default).
+JOBS ?= 2
+compare-default: setup check-java
+	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare configs/tiny.yaml --plan bench/compare_default.yaml --jobs $(JOBS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

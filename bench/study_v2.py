@@ -42,13 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.compare import run_compare
     from pipeline.compare_plan import load_plan
 
-    os.chdir(ROOT)  # the plan's folders (runs/study_v2, bench/results/study_v2, the frozen base) are ROOT's
-    plan = load_plan(args.plan, None, args.quick)
-    plan["base_config"] = os.path.relpath(args.config, ROOT)
     command = "python bench/study_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = run_compare(plan, jobs=args.jobs, phases=args.phases.split(",") if args.phases else None,
-                         report_only=args.report_only, partial=args.partial, command=command,
-                         report={"name": "study", "title": SECTION[3:], "link_root": ROOT})
+    here = os.getcwd()
+    os.chdir(ROOT)  # the plan's folders (runs/study_v2, bench/results/study_v2, the frozen base) are ROOT's
+    try:
+        plan = load_plan(args.plan, None, args.quick)
+        plan["base_config"] = os.path.relpath(args.config.resolve(), ROOT)
+        result = run_compare(plan, jobs=args.jobs, phases=args.phases.split(",") if args.phases else None,
+                             report_only=args.report_only, partial=args.partial, command=command,
+                             report={"name": "study", "title": SECTION[3:], "link_root": ROOT})
+    finally:
+        os.chdir(here)
     if args.update_benchmarks:
         sys.path.insert(0, str(ROOT / "bench"))
         from inference import update_benchmarks

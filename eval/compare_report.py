@@ -20,11 +20,14 @@ from typing import Any
 
 from eval.compare_stats import holm
 from eval.compare_tables import (
+    ablation_comparisons,
     cells_of,
     comparisons,
     cost_table,
     diagnostics_table,
     effects_table,
+    forgetting_table,
+    forgetting_view,
     gate_table,
     grid_table,
     long_context_tables,
@@ -113,8 +116,9 @@ def _machines_line(rows: list[dict[str, Any]]) -> str:
         machines.setdefault(key, set()).add(int(r["seed"]))
     seen = [s for seeds in machines.values() for s in seeds]
     mixed = sorted({s for s in seen if seen.count(s) > 1})
-    return ("Grid and low-data cells: base model " + ", ".join(f"`{b}` ({n} cells)" for b, n in sorted(bases.items()))
-            + "; machines " + "; ".join(f"{k} (seeds {sorted(v)})" for k, v in sorted(machines.items()))
+    based = "" if set(bases) == {"not recorded"} else (
+        " base model " + ", ".join(f"`{b}` ({n} cells)" for b, n in sorted(bases.items())) + ";")
+    return (f"Grid and low-data cells:{based} machines " + "; ".join(f"{k} (seeds {sorted(v)})" for k, v in sorted(machines.items()))
             + (f"; seeds {mixed} have cells on more than one machine." if mixed else "."))
 
 
@@ -130,18 +134,22 @@ def _json_safe(value: Any) -> Any:
 
 def _budget_line(plan, grid_or_any: dict[str, Any] | None) -> str:
     """What every cell did, from a cell's own config (the plan's budget merged into the CONFIG)."""
-    cfg = (grid_or_any or {}).get("config") or {}
-    train, ev = cfg.get("train") or {}, cfg.get("eval") or {}
-    samples = "the whole test split" if ev.get("max_samples") is None else f"{ev['max_samples']} test samples per task"
-    return (f"Every cell: the prepared data of `{plan['base_config']}` and its base model, then "
-            f"{train.get('max_steps', '?')} steps of batch {train.get('batch_size', '?')}, validation loss every "
-            f"{train.get('eval_every', '?')} steps on {train.get('val_batches', '?')} fixed batches; grid cells are "
-            f"scored on {samples}.")
+    from pipeline.config import from_dict
+    from pipeline.schema import RunConfig
+
+    if not (grid_or_any or {}).get("config"):
+        return ""
+    cfg = from_dict(RunConfig, grid_or_any["config"], source=grid_or_any["id"])  # with the defaults it ran with
+    train, ev = cfg.train, cfg.eval
+    samples = "the whole test split" if ev.max_samples is None else f"{ev.max_samples} test samples per task"
+    return (f"Every cell: the prepared data of `{plan['base_config']}` and its base model, then {train.max_steps} "
+            f"steps of batch {train.batch_size}, validation loss every {train.eval_every} steps on "
+            f"{train.val_batches} fixed batches; grid cells are scored on {samples}.")
 
 
 def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command: str,
                  missing: list[str] | None = None, name: str = "report", title: str = "structlora compare",
-                 link_root: Path | None = None) -> Path:
+                 link_root: Path | None = None, base: dict[str, Any] | None = None) -> Path:
     """Write the report files into plan['results']; returns the markdown file. Image links are relative to
     `link_root` (default: the results folder, where report.md is)."""
     out = Path(plan["results"])
@@ -154,9 +162,10 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
         for c in comparisons(low["arms"], ref, cells_of(lowdata, fraction=f), "lowdata", metrics)]
     for c, adjusted in zip(tests, holm([c["p"] for c in tests])):
         c["holm"] = adjusted
-    ablation_arms = [a for a in ("structlora_paper", *plan["ablation_arms"]) if a in arms]
-    ablations = [] if "structlora" not in arms or not ablation_arms else [
-        {**c, "reference": "structlora"} for c in comparisons(ablation_arms, "structlora", grid, "ablation", metrics)]
+    ablations = ablation_comparisons(plan, grid, metrics)
+    forgotten = comparisons(arms, ref, forgetting_view(grid), "forgetting", metrics)
+    for c, adjusted in zip(forgotten, holm([c["p"] for c in forgotten])):
+        c["holm"] = adjusted
     for c, adjusted in zip(ablations, holm([c["p"] for c in ablations])):
         c["holm"] = adjusted
     first = (gate_rows or lr_rows or grid or [{}])[0]
@@ -188,16 +197,27 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     if grid:
         others = [a for a in arms if a != ref]
         power_arm = "structlora" if "structlora" in others else others[0]
-        lines += ["", f"### 3. Test split (mean ± std over seeds {plan['seeds']})", "", *grid_table(arms, grid, metrics),
+        lines += ["", f"### 3. Test split (mean ± std over seeds {plan['seeds']})", "",
+                  *grid_table(arms, grid, metrics, base),
                   "", f"### Effects against {ref} (paired by seed; Holm over all {len(tests)} tests)", "",
                   *effects_table([c for c in tests if c["group"] == "grid"], ref),
                   "", "### Power", "", *power_lines(tests, metrics, power_arm, ref)]
         if ablations:
             lines += ["", f"### Ablations against structlora (paired by seed; Holm over these {len(ablations)} tests, "
                       "a family of their own)", "", *effects_table(ablations, "structlora")]
+        if forgotten or any(r.get("forgetting") for r in grid):
+            split = next(r["forgetting"]["split"] for r in grid if r.get("forgetting"))
+            lines += ["", f"### Forgetting: the `{split}` split (what the base model learned), before and after "
+                      "adaptation", "", *forgetting_table(arms, grid, metrics, base), "",
+                      f"Against {ref} on the `{split}` split (paired by seed; Holm over these {len(forgotten)} tests, "
+                      "a family of their own):", "", *effects_table(forgotten, ref)]
         lc = long_context_tables(arms, ref, grid)
         if lc:
             lines += ["", "### Long-context captioning (CIDEr per context length)", "", *lc]
+            if base is not None and base.get("long_context_cider"):
+                lines += ["", "The base model (not adapted): " + ", ".join(
+                    f"{k} tokens {100 * v:.1f}" for k, v in sorted(base["long_context_cider"].items(), key=lambda kv: int(kv[0])))
+                    + " (CIDEr x100)."]
         diag = diagnostics_table(arms, grid)
         if diag:
             lines += ["", "### Update structure", "", *diag]
@@ -217,14 +237,15 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     if curves is not None:
         lines += ["", f"![learning curves]({Path(os.path.relpath(curves, root)).as_posix()})"]
     _csv(gate_rows + lr_rows + grid + list(lowdata), out / "cells.csv")
-    _csv(tests + ablations, out / "tests.csv")
+    _csv(tests + ablations + forgotten, out / "tests.csv")
     lines += ["", f"CSV: `{Path(os.path.relpath(out / 'cells.csv', root)).as_posix()}` (every cell), "
               f"`{Path(os.path.relpath(out / 'tests.csv', root)).as_posix()}` (every test)."]
     body = "\n".join(lines)
     (out / f"{name}.md").write_text(f"# {title}\n\n{body}\n")
     summary = {"command": command, "reference": ref, "arms": arms, "primary_metric": plan.get("metric", "test_loss"),
                "metrics": [m.key for m in metrics], "gate": gate, "lr_scales": scales, "missing": missing or [],
-               "tests": tests, "ablations": ablations,
+               "tests": tests, "ablations": ablations, "forgetting": forgotten,
+               "base": {k: (base or {}).get(k) for k in ("scores", "forgetting", "long_context_cider")} if base else None,
                "cells": [{k: r.get(k) for k in ("id", "name", "rank", "seed", "fraction", "scores", "val_losses",
                                                  "trainable_parameters", "step_seconds", "peak_rss_mb")}
                          for r in gate_rows + lr_rows + grid + list(lowdata)]}

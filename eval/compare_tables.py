@@ -95,6 +95,15 @@ def comparisons(arms: list[str], reference: str, results, group: str, metrics: l
     return out
 
 
+def ablation_comparisons(plan, grid, metrics: list[Metric]) -> list[dict[str, Any]]:
+    """What each part of StructLoRA does: the paper variant and the ablations against StructLoRA itself (the
+    tests against the reference cannot say this), per rank where both ran."""
+    arms = [a for a in ("structlora_paper", *plan.get("ablation_arms", [])) if a in plan["arms"]]
+    if "structlora" not in plan["arms"] or not arms:
+        return []
+    return [{**c, "reference": "structlora"} for c in comparisons(arms, "structlora", grid, "ablation", metrics)]
+
+
 def effects_table(rows: list[dict[str, Any]], ref: str) -> list[str]:
     lines = [f"| rank | arm | metric | difference vs {ref} | 95% bootstrap CI | p | Holm p | verdict | "
              "min. detectable |", "|---:|---|---|---:|---|---:|---:|---|---:|"]
@@ -171,11 +180,14 @@ def lr_table(rows: list[dict[str, Any]], scales: dict[str, float], plan, gate_ce
     return lines
 
 
-def grid_table(arms, grid, metrics: list[Metric]) -> list[str]:
+def grid_table(arms, grid, metrics: list[Metric], base: dict[str, Any] | None = None) -> list[str]:
     kept = any("kept_fraction" in r for r in grid)
     head = "| rank | arm | " + " | ".join(m.label for m in metrics) + (" | kept rank share" if kept else "")
     lines = [head + " | trainable params | step (ms) | seeds |",
              "|---:|---|" + "---|" * len(metrics) + ("---:|" if kept else "") + "---:|---:|---:|"]
+    if base is not None:  # what adaptation starts from, scored alike
+        cols = " | ".join(fmt([value(base, m.key, m.scale)], m.digits) for m in metrics)
+        lines.append(f"| | base model (not adapted) | {cols}{' | ' if kept else ''} | 0 | | |")
     for rank in sorted({r["rank"] for r in grid}, key=lambda x: (x == 0, x)):
         for arm in arms:
             rs = cells_of(grid, name=arm, rank=rank)
@@ -278,4 +290,34 @@ def lowdata_table(plan, lowdata, metrics: list[Metric]) -> list[str]:
                          f"{fmt([float(r.get('final_train_loss', math.nan)) for r in rs], 4)} | "
                          f"{fmt([v for _, v in best], 4)} ({_span(steps)}) | "
                          f"{fmt([c[-1][1] for c in curves if c], 4)} | {len(rs)} |")
+    return lines
+
+
+def forgetting_view(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells with their forgetting-split scores as their scores (for the tables and tests above)."""
+    return [{**r, "scores": r["forgetting"]["scores"]} for r in results if r.get("forgetting")]
+
+
+def forgetting_table(arms, grid, metrics: list[Metric], base: dict[str, Any] | None) -> list[str]:
+    """Per arm and rank: the forgetting split's scores after adaptation, and their change from the base model's
+    own (negative CIDEr / accuracy, positive loss: forgotten)."""
+    view = forgetting_view(grid)
+    ref = forgetting_view([base])[0] if base is not None and base.get("forgetting") else None
+    shown = [m for m in metrics if any(math.isfinite(value(r, m.key)) for r in view)]
+    lines = ["| rank | arm | " + " | ".join(f"{m.label} (change)" for m in shown) + " | seeds |",
+             "|---:|---|" + "---|" * len(shown) + "---:|"]
+    if ref is not None:
+        lines.append("| | base model (not adapted) | " + " | ".join(fmt([value(ref, m.key, m.scale)], m.digits)
+                                                              for m in shown) + " | |")
+    for rank in sorted({r["rank"] for r in view}, key=lambda x: (x == 0, x)):
+        for arm in arms:
+            rs = cells_of(view, name=arm, rank=rank)
+            if not rs:
+                continue
+            cols = []
+            for m in shown:
+                after = [value(r, m.key, m.scale) for r in rs]
+                change = "" if ref is None else f" ({statistics.fmean(after) - value(ref, m.key, m.scale):+.{m.digits}f})"
+                cols.append(fmt(after, m.digits) + change)
+            lines.append(f"| {rank or 'all'} | {arm} | " + " | ".join(cols) + f" | {len(rs)} |")
     return lines

@@ -260,6 +260,12 @@ def sample_counts(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]], l
     return counts
 
 
+def loss_tasks(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]]) -> list[str]:
+    """Whose answers `test_loss` scores: the generation tasks asked for, else (test_loss alone: a loss-only
+    evaluation, no generation) every task whose samples were loaded."""
+    return [t for t in tasks if t in GENERATION_TASKS] or [t for t in examples if t in GENERATION_TASKS and examples[t]]
+
+
 def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
                  long_context: LongContextSettings | None) -> None:
     """Refuse, before any model is loaded, what could only fail after generating: a task without samples, long-context captioning without images, filler or lengths."""
@@ -268,9 +274,9 @@ def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
     for task in tasks:
         if task in GENERATION_TASKS and not examples.get(task):
             raise EvalInputError(f"task '{task}' has no samples to evaluate")
-    if "test_loss" in tasks and not any(t in GENERATION_TASKS for t in tasks):
+    if "test_loss" in tasks and not loss_tasks(tasks, examples):
         raise EvalInputError("task 'test_loss' scores the answers of other tasks: ask for at least one of "
-                             f"{', '.join(GENERATION_TASKS)} too")
+                             f"{', '.join(GENERATION_TASKS)} too, or load their samples")
     if "long_context" in tasks:
         if long_context is None:
             raise EvalInputError("task 'long_context' needs its settings (images, lengths, filler)")
@@ -326,7 +332,7 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
         if "test_loss" in tasks:
             from eval.test_loss import test_loss_scores
 
-            block = test_loss_scores(model, processor, {t: examples[t] for t in tasks if t in GENERATION_TASKS},
+            block = test_loss_scores(model, processor, {t: examples[t] for t in loss_tasks(tasks, examples)},
                                      batch_size, accelerator, loss_max_length, timings.setdefault("test_loss", {}))
             if block is not None:
                 scores["test_loss"] = block

@@ -173,7 +173,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
           jobs=args.jobs, threads=args.threads, launcher=args.launcher, report_only=args.report_only,
           partial=args.partial, plan_file=args.plan, quick=args.quick, phases=args.phases,
           accelerate_config=args.accelerate_config, sbatch=args.sbatch, overrides=args.set or [],
-          diagnostics=args.diagnostics, command="structlora " + " ".join(sys.argv[1:]))
+          diagnostics=args.diagnostics, forgetting=args.forgetting_split, results=args.results,
+          command="structlora " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -210,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-seeds", type=int, default=1, help="seeds per lr candidate (default 1)")
     p.add_argument("--metric", default="test_loss", help="primary metric: test_loss (default), caption.CIDEr, "
                    "vqav2.overall, gqa.accuracy, conversations.exact_match, ...")
-    p.add_argument("--out", help="folder of the cells and the report (default runs/compare-CONFIG)")
+    p.add_argument("--out", help="folder of the cells' run directories (default runs/compare-CONFIG)")
+    p.add_argument("--results", help="folder of the cells' results and the report (default OUT/results): "
+                   "small files, to commit")
+    p.add_argument("--forgetting-split", metavar="SPLIT", help="also score every model on this split, the one the base "
+                   "learned from (the shapes world's `base`), before and after adaptation")
     p.add_argument("--jobs", type=int, default=1, help="cells run side by side here, each in its own process")
     p.add_argument("--threads", type=int, help="torch threads per cell (default: cores / jobs)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",

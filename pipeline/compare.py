@@ -35,6 +35,7 @@ from pipeline.compare_plan import (
     grid_cells,
     lowdata_cells,
     make_cell,
+    on_frozen_base,
     scaled_lr,
 )
 from pipeline.errors import UserError
@@ -154,8 +155,8 @@ def lr_phase(plan, gate, runner: Runner) -> tuple[dict[str, float], list[dict[st
     for arm in lr["arms"]:
         for scale in lr["scales"]:
             settings = deep_merge(scaled_lr(plan, arm_settings(plan, arm, gate), scale), {"adapter": {"rank": lr["rank"]}})
-            named[(arm, scale)] = [make_cell(plan, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False)
-                                   for seed in lr["seeds"]]
+            named[(arm, scale)] = on_frozen_base(plan, "lr", [
+                make_cell(plan, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False) for seed in lr["seeds"]])
     results = _run_named(named, runner)
     complete = [arm for arm in lr["arms"]  # a partial report chooses nothing for an arm still running
                 if all(len(results[(arm, s)]) == len(named[(arm, s)]) for s in lr["scales"])]
@@ -185,6 +186,23 @@ def prepare_shared(plan: dict[str, Any]) -> Path:
     return shared
 
 
+def base_identity(shared: Path) -> str:
+    """What the cells adapt, as one id: the sha256 of the shared base model's weights (small models), else its
+    manifest record (a base too large to hash, or a model from the hub: the config's name and revision)."""
+    import hashlib
+
+    from data.shards import file_sha256
+    from pipeline.runner import Manifest
+
+    files = sorted((shared / "base" / "model").glob("*.safetensors"))
+    if files and sum(f.stat().st_size for f in files) < 2**31:
+        blob = "".join(f"{f.name}:{file_sha256(f)}\n" for f in files)
+    else:
+        record = Manifest(shared / "manifest.json").stage("base")
+        blob = json.dumps({k: record.get(k) for k in ("hash", "finished")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", phases: list[str] | None = None,
                 report_only: bool = False, partial: bool = False, accelerate_config: str | None = None,
                 sbatch: list[str] | None = None, command: str = "structlora compare",
@@ -205,7 +223,16 @@ def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", ph
     missing: list[str] = []
     slurm: list[Path] = []
 
+    shared_id = None if report_only or plan.get("frozen_base") else base_identity(out / "shared")
+
     def runner_for(phase: str) -> Runner:
+        inner = _runner_for(phase)
+        if shared_id is None:
+            return inner
+        # cells count as done only on this shared base: a base trained again (another machine) is another base
+        return lambda cells: inner([{**c, "match": {**c.get("match", {}), "base_id": shared_id}} for c in cells])
+
+    def _runner_for(phase: str) -> Runner:
         if report_only or phase not in phases:
             return lambda cells: finished(cells, missing if (partial or phase not in phases) else None)
         if launcher == "slurm":
@@ -226,16 +253,18 @@ def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", ph
         return not missing
 
     gate, gate_rows = gate_phase(plan, runner_for("gate"))
-    scales, lr_rows, grid, lowdata = {}, [], [], []
+    scales, lr_rows, grid, lowdata, base = {}, [], [], [], []
     if done("gate"):
         scales, lr_rows = lr_phase(plan, gate, runner_for("lr"))
         if done("lr"):
             grid = runner_for("grid")(grid_cells(plan, gate, scales))
+            base = [r for r in grid if r["group"] == "base"]
+            grid = [r for r in grid if r["group"] != "base"]
             lowdata = runner_for("lowdata")(lowdata_cells(plan, gate, scales)) if plan.get("lowdata") else []
     if slurm:
         return {"report": None, "missing": missing, "slurm": str(slurm[0])}
     path = write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command=command, missing=missing,
-                        **(report or {}))
+                        base=base[0] if base else None, **(report or {}))
     return {"report": str(path), "missing": missing, "slurm": None}
 
 
@@ -251,7 +280,8 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
                     threads: int | None = None, launcher: str = "local", report_only: bool = False,
                     partial: bool = False, plan_file: str | None = None, quick: bool = False,
                     phases: str | None = None, accelerate_config: str | None = None, sbatch: list[str] | None = None,
-                    overrides: list[str] | None = None, diagnostics: bool = False, command: str = "") -> dict[str, Any]:
+                    overrides: list[str] | None = None, diagnostics: bool = False, forgetting: str | None = None,
+                    results: str | None = None, command: str = "") -> dict[str, Any]:
     """`structlora compare`'s arguments -> a plan -> run_compare; prints where the report (or job array) is."""
     import os
 
@@ -265,13 +295,17 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
         plan = load_plan(Path(plan_file), Path(out) if out else None, quick, overrides)
         plan["base_config"] = str(config)
         plan.setdefault("threads", threads)
+        plan["forgetting"] = forgetting or plan.get("forgetting")
+        if results:
+            plan["results"] = results
     else:
         if not methods:
             raise UserError("--methods: name the methods to compare, e.g. --methods lora,structlora (or give --plan FILE)")
         out_dir = Path(out) if out else Path("runs") / f"compare-{Path(config).stem}"
         plan = plan_from_flags(Path(config), [m.strip() for m in methods.split(",") if m.strip()],
                                _numbers(ranks, int, "--ranks"), seeds, _numbers(lr_grid, float, "--lr-grid"), tune_seeds,
-                               metric, out_dir, threads, overrides, diagnostics)
+                               metric, out_dir, threads, overrides, diagnostics, forgetting,
+                               Path(results) if results else None)
     if metric != "test_loss" or not plan_file:
         plan["metric"] = metric
     result = run_compare(plan, jobs=jobs, launcher=launcher, report_only=report_only, partial=partial,

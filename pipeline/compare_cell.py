@@ -138,43 +138,68 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
+def _scores(folder: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(flat scores, long-context CIDEr per bucket) of an eval folder's metrics.json."""
+    from eval.compare_stats import flatten_scores, long_context_cider
+
+    metrics = json.loads((folder / "metrics.json").read_text()).get("metrics") or {}
+    return flatten_scores(metrics), long_context_cider(metrics)
+
+
 def record(cell: dict[str, Any], ctx, machine: dict[str, Any]) -> dict[str, Any]:
     """The cell's result, from its run directory."""
     import torch
 
     from data.shards import file_sha256
-    from eval.compare_stats import flatten_scores, long_context_cider
     from pipeline.stages import final_dir
 
-    summary = json.loads((final_dir(ctx) / "summary.json").read_text())
-    steps, resumed = int(summary["steps"]), summary.get("resumed_from")
-    scores, long_context = {}, {}
-    if cell.get("evaluate", True):
-        metrics = json.loads((ctx.run_dir / "eval" / "metrics.json").read_text()).get("metrics") or {}
-        scores, long_context = flatten_scores(metrics), long_context_cider(metrics)
+    scores, long_context = _scores(ctx.run_dir / "eval") if cell.get("evaluate", True) else ({}, {})
     weights = ctx.run_dir / "base" / "model" / "model.safetensors"
     out = {
         "id": cell["id"], "group": cell["group"], "name": cell["name"], "rank": cell["rank"], "seed": cell["seed"],
-        "fraction": cell["fraction"], "split": cell["split"], "scores": scores,
-        "trainable_parameters": int(summary["trainable_parameters"]), "steps": steps,
-        "step_seconds": float(summary["seconds"]) / max(1, steps - int(resumed or 0)),
-        "train_seconds": float(summary["seconds"]), "resumed_from": resumed, **_peak_memory(),
-        "final_train_loss": summary["final_train_loss"], "val_losses": summary["val_losses"],
-        "world_size": summary.get("world_size", 1), "threads": int(cell.get("threads") or 1),
-        "torch": torch.__version__, "code_commit": code_commit(), "machine": machine, "config": cell["config"],
+        "fraction": cell["fraction"], "split": cell["split"], "scores": scores, **_peak_memory(),
+        "threads": int(cell.get("threads") or 1), "torch": torch.__version__, "code_commit": code_commit(),
+        "machine": machine, "config": cell["config"],
         "base_sha256": file_sha256(weights) if cell.get("match", {}).get("base_sha256") and weights.is_file() else None,
+        **{k: v for k, v in cell.get("match", {}).items() if k != "base_sha256"},
     }
+    if cell.get("kind") != "base":
+        summary = json.loads((final_dir(ctx) / "summary.json").read_text())
+        steps, resumed = int(summary["steps"]), summary.get("resumed_from")
+        out.update({"trainable_parameters": int(summary["trainable_parameters"]), "steps": steps,
+                    "step_seconds": float(summary["seconds"]) / max(1, steps - int(resumed or 0)),
+                    "train_seconds": float(summary["seconds"]), "resumed_from": resumed,
+                    "final_train_loss": summary["final_train_loss"], "val_losses": summary["val_losses"],
+                    "world_size": summary.get("world_size", 1)})
     if long_context:
         out["long_context_cider"] = long_context
-    if cell.get("diagnostics"):
+    if cell.get("forgetting"):
+        out["forgetting"] = {"split": cell["forgetting"], "scores": _scores(ctx.run_dir / "forgetting")[0]}
+    if cell.get("diagnostics") and cell.get("kind") != "base":
         from pipeline.update_structure import update_structure
 
         out.update(update_structure(ctx))
     return out
 
 
+def forgetting_eval(ctx, split: str, models: tuple[str, ...] | None) -> None:
+    """The cell's model scored on `split` (what the base learned from) into run_dir/forgetting/: the
+    generation tasks and the test loss, without long-context captioning."""
+    import dataclasses
+
+    from pipeline.context import StageContext
+    from pipeline.evaluate import stage_eval
+
+    cfg = ctx.cfg
+    tasks = [t for t in cfg.eval.tasks if t != "long_context"]
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tasks=tasks, compare_base=False))
+    stage_eval(StageContext(cfg=cfg, run_dir=ctx.run_dir), models=models, folder="forgetting", split=split)
+
+
 def run_cell(spec: Path) -> dict[str, Any] | None:
-    """Run (or resume) the cell of spec file `spec`; write and return its result (None on other ranks)."""
+    """Run (or resume) the cell of spec file `spec`; write and return its result (None on other ranks).
+
+    A `kind: base` cell trains nothing: it scores the shared base model as the other cells are scored."""
     cell = json.loads(Path(spec).read_text())
     env = {k: str(v) for k, v in (cell.get("env") or {}).items()}
     if env and "torch" in sys.modules and any(os.environ.get(k) != v for k, v in env.items()):
@@ -187,6 +212,7 @@ def run_cell(spec: Path) -> dict[str, Any] | None:
 
     from pipeline.config import from_dict, save_config
     from pipeline.context import StageContext
+    from pipeline.evaluate import stage_eval
     from pipeline.runner import run_stages
     from pipeline.schema import RunConfig
 
@@ -198,11 +224,18 @@ def run_cell(spec: Path) -> dict[str, Any] | None:
         link_shared(cell, run_dir)
         save_config(cfg, run_dir / "config.yaml")
     state.wait_for_everyone()
-    stages = ["prepare", "base", "train"] + (["eval"] if cell.get("evaluate", True) else [])
-    run_stages(cfg, run_dir, stages)
+    ctx = StageContext(cfg=cfg, run_dir=run_dir)
+    base = cell.get("kind") == "base"
+    if base:
+        stage_eval(ctx, models=("base",))
+    else:
+        run_stages(cfg, run_dir, ["prepare", "base", "train"] + (["eval"] if cell.get("evaluate", True) else []))
+    if cell.get("forgetting"):
+        forgetting_eval(ctx, cell["forgetting"], ("base",) if base else ("adapted",))
+    state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    result = record(cell, StageContext(cfg=cfg, run_dir=run_dir), machine)
+    result = record(cell, ctx, machine)
     out = Path(cell["result"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -138,6 +138,9 @@ def _cell_env(cell: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+HEADLINE = ("test_loss", "caption.CIDEr", "vqav2.overall", "gqa.accuracy")  # shown on the progress bar
+
+
 def run_cells(cells: list[dict[str, Any]], jobs: int = 1, accelerate_config: str | None = None) -> list[dict[str, Any]]:
     """Run the cells that are not done, `jobs` at a time, each in its own process (its own peak memory, and
     a kill takes only that cell); returns every cell's result, in order. A failing cell stops the rest."""
@@ -168,8 +171,11 @@ def run_cells(cells: list[dict[str, Any]], jobs: int = 1, accelerate_config: str
                         raise UserError(f"cell {cid} failed (exit {proc.returncode}); its log {log_path} ends:\n  "
                                         + "\n  ".join(tail))
                     bar.update(1)
-                    scores = json.loads(Path(cell["result"]).read_text()).get("scores", {})
-                    bar.set_postfix_str(f"{cid}: " + ", ".join(f"{k} {v:.3g}" for k, v in list(scores.items())[:3]))
+                    result = json.loads(Path(cell["result"]).read_text())
+                    shown = {k: v for k, v in (result.get("scores") or {}).items() if k in HEADLINE}
+                    if not shown and result.get("val_losses"):
+                        shown = {"val loss": result["val_losses"][-1][1]}
+                    bar.set_postfix_str(f"{cid}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         finally:
             for proc, _, _ in running.values():  # stopped (an error, Ctrl-C, SIGTERM): no orphan cells
                 if proc.poll() is None:

@@ -12,6 +12,8 @@ arms, a low-data phase, a frozen base). Both become the same dictionary:
     lr                          {rank, seeds, scales, arms, inherit}: every arm gets the same candidates
     ranks, seeds                the grid, scored on the test split
     ablation_arms, long_context_arms, lowdata, frozen_base, diagnostics (optional)
+    score_base                  score the base model as the grid cells are scored (a row of its own)
+    forgetting                  a split the base learned from, scored before and after adaptation
     metric                      the primary metric (default: the teacher-forced test loss)
 """
 
@@ -37,7 +39,8 @@ METHODS = ("structlora", "lora", "dora", "adalora", "vera", "full")
 
 def plan_from_flags(config: Path, methods: list[str], ranks: list[int], seeds: int, lr_grid: list[float],
                     tune_seeds: int, metric: str, out: Path, threads: int, overrides: list[str] | None = None,
-                    diagnostics: bool = False) -> dict[str, Any]:
+                    diagnostics: bool = False, forgetting: str | None = None, results: Path | None = None
+                    ) -> dict[str, Any]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods) or len(methods) < 2:
         raise UserError(f"--methods {','.join(methods)}: name two or more different methods from {', '.join(METHODS)}")
@@ -46,10 +49,11 @@ def plan_from_flags(config: Path, methods: list[str], ranks: list[int], seeds: i
                         "seed, an interval needs two); --tune-seeds: at least 1")
     return normalize({
         "base_config": str(config), "overrides": list(overrides or []), "work_dir": str(out),
-        "results": str(Path(out) / "results"), "threads": threads, "budget": {},
+        "results": str(results or Path(out) / "results"), "threads": threads, "budget": {},
         "arms": {m: {"adapter": {"method": m}} for m in methods}, "reference": methods[0],
         "lr": {"rank": ranks[0], "seeds": list(range(tune_seeds)), "scales": list(lr_grid), "arms": list(methods)},
-        "ranks": list(ranks), "seeds": list(range(seeds)), "metric": metric, "diagnostics": diagnostics}, "command line")
+        "ranks": list(ranks), "seeds": list(range(seeds)), "metric": metric, "diagnostics": diagnostics,
+        "score_base": True, "forgetting": forgetting}, "command line")
 
 
 def load_plan(path: Path, out: Path | None, quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -102,6 +106,8 @@ def normalize(spec: dict[str, Any], source: str) -> dict[str, Any]:
         raise UserError(f"{source}: arms {orphans} get no learning rate: list them in lr.arms or lr.inherit")
     if spec.get("lowdata"):
         spec["lowdata"]["arms"] = [a for a in spec["lowdata"]["arms"] if a in arms]
+    spec.setdefault("score_base", False)
+    spec.setdefault("forgetting", None)
     spec["phases"] = [p for p in PHASES if p in ("lr", "grid") or spec.get(p)]
     return spec
 
@@ -144,13 +150,23 @@ def final_settings(plan: dict[str, Any], arm: str, gate, scales: dict[str, float
 
 
 def grid_cells(plan: dict[str, Any], gate, scales: dict[str, float]) -> list[dict[str, Any]]:
-    """Every arm x rank x seed at its chosen rate (full fine-tuning and ablations at the largest rank)."""
+    """Every arm x rank x seed at its chosen rate (full fine-tuning and ablations at the largest rank), seed-major
+    (a sitting's machine is then a block of seeds, which the paired comparisons remove), then the base model's
+    own scores (`score_base`); every scored cell also scores the `forgetting` split when the plan names one."""
     cells = []
     for arm in plan["arms"]:
         full = plan["arms"][arm].get("adapter", {}).get("method") == "full"
         for rank in plan["ranks"][-1:] if full or arm in plan["ablation_arms"] else plan["ranks"]:
             cells += [make_cell(plan, "grid", arm, final_settings(plan, arm, gate, scales, rank), seed, "test", True)
                       for seed in plan["seeds"]]
+    cells.sort(key=lambda c: c["seed"])
+    if plan.get("score_base"):
+        base = make_cell(plan, "base", "base", {}, 0, "test", True)
+        cells.append({**base, "kind": "base", "id": "base/base", "rank": None,
+                      "config": {**base["config"], "run_dir": str(Path(plan["work_dir"]) / "cells" / "base" / "base")},
+                      "result": str(Path(plan["results"]) / "cells" / "base" / "base.json")})
+    if plan.get("forgetting"):
+        cells = [{**c, "forgetting": plan["forgetting"]} for c in cells]
     return on_frozen_base(plan, "grid", cells)
 
 

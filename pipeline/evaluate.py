@@ -87,7 +87,12 @@ def classification_scores(model, processor, ctx: StageContext, device,
     return evaluate_classifier(model, batches, ks=(1, 5))
 
 
-def stage_eval(ctx: StageContext) -> dict[str, Any]:
+def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder: str = "eval",
+               split: str | None = None) -> dict[str, Any]:
+    """Score the adapted model (and the base with `eval.compare_base`) on `eval.split` into run_dir/eval/.
+
+    `structlora compare` also asks for other `models` ("adapted", "base"), another `split` (forgetting: the
+    split the base model learned from) and another `folder` of the run directory."""
     from accelerate import Accelerator
 
     from eval.harness import (
@@ -103,16 +108,19 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     from eval.report import headline
     from pipeline.stages import load_adapted, load_base
 
-    cfg, out = ctx.cfg, ctx.stage_dir("eval")
+    cfg, out = ctx.cfg, ctx.stage_dir(folder)
+    split = split or cfg.eval.split
     acc = Accelerator(cpu=not torch.cuda.is_available())
     tasks = [t for t in cfg.eval.tasks if t in (*GENERATION_TASKS, "long_context", "test_loss")]
     accounts: dict[str, Any] = {}  # task -> what its split holds, what was scored, what was lost and why
-    examples = {t: load_eval_examples(ctx, t, cfg.eval.split, cfg.eval.max_samples, accounts)
-                for t in tasks if t in GENERATION_TASKS}
+    # test_loss alone (no generation, e.g. `structlora compare` on the loss): the answers of every trained task
+    scored = [t for t in tasks if t in GENERATION_TASKS] or (
+        [t for t, w in cfg.data.tasks.items() if w > 0 and t in GENERATION_TASKS] if "test_loss" in tasks else [])
+    examples = {t: load_eval_examples(ctx, t, split, cfg.eval.max_samples, accounts) for t in scored}
     long_context = None
     if "long_context" in tasks:
         if "caption" not in examples:
-            examples["caption"] = load_eval_examples(ctx, "caption", cfg.eval.split, cfg.eval.max_samples, accounts)
+            examples["caption"] = load_eval_examples(ctx, "caption", split, cfg.eval.max_samples, accounts)
         chosen = examples["caption"][: cfg.eval.long_context_samples]
         pool = caption_filler_pool(load_eval_examples(ctx, "caption", "val", 200), [e["image_id"] for e in chosen])
         long_context = LongContextSettings(samples=cfg.eval.long_context_samples,
@@ -133,17 +141,18 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
         return found
 
     # one model on the device at a time: the adapted one, then (freed first) the base
-    models = [ModelEntry("adapted", lambda: load_adapted(ctx), f"{ctx.run_dir}/train/final", extra)]
-    if cfg.eval.compare_base:
-        models.append(ModelEntry("base", lambda: load_base(ctx), cfg.model.name_or_path or f"{ctx.run_dir}/base",
-                                 extra))
+    entries = {"adapted": ModelEntry("adapted", lambda: load_adapted(ctx), f"{ctx.run_dir}/train/final", extra),
+               "base": ModelEntry("base", lambda: load_base(ctx), cfg.model.name_or_path or f"{ctx.run_dir}/base",
+                                  extra)}
+    names = models or (("adapted", "base") if cfg.eval.compare_base else ("adapted",))
+    models = [entries[name] for name in names]
     results = evaluate_models(models, tasks, examples, out, acc, cfg.eval.batch_size, long_context,
                               conversation_metric=cfg.eval.conversation_metric, loss_max_length=cfg.data.max_length)
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return {}
     paths = write_outputs(results, out, f"{Path(ctx.run_dir).name}: {cfg.adapter.method} on {cfg.data.source}",
-                          reference="base" if cfg.eval.compare_base else None, plots=plots,
+                          reference="base" if len(models) > 1 and "base" in names else None, plots=plots,
                           samples=sample_counts(tasks, examples, cfg.eval.long_context_samples),
                           data={"eval": accounts, **_training_data(ctx)})
     acc.wait_for_everyone()

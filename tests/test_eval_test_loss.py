@@ -75,5 +75,13 @@ def test_two_models_are_compared_item_by_item_and_the_report_shows_the_loss(tmp_
 
 
 def test_test_loss_needs_a_task_whose_answers_it_scores():
+    from eval.harness import loss_tasks
+
     with pytest.raises(EvalInputError, match="'test_loss' scores the answers of other tasks"):
         check_inputs(["test_loss"], {}, None)
+    # alone, it scores every task whose samples were loaded (a loss-only eval: the eval stage loads the
+    # trained tasks); with generation tasks, exactly theirs (long-context's captions are not among them)
+    loaded = {"caption": [{"id": 1}], "vqav2": [{"id": 2}], "gqa": []}
+    check_inputs(["test_loss"], loaded, None)
+    assert loss_tasks(["test_loss"], loaded) == ["caption", "vqav2"]
+    assert loss_tasks(["vqav2", "long_context", "test_loss"], loaded) == ["vqav2"]

@@ -1,7 +1,8 @@
-"""bench/study_v2.py --quick: every phase (gate and lr searches on val loss, the grid on the test
-split with long-context captioning, the low-data arm), the statistics (bootstrap intervals, Holm,
-minimum detectable difference), CSVs, the learning-curve plot and the BENCHMARKS.md section, on a
-CI-sized grid; a re-run cell reproduces its numbers."""
+"""Plans of `structlora compare` (bench/study_v2.yaml, run by bench/study_v2.py --quick): every phase (gate and
+lr searches on val loss, the grid on the test split with long-context captioning and update diagnostics, the
+low-data arm), the statistics (bootstrap intervals, Holm, minimum detectable difference), CSVs, the
+learning-curve plot and the BENCHMARKS.md section, on a CI-sized grid; the frozen base; the committed study
+v2 cells reported again give study v2's tables."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import yaml
 from _procs import load_bench
 from safetensors.torch import load_file, save_file
 
+from eval import compare_stats, compare_tables
+from pipeline import compare, compare_plan
+from pipeline.compare_cell import machine_info
+from pipeline.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-_load = load_bench
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,8 @@ def quick_study(tmp_path_factory):
     study_file.write_text(yaml.safe_dump(spec))
     bench_md = tmp / "BENCHMARKS.md"
     bench_md.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
-    study = _load("study_v2")
-    args = [str(study_file), "--quick", "--jobs", "2", "--update-benchmarks", "--benchmarks-file", str(bench_md)]
+    study = load_bench("study_v2")
+    args = ["--plan", str(study_file), "--quick", "--jobs", "2", "--update-benchmarks", "--benchmarks-file", str(bench_md)]
     assert study.main(args) == 0
     return study, study_file, tmp, bench_md, args
 
@@ -49,7 +52,9 @@ def test_quick_study_runs_every_phase_and_writes_the_report(quick_study):
         assert all(len(c["val_losses"]) == 2 for c in groups[name])  # the learning curve: every eval_every steps
     for cell in groups["grid"] + groups["lowdata"]:
         assert cell["split"] == "test"
-        assert {"CIDEr", "VQA", "GQA", "loss_mean", "loss_caption", "loss_vqav2", "loss_gqa"} <= set(cell["scores"])
+        assert {"caption.CIDEr", "vqav2.overall", "gqa.accuracy", "test_loss", "test_loss.caption", "test_loss.vqav2",
+                "test_loss.gqa"} <= set(cell["scores"])
+        assert (tmp / "work" / "cells" / cell["id"] / "manifest.json").is_file()  # a run directory
         assert math.isfinite(cell["grad_adjacent_cosine"]) and math.isfinite(cell["drift_energy_normalized"])
     structlora = [c for c in groups["grid"] if c["name"] == "structlora"]
     assert all("kept_fraction" in c and "message_share_mean" in c for c in structlora)
@@ -72,7 +77,7 @@ def test_report_only_rebuilds_the_same_tables(quick_study):
     before = {name: (tmp / "results" / name).read_text() for name in ("study.md", "cells.csv", "tests.csv")}
     for name in before:
         (tmp / "results" / name).unlink()
-    assert study.main([str(study_file), "--quick", "--report-only"]) == 0
+    assert study.main(["--plan", str(study_file), "--quick", "--report-only"]) == 0
     after = {name: (tmp / "results" / name).read_text() for name in before}
     assert after["cells.csv"] == before["cells.csv"] and after["tests.csv"] == before["tests.csv"]
     # the tables are the same; only the command line in the first paragraph differs
@@ -105,18 +110,18 @@ def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
     env = yaml.safe_load((ROOT / "bench" / "study_v2.yaml").read_text())["frozen_base"]["env"]
     spec = yaml.safe_load(study_file.read_text())
     spec["quick"]["frozen_base"] = {"dir": str(frozen), "sha256": sha, "phases": ["grid"], "env": env,
-                                    "prepare_sha256": study.prepare_sha256(tmp / "work" / "shared" / "prepare")}
+                                    "prepare_sha256": compare_plan.prepare_sha256(tmp / "work" / "shared" / "prepare")}
     for key, value, error in (("sha256", "0" * 64, f"model.safetensors: sha256 {sha} is not frozen_base.sha256 0{{64}}"),
                               ("prepare_sha256", "1" * 64, "prepare: the prepared world's content hash")):
         bad = yaml.safe_load(yaml.safe_dump(spec))
         bad["quick"]["frozen_base"][key] = value
         (tmp / "bad.yaml").write_text(yaml.safe_dump(bad))
-        with pytest.raises(SystemExit, match=error):
-            study.main([str(tmp / "bad.yaml"), "--quick", "--phases", "grid"])
+        with pytest.raises(UserError, match=error):
+            study.main(["--plan", str(tmp / "bad.yaml"), "--quick", "--phases", "grid"])
     (tmp / "frozen.yaml").write_text(yaml.safe_dump(spec))
     before = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
     assert before and all(r["base_sha256"] == file_sha256(trained / "model.safetensors") for r in before.values())
-    assert study.main([str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid"]) == 0
+    assert study.main(["--plan", str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid"]) == 0
     after = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
     assert after.keys() == before.keys()
     for name, result in after.items():  # every cell ran again, on the frozen base, and says where it ran
@@ -129,98 +134,97 @@ def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
 
 
 def test_frozen_phases_run_seed_major_and_record_the_base_as_a_condition(tmp_path):
-    study = _load("study_v2")
-    spec = _study_spec(study, tmp_path)
+    spec = _study_spec(tmp_path)
     cells = [{"id": f"{arm}-s{seed}", "seed": seed} for arm in ("lora", "dora") for seed in (0, 1)]
-    frozen = study.on_frozen_base(spec, "grid", cells)
+    frozen = compare_plan.on_frozen_base(spec, "grid", cells)
     assert [c["id"] for c in frozen] == ["lora-s0", "dora-s0", "lora-s1", "dora-s1"]
     assert all(c["match"] == {"base_sha256": spec["frozen_base"]["sha256"]} and c["env"] == spec["frozen_base"]["env"]
                and c["shared"].endswith("shared_frozen") for c in frozen)
-    assert study.on_frozen_base(spec, "lr", cells) == cells  # the selection phases keep their cells
-    one = _load("study_cell").machine_info()
-    assert one["numerics_fingerprint"] == _load("study_cell").machine_info()["numerics_fingerprint"]
+    assert compare_plan.on_frozen_base(spec, "lr", cells) == cells  # the selection phases keep their cells
+    assert machine_info()["numerics_fingerprint"] == machine_info()["numerics_fingerprint"]
 
 
 def test_an_unfinished_study_is_not_reported_unless_partial(tmp_path):
-    study = _load("study_v2")
+    study = load_bench("study_v2")
     spec = yaml.safe_load((ROOT / "bench" / "study_v2.yaml").read_text())
     spec["quick"]["work_dir"] = str(tmp_path / "work")
     spec["quick"]["results"] = str(tmp_path / "results")
     study_file = tmp_path / "s.yaml"
     study_file.write_text(yaml.safe_dump(spec))
-    with pytest.raises(SystemExit, match="not finished"):
-        study.main([str(study_file), "--quick", "--report-only"])
-    assert study.main([str(study_file), "--quick", "--report-only", "--partial"]) == 0
+    with pytest.raises(UserError, match="not finished"):
+        study.main(["--plan", str(study_file), "--quick", "--report-only"])
+    assert study.main(["--plan", str(study_file), "--quick", "--report-only", "--partial"]) == 0
     assert "Partial report" in (tmp_path / "results" / "study.md").read_text()
 
 
 def test_statistics():
-    report = _load("study_v2_report")
+    report = compare_stats
     assert report.holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
     lo, hi = report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert 1.0 <= lo < 3.0 < hi <= 5.0
     # paired t, alpha 0.05 two-sided, power 0.8, n = 5: (t_0.975,4 + t_0.8,4) * sd / sqrt(5)
     assert report.min_detectable(1.0, 5) == pytest.approx((2.7764 + 0.9410) / 5**0.5, rel=1e-3)
     assert math.isnan(report.min_detectable(0.0, 5)) and math.isnan(report.paired_p([1.0, 1.0]))
-    c = report.compare([{"seed": s, "scores": {"GQA": v}} for s, v in enumerate([50, 52, 51])],
-                       [{"seed": s, "scores": {"GQA": v}} for s, v in enumerate([48, 49, 50])], "GQA", 1.0)
+    c = report.compare(dict(enumerate([50, 52, 51])), dict(enumerate([48, 49, 50])))
     assert c["n"] == 3 and c["diff"] == pytest.approx(2.0)
 
 
 def test_the_low_data_table_shows_whether_the_model_overfits():
-    report = _load("study_v2_report")
+    report = compare_tables
     spec = {"lowdata": {"arms": ["lora", "structlora"], "fractions": [0.1, 0.02]}}
 
     def cell(seed, curve, train, fraction=0.02):
-        return {"name": "lora", "seed": seed, "fraction": fraction, "scores": {"loss_mean": 1.0},
+        return {"name": "lora", "seed": seed, "fraction": fraction, "scores": {"test_loss": 1.0},
                 "final_train_loss": train, "val_losses": [[100 * (i + 1), v] for i, v in enumerate(curve)]}
 
     # val loss turns up after its minimum (seed 0 at step 200, seed 1 at step 300), train loss keeps falling
     rows = report.lowdata_table(spec, [cell(0, [2.0, 1.5, 1.2, 1.1], 0.9, fraction=0.1),
-                                       cell(0, [2.0, 1.0, 1.5, 1.8], 0.2), cell(1, [2.0, 1.4, 1.2, 1.6], 0.4)])
+                                       cell(0, [2.0, 1.0, 1.5, 1.8], 0.2), cell(1, [2.0, 1.4, 1.2, 1.6], 0.4)],
+                                [report.metric_of("test_loss")])
     assert len(rows) == 4 and rows[2].startswith("| 10% | lora | 1.0000 |") and "(step 400)" in rows[2]
     assert rows[3].startswith("| 2% | lora | 1.0000 ± 0.0000 |") and rows[3].endswith("| 2 |")
     assert "| 0.3000 ± 0.1414 | 1.1000 ± 0.1414 (steps 200-300) | 1.7000 ± 0.1414 |" in rows[3]
 
 
 def test_ablations_are_compared_with_structlora_in_a_family_of_their_own():
-    report = _load("study_v2_report")
+    report = compare_tables
     spec = {"arms": {"lora": {}, "structlora": {}, "structlora_paper": {}, "no_ib": {}},
             "ablation_arms": ["no_ib", "no_coordinator"]}
 
     def cell(name, rank, seed, loss):
-        return {"name": name, "rank": rank, "seed": seed, "scores": {"loss_mean": loss}}
+        return {"name": name, "rank": rank, "seed": seed, "scores": {"test_loss": loss}}
 
     grid = [cell("lora", r, s, 9.0) for r in (4, 16) for s in range(3)]
     grid += [cell("structlora", r, s, 1.0 + 0.01 * s) for r in (4, 16) for s in range(3)]
     grid += [cell("structlora_paper", r, s, 1.5 + 0.02 * s) for r in (4, 16) for s in range(3)]
     grid += [cell("no_ib", 16, s, 0.9 + 0.01 * s + 0.001 * (s == 1)) for s in range(3)]
-    rows = report.ablation_comparisons(spec, grid)
+    metrics = [report.metric_of("test_loss")]
+    rows = report.ablation_comparisons(spec, grid, metrics)
     assert {(c["arm"], c["rank"]) for c in rows} == {("structlora_paper", 4), ("structlora_paper", 16), ("no_ib", 16)}
     assert all(c["reference"] == "structlora" and c["group"] == "ablation" and c["metric"] == "test loss" for c in rows)
     by = {(c["arm"], c["rank"]): c for c in rows}
     assert by[("structlora_paper", 4)]["diff"] == pytest.approx(0.51)
     assert by[("no_ib", 16)]["diff"] == pytest.approx(-0.1 + 0.001 / 3)
-    assert report.ablation_comparisons({**spec, "arms": {"lora": {}, "structlora": {}}, "ablation_arms": []}, grid) == []
+    assert report.ablation_comparisons({**spec, "arms": {"lora": {}, "structlora": {}}, "ablation_arms": []}, grid,
+                                       metrics) == []
 
 
 def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
-    study = _load("study_v2")
-
     def cells(losses, kept):
         return [{"seed": s, "val_losses": [[1200, v]], "kept_fraction": kept} for s, v in enumerate(losses)]
 
     results = {"dense_best": cells([1.40, 1.50], 1.0),        # the lowest mean loss, keeps every direction
                "sparse_tied": cells([1.41, 1.49], 0.6),       # +0.00 on average: as good, sparser -> chosen
                "sparse_worse": cells([1.50, 1.60], 0.3)}      # +0.10 on both seeds (SE 0): worse
-    assert study.pick(dict.fromkeys(results), results) == "sparse_tied"
+    assert compare.pick(dict.fromkeys(results), results) == "sparse_tied"
     results["sparse_tied"] = cells([1.45, 1.55], 0.6)         # +0.05 on both seeds: no longer as good
-    assert study.pick(dict.fromkeys(results), results) == "dense_best"
+    assert compare.pick(dict.fromkeys(results), results) == "dense_best"
 
 
-def _study_spec(study, tmp_path) -> dict:
-    spec = study.load_spec(ROOT / "bench" / "study_v2.yaml", quick=False)
-    spec["work_dir"], spec["results"] = str(tmp_path / "work"), str(tmp_path / "results")
+def _study_spec(tmp_path) -> dict:
+    spec = compare_plan.load_plan(ROOT / "bench" / "study_v2.yaml", tmp_path / "work")
+    spec["base_config"] = str(ROOT / "bench" / "study_v2_config.yaml")
+    spec["frozen_base"]["dir"] = str(ROOT / spec["frozen_base"]["dir"])
     return spec
 
 
@@ -228,8 +232,7 @@ def _gate_search(tmp_path, max_stages: int, landscape):
     """The gate phase on variants c_none_l0 and d_none_l0_as_lora with 4 refinements, every cell
     "trained" by `landscape(config) -> (val loss, kept share)` (plus a small per-seed offset).
     Returns (spec, chosen settings, report rows, the cell ids of each runner call)."""
-    study = _load("study_v2")
-    spec = _study_spec(study, tmp_path)
+    spec = _study_spec(tmp_path)
     g = spec["gate"]
     g["variants"] = {k: g["variants"][k] for k in ("c_none_l0", "d_none_l0_as_lora")}
     g["refine"] = {k: g["refine"][k] for k in ("lr_gate_1x", "ib_0", "ib_1e-2", "ib_1e-1")}
@@ -245,7 +248,7 @@ def _gate_search(tmp_path, max_stages: int, landscape):
                         "val_losses": [[1200, loss + 0.001 * c["seed"] * (1 + kept)]]})
         return out
 
-    gate, rows = study.gate_phase(spec, runner)
+    gate, rows = compare.gate_phase(spec, runner)
     return spec, gate, rows, ran
 
 
@@ -279,8 +282,7 @@ def test_the_gate_search_refines_the_choice_of_each_stage(tmp_path):
 
 
 def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
-    study, report = _load("study_v2"), _load("study_v2_report")
-    spec = _study_spec(study, tmp_path)
+    spec = _study_spec(tmp_path)
     spec["lr"].update(arms=["lora", "structlora"], inherit={"no_ib": "structlora"})
 
     def runner(cells):  # LoRA's cells are finished, StructLoRA's are still running
@@ -288,9 +290,9 @@ def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
                  "val_losses": [[1200, 1.5 - 0.1 * (c["config"]["train"]["lr"] > 5e-3)]]}
                 for c in cells if c["name"].startswith("lora.")]
 
-    chosen, rows = study.lr_phase(spec, {}, runner)
+    chosen, rows = compare.lr_phase(spec, {}, runner)
     assert chosen == {"lora": 2.0}
-    table = "\n".join(report.lr_table(rows, chosen, spec, gate_cells=4))
+    table = "\n".join(compare_tables.lr_table(rows, chosen, spec, gate_cells=4))
     lora_cells = sum(1 for r in rows if r["arm"] == "lora")
     structlora_cells = sum(1 for r in rows if r["arm"] == "structlora") + 4
     assert f"| x2 (edge of the grid) | 0.01 | {lora_cells} |" in table, "a choice at the grid's edge is flagged"
@@ -318,3 +320,26 @@ def test_the_gate_search_stops_when_the_choice_stays_and_reuses_what_it_trained(
         "gate3/d_none_l0_as_lora+ib_1e-1+lr_gate_1x-r8-s0", "gate3/d_none_l0_as_lora+ib_1e-1+lr_gate_1x-r8-s1"]
     assert len(ran) == len(set(ran)) == 2 * (2 + 3 + 1)  # nothing trained twice
     assert {r["candidate"] for r in rows if r["chosen"]} == {"d_none_l0_as_lora+ib_1e-1"}
+
+
+def test_the_committed_study_v2_cells_give_study_v2s_tables_again(tmp_path):
+    """The command is the study: report-only over the committed cells (matched by their whole config, the
+    frozen base's sha256 included) rebuilds every table of bench/results/study_v2/study.md."""
+    results = ROOT / "bench" / "results" / "study_v2"
+    shutil.copytree(results / "cells", tmp_path / "cells")
+    plan = _study_spec(tmp_path)
+    plan["results"] = str(tmp_path)
+    out = compare.run_compare(plan, report_only=True, command="test", report={"name": "study", "title": "t"})
+    assert out["missing"] == []
+    old = [x for x in (results / "study.md").read_text().splitlines() if x.startswith(("|", "###", "Tuning", "Chosen"))]
+    new = Path(out["report"]).read_text().splitlines()
+    position = 0
+    for line in old:  # every line, in order (the report adds the cost table after them)
+        assert line in new[position:], line
+        position = new.index(line, position) + 1
+    assert len(old) > 150
+    changed = compare_plan.load_plan(ROOT / "bench" / "study_v2.yaml", tmp_path / "work")
+    changed["base_config"] = str(ROOT / "configs" / "tiny.yaml")  # today's tiny.yaml: other configs, no cell reused
+    changed["results"] = str(tmp_path)
+    with pytest.raises(UserError, match="cells are not finished"):
+        compare.run_compare(changed, report_only=True)

@@ -1,0 +1,167 @@
+"""`structlora compare` as a user runs it: the smoke config, 2 methods x 2 seeds x a 2-point lr grid; killed
+mid-cell and resumed it gives the report of an uninterrupted run; a changed config reuses no cell; the Slurm
+launcher writes one job array per phase whose tasks run the cells; report-only gathers them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _procs import ROOT, cpu_env
+
+from pipeline.compare_cells import comparable
+
+SMALL = ["--set", "train.max_steps=12", "--set", "train.save_every=3", "--set", "train.eval_every=6",
+         "--set", "train.val_batches=1", "--set", "eval.max_samples=4", "--set", "eval.tasks=[test_loss]"]
+
+
+def compare(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "compare", str(ROOT / "configs" / "smoke.yaml"),
+            "--methods", "lora,structlora", "--seeds", "2", "--lr-grid", "1,2", "--out", str(out), "--jobs", "2",
+            "--forgetting-split", "base",
+            *SMALL, *extra]
+
+
+def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def tables(report: Path) -> list[str]:
+    """The report's lines that are results (tables and headings), not the cost section's timings."""
+    lines = report.read_text().splitlines()
+    cut = lines.index("### Cost per arm (grid cells)") if "### Cost per arm (grid cells)" in lines else len(lines)
+    return [x for x in lines[:cut] if x.startswith(("|", "###"))]
+
+
+def results(out: Path) -> dict[str, dict]:
+    return {p.relative_to(out / "results" / "cells").as_posix(): json.loads(p.read_text())
+            for p in sorted((out / "results" / "cells").rglob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compare") / "a"
+    run(compare(out))
+    return out
+
+
+def test_the_comparison_runs_every_phase_as_run_directories(uninterrupted):
+    out = uninterrupted
+    cells = results(out)
+    assert sorted(cells) == ["base/base.json", "grid/lora-r8-s0.json", "grid/lora-r8-s1.json", "grid/structlora-r8-s0.json",
+                             "grid/structlora-r8-s1.json", "lr/lora.x1-r8-s0.json", "lr/lora.x2-r8-s0.json",
+                             "lr/structlora.x1-r8-s0.json", "lr/structlora.x2-r8-s0.json"]
+    base = cells.pop("base/base.json")  # the base model, scored as the grid cells are: nothing trained
+    assert base["scores"].keys() == cells["grid/lora-r8-s0.json"]["scores"].keys() and "steps" not in base
+    assert base["forgetting"]["split"] == "base" and "test_loss.caption" in base["forgetting"]["scores"]
+    for name, cell in cells.items():
+        run_dir = out / "cells" / name[: -len(".json")]
+        manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+        assert (run_dir / "config.yaml").is_file() and (run_dir / "base").resolve() == (out / "shared" / "base").resolve()
+        assert any((run_dir / "train" / "checkpoints").glob("step-*")), "a cell keeps its checkpoints"
+        if name.startswith("lr/"):  # chosen on validation loss: the lr cells never see the test split
+            assert set(manifest) == {"prepare", "base", "train"} and cell["split"] == "val" and not cell["scores"]
+        else:
+            assert manifest["eval"]["status"] == "done" and cell["split"] == "test"
+            assert {"test_loss", "test_loss.caption", "test_loss.vqav2", "test_loss.gqa"} <= set(cell["scores"])
+            assert cell["forgetting"]["scores"].keys() == base["forgetting"]["scores"].keys()
+            assert cell["base_id"] == base["base_id"] and len(cell["base_id"]) == 16
+        assert len(cell["val_losses"]) == 2 and cell["trainable_parameters"] > 0 and cell["peak_rss_mb"] > 0
+    chosen = json.loads((out / "results" / "report.json").read_text())["lr_scales"]
+    assert set(chosen) == {"lora", "structlora"} and set(chosen.values()) <= {1.0, 2.0}
+    for name, cell in cells.items():  # the grid trains each arm at the rate its lr cells chose
+        if name.startswith("grid/"):
+            lr = cells[f"lr/{cell['name']}.x{chosen[cell['name']]:g}-r8-s0.json"]["config"]["train"]["lr"]
+            assert cell["config"]["train"]["lr"] == lr
+    text = (out / "results" / "report.md").read_text()
+    for heading in ("### 2. Learning rate per arm", "### 3. Test split", "### Effects against lora", "### Power",
+                    "### Forgetting: the `base` split", "### Cost per arm", "![learning curves](learning_curves.png)",
+                    "| | base model (not adapted) | " + f"{base['scores']['test_loss']:.4f} |"):
+        assert heading in text, heading
+    assert "Tuning cells per arm: lora 2, structlora 2. Every arm had the same tuning budget." in text
+    assert (out / "results" / "learning_curves.png").stat().st_size > 0
+
+
+def test_killed_mid_cell_it_resumes_to_the_report_of_an_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    shutil.copytree(uninterrupted / "shared", out / "shared", symlinks=True)  # the same prepare + base
+    proc = subprocess.Popen(compare(out), env=cpu_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed = time.monotonic() + 600, None
+    while time.monotonic() < deadline and proc.poll() is None and killed is None:
+        for run_dir in (out / "cells" / "grid").glob("*"):
+            if any((run_dir / "train" / "checkpoints").glob("step-*/COMPLETE")) and not (run_dir / "train" / "final").exists():
+                killed = run_dir.name
+                break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole launch, as a scheduler or Ctrl-C stops it
+    proc.wait()
+    assert killed is not None, "the comparison finished before a grid cell could be killed mid-training"
+    assert not (out / "results" / "cells" / "grid" / f"{killed}.json").exists()
+    run(compare(out))
+    again = results(out)
+    assert again[f"grid/{killed}.json"]["resumed_from"] is not None, "the killed cell resumed from its checkpoint"
+    first = results(uninterrupted)
+    assert sorted(again) == sorted(first)
+    for name in first:
+        for key in ("scores", "forgetting", "val_losses", "final_train_loss", "steps"):
+            assert again[name].get(key) == first[name].get(key), (name, key)
+        assert comparable(again[name]["config"]) == comparable(first[name]["config"])  # all but its folder
+    assert tables(out / "results" / "report.md") == tables(uninterrupted / "results" / "report.md")
+    report = json.loads((out / "results" / "report.json").read_text())
+    assert report["tests"] == json.loads((uninterrupted / "results" / "report.json").read_text())["tests"]
+
+
+def test_a_changed_config_reuses_no_cell(uninterrupted):
+    command = compare(uninterrupted, "--set", "train.lr=1.0e-3", "--report-only")
+    proc = run(command, check=False)
+    assert proc.returncode == 2 and "cells are not finished" in proc.stderr, proc.stderr
+    proc = run(compare(uninterrupted, "--report-only", "--metric", "caption.CIDEr"), check=False)
+    assert proc.returncode == 2 and "--metric caption.CIDEr: no cell has it" in proc.stderr
+    assert "test_loss.caption" in proc.stderr
+
+
+def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(uninterrupted, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    shutil.copytree(uninterrupted / "shared", out / "shared", symlinks=True)
+    slurm = ["--launcher", "slurm", "--sbatch=--gres=gpu:1", "--sbatch=--time=02:00:00"]
+    run(compare(out, *slurm))
+    script = (out / "slurm" / "lr.sbatch").read_text()
+    specs = (out / "slurm" / "lr.cells").read_text().splitlines()
+    assert "#SBATCH --array=0-3" in script and "#SBATCH --gres=gpu:1" in script and len(specs) == 4
+    assert 'exec python -m pipeline.compare_cell "$SPEC"' in script and not (out / "results" / "cells").exists()
+    assert sorted(json.loads(Path(s).read_text())["id"] for s in specs) == [
+        "lr/lora.x1-r8-s0", "lr/lora.x2-r8-s0", "lr/structlora.x1-r8-s0", "lr/structlora.x2-r8-s0"]
+    # the scheduler runs array task 0: the script itself, with the task's id
+    env = dict(cpu_env(), SLURM_ARRAY_TASK_ID="0", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["bash", str(out / "slurm" / "lr.sbatch")], env=env, check=True, capture_output=True, timeout=600)
+    done = json.loads(Path(specs[0]).read_text())["id"]
+    assert (out / "results" / "cells" / f"{done}.json").is_file()
+    for name in results(uninterrupted):  # the other tasks "ran" elsewhere: their records arrive
+        if name.startswith("lr/") and name != f"{done}.json":
+            (out / "results" / "cells" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(uninterrupted / "results" / "cells" / name, out / "results" / "cells" / name)
+    run(compare(out, *slurm))  # the lr phase is done: the grid's array
+    grid = (out / "slurm" / "grid.cells").read_text().splitlines()  # 2 arms x 2 seeds, and the base's scores
+    assert "#SBATCH --array=0-4" in (out / "slurm" / "grid.sbatch").read_text() and len(grid) == 5
+    proc = run(compare(out, "--report-only"), check=False)
+    assert proc.returncode == 2 and "5 cells are not finished" in proc.stderr
+    for name in results(uninterrupted):
+        if name.startswith(("grid/", "base/")):
+            (out / "results" / "cells" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(uninterrupted / "results" / "cells" / name, out / "results" / "cells" / name)
+    assert "report:" in run(compare(out, *slurm)).stdout  # nothing left to submit: the report
+    run(compare(out, "--report-only"))
+    assert tables(out / "results" / "report.md") == tables(uninterrupted / "results" / "report.md")
