@@ -132,26 +132,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _budget_line(plan, grid_or_any: dict[str, Any] | None) -> str:
-    """What every cell did, from a cell's own config (the plan's budget merged into the CONFIG)."""
-    from pipeline.config import from_dict
-    from pipeline.schema import RunConfig
-
-    if not (grid_or_any or {}).get("config"):
-        return ""
-    cfg = from_dict(RunConfig, grid_or_any["config"], source=grid_or_any["id"])  # with the defaults it ran with
-    train, ev = cfg.train, cfg.eval
-    samples = "the whole test split" if ev.max_samples is None else f"{ev.max_samples} test samples per task"
-    return (f"Every cell: the prepared data of `{plan['base_config']}` and its base model, then {train.max_steps} "
-            f"steps of batch {train.batch_size}, validation loss every {train.eval_every} steps on "
-            f"{train.val_batches} fixed batches; grid cells are scored on {samples}.")
-
-
 def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command: str,
                  missing: list[str] | None = None, name: str = "report", title: str = "structlora compare",
-                 link_root: Path | None = None, base: dict[str, Any] | None = None) -> Path:
+                 link_root: Path | None = None, base: dict[str, Any] | None = None, budget: str = "") -> Path:
     """Write the report files into plan['results']; returns the markdown file. Image links are relative to
-    `link_root` (default: the results folder, where report.md is)."""
+    `link_root` (default: the results folder, where report.md is); `budget` says what every cell did."""
     out = Path(plan["results"])
     out.mkdir(parents=True, exist_ok=True)
     ref, arms = plan["reference"], list(plan["arms"])
@@ -172,7 +157,7 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     primary = metrics[0].label if metrics else plan.get("metric", "test_loss")
     lower = metrics[0].lower_better if metrics else True
     lines = [f"Command: `{command}` (date {datetime.date.today().isoformat()}, torch {first.get('torch')}, "
-             f"{first.get('threads')} thread(s) per cell). {_budget_line(plan, (grid or [None])[0])} "
+             f"{first.get('threads')} thread(s) per cell). {budget}{' ' if budget else ''}"
              f"Primary metric: {'teacher-forced ' if primary == 'test loss' else ''}{primary} "
              f"({'lower' if lower else 'higher'} is better).",
              "", _commits_line(gate_rows + lr_rows + grid + list(lowdata)),

@@ -44,9 +44,9 @@ def report_metrics(results: list[dict[str, Any]], primary: str) -> list[Metric]:
     top-1, the conversation metrics). A primary metric no cell has is an error that lists what there is."""
     have = {k for r in results for k in normalized_scores(r)}
     if results and primary not in have:
-        from pipeline.errors import UserError
+        from eval.errors import EvalInputError
 
-        raise UserError(f"--metric {primary}: no cell has it; the cells have " + ", ".join(sorted(have)))
+        raise EvalInputError(f"--metric {primary}: no cell has it; the cells have " + ", ".join(sorted(have)))
     keys = [primary] + [k for k in KNOWN if k in have and k != primary]
     keys += sorted(k for k in have if k.startswith("conversations.") and k != primary)
     return [metric_of(k) for k in keys]

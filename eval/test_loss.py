@@ -6,7 +6,7 @@ example trains on one of its references, picked by a fixed seed) and the model's
 cross-entropy of every labelled token. Per task:
 
 - ``loss``: the token-weighted mean over the split (every answer token counts once: the method
-  study's primary metric, `bench/study_cell.py`);
+  study's primary metric and `structlora compare`'s);
 - ``per_item``: each example's mean token loss (image_id, question_id or conversation id), which the
   paired bootstrap between models compares;
 - ``tokens``, ``num_examples`` and ``dropped`` (examples too long for `max_length`).

@@ -186,6 +186,21 @@ def prepare_shared(plan: dict[str, Any]) -> Path:
     return shared
 
 
+def budget_line(plan, grid_or_any: dict[str, Any] | None) -> str:
+    """What every cell did, from a cell's own config (the plan's budget merged into the CONFIG)."""
+    from pipeline.config import from_dict
+    from pipeline.schema import RunConfig
+
+    if not (grid_or_any or {}).get("config"):
+        return ""
+    cfg = from_dict(RunConfig, grid_or_any["config"], source=grid_or_any["id"])  # with the defaults it ran with
+    train, ev = cfg.train, cfg.eval
+    samples = "the whole test split" if ev.max_samples is None else f"{ev.max_samples} test samples per task"
+    return (f"Every cell: the prepared data of `{plan['base_config']}` and its base model, then {train.max_steps} "
+            f"steps of batch {train.batch_size}, validation loss every {train.eval_every} steps on "
+            f"{train.val_batches} fixed batches; grid cells are scored on {samples}.")
+
+
 def base_identity(shared: Path) -> str:
     """What the cells adapt, as one id: the sha256 of the shared base model's weights (small models), else its
     manifest record (a base too large to hash, or a model from the hub: the config's name and revision)."""
@@ -264,7 +279,8 @@ def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", ph
     if slurm:
         return {"report": None, "missing": missing, "slurm": str(slurm[0])}
     path = write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command=command, missing=missing,
-                        base=base[0] if base else None, **(report or {}))
+                        base=base[0] if base else None, budget=budget_line(plan, (grid or [None])[0]),
+                        **(report or {}))
     return {"report": str(path), "missing": missing, "slurm": None}
 
 

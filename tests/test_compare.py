@@ -37,10 +37,22 @@ def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 
 def tables(report: Path) -> list[str]:
-    """The report's lines that are results (tables and headings), not the cost section's timings."""
+    """The report's lines that are results (tables and headings), without timings (the cost section, the grid
+    table's step time): what a re-run must reproduce."""
     lines = report.read_text().splitlines()
     cut = lines.index("### Cost per arm (grid cells)") if "### Cost per arm (grid cells)" in lines else len(lines)
-    return [x for x in lines[:cut] if x.startswith(("|", "###"))]
+    out, timed = [], None
+    for line in lines[:cut]:
+        if not line.startswith("|"):
+            timed = None
+            if line.startswith("###"):
+                out.append(line)
+            continue
+        cells = line.split("|")
+        if timed is None and "step (ms)" in [c.strip() for c in cells]:
+            timed = [c.strip() for c in cells].index("step (ms)")
+        out.append("|".join(c for i, c in enumerate(cells) if i != timed))
+    return out
 
 
 def results(out: Path) -> dict[str, dict]:

@@ -343,3 +343,33 @@ def test_the_committed_study_v2_cells_give_study_v2s_tables_again(tmp_path):
     changed["results"] = str(tmp_path)
     with pytest.raises(UserError, match="cells are not finished"):
         compare.run_compare(changed, report_only=True)
+
+
+def test_flags_make_a_plan_and_bad_flags_say_what_is_wrong(tmp_path, capsys):
+    from pipeline.cli import main
+
+    smoke = ROOT / "configs" / "smoke.yaml"
+    plan = compare_plan.plan_from_flags(smoke, ["lora", "structlora"], [4, 8], 3, [1.0], 1, "test_loss",
+                                        tmp_path, threads=1, forgetting="base")
+    assert plan["reference"] == "lora" and plan["seeds"] == [0, 1, 2] and plan["lr"]["rank"] == 4
+    assert plan["phases"] == ["lr", "grid"] and plan["score_base"] and plan["results"] == str(tmp_path / "results")
+    scales, rows = compare.lr_phase(plan, None, lambda cells: pytest.fail("one lr candidate: no cell runs"))
+    assert scales == {"lora": 1.0, "structlora": 1.0} and rows == []
+    cells = compare_plan.grid_cells(plan, None, scales)
+    grid, base = cells[:-1], cells[-1]
+    assert [c["seed"] for c in grid] == sorted(c["seed"] for c in grid) and len(grid) == 2 * 2 * 3  # seed-major
+    assert base["kind"] == "base" and base["id"] == "base/base" and all(c["forgetting"] == "base" for c in cells)
+    assert {c["config"]["adapter"]["rank"] for c in grid} == {4, 8}
+    assert all(c["config"]["eval"]["split"] == "test" and c["evaluate"] for c in cells)
+    with pytest.raises(UserError, match="change data, which every cell shares"):
+        compare_plan.make_cell(plan, "grid", "lora", {"data": {"max_length": 64}}, 0, "test", True)
+    for methods, seeds, error in ((["lora"], 3, "two or more different methods"),
+                                  (["lora", "lora"], 3, "two or more different methods"),
+                                  (["lora", "qlora"], 3, "two or more different methods"),
+                                  (["lora", "dora"], 1, "at least 2")):
+        with pytest.raises(UserError, match=error):
+            compare_plan.plan_from_flags(smoke, methods, [8], seeds, [1.0], 1, "test_loss", tmp_path, threads=1)
+    assert main(["compare", str(smoke), "--out", str(tmp_path)]) == 2
+    assert "--methods: name the methods to compare" in capsys.readouterr().err
+    assert main(["compare", str(smoke), "--methods", "lora,dora", "--lr-grid", "1,x", "--out", str(tmp_path)]) == 2
+    assert "--lr-grid 1,x: expected comma-separated numbers" in capsys.readouterr().err

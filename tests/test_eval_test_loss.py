@@ -28,7 +28,8 @@ def _examples() -> dict[str, list[dict]]:
 
 
 def _study_loss(model, processor, examples, batch_size=2, max_length=4096) -> float:
-    """bench/study_cell.py's definition: model(**batch).loss weighted by each batch's label tokens."""
+    """Study v2's definition (its cells, bench/study_cell.py, now retired): model(**batch).loss weighted by
+    each batch's label tokens."""
     collate = LlavaCollator(processor, max_length=max_length, seed=0)
     total = tokens = 0.0
     with torch.no_grad():
