@@ -160,7 +160,7 @@ def record(cell: dict[str, Any], ctx, machine: dict[str, Any]) -> dict[str, Any]
         "fraction": cell["fraction"], "split": cell["split"], "scores": scores, **_peak_memory(),
         "threads": int(cell.get("threads") or 1), "torch": torch.__version__, "code_commit": code_commit(),
         "machine": machine, "config": cell["config"],
-        "base_sha256": file_sha256(weights) if cell.get("match", {}).get("base_sha256") and weights.is_file() else None,
+        "base_sha256": file_sha256(weights) if weights.is_file() and weights.stat().st_size < 2**31 else None,
         **{k: v for k, v in cell.get("match", {}).items() if k != "base_sha256"},
     }
     if cell.get("kind") != "base":

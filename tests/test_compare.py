@@ -5,6 +5,7 @@ launcher writes one job array per phase whose tasks run the cells; report-only g
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -177,3 +178,23 @@ def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(unint
     assert "report:" in run(compare(out, *slurm)).stdout  # nothing left to submit: the report
     run(compare(out, "--report-only"))
     assert tables(out / "results" / "report.md") == tables(uninterrupted / "results" / "report.md")
+
+
+def test_a_cell_under_accelerate_launch_trains_on_every_rank_and_records_once(uninterrupted, tmp_path):
+    """--accelerate-config: the cell runs under `accelerate launch --config_file FILE` (here two gloo ranks on
+    the CPU); the ranks train together, the main process writes the one result."""
+    from pipeline.compare_cells import launch_command, write_spec
+
+    cell = json.loads((uninterrupted / "cells" / "grid" / "structlora-r8-s1" / "cell.json").read_text())
+    cell["config"]["run_dir"] = str(tmp_path / "cell")
+    cell["result"] = str(tmp_path / "result.json")
+    cell["forgetting"] = None
+    command = launch_command(write_spec(cell), str(ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"))
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" /
+                                                                                    "cpu_ddp.yaml")]
+    proc = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 12 and math.isfinite(result["scores"]["test_loss"])
+    summary = json.loads((tmp_path / "cell" / "train" / "final" / "summary.json").read_text())
+    assert len(summary["rank_checksums"]) == 2

@@ -84,18 +84,6 @@ def test_report_only_rebuilds_the_same_tables(quick_study):
     assert after["study.md"].split("\n", 3)[3] == before["study.md"].split("\n", 3)[3]
 
 
-def test_a_rerun_cell_reproduces_its_numbers(quick_study):
-    study, study_file, tmp, _, args = quick_study
-    path = next((tmp / "results" / "cells" / "grid").glob("structlora-*-s1.json"))
-    first = json.loads(path.read_text())
-    path.unlink()
-    shutil.rmtree(tmp / "work" / "cells" / "grid" / path.stem)
-    assert study.main(args) == 0
-    again = json.loads(path.read_text())
-    for key in ("scores", "val_losses", "final_train_loss", "adjacent_cosine", "grad_adjacent_cosine"):
-        assert again[key] == first[key], key
-
-
 def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
     """bench/study_v2.yaml `frozen_base`: grid cells run on a committed base model (sha256 checked),
     record it and their machine, and cells trained on another base are not done on it."""
@@ -126,11 +114,12 @@ def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
     assert after.keys() == before.keys()
     for name, result in after.items():  # every cell ran again, on the frozen base, and says where it ran
         assert result["base_sha256"] == sha and result["val_losses"] != before[name]["val_losses"], name
-        assert result["machine"]["env"] == env and len(result["machine"]["numerics_fingerprint"]) == 16
+        assert result["machine"]["env"].items() >= env.items() and len(result["machine"]["numerics_fingerprint"]) == 16
         link = tmp / "work" / "cells" / "grid" / Path(name).stem / "base"
         assert link.resolve() == (tmp / "work" / "shared_frozen" / "base").resolve()
     assert (tmp / "work" / "shared_frozen" / "prepare").resolve() == (tmp / "work" / "shared" / "prepare").resolve()
-    assert f"base model `{sha[:12]}` ({len(after)} cells)" in (tmp / "results" / "study.md").read_text()
+    machines = [x for x in (tmp / "results" / "study.md").read_text().splitlines() if x.startswith("Grid and low-data")]
+    assert f"`{sha[:12]}` ({len(after)} cells)" in machines[0]  # the low-data cells, not frozen here, keep theirs
 
 
 def test_frozen_phases_run_seed_major_and_record_the_base_as_a_condition(tmp_path):
