@@ -101,7 +101,7 @@ def _commits_line(rows: list[dict[str, Any]]) -> str:
     return "Code: " + ", ".join(f"`{c}` ({n} cells)" for c, n in sorted(counts.items())) + "."
 
 
-def _machines_line(rows: list[dict[str, Any]]) -> str:
+def _machines_line(rows: list[dict[str, Any]], lowdata: bool = True) -> str:
     """Which base model and machines the scored cells ran on: a seed whose arms ran on machines with other
     numerics fingerprints is paired across arithmetic, which adds noise to its differences but no bias."""
     bases: dict[str, int] = {}
@@ -118,7 +118,7 @@ def _machines_line(rows: list[dict[str, Any]]) -> str:
     mixed = sorted({s for s in seen if seen.count(s) > 1})
     based = "" if set(bases) == {"not recorded"} else (
         " base model " + ", ".join(f"`{b}` ({n} cells)" for b, n in sorted(bases.items())) + ";")
-    return (f"Grid and low-data cells:{based} machines " + "; ".join(f"{k} (seeds {sorted(v)})" for k, v in sorted(machines.items()))
+    return (f"{'Grid and low-data' if lowdata else 'Grid'} cells:{based} machines " + "; ".join(f"{k} (seeds {sorted(v)})" for k, v in sorted(machines.items()))
             + (f"; seeds {mixed} have cells on more than one machine." if mixed else "."))
 
 
@@ -161,7 +161,7 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
              f"Primary metric: {'teacher-forced ' if primary == 'test loss' else ''}{primary} "
              f"({'lower' if lower else 'higher'} is better).",
              "", _commits_line(gate_rows + lr_rows + grid + list(lowdata)),
-             *(["", _machines_line(grid + list(lowdata))] if grid or lowdata else []),
+             *(["", _machines_line(grid + list(lowdata), bool(plan.get("lowdata")))] if grid or lowdata else []),
              *(["", f"**Partial report: {len(missing)} cells are not finished yet** (e.g. `{missing[0]}`): the "
                 "phases after the unfinished one are not shown."] if missing else [])]
     if gate_rows:
