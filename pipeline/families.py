@@ -250,7 +250,7 @@ def tower_paths(model: nn.Module) -> dict[str, str]:
     return {"vision": vision, "language": language}
 
 
-def _connector_parts(model: nn.Module, vision: str) -> tuple[str, ...]:
+def connector_parts(model: nn.Module, vision: str) -> tuple[str, ...]:
     """Full paths of the vision module's children that CONNECTOR_IN_VISION moves to the connector."""
     names = CONNECTOR_IN_VISION.get(getattr(model.config, "model_type", ""), ())
     return tuple(f"{vision}.{n}" for n in names if f"{vision}.{n}" in dict(model.named_modules()))
@@ -289,7 +289,7 @@ def _role(name: str) -> str:
     return "out" if leaf == "proj" and parent in _ATTENTION_PARENTS else "other"
 
 
-def _connector_groups(model: nn.Module, names: Sequence[str], paths: dict[str, str],
+def connector_groups(model: nn.Module, names: Sequence[str], paths: dict[str, str],
                       moved: Sequence[str]) -> list[str]:
     """The connector module each connector linear belongs to: a CONNECTOR_IN_VISION part (one per item
     when it is a ModuleList, e.g. Qwen3-VL's deepstack mergers), or else the child, next to the towers,
@@ -325,7 +325,7 @@ def _connector_roles(groups: Sequence[str]) -> list[str]:
 def layer_table(model: nn.Module) -> list[LinearInfo]:
     """Every nn.Linear of the model except the lm_head, with tower, depth and role, in module order."""
     paths = tower_paths(model)
-    moved = _connector_parts(model, paths["vision"])
+    moved = connector_parts(model, paths["vision"])
     lists = {tower: layer_list(model, path, skip=moved if tower == "vision" else ()) for tower, path in paths.items()}
     head = model.get_output_embeddings()
     rows: list[tuple[str, str, int | None, nn.Linear]] = []
@@ -339,7 +339,7 @@ def layer_table(model: nn.Module) -> list[LinearInfo]:
             depth = int(name[len(layers) + 1:].split(".", 1)[0])
         rows.append((name, tower, depth, module))
     bridge = [name for name, tower, _, _ in rows if tower == "connector"]
-    roles = dict(zip(bridge, _connector_roles(_connector_groups(model, bridge, paths, moved))))
+    roles = dict(zip(bridge, _connector_roles(connector_groups(model, bridge, paths, moved))))
     return [LinearInfo(name, tower, depth, roles[name] if tower == "connector" else _role(name),
                        module.in_features, module.out_features) for name, tower, depth, module in rows]
 
