@@ -75,8 +75,8 @@ LEGACY = {"CIDEr": "caption.CIDEr", "VQA": "vqav2.overall", "GQA": "gqa.accuracy
 
 def flatten_scores(metrics: dict[str, Any]) -> dict[str, float]:
     """Every numeric score of an eval stage's `metrics` as `task.name` (a task's `metrics` block is
-    flattened into it: `caption.CIDEr`); the test loss is `test_loss` (the token-weighted mean over tasks)
-    and `test_loss.<task>`. Long-context buckets are kept apart (long_context_cider)."""
+    flattened into it: `caption.CIDEr`); the test loss is `test_loss` (the mean over tasks of each task's
+    token-weighted loss) and `test_loss.<task>`. Long-context buckets are kept apart (long_context_cider)."""
     out: dict[str, float] = {}
     for task, block in metrics.items():
         if not isinstance(block, dict) or task == "long_context":

@@ -84,7 +84,8 @@ def comparisons(arms: list[str], reference: str, results, group: str, metrics: l
         for rank in ranks:
             arm_rows = cells_of(results, name=arm, rank=rank) or (cells_of(results, name=arm, rank=0)
                                                                   if rank == ranks[-1] else [])
-            ref_rows = cells_of(results, name=reference, rank=rank)
+            # a rank-free reference (full fine-tuning) is every rank's
+            ref_rows = cells_of(results, name=reference, rank=rank) or cells_of(results, name=reference, rank=0)
             if not arm_rows or not ref_rows:
                 continue
             for m in metrics:
@@ -105,6 +106,15 @@ def ablation_comparisons(plan, grid, metrics: list[Metric]) -> list[dict[str, An
 
 
 def effects_table(rows: list[dict[str, Any]], ref: str) -> list[str]:
+    """The tests, one per line; with fewer than 5 seeds a note: the percentile bootstrap of so few differences
+    is about their range (it can exclude 0 where the paired t-test is far from significant)."""
+    few = [c["n"] for c in rows if c["n"] < 5]
+    note = [] if not few else ["", f"With {min(few)} seed(s) per test the bootstrap interval is about the range of "
+                               "the paired differences; read the p values and the minimum detectable difference."]
+    return _effects_rows(rows, ref) + note
+
+
+def _effects_rows(rows: list[dict[str, Any]], ref: str) -> list[str]:
     lines = [f"| rank | arm | metric | difference vs {ref} | 95% bootstrap CI | p | Holm p | verdict | "
              "min. detectable |", "|---:|---|---|---:|---|---:|---:|---|---:|"]
     for c in rows:
@@ -122,8 +132,9 @@ def power_lines(rows: list[dict[str, Any]], metrics: list[Metric], arm: str, ref
     lines = [f"| metric | seeds | smallest difference detectable ({PRETTY.get(arm, arm)} vs "
              f"{PRETTY.get(reference, reference)}, median over ranks) |", "|---|---:|---:|"]
     for m in metrics:
-        mdds = [c["mdd"] for c in rows if c["arm"] == arm and c["key"] == m.key and math.isfinite(c["mdd"])]
-        ns = [c["n"] for c in rows if c["arm"] == arm and c["key"] == m.key]
+        mine = [c for c in rows if c["arm"] == arm and c["key"] == m.key and c["group"] == "grid"]
+        mdds = [c["mdd"] for c in mine if math.isfinite(c["mdd"])]
+        ns = [c["n"] for c in mine]
         if mdds:
             lines.append(f"| {m.label} | {max(ns)} | {statistics.median(mdds):.4g} |")
     return lines
@@ -172,7 +183,8 @@ def lr_table(rows: list[dict[str, Any]], scales: dict[str, float], plan, gate_ce
         unequal = len(set(budget.values())) > 1
         lines += ["", "Tuning cells per arm: " + ", ".join(f"{a} {n}" for a, n in budget.items())
                   + (f" (StructLoRA's include the {gate_cells} cells of the gate phase)" if gate_cells else "")
-                  + (". The budgets are not equal: the extra gate tuning can only favour StructLoRA." if unequal
+                  + (". The budgets are not equal: the extra gate tuning can only favour StructLoRA."
+                     if unequal and gate_cells else ". The budgets are not equal (cells still running)." if unequal
                      else ". Every arm had the same tuning budget.")]
     if edges:
         lines += ["", f"Chosen at the edge of the candidates: {', '.join(edges)}: a learning rate beyond the grid "

@@ -54,6 +54,10 @@ def mean_val_loss(results: list[dict[str, Any]]) -> float:
     return statistics.fmean(values) if values and all(math.isfinite(v) for v in values) else math.inf
 
 
+def _unfinished(named: dict[Any, list[dict]], results: dict[Any, list[dict]]) -> bool:
+    return any(len(results.get(name, [])) < len(cells) for name, cells in named.items())
+
+
 def _run_named(named: dict[Any, list[dict]], runner: Runner) -> dict[Any, list[dict]]:
     flat = [c for cells in named.values() for c in cells]
     by_id = {r["id"]: r for r in runner(flat)}
@@ -109,6 +113,9 @@ def gate_phase(plan, runner: Runner) -> tuple[dict[str, Any] | None, list[dict[s
     results = _run_named(stage1, runner)
     settings = dict(g["variants"])
     first_stage = {name: "1" for name in stage1}
+    if _unfinished(stage1, results):  # a choice needs every candidate: no stage 2 on a guess
+        return None, [{**r, "candidate": n, "stage": "1", "chosen": False, "stage_winner": False}
+                      for n in stage1 for r in results[n]]
     chosen = pick(stage1, results)
     winners, stage = {chosen}, 1
     while stage < int(g.get("max_stages", 2)):
@@ -128,9 +135,13 @@ def gate_phase(plan, runner: Runner) -> tuple[dict[str, Any] | None, list[dict[s
         if not new:
             break
         stage += 1
-        results.update(_run_named(gate_stage_cells(plan, str(stage), new), runner))
+        cells = gate_stage_cells(plan, str(stage), new)
+        results.update(_run_named(cells, runner))
         settings.update(new)
         first_stage.update({name: str(stage) for name in new})
+        if _unfinished(cells, results):
+            return None, [{**r, "candidate": n, "stage": first_stage[n], "chosen": False, "stage_winner": n in winners}
+                          for n in settings for r in results.get(n, [])]
         previous, chosen = chosen, pick(candidates, results)
         winners.add(chosen)
         if chosen == previous:
@@ -160,6 +171,10 @@ def lr_phase(plan, gate, runner: Runner) -> tuple[dict[str, float], list[dict[st
     results = _run_named(named, runner)
     complete = [arm for arm in lr["arms"]  # a partial report chooses nothing for an arm still running
                 if all(len(results[(arm, s)]) == len(named[(arm, s)]) for s in lr["scales"])]
+    for arm in complete:
+        if all(not math.isfinite(mean_val_loss(results[(arm, s)])) for s in lr["scales"]):
+            raise UserError(f"lr phase: every candidate of arm '{arm}' diverged ({lr['scales']} x its configured rate): "
+                            "try smaller multiples, e.g. --lr-grid 0.1,0.25,0.5")
     chosen = {arm: min(lr["scales"], key=lambda s, a=arm: mean_val_loss(results[(a, s)])) for arm in complete}
     chosen.update({arm: chosen[source] for arm, source in lr["inherit"].items() if source in chosen})
     rows = [{**r, "arm": arm, "scale": scale, "chosen": chosen.get(arm) == scale}
@@ -201,9 +216,34 @@ def budget_line(plan, grid_or_any: dict[str, Any] | None) -> str:
             f"{train.val_batches} fixed batches; grid cells are scored on {samples}.")
 
 
+def preflight(plan: dict[str, Any], shared: Path) -> None:
+    """Refuse now what would fail after training: a backbone without the test loss, a split the grid scores
+    that was not prepared (test, the forgetting split), a primary metric no scored task gives."""
+    from pipeline.config import load_config
+    from pipeline.schema import RunConfig
+
+    cfg = load_config(RunConfig, shared / "config.yaml")
+    if cfg.model.arch != "llava":
+        raise UserError(f"{plan['base_config']}: `structlora compare` compares methods on image-text models "
+                        f"(model.arch: llava); a {cfg.model.arch} classifier has no teacher-forced test loss")
+    shards = shared / "prepare" / "shards"
+    tasks = [t for t, w in cfg.data.tasks.items() if w > 0]
+    for split in ("test", "val", *([plan["forgetting"]] if plan.get("forgetting") else [])):
+        absent = [t for t in tasks if not (shards / t / split).is_dir()]
+        if absent:
+            raise UserError(f"{shards}: no '{split}' split for {', '.join(absent)}: the comparison "
+                            f"{'chooses on val' if split == 'val' else 'scores it'}; prepare it first "
+                            f"(e.g. structlora prepare coco ... --split {split}) or point data at it")
+    metric = plan.get("metric", "test_loss")
+    task = metric.split(".", 1)[0]
+    if task != "test_loss" and task not in [*cfg.eval.tasks, *tasks]:
+        raise UserError(f"--metric {metric}: the cells do not score task '{task}' (eval.tasks: "
+                        f"{', '.join(cfg.eval.tasks)}); e.g. test_loss, caption.CIDEr, vqav2.overall, gqa.accuracy")
+
+
 def base_identity(shared: Path) -> str:
-    """What the cells adapt, as one id: the sha256 of the shared base model's weights (small models), else its
-    manifest record (a base too large to hash, or a model from the hub: the config's name and revision)."""
+    """What the cells adapt, as one id: the sha256 of the shared base model's weights (small models), else the
+    config's model name and revision and the base stage's config hash (a base too large to hash, a hub model)."""
     import hashlib
 
     from data.shards import file_sha256
@@ -212,9 +252,14 @@ def base_identity(shared: Path) -> str:
     files = sorted((shared / "base" / "model").glob("*.safetensors"))
     if files and sum(f.stat().st_size for f in files) < 2**31:
         blob = "".join(f"{f.name}:{file_sha256(f)}\n" for f in files)
-    else:
+    else:  # a large or hub base: its name, revision and the base stage's config hash (no timestamps)
+        from pipeline.config import load_config
+        from pipeline.schema import RunConfig
+
+        model = load_config(RunConfig, shared / "config.yaml").model
         record = Manifest(shared / "manifest.json").stage("base")
-        blob = json.dumps({k: record.get(k) for k in ("hash", "finished")}, sort_keys=True)
+        blob = json.dumps({"model": model.name_or_path, "revision": getattr(model, "revision", None),
+                           "files": [f.name for f in files], "hash": record.get("hash")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -232,7 +277,7 @@ def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", ph
         raise UserError(f"--phases: unknown {unknown}; choose from {', '.join(plan['phases'])}")
     out = Path(plan["work_dir"])
     if not report_only:
-        prepare_shared(plan)
+        preflight(plan, prepare_shared(plan))
         if any(p in phases for p in (plan.get("frozen_base") or {}).get("phases", [])):
             freeze_base(plan)
     missing: list[str] = []
@@ -305,9 +350,11 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
 
     if not Path(config).is_file():
         raise UserError(f"{config}: config file not found")
-    if threads is None:  # cells side by side share the cores
-        threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if launcher == "local" else 1
+    if threads is None:  # cells side by side share the cores; a Slurm task uses what it was given
+        threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if launcher == "local" else None
     if plan_file:
+        if methods:
+            raise UserError("--methods with --plan: the plan file names the arms (and ranks, seeds, lr candidates)")
         plan = load_plan(Path(plan_file), Path(out) if out else None, quick, overrides)
         plan["base_config"] = str(config)
         plan.setdefault("threads", threads)

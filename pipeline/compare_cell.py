@@ -88,10 +88,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def effective_config(cell: dict[str, Any]) -> dict[str, Any]:
-    """The cell's config as run: scored cells always compute the teacher-forced test loss."""
+    """The cell's config as run: scored cells always compute the teacher-forced test loss, and none scores
+    the base model again (the comparison's `base/base` cell does, once)."""
     import copy
 
     raw = copy.deepcopy(cell["config"])
+    raw.setdefault("eval", {})["compare_base"] = False  # the base is scored once, by the comparison's base cell
     if cell.get("evaluate", True):
         tasks = list((raw.get("eval") or {}).get("tasks") or ["caption", "vqav2", "gqa"])
         if "test_loss" not in tasks:
@@ -114,10 +116,11 @@ def link_shared(cell: dict[str, Any], run_dir: Path) -> None:
         link, target = run_dir / stage, (shared / stage).resolve()
         if link.is_symlink() and Path(os.readlink(link)) != target:
             link.unlink()
-        if not link.exists():
+        if not link.is_symlink() and not link.exists():  # a link to a stage never run (base disabled) stays as is
             link.symlink_to(target, target_is_directory=True)
     stamp = run_dir / "cell_config.json"
-    stamped = {"config": cell["config"], "shared": str(shared.resolve())}
+    # what the training in this folder was made from: a new base (frozen sha256, base_id) invalidates it too
+    stamped = {"config": cell["config"], "shared": str(shared.resolve()), "match": cell.get("match", {})}
     manifest = Manifest(run_dir / "manifest.json")
     if not stamp.is_file() or json.loads(stamp.read_text()) != stamped:
         for stage in ("train", "eval"):
@@ -158,9 +161,11 @@ def record(cell: dict[str, Any], ctx, machine: dict[str, Any]) -> dict[str, Any]
     out = {
         "id": cell["id"], "group": cell["group"], "name": cell["name"], "rank": cell["rank"], "seed": cell["seed"],
         "fraction": cell["fraction"], "split": cell["split"], "scores": scores, **_peak_memory(),
-        "threads": int(cell.get("threads") or 1), "torch": torch.__version__, "code_commit": code_commit(),
+        "threads": int(cell.get("threads") or torch.get_num_threads()), "torch": torch.__version__,
+        "code_commit": code_commit(),
         "machine": machine, "config": cell["config"],
-        "base_sha256": file_sha256(weights) if weights.is_file() and weights.stat().st_size < 2**31 else None,
+        "base_sha256": file_sha256(weights) if weights.is_file() and (
+            "base_sha256" in cell.get("match", {}) or weights.stat().st_size < 2**31) else None,
         **{k: v for k, v in cell.get("match", {}).items() if k != "base_sha256"},
     }
     if cell.get("kind") != "base":
@@ -207,7 +212,10 @@ def run_cell(spec: Path) -> dict[str, Any] | None:
     os.environ.update(env)
     import torch
 
-    torch.set_num_threads(int(cell.get("threads") or 1))
+    if cell.get("threads"):  # else the launcher's (OMP_NUM_THREADS, SLURM_CPUS_PER_TASK) or torch's default
+        torch.set_num_threads(int(cell["threads"]))
+    import datetime
+
     from accelerate import PartialState
 
     from pipeline.config import from_dict, save_config
@@ -218,30 +226,67 @@ def run_cell(spec: Path) -> dict[str, Any] | None:
 
     cfg = from_dict(RunConfig, effective_config(cell), source=str(spec))
     run_dir = Path(cfg.run_dir)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # the runner's timeout: PartialState is one per process, and rank-0-only scoring outlasts NCCL's default
+    state = PartialState(cpu=not torch.cuda.is_available(),
+                         timeout=datetime.timedelta(minutes=cfg.distributed_timeout_minutes))
     machine = machine_info()
+    lock = None
     if state.is_main_process:
+        lock = _lock(run_dir, cell["id"])
         link_shared(cell, run_dir)
         save_config(cfg, run_dir / "config.yaml")
     state.wait_for_everyone()
     ctx = StageContext(cfg=cfg, run_dir=run_dir)
     base = cell.get("kind") == "base"
+    diverged = None
     if base:
         stage_eval(ctx, models=("base",))
+    elif cell.get("evaluate", True):
+        run_stages(cfg, run_dir, ["prepare", "base", "train", "eval"])
     else:
-        run_stages(cfg, run_dir, ["prepare", "base", "train"] + (["eval"] if cell.get("evaluate", True) else []))
+        try:  # a search cell whose candidate diverges loses the search; it does not stop the comparison
+            run_stages(cfg, run_dir, ["prepare", "base", "train"])
+        except FloatingPointError as err:
+            diverged = str(err)
     if cell.get("forgetting"):
         forgetting_eval(ctx, cell["forgetting"], ("base",) if base else ("adapted",))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    result = record(cell, ctx, machine)
+    result = diverged_record(cell, machine, diverged) if diverged else record(cell, ctx, machine)
     out = Path(cell["result"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
     tmp.replace(out)
+    if lock is not None:
+        lock.close()
     return result
+
+
+def _lock(run_dir: Path, cell_id: str):
+    """An exclusive lock on the cell's folder for this process's life: the same cell started twice (a second
+    launch while the first still runs) stops with one line instead of training into the same folder."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / "cell.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(f"cell {cell_id} is running in another process ({run_dir}/cell.lock is held)") from None
+    return handle
+
+
+def diverged_record(cell: dict[str, Any], machine: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A search cell whose training diverged: done, with an infinite validation loss (it cannot be chosen)."""
+    import torch
+
+    return {"id": cell["id"], "group": cell["group"], "name": cell["name"], "rank": cell["rank"], "seed": cell["seed"],
+            "fraction": cell["fraction"], "split": cell["split"], "scores": {}, "diverged": reason,
+            "val_losses": [[0, float("inf")]], "trainable_parameters": 0, "step_seconds": float("nan"),
+            "threads": int(cell.get("threads") or 0), "torch": torch.__version__, "code_commit": code_commit(),
+            "machine": machine, "config": cell["config"], **cell.get("match", {})}
 
 
 def main(argv: list[str] | None = None) -> int:

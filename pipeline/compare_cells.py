@@ -92,6 +92,10 @@ def is_done(cell: dict[str, Any]) -> bool:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
+    if cell.get("forgetting") and (saved.get("forgetting") or {}).get("split") != cell["forgetting"]:
+        return False  # asked for now, not measured then
+    if cell.get("diagnostics") and cell.get("kind") != "base" and "adjacent_cosine" not in saved:
+        return False
     return comparable(saved.get("config") or {}) == comparable(cell["config"]) and all(
         saved.get(k) == v for k, v in cell.get("match", {}).items())
 
@@ -138,6 +142,38 @@ def _cell_env(cell: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _exit_on(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # runs the `finally` that stops the cells
+
+
+def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """`sig` to a cell's process and everything it started (the ranks of an `accelerate launch`). The cells stay
+    in the command's process group, so a kill of the whole group (a terminal's Ctrl-C, a scheduler) reaches them."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in [*family, proc]:
+        try:
+            member.send_signal(sig)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+
+
+def _die_with_parent() -> None:
+    """In the cell's process before it starts (Linux): SIGKILL it when the command dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 HEADLINE = ("test_loss", "caption.CIDEr", "vqav2.overall", "gqa.accuracy")  # shown on the progress bar
 
 
@@ -151,6 +187,7 @@ def run_cells(cells: list[dict[str, Any]], jobs: int = 1, accelerate_config: str
         log.info("%d of %d cells to run (%d done)", len(todo), len(cells), len(cells) - len(todo))
         queue, running = list(todo), {}
         bar = tqdm(total=len(todo), desc="cells", unit="cell", dynamic_ncols=True)
+        previous = {sig: signal.signal(sig, _exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             while queue or running:
                 while queue and len(running) < max(1, jobs):
@@ -159,17 +196,20 @@ def run_cells(cells: list[dict[str, Any]], jobs: int = 1, accelerate_config: str
                     spec = write_spec(cell)
                     with log_path.open("ab") as out:
                         running[cell["id"]] = (subprocess.Popen(launch_command(spec, accelerate_config), stdout=out,
-                                                                stderr=subprocess.STDOUT, env=_cell_env(cell)),
-                                               cell, log_path)
+                                                                stderr=subprocess.STDOUT, env=_cell_env(cell),
+                                                                preexec_fn=_die_with_parent), cell, log_path)
                 time.sleep(0.2)
                 for cid, (proc, cell, log_path) in list(running.items()):
                     if proc.poll() is None:
                         continue
                     del running[cid]
-                    if proc.returncode != 0 or not is_done(cell):
+                    if proc.returncode != 0:
                         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
                         raise UserError(f"cell {cid} failed (exit {proc.returncode}); its log {log_path} ends:\n  "
                                         + "\n  ".join(tail))
+                    if not is_done(cell):
+                        raise UserError(f"cell {cid} finished but its result {cell['result']} does not match the "
+                                        "cell (config, base, forgetting split): was the result file changed?")
                     bar.update(1)
                     result = json.loads(Path(cell["result"]).read_text())
                     shown = {k: v for k, v in (result.get("scores") or {}).items() if k in HEADLINE}
@@ -177,14 +217,15 @@ def run_cells(cells: list[dict[str, Any]], jobs: int = 1, accelerate_config: str
                         shown = {"val loss": result["val_losses"][-1][1]}
                     bar.set_postfix_str(f"{cid}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         finally:
-            for proc, _, _ in running.values():  # stopped (an error, Ctrl-C, SIGTERM): no orphan cells
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
+            for proc, _, _ in running.values():  # stopped (an error, Ctrl-C, SIGTERM, SIGHUP): no orphan cells,
+                _signal_tree(proc, signal.SIGTERM)  # nor orphan ranks of an `accelerate launch`
             for proc, _, _ in running.values():
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    _signal_tree(proc, signal.SIGKILL)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             bar.close()
     return [json.loads(Path(c["result"]).read_text()) for c in cells]
 
@@ -198,11 +239,16 @@ def write_slurm(cells: list[dict[str, Any]], out: Path, phase: str, accelerate_c
         return None
     folder = out / "slurm"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
-    listing = folder / f"{phase}.cells"
-    listing.write_text("".join(f"{write_spec(c).resolve()}\n" for c in todo))
-    launcher = (f"accelerate launch --config_file {shlex.quote(str(Path(accelerate_config).resolve()))}"
-                if accelerate_config else "python")
-    threads = todo[0].get("threads") or 1
+    import hashlib
+
+    # one list per submission, never rewritten: tasks of an array submitted earlier keep reading theirs
+    lines = "".join(f"{write_spec(c).resolve()}\n" for c in todo)
+    listing = folder / f"{phase}-{hashlib.sha256(lines.encode()).hexdigest()[:8]}.cells"
+    listing.write_text(lines)
+    python = shlex.quote(sys.executable)  # this environment's interpreter, not whatever `python` a node has
+    launcher = (f"{python} -m accelerate.commands.launch --config_file "
+                f"{shlex.quote(str(Path(accelerate_config).resolve()))}" if accelerate_config else python)
+    threads = todo[0].get("threads") or "${SLURM_CPUS_PER_TASK:-1}"
     lines = ["#!/usr/bin/env bash", f"# structlora compare, phase {phase}: {len(todo)} cells, one per array task.",
              f"#   sbatch {folder.resolve() / f'{phase}.sbatch'}",
              "# then run the same `structlora compare` command again (the next phase, or the report).",

@@ -44,6 +44,8 @@ def plan_from_flags(config: Path, methods: list[str], ranks: list[int], seeds: i
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods) or len(methods) < 2:
         raise UserError(f"--methods {','.join(methods)}: name two or more different methods from {', '.join(METHODS)}")
+    if len(set(ranks)) != len(ranks) or len({f"{x:g}" for x in lr_grid}) != len(lr_grid):
+        raise UserError(f"--ranks {ranks} / --lr-grid {lr_grid}: a value listed twice would run the same cells twice")
     if not ranks or any(r < 1 for r in ranks) or seeds < 2 or tune_seeds < 1 or not lr_grid or min(lr_grid) <= 0:
         raise UserError("--ranks, --lr-grid: positive numbers; --seeds: at least 2 (differences are paired by "
                         "seed, an interval needs two); --tune-seeds: at least 1")
@@ -156,7 +158,7 @@ def grid_cells(plan: dict[str, Any], gate, scales: dict[str, float]) -> list[dic
     cells = []
     for arm in plan["arms"]:
         full = plan["arms"][arm].get("adapter", {}).get("method") == "full"
-        for rank in plan["ranks"][-1:] if full or arm in plan["ablation_arms"] else plan["ranks"]:
+        for rank in [max(plan["ranks"])] if full or arm in plan["ablation_arms"] else plan["ranks"]:
             cells += [make_cell(plan, "grid", arm, final_settings(plan, arm, gate, scales, rank), seed, "test", True)
                       for seed in plan["seeds"]]
     cells.sort(key=lambda c: c["seed"])

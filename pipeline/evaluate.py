@@ -74,13 +74,13 @@ def caption_filler_pool(examples: list[dict[str, Any]], exclude: list[Any]) -> l
 
 
 def classification_scores(model, processor, ctx: StageContext, device,
-                          accounts: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy on the eval split's classification shards."""
+                          accounts: dict[str, Any] | None = None, split: str | None = None) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy on the eval split's (or `split`'s) classification shards."""
     from data.collate import ClassificationCollator
     from eval.classification import evaluate_classifier
 
     cfg = ctx.cfg
-    examples = load_eval_examples(ctx, "classification", cfg.eval.split, cfg.eval.max_samples, accounts)
+    examples = load_eval_examples(ctx, "classification", split or cfg.eval.split, cfg.eval.max_samples, accounts)
     collate, size = ClassificationCollator(processor), cfg.eval.batch_size
     batches = ({k: v.to(device) for k, v in collate(examples[i:i + size]).items()}
                for i in range(0, len(examples), size))
@@ -132,7 +132,7 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
         found: dict[str, Any] = {}
         if "classification" in cfg.eval.tasks and acc.is_main_process:
             with torch.no_grad():
-                found["classification"] = classification_scores(model, processor, ctx, acc.device, accounts)
+                found["classification"] = classification_scores(model, processor, ctx, acc.device, accounts, split)
         diagnostics = getattr(model, "structlora_diagnostics", None)
         if callable(diagnostics) and acc.is_main_process:
             diag = diagnostics()

@@ -152,9 +152,11 @@ def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(unint
     slurm = ["--launcher", "slurm", "--sbatch=--gres=gpu:1", "--sbatch=--time=02:00:00"]
     run(compare(out, *slurm))
     script = (out / "slurm" / "lr.sbatch").read_text()
-    specs = (out / "slurm" / "lr.cells").read_text().splitlines()
+    (listing,) = (out / "slurm").glob("lr-*.cells")
+    specs = listing.read_text().splitlines()
     assert "#SBATCH --array=0-3" in script and "#SBATCH --gres=gpu:1" in script and len(specs) == 4
-    assert 'exec python -m pipeline.compare_cell "$SPEC"' in script and not (out / "results" / "cells").exists()
+    assert str(listing.resolve()) in script and not (out / "results" / "cells").exists()
+    assert f'exec {sys.executable} -m pipeline.compare_cell "$SPEC"' in script
     assert sorted(json.loads(Path(s).read_text())["id"] for s in specs) == [
         "lr/lora.x1-r8-s0", "lr/lora.x2-r8-s0", "lr/structlora.x1-r8-s0", "lr/structlora.x2-r8-s0"]
     # the scheduler runs array task 0: the script itself, with the task's id
@@ -167,14 +169,19 @@ def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(unint
             (out / "results" / "cells" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(uninterrupted / "results" / "cells" / name, out / "results" / "cells" / name)
     run(compare(out, *slurm))  # the lr phase is done: the grid's array
-    grid = (out / "slurm" / "grid.cells").read_text().splitlines()  # 2 arms x 2 seeds, and the base's scores
-    assert "#SBATCH --array=0-4" in (out / "slurm" / "grid.sbatch").read_text() and len(grid) == 5
+    (first,) = (out / "slurm").glob("grid-*.cells")  # 2 arms x 2 seeds, and the base's scores
+    assert "#SBATCH --array=0-4" in (out / "slurm" / "grid.sbatch").read_text() and len(first.read_text().split()) == 5
     proc = run(compare(out, "--report-only"), check=False)
     assert proc.returncode == 2 and "5 cells are not finished" in proc.stderr
-    for name in results(uninterrupted):
-        if name.startswith(("grid/", "base/")):
-            (out / "results" / "cells" / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(uninterrupted / "results" / "cells" / name, out / "results" / "cells" / name)
+    finished = [n for n in results(uninterrupted) if n.startswith(("grid/", "base/"))]
+    for name in finished:
+        (out / "results" / "cells" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(uninterrupted / "results" / "cells" / name, out / "results" / "cells" / name)
+        if name == finished[1]:  # two tasks of the array done, three pending: the user runs the command again
+            run(compare(out, *slurm))
+            assert "#SBATCH --array=0-2" in (out / "slurm" / "grid.sbatch").read_text()
+            assert len(first.read_text().split()) == 5, "the list the submitted array reads is never rewritten"
+            assert len(list((out / "slurm").glob("grid-*.cells"))) == 2
     assert "report:" in run(compare(out, *slurm)).stdout  # nothing left to submit: the report
     run(compare(out, "--report-only"))
     assert tables(out / "results" / "report.md") == tables(uninterrupted / "results" / "report.md")
@@ -198,3 +205,21 @@ def test_a_cell_under_accelerate_launch_trains_on_every_rank_and_records_once(un
     assert result["world_size"] == 2 and result["steps"] == 12 and math.isfinite(result["scores"]["test_loss"])
     summary = json.loads((tmp_path / "cell" / "train" / "final" / "summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2
+
+
+def test_a_stopped_comparison_stops_its_cells(uninterrupted, tmp_path):
+    """SIGTERM to the command (a scheduler's stop, a closed terminal's SIGHUP): its cells stop too, no orphan
+    keeps training into a folder that the next launch would also train into."""
+    out = tmp_path / "d"
+    out.mkdir()
+    shutil.copytree(uninterrupted / "shared", out / "shared", symlinks=True)
+    proc = subprocess.Popen(compare(out), env=cpu_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((out / "cells").glob("*/*/cell.log")):
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    time.sleep(1)
+    alive = subprocess.run(["pgrep", "-f", f"pipeline.compare_cell {out}"], capture_output=True, text=True).stdout
+    assert not alive.strip(), f"cells still running after the command stopped: {alive}"

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -320,13 +321,19 @@ def test_the_committed_study_v2_cells_give_study_v2s_tables_again(tmp_path):
     plan["results"] = str(tmp_path)
     out = compare.run_compare(plan, report_only=True, command="test", report={"name": "study", "title": "t"})
     assert out["missing"] == []
-    old = [x for x in (results / "study.md").read_text().splitlines() if x.startswith(("|", "###", "Tuning", "Chosen"))]
+    lines = (results / "study.md").read_text().splitlines()
+    power = lines.index("### Power")  # its medians mixed the low-data tests in; the command's take the grid's only
+    end = next(i for i in range(power + 1, len(lines)) if lines[i].startswith("###"))
+    old = [x for x in lines[:power] + lines[end:] if x.startswith(("|", "###", "Tuning", "Chosen"))]
     new = Path(out["report"]).read_text().splitlines()
     position = 0
     for line in old:  # every line, in order (the report adds the cost table after them)
         assert line in new[position:], line
         position = new.index(line, position) + 1
     assert len(old) > 150
+    tests = json.loads((tmp_path / "study.json").read_text())["tests"]
+    grid_mdds = [c["mdd"] for c in tests if (c["group"], c["arm"], c["key"]) == ("grid", "structlora", "test_loss")]
+    assert f"| test loss | 5 | {statistics.median(grid_mdds):.4g} |" in new
     changed = compare_plan.load_plan(ROOT / "bench" / "study_v2.yaml", tmp_path / "work")
     changed["base_config"] = str(ROOT / "configs" / "tiny.yaml")  # today's tiny.yaml: other configs, no cell reused
     changed["results"] = str(tmp_path)
@@ -362,3 +369,46 @@ def test_flags_make_a_plan_and_bad_flags_say_what_is_wrong(tmp_path, capsys):
     assert "--methods: name the methods to compare" in capsys.readouterr().err
     assert main(["compare", str(smoke), "--methods", "lora,dora", "--lr-grid", "1,x", "--out", str(tmp_path)]) == 2
     assert "--lr-grid 1,x: expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_a_diverged_candidate_loses_and_an_arm_with_only_diverged_ones_stops_the_comparison(tmp_path):
+    plan = compare_plan.plan_from_flags(ROOT / "configs" / "smoke.yaml", ["lora", "full"], [8], 2, [1.0, 2.0, 4.0], 1,
+                                        "test_loss", tmp_path, threads=1)
+
+    def runner(cells):  # full fine-tuning diverges at x2 and x4 (compare_cell writes val loss inf), LoRA at x4
+        out = []
+        for c in cells:
+            bad = c["name"] in ("full.x2", "full.x4", "lora.x4")
+            out.append({"id": c["id"], "seed": c["seed"], "config": c["config"],
+                        "val_losses": [[0, float("inf")]] if bad else [[10, 1.0 + 0.1 * ("x1" in c["name"])]]})
+        return out
+
+    chosen, rows = compare.lr_phase(plan, None, runner)
+    assert chosen == {"lora": 2.0, "full": 1.0} and len(rows) == 6
+
+    def diverging(cells):
+        return [{**r, "val_losses": [[0, float("inf")]]} if r["id"].startswith("lr/full") else r for r in runner(cells)]
+
+    with pytest.raises(UserError, match="every candidate of arm 'full' diverged"):
+        compare.lr_phase(plan, None, diverging)
+
+
+def test_what_would_fail_after_training_is_refused_before(tmp_path):
+    """preflight: a split the grid scores (test), the lr phase reads (val) or the forgetting split, missing in
+    the prepared data; a --metric of a task the cells do not score."""
+    shared = tmp_path / "shared"
+    for task in ("caption", "vqav2", "gqa"):
+        for split in ("train", "val"):
+            (shared / "prepare" / "shards" / task / split).mkdir(parents=True)
+    (shared / "config.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    plan = compare_plan.plan_from_flags(ROOT / "configs" / "smoke.yaml", ["lora", "structlora"], [8], 2, [1.0], 1,
+                                        "test_loss", tmp_path, threads=1)
+    with pytest.raises(UserError, match="no 'test' split for caption, vqav2, gqa"):
+        compare.preflight(plan, shared)
+    for task in ("caption", "vqav2", "gqa"):
+        (shared / "prepare" / "shards" / task / "test").mkdir()
+    compare.preflight(plan, shared)
+    with pytest.raises(UserError, match="no 'base' split"):
+        compare.preflight({**plan, "forgetting": "base"}, shared)
+    with pytest.raises(UserError, match="--metric conversations.exact_match: the cells do not score"):
+        compare.preflight({**plan, "metric": "conversations.exact_match"}, shared)
