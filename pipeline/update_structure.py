@@ -55,16 +55,11 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     adapted, processor = load_adapted_handle(ctx)
     method_diag: dict[str, float] = {}
     if adapted.method == "structlora":
-        diag = adapted.handle.diagnostics()
-        kept = list(diag["kept_rank"].values())
-        method_diag["kept_rank_mean"] = sum(kept) / len(kept)
-        method_diag["kept_fraction"] = sum(kept) / (len(kept) * adapted.handle.config.rank)
-        if diag["message_share"]:
-            shares = list(diag["message_share"].values())
-            method_diag["message_share_mean"] = sum(shares) / len(shares)
-        if diag["gates"] is not None:
-            flat = [g for values in diag["gates"].values() for g in values]
-            method_diag["gate_mean"] = sum(flat) / len(flat)
+        from structlora import scalar_diagnostics
+
+        scalars = scalar_diagnostics(adapted.handle)  # the numbers training logs: kept rank, message share, gates
+        method_diag = {k: scalars[k] for k in ("kept_rank_mean", "message_share_mean", "gate_mean") if k in scalars}
+        method_diag["kept_fraction"] = scalars["kept_rank_mean"] / adapted.handle.config.rank
         merged = adapted.handle.merge_and_unload()
     elif adapted.method == "full":
         merged = adapted.model
