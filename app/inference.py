@@ -19,8 +19,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InputError
+from data.chat_template import add_special_tokens_for, chat_prompt
 from data.collate import to_rgb
-from data.prompts import CAPTION_PROMPT, question_prompt, render_prompt
+from data.prompts import CAPTION_PROMPT, question_prompt
 
 Decoding = Literal["greedy", "sampling"]
 DECODINGS: tuple[str, ...] = ("greedy", "sampling")
@@ -121,7 +122,7 @@ def default_device() -> torch.device:
 
 
 class LoadedModel:
-    """A LLaVA model and its processor, loaded once with plain transformers and kept in memory.
+    """A vision-language model (any AutoModelForImageTextToText family) and its processor, loaded once with plain transformers and kept in memory.
 
     Args:
         model_dir: local directory or hub id given to ``from_pretrained``.
@@ -129,11 +130,11 @@ class LoadedModel:
     """
 
     def __init__(self, model_dir: str | Path, device: torch.device | None = None) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.source = str(model_dir)
         self.device = device or default_device()
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir).to(self.device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.dtype = next(self.model.parameters()).dtype
         # generate() is not meant to run twice at once on one model; the queue already serialises
@@ -146,7 +147,9 @@ class LoadedModel:
         return getattr(text_config, "max_position_embeddings", None)
 
     def _inputs(self, image: Image.Image, prompt: str, max_new_tokens: int) -> dict[str, torch.Tensor]:
-        batch = self.processor(text=[render_prompt(prompt)], images=[to_rgb(image)], return_tensors="pt")
+        text = chat_prompt(self.processor, prompt)  # the chat template (LLaVA's text for LLaVA processors)
+        batch = self.processor(text=[text], images=[to_rgb(image)], return_tensors="pt",
+                               add_special_tokens=add_special_tokens_for(self.processor, [text]))
         length = int(batch["input_ids"].shape[1])
         limit = self.context_length
         if limit is not None and length + max_new_tokens > limit:

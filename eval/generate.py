@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from data.chat_template import add_special_tokens_for, chat_prompt, messages_prompt, uses_chat_template
 from data.prompts import max_new_tokens as default_max_new_tokens
-from data.prompts import render_prompt, task_prompt
+from data.prompts import task_prompt
 from eval.errors import EvalInputError
 from eval.predictions import (
     PREDICTION_KEYS,
@@ -53,11 +54,25 @@ class EvalSample:
     sample_id: int | str
     image: Any
     question: str | None = None
+    messages: tuple[Any, ...] | None = None  # a conversation's canonical messages up to its last user turn
 
 
-def build_prompt(task: str, question: str | None = None) -> str:
-    """The full generation prompt of a task, through data.prompts (the one place prompts live)."""
-    return render_prompt(task_prompt(task, question))
+def build_prompt(task: str, question: str | None = None, processor: Any = None) -> str:
+    """The full generation prompt of a task: data.prompts' text (the one place prompts live), rendered with the
+    processor's chat template (`data.chat_template.chat_prompt`; LLaVA's text without a processor)."""
+    from data.prompts import render_prompt
+
+    text = task_prompt(task, question)
+    return chat_prompt(processor, text) if processor is not None else render_prompt(text)
+
+
+def sample_prompt(task: str, sample: EvalSample, processor: Any) -> str:
+    """The rendered prompt of one sample for `processor` (a conversation through the template when it has one)."""
+    if task == "conversations":
+        if sample.messages and uses_chat_template(processor):
+            return messages_prompt(processor, list(sample.messages))
+        return sample.question
+    return build_prompt(task, sample.question, processor)
 
 
 def postprocess_answer(task: str, text: str) -> str:
@@ -92,9 +107,12 @@ def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: S
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     device, dtype = _model_device_dtype(model)
     # a sample may hold a list of images (one per <image> tag of its prompt) or none at all
-    flat = [im for item in images for im in (item if isinstance(item, list | tuple) else [item])]
-    batch = processor(text=list(prompts), images=flat or None, padding=True, padding_side="left",
-                      return_tensors="pt")
+    nested = [list(item) if isinstance(item, list | tuple) else [item] for item in images]
+    flat = [im for item in nested for im in item]
+    # LLaVA's processor takes the flat list; the others one list per prompt (Idefics3, PaliGemma, ...)
+    given = (nested if uses_chat_template(processor) else flat) if flat else None
+    batch = processor(text=list(prompts), images=given, padding=True, padding_side="left", return_tensors="pt",
+                      add_special_tokens=add_special_tokens_for(processor, prompts))
     batch = batch.to(device=device, dtype=dtype)
     output = model.generate(**batch, do_sample=False, use_cache=True, max_new_tokens=max_new_tokens,
                             num_beams=1, pad_token_id=_pad_token_id(model, processor))
@@ -112,7 +130,7 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
         task: 'caption', 'vqav2' or 'gqa': picks the prompt, the token budget and the record keys.
         batch_size: samples per ``generate`` call.
         max_new_tokens: defaults to data.prompts' budget for the task.
-        prompt_fn: rendered prompt of a sample (default: ``build_prompt(task, sample.question)``);
+        prompt_fn: rendered prompt of a sample (default: ``sample_prompt(task, sample, processor)``);
             the long-context evaluation passes its extended prompts through here.
         desc: the progress bar's label (default ``generate {task}``).
     """
@@ -121,8 +139,7 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     budget = default_max_new_tokens(task) if max_new_tokens is None else max_new_tokens
-    default_prompt = (lambda s: s.question) if task == "conversations" else (lambda s: build_prompt(task, s.question))
-    make_prompt = prompt_fn or default_prompt
+    make_prompt = prompt_fn or (lambda s: sample_prompt(task, s, processor))
     items = list(samples)
     was_training = getattr(model, "training", False)
     model.eval()

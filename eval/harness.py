@@ -105,7 +105,8 @@ def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]], eos
         samples, refs = [], {}
         for e in examples:
             prompt, answer = generation_prompt(e["messages"], eos=eos)
-            samples.append(EvalSample(str(e["id"]), list(e.get("images") or []), prompt))
+            samples.append(EvalSample(str(e["id"]), list(e.get("images") or []), prompt,
+                                      messages=tuple(e["messages"][:-1])))
             refs[str(e["id"])] = answer
         return samples, refs
     samples = [EvalSample(e["question_id"], e["image"], e["question"]) for e in examples]

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, max_new_tokens, render_prompt
+from data.chat_template import add_special_tokens_for, chat_prompt, uses_chat_template
+from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, max_new_tokens
 from eval.caption_metrics import score_captions
 from eval.generate import EvalSample, generate_predictions
 
@@ -61,10 +62,12 @@ def filler_pool(references: Mapping[Any, Sequence[str]], exclude: Sequence[Any] 
 
 
 def _image_token_count(processor: Any, image: Any) -> int:
-    """How many tokens the processor expands one <image> into (measured, not assumed)."""
-    text = render_prompt(CAPTION_PROMPT)
-    with_image = processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1]
-    text_only = len(processor.tokenizer(text)["input_ids"])
+    """How many tokens the processor expands one image placeholder into (measured, not assumed)."""
+    text = chat_prompt(processor, CAPTION_PROMPT)
+    special = add_special_tokens_for(processor, [text])
+    with_image = processor(text=[text], images=[image], add_special_tokens=special,
+                           return_tensors="pt")["input_ids"].shape[1]
+    text_only = len(processor.tokenizer(text, add_special_tokens=special)["input_ids"])
     return with_image - text_only + 1
 
 
@@ -79,19 +82,27 @@ class ContextPrompt:
 
 
 class PromptLengthMeter:
-    """Measures full prompt lengths with the tokenizer, adding the image expansion measured once."""
+    """Renders prompts (the processor's chat template, or LLaVA's text) and measures their full length with
+    the tokenizer, adding the image expansion measured once (every prompt here holds one image)."""
 
     def __init__(self, processor: Any, image: Any) -> None:
+        self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.template = uses_chat_template(processor)
         self.image_tokens = _image_token_count(processor, image)
 
+    def render(self, user_text: str) -> str:
+        return chat_prompt(self.processor, user_text)
+
     def __call__(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"]) + (self.image_tokens - 1) * text.count(IMAGE_TOKEN)
+        images = 1 if self.template else text.count(IMAGE_TOKEN)
+        special = add_special_tokens_for(self.processor, [text])
+        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"]) + (self.image_tokens - 1) * images
 
 
-def _render(examples: Sequence[str], tail: str, instruction: str) -> str:
+def _render(meter: PromptLengthMeter, examples: Sequence[str], tail: str, instruction: str) -> str:
     filler = "".join(f"{e}\n" for e in examples) + (f"{tail}\n" if tail else "")
-    return render_prompt(filler + instruction)
+    return meter.render(filler + instruction)
 
 
 def build_context_prompt(meter: PromptLengthMeter, pool: Sequence[str], target: int,
@@ -101,7 +112,7 @@ def build_context_prompt(meter: PromptLengthMeter, pool: Sequence[str], target: 
     Whole examples are added (cycling through `pool`) by binary search on their number, then
     words of the next example by binary search on the word count; lengths are monotone in both.
     """
-    base = meter(_render([], "", instruction))
+    base = meter(_render(meter, [], "", instruction))
     if base > target:
         raise ValueError(f"the prompt without filler already has {base} tokens, more than the target {target}")
     if not pool:
@@ -112,13 +123,13 @@ def build_context_prompt(meter: PromptLengthMeter, pool: Sequence[str], target: 
 
     # Upper bound on the number of whole examples: each adds at least one token.
     hi = target - base + 1
-    lengths = _LazyLengths(lambda k: meter(_render(examples(k), "", instruction)))
+    lengths = _LazyLengths(lambda k: meter(_render(meter, examples(k), "", instruction)))
     k = bisect.bisect_right(lengths, target, 0, hi) - 1  # largest k with length(k) <= target
     words = pool[k % len(pool)].split()
-    tails = _LazyLengths(lambda w: meter(_render(examples(k), " ".join(words[:w]), instruction)))
+    tails = _LazyLengths(lambda w: meter(_render(meter, examples(k), " ".join(words[:w]), instruction)))
     w = bisect.bisect_right(tails, target, 0, len(words)) - 1 if words else 0
     w = max(w, 0)
-    text = _render(examples(k), " ".join(words[:w]), instruction)
+    text = _render(meter, examples(k), " ".join(words[:w]), instruction)
     return ContextPrompt(text=text, num_tokens=meter(text), num_examples=k + (w / len(words) if words else 0.0),
                          target=target)
 
@@ -150,13 +161,13 @@ def buckets_for_model(model: Any, meter: PromptLengthMeter, new_tokens: int = ma
                       buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[int]:
     """`buckets` scaled to the model's context (unchanged when they fit), none below the bare prompt."""
     limit = context_length_of(model)
-    bare = meter(_render([], "", CAPTION_PROMPT))
+    bare = meter(_render(meter, [], "", CAPTION_PROMPT))
     return list(buckets) if limit is None else scale_buckets(buckets, limit, new_tokens, min_length=bare)
 
 
 def bare_prompt_length(meter: PromptLengthMeter) -> int:
     """Tokens of the long-context prompt without any filler (image tokens included)."""
-    return meter(_render([], "", CAPTION_PROMPT))
+    return meter(_render(meter, [], "", CAPTION_PROMPT))
 
 
 def plan_buckets(lengths: Sequence[int], context_length: int | None, bare: int,

@@ -1,6 +1,6 @@
 """Teacher-forced test loss: the mean token loss of the reference answers, per task (no generation).
 
-Each evaluation example goes through the training collator (`data.collate.LlavaCollator`: the same
+Each evaluation example goes through the training collator (`data.chat_collate.make_collator`: LlavaCollator or the chat-template collator, the same
 prompt, labels on the answer tokens and their end token only, the same truncation rule; a caption
 example trains on one of its references, picked by a fixed seed) and the model's logits give the
 cross-entropy of every labelled token. Per task:
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from data.collate import IGNORE_INDEX, LlavaCollator
+from data.chat_collate import make_collator
+from data.collate import IGNORE_INDEX
 
 ID_FIELD = {"caption": "image_id", "vqav2": "question_id", "gqa": "question_id", "conversations": "id"}
 
@@ -35,7 +36,7 @@ def item_id(task: str, example: Mapping[str, Any]) -> str:
 def example_losses(model: Any, processor: Any, task: str, examples: Sequence[Mapping[str, Any]], batch_size: int = 8,
                    max_length: int = 4096, seed: int = 0) -> dict[str, tuple[float, int]]:
     """{item id: (summed token loss, tokens)} of `examples` under `model` (eval mode, no gradients)."""
-    collate = LlavaCollator(processor, max_length=max_length, seed=seed)
+    collate = make_collator(processor, max_length=max_length, seed=seed)
     param = next(model.parameters())
     out: dict[str, tuple[float, int]] = {}
     for start in range(0, len(examples), batch_size):

@@ -31,7 +31,8 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
     with or without data, is recorded in `account` (skips per epoch) before the empty ones are passed over."""
     from torch.utils.data import DataLoader
 
-    from data.collate import ClassificationCollator, LlavaCollator
+    from data.chat_collate import make_collator
+    from data.collate import ClassificationCollator
     from data.stream import TrainStream, collate_with_stats
 
     stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
@@ -46,7 +47,7 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         stream.set_epoch(epoch)
         # a collator per (rank, epoch): DataLoader workers each get a copy of it, so one reused across
         # epochs would replay the same caption choices every epoch
-        collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else LlavaCollator(
+        collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else make_collator(
             processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_with_stats(collate),
                             num_workers=cfg.data.num_workers)

@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = add(sub, "eval", "score LLaVA models side by side on the same samples (captions, VQAv2, GQA, long context)",
+    p = add(sub, "eval", "score vision-language models (any family) side by side on the same samples (captions, VQAv2, "
+            "GQA, long context)",
             _cmd_eval)
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="[NAME=]hub id, model directory, run directory (its merged model) or --registry entry name")

@@ -1,4 +1,4 @@
-"""``structlora eval``: score any LLaVA models side by side on the same samples.
+"""``structlora eval``: score any vision-language models (LLaVA, Qwen2.5-VL, SmolVLM, ...) side by side on the same samples.
 
 A MODEL is, in this order of precedence:
 
@@ -93,10 +93,11 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
 
 
 def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None):
-    """(LlavaForConditionalGeneration, processor) of a local directory or a cached / reachable hub id."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(model, processor) of a local directory or a cached / reachable hub id: any image-text-to-text family
+    (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...), by AutoModelForImageTextToText."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = LlavaForConditionalGeneration.from_pretrained(source, revision=revision, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=dtype)
     return model, AutoProcessor.from_pretrained(source, revision=revision)
 
 

@@ -23,17 +23,14 @@ Image tokens and padding are always -100.
 
 from __future__ import annotations
 
-import difflib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+# chat labels live in data.chat_template (the training collator uses them); re-exported here
+from data.chat_template import IGNORE_INDEX, chat_labels, multimodal_ids, render  # noqa: F401
 from pipeline.families import FAMILIES, IMAGE, PATCH, VOCAB, tiny_config
 
-IGNORE_INDEX = -100
 _GRID = IMAGE // PATCH  # 4 x 4 patches per 16 x 16 image
 _SPLIT = r"\w+|[^\w\s]|\s"  # words, single punctuation marks and single whitespace characters
 _CORPUS = ("What is in the image? It is a red square on a white background. Describe the picture in one sentence.",
@@ -299,103 +296,3 @@ def tiny_processor(family: str) -> Any:
         raise ValueError(f"unsupported family {family!r}: expected one of {', '.join(SUPPORTED)}")
     cls = getattr(tf, PROCESSOR_CLASS[family])
     return cls(tokenizer=tiny_tokenizer(family), chat_template=_SPECS[family].template, **_image_parts(family))
-
-
-# ----------------------------------------------------------------------------- chat labels
-
-def _insertion_map(rendered: str, prepared: str) -> list[int]:
-    """Position in `prepared` of every character of `rendered` (plus one past the end), where `prepared`
-    is `rendered` with text inserted (PaliGemma's processor adds `<bos>` after the image and a final
-    '\\n'). ValueError if the processor changed the text in any other way."""
-    if rendered == prepared:
-        return list(range(len(rendered) + 1))
-    where = [0] * (len(rendered) + 1)
-    for op, a0, a1, b0, _ in difflib.SequenceMatcher(None, rendered, prepared, autojunk=False).get_opcodes():
-        if op not in ("equal", "insert"):
-            raise ValueError(f"the processor {op}d template text ({rendered[a0:a1]!r}); cannot place the labels")
-        for k in range(a0, a1):
-            where[k] = b0 + k - a0
-    where[len(rendered)] = len(prepared)
-    return where
-
-
-def _expanded(position: int, replacements: Sequence[dict[str, Any]]) -> int:
-    """Where a position of the processor's input text lands once its image placeholders are expanded."""
-    shift = 0
-    for r in replacements:
-        if r["span"][1] <= position:
-            shift += (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])
-    return position + shift
-
-
-def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]],
-           add_generation_prompt: bool = False) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """(rendered texts, per text the character spans of its `{% generation %}` blocks), with the
-    processor's chat template and the tokenizer's special tokens as template variables (as
-    `processor.apply_chat_template` renders them)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    return render_jinja_template(conversations=[list(c) for c in conversations], chat_template=processor.chat_template,
-                                 return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
-                                 **processor.tokenizer.special_tokens_map)
-
-
-def multimodal_ids(processor: Any) -> set[int]:
-    """Ids of every image / video placeholder token the processor inserts (never labelled)."""
-    tok = processor.tokenizer
-    found = [*(getattr(processor, "image_token_ids", None) or []), getattr(processor, "image_token_id", None),
-             getattr(processor, "video_token_id", None), getattr(tok, "image_token_id", None),
-             getattr(tok, "video_token_id", None)]
-    return {i for i in found if isinstance(i, int)}
-
-
-def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """A padded training batch of chat conversations, labelled on the assistant replies only.
-
-    Args:
-        processor: a processor with a chat template whose assistant replies (and end-of-turn markers)
-            are inside `{% generation %}` blocks (every template of this module).
-        messages: one conversation (a list of {"role", "content"} messages, content a list of
-            {"type": "image"} / {"type": "text", "text"} items) or a list of them.
-        images: the images of one conversation, in order, or one such list per conversation.
-
-    Returns:
-        The processor's tensors (input_ids, attention_mask, pixel_values and its extras such as
-        image_grid_thw, image_sizes, mm_token_type_ids / token_type_ids, pixel_attention_mask) and
-        `labels`: the input ids on tokens that overlap an assistant span, -100 elsewhere (system and user
-        turns, role markers, image tokens, padding). For PaliGemma `token_type_ids` is 0 up to the first
-        reply and 1 from there: its prefix-LM mask is bidirectional where it is 0, so the processor's
-        all-zero ids would let every token see the answers.
-    """
-    batched = bool(messages) and isinstance(messages[0], (list, tuple))
-    convs = list(messages) if batched else [messages]
-    per_conv = [list(x) for x in images] if batched else [list(images)]
-    texts, spans = render(processor, convs)
-    has_images = any(per_conv)
-    bos = processor.tokenizer.bos_token
-    # as processor.apply_chat_template: a template that writes the bos itself gets no second one
-    enc = processor(text=list(texts), images=per_conv if has_images else None, padding=True,
-                    add_special_tokens=not (bos and texts[0].startswith(bos)), return_offsets_mapping=True,
-                    return_text_replacement_offsets=True, return_tensors="pt")
-    offsets = enc.pop("offset_mapping")
-    replacements = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
-    prepared = processor.prepare_inputs_layout(images=per_conv if has_images else None, text=list(texts))[1]
-    ids = enc["input_ids"]
-    assistant = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (text, ready, row_spans) in enumerate(zip(texts, prepared, spans)):
-        where = _insertion_map(text, ready)
-        for start, end in row_spans:
-            if end <= start:  # an empty reply
-                continue
-            first = _expanded(where[start], replacements[row])
-            last = _expanded(where[end - 1], replacements[row]) + 1
-            tok_start, tok_end = offsets[row, :, 0], offsets[row, :, 1]
-            assistant[row] |= (tok_start < last) & (tok_end > first) & (tok_end > tok_start)
-    keep = assistant & enc["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(multimodal_ids(processor))))
-    out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    out["labels"] = ids.masked_fill(~keep, IGNORE_INDEX)
-    from transformers import PaliGemmaProcessor
-
-    if isinstance(processor, PaliGemmaProcessor):
-        out["token_type_ids"] = (keep.long().cumsum(dim=1) > 0).long()
-    return out

@@ -1,6 +1,7 @@
 """The merge stage: fold the trained update into W0 and write a plain transformers model.
 
-The merged directory loads with `LlavaForConditionalGeneration.from_pretrained` alone (no
+The merged directory loads with its family's class (`LlavaForConditionalGeneration`, or for `model.arch: vlm`
+`AutoModelForImageTextToText`: Qwen2_5_VLForConditionalGeneration, ...) `.from_pretrained` alone (no
 structlora, no peft): that is the proof of zero inference cost. Before reporting success
 the stage checks, on fixed inputs, that the merged model reproduces the adapted model's
 logits. A standard PEFT LoRA adapter is written beside it.
@@ -54,11 +55,13 @@ def export_adapter(adapted, out: Path, base_name: str, svd_rank: int | None) -> 
     return {"path": str(out)}
 
 
-def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[str, Any]) -> str:
+def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[str, Any],
+               model_class: str = "LlavaForConditionalGeneration") -> str:
     cfg = ctx.cfg
-    base = cfg.model.name_or_path or f"tiny preset (pretrained by the base stage in {ctx.run_dir})"
+    base = cfg.model.name_or_path or f"{cfg.model.preset} preset (built from config; base stage in {ctx.run_dir})"
+    family = "llava" if cfg.model.arch == "llava" else model_class.replace("ForConditionalGeneration", "").lower()
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, structlora, lora]",
+        "---", "library_name: transformers", "pipeline_tag: image-text-to-text", f"tags: [{family}, structlora, lora]",
         "---", "", f"# {Path(ctx.run_dir).name}: {cfg.adapter.method} merged into its base", "",
         f"- Base model: {base}",
         f"- Method: {cfg.adapter.method}, rank {cfg.adapter.rank}, alpha {cfg.adapter.alpha}, "
@@ -68,7 +71,8 @@ def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[st
         f"- Merge check: max |logit difference| adapted vs merged = {check['max_abs_diff']:.2e} "
         f"(tolerance {check['tolerance']:.0e})",
         "", "The adapter is folded into the weights: this model has exactly the base architecture and cost.",
-        "Load it with `LlavaForConditionalGeneration.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.",
+        f"Load it with `{model_class}.from_pretrained(path)` (or `AutoModelForImageTextToText`) and "
+        "`AutoProcessor.from_pretrained(path)`.",
     ]
     if metrics:
         lines += ["", f"## Evaluation ({cfg.eval.split} split)", "", "| model | metric | value |", "| --- | --- | --- |"]
@@ -113,12 +117,17 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     merged.save_pretrained(model_dir, safe_serialization=True)
     processor.save_pretrained(model_dir)
     # the saved model must stand alone: reload it with plain transformers; it must equal what was saved
-    from transformers import AutoModelForImageClassification, LlavaForConditionalGeneration
+    from transformers import (
+        AutoModelForImageClassification,
+        AutoModelForImageTextToText,
+        LlavaForConditionalGeneration,
+    )
 
     if cfg.model.arch == "vit" and cfg.model.vit_impl == "timm":
         from pipeline.backbones import TimmClassifier as model_class
     else:
-        model_class = AutoModelForImageClassification if cfg.model.arch == "vit" else LlavaForConditionalGeneration
+        model_class = {"vit": AutoModelForImageClassification, "llava": LlavaForConditionalGeneration,
+                       "vlm": AutoModelForImageTextToText}[cfg.model.arch]
     reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
     diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(_logits(merged, batches), _logits(reloaded, batches)))
     check["max_abs_diff_reloaded_vs_saved"] = diff_reloaded
@@ -128,7 +137,10 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     from eval.report import headline_from_file
 
     metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json")
-    (model_dir / "README.md").write_text(model_card(ctx, metrics, check))
+    if cfg.model.arch == "vlm" and type(reloaded) is not type(merged):
+        raise RuntimeError(f"the merged model reloads as {type(reloaded).__name__}, not {type(merged).__name__}")
+    check["model_class"] = type(merged).__name__
+    (model_dir / "README.md").write_text(model_card(ctx, metrics, check, type(merged).__name__))
     base_dir = ctx.run_dir / "base" / "model"
     info = {"base_model": str(base_dir.resolve()) if base_dir.is_dir() else cfg.model.name_or_path,
             "run_dir": str(Path(ctx.run_dir).resolve()), "method": cfg.adapter.method}

@@ -161,11 +161,16 @@ class SkeletonPreset:
 class ModelConfig:
     """The backbone: a hub id / local directory loaded with from_pretrained, or a preset built from config."""
 
-    arch: Literal["llava", "vit"] = _f("llava", "llava = LlavaForConditionalGeneration; vit = image classifier")
+    arch: Literal["llava", "vit", "vlm"] = _f(
+        "llava", "llava = LlavaForConditionalGeneration (LLaVA-1.5's path); vlm = any AutoModelForImageTextToText "
+                 "(Qwen2.5-VL, LLaVA-OneVision, SmolVLM, Gemma 3, ...: towers from the model, prompts through its "
+                 "chat template); vit = image classifier")
     name_or_path: str | None = _f(None, "hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
-    preset: Literal["tiny", "llava15-7b-skeleton"] | None = _f(
-        None, "build from config instead of loading weights: the tiny preset, or LLaVA-1.5-7B's real widths with "
-              "a few layers (random weights)")
+    preset: Literal["tiny", "llava15-7b-skeleton", "tiny-llava", "tiny-llava_next", "tiny-llava_onevision",
+                    "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-idefics3", "tiny-gemma3",
+                    "tiny-paligemma", "tiny-mistral3", "tiny-internvl"] | None = _f(
+        None, "build from config instead of loading weights: the tiny preset, LLaVA-1.5-7B's real widths with "
+              "a few layers, or tiny-<family> (model.arch=vlm: that family's tiny random model and processor)")
     tiny: TinyPreset = _f(help="sizes of the tiny preset", factory=TinyPreset)
     skeleton: SkeletonPreset = _f(help="depth of the llava15-7b-skeleton preset", factory=SkeletonPreset)
     vit_impl: Literal["transformers", "timm"] = _f("transformers", "ViT implementation")
@@ -178,6 +183,11 @@ class ModelConfig:
             raise ValueError("give exactly one of model.name_or_path (load) or model.preset (build from config)")
         if self.preset == "llava15-7b-skeleton" and self.arch != "llava":
             raise ValueError("preset llava15-7b-skeleton is a LLaVA: set model.arch=llava")
+        family_preset = (self.preset or "").startswith("tiny-")
+        if family_preset and self.arch != "vlm":
+            raise ValueError(f"preset {self.preset} is a VLM family preset: set model.arch=vlm")
+        if self.arch == "vlm" and self.preset is not None and not family_preset:
+            raise ValueError(f"model.arch=vlm builds tiny-<family> presets only, not {self.preset}")
 
 
 @dataclass

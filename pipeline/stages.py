@@ -91,6 +91,8 @@ def load_base(ctx: StageContext):
     cfg = ctx.cfg
     if cfg.model.arch == "vit":
         return load_vit_base(ctx)
+    if cfg.model.arch == "vlm":
+        return load_vlm_base(ctx)
     if cfg.model.preset is None:
         model, processor = load_llava(cfg.model)
     elif cfg.base.enabled:
@@ -103,6 +105,19 @@ def load_base(ctx: StageContext):
         vocab, extra = world_texts()
         model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
     return model, with_image_fit(processor, cfg.data.image_fit)
+
+
+def load_vlm_base(ctx: StageContext):
+    """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's."""
+    from pipeline.vlm import load_vlm, make_vlm
+
+    cfg = ctx.cfg
+    if cfg.model.preset is not None and cfg.base.enabled:
+        path = base_model_dir(ctx)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
+        return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype))
+    return make_vlm(cfg.model, seed=cfg.seed)
 
 
 def num_classes(ctx: StageContext) -> int:
@@ -187,13 +202,23 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
         model = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed)
         model, processor = vit_for_pipeline(model) if cfg.model.vit_impl == "timm" else (model, vit_image_processor(cfg))
         tasks = {"classification": 1.0}
+    elif cfg.model.arch == "vlm":
+        from pipeline.vlm import make_vlm
+
+        model, processor = make_vlm(cfg.model, seed=cfg.seed)
     else:
         vocab, extra = world_texts()
         model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
     from pipeline.towers import unused_modules
 
+    if cfg.model.arch == "vlm":
+        from pipeline.vlm import plan_for
+
+        frozen = plan_for(model, processor, AdapterConfig(method="full"), cfg.base.max_steps).frozen_modules
+    else:
+        frozen = unused_modules(model)
     adapted = attach_method(model, AdapterConfig(method="full"), [], [], cfg.base.max_steps, seed=cfg.seed,
-                            frozen_modules=unused_modules(model))
+                            frozen_modules=frozen)
     train_cfg = TrainConfig(max_steps=cfg.base.max_steps, batch_size=cfg.base.batch_size, lr=cfg.base.lr,
                             save_every=max(1, cfg.base.max_steps // 2), eval_every=cfg.base.max_steps,
                             log_every=20, seed=cfg.seed, keep_last=1)
@@ -231,12 +256,22 @@ def final_dir(ctx: StageContext) -> Path:
     return ctx.run_dir / "train" / "final"
 
 
-def attach(ctx: StageContext, model):
-    """The config's method attached to `model` on the targets the towers describe."""
+def attach(ctx: StageContext, model, processor=None):
+    """The config's method attached to `model` on the targets the towers describe (for `model.arch: vlm`,
+    the tower table of the model itself: `pipeline.vlm.plan_for`, which needs the processor for its probe)."""
     from pipeline.methods import attach_method
     from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
 
     cfg = ctx.cfg
+    if cfg.model.arch == "vlm":
+        from pipeline.vlm import plan_for
+
+        plan = plan_for(model, processor, cfg.adapter, cfg.train.max_steps)
+        adapted = attach_method(model, cfg.adapter, plan.target_names, plan.full_modules, cfg.train.max_steps,
+                                structlora_config=plan.structlora_config, seed=cfg.train.seed,
+                                frozen_modules=plan.frozen_modules)
+        adapted.notes = plan.notes  # what the tower table found: in the train summary
+        return adapted
     targets = target_module_names(model, cfg.model, cfg.adapter)
     structlora_cfg = structlora_config_for(model, cfg.model, cfg.adapter, cfg.train.max_steps) \
         if cfg.adapter.method == "structlora" else None
@@ -250,7 +285,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     model, processor = load_base(ctx)
-    adapted = attach(ctx, model)
+    adapted = attach(ctx, model, processor)
     rank, world = _dist()
     train_src = sources(ctx, "train", cfg.data.tasks)
     val_lost: list = []
@@ -284,6 +319,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
                    "val_losses": result.val_losses, "seconds": round(result.seconds, 1),
                    "resumed_from": result.resumed_from, "world_size": world,
                    "rank_checksums": checksums, "data": data}
+        if getattr(adapted, "notes", None):
+            summary["adapter_notes"] = adapted.notes
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(final_dir(ctx), ignore_errors=True)
         tmp.rename(final_dir(ctx))
@@ -295,14 +332,14 @@ def check_image_budget(ctx: StageContext, processor) -> None:
     """Before training: do the conversation samples with the most images fit `data.max_length`? Their image
     tokens alone are never cut, so a sample that cannot fit is dropped (and counted); say so now."""
     manifest = shards_root(ctx) / "conversations" / "train" / "manifest.json"
-    if ctx.cfg.data.tasks.get("conversations", 0) <= 0 or not manifest.is_file() or ctx.cfg.model.arch != "llava":
+    if ctx.cfg.data.tasks.get("conversations", 0) <= 0 or not manifest.is_file() or ctx.cfg.model.arch == "vit":
         return
     most = int(json.loads(manifest.read_text()).get("max_images", 0))
     if most == 0:
         return
-    from data.collate import LlavaCollator
+    from data.chat_collate import make_collator
 
-    per_image = LlavaCollator(processor, max_length=ctx.cfg.data.max_length).image_tokens()
+    per_image = make_collator(processor, max_length=ctx.cfg.data.max_length).image_tokens()
     if most * per_image >= ctx.cfg.data.max_length:
         line = (f"conversations: a training sample has {most} images = {most * per_image} image tokens, not below "
                 f"data.max_length={ctx.cfg.data.max_length}: such samples cannot fit and will be dropped (counted "
@@ -319,7 +356,7 @@ def load_adapted_handle(ctx: StageContext):
     if not (path / "trainable.safetensors").is_file():
         raise UserError(f"{path}: no trained adapter: run the train stage first (--stages train)")
     model, processor = load_base(ctx)
-    adapted = attach(ctx, model)
+    adapted = attach(ctx, model, processor)
     adapted.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
     if adapted.method == "structlora" and (path / "method_state").is_dir():
         adapted.handle.load_training_state(path / "method_state", load_parameters=False)
@@ -377,8 +414,8 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
     from app.registry import register_model
 
     cfg = ctx.cfg
-    if cfg.model.arch != "llava":
-        return {"skipped": "the demo serves LLaVA models; the merged classifier is in merge/model"}
+    if cfg.model.arch == "vit":
+        return {"skipped": "the demo serves vision-language models; the merged classifier is in merge/model"}
     model_dir = (ctx.run_dir / "merge" / "model").resolve()
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: no merged model: run the merge stage first (--stages merge)")

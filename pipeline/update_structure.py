@@ -73,12 +73,12 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
 
 def _batches(ctx, processor, split: str, per_task: int | None, batch_size: int, seed: int = 0):
     """Teacher-forced batches (labels on the answers) of every task's `split`, task by task."""
-    from data.collate import LlavaCollator
+    from data.chat_collate import make_collator
     from pipeline.evaluate import load_eval_examples
 
     for task in [t for t, w in ctx.cfg.data.tasks.items() if w > 0]:
         examples = load_eval_examples(ctx, task, split, per_task)
-        collate = LlavaCollator(processor, max_length=ctx.cfg.data.max_length, seed=seed)
+        collate = make_collator(processor, max_length=ctx.cfg.data.max_length, seed=seed)
         for i in range(0, len(examples), batch_size):
             yield task, collate(examples[i: i + batch_size])
 

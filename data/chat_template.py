@@ -1,0 +1,189 @@
+"""Prompts and training labels through a processor's own chat template (any VLM family but LLaVA's format).
+
+- `uses_chat_template(processor)`: whether text goes through the processor's chat template. LLaVA
+  processors keep the llava-hf text of `data.prompts` ("USER: <image>\\n{prompt} ASSISTANT:"), which is
+  what their template renders (tested), so the LLaVA-1.5 path stays byte for byte as it was; every other
+  processor (Qwen-VL, Idefics3 / SmolVLM, Gemma 3, PaliGemma, Mistral 3, InternVL, ...) renders through
+  `processor.chat_template`.
+- `to_template_messages(messages)`: canonical messages (content a string with `<image>` tags, `data.conversations`)
+  as the template wants them (content lists of {"type": "image"} / {"type": "text"} items).
+- `chat_prompt(processor, user_text, images)`: the generation prompt of one user turn (images first, as
+  LLaVA asks), for evaluation and the demo.
+- `chat_labels(processor, messages, images)`: a padded training batch labelled on the assistant replies: the
+  template's `{% generation %}` spans, moved through the processor's own text edits and mapped to tokens by
+  the tokenizer's offsets. Nothing is counted by hand; image tokens and padding are always -100.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from data.prompts import IMAGE_TOKEN, render_prompt
+
+IGNORE_INDEX = -100
+
+
+def uses_chat_template(processor: Any) -> bool:
+    """True unless `processor` is a LLaVA processor (llava-hf text format) or has no chat template."""
+    from transformers import LlavaProcessor
+
+    return bool(getattr(processor, "chat_template", None)) and not isinstance(processor, LlavaProcessor)
+
+
+def user_content(text: str, images: int = 0) -> list[dict[str, Any]]:
+    """Template content of a user turn: `images` leading images, then `text` with its own `<image>` tags as
+    image items in place."""
+    items: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            items.append({"type": "image"})
+        if piece.strip():
+            items.append({"type": "text", "text": piece.strip()})
+    return items
+
+
+def to_template_messages(messages: Sequence[dict[str, str]], carried_images: int = 0) -> list[dict[str, Any]]:
+    """Canonical messages (string content with `<image>` tags) as content lists; `carried_images` images
+    lead the first user turn (a row that continues a conversation sees the images of earlier turns)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "user":
+            first = not any(o["role"] == "user" for o in out)
+            out.append({"role": "user", "content": user_content(m["content"], carried_images if first else 0)})
+        else:
+            out.append({"role": m["role"], "content": [{"type": "text", "text": m["content"].strip()}]})
+    return out
+
+
+def fold_system(processor: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A template with no system role (PaliGemma's) gets the system text at the head of the first user turn,
+    so that it is never taken for a reply (and labelled)."""
+    if not messages or messages[0]["role"] != "system" or "system" in (processor.chat_template or ""):
+        return messages
+    system, rest = messages[0], [dict(m) for m in messages[1:]]
+    for m in rest:
+        if m["role"] == "user":
+            m["content"] = [*[c for c in m["content"] if c["type"] == "image"], *system["content"],
+                            *[c for c in m["content"] if c["type"] != "image"]]
+            break
+    return rest
+
+
+def chat_prompt(processor: Any, user_text: str, images: int = 1) -> str:
+    """The rendered generation prompt of one user turn with `images` images before its text."""
+    if not uses_chat_template(processor):
+        return render_prompt(f"{IMAGE_TOKEN}\n" * (images - 1) + user_text, with_image=images > 0)
+    messages = [{"role": "user", "content": user_content(user_text, images)}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def messages_prompt(processor: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The rendered generation prompt of canonical messages ending in a user turn (earlier turns as context)."""
+    rendered = fold_system(processor, to_template_messages(messages))
+    return processor.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+
+
+def add_special_tokens_for(processor: Any, texts: Sequence[str]) -> bool:
+    """As `processor.apply_chat_template` tokenises: a template that writes the bos itself gets no second one."""
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    return not (bos and texts and texts[0].startswith(bos))
+
+
+def _insertion_map(rendered: str, prepared: str) -> list[int]:
+    """Position in `prepared` of every character of `rendered` (plus one past the end), where `prepared`
+    is `rendered` with text inserted (PaliGemma's processor adds `<bos>` after the image and a final
+    '\\n'). ValueError if the processor changed the text in any other way."""
+    if rendered == prepared:
+        return list(range(len(rendered) + 1))
+    where = [0] * (len(rendered) + 1)
+    for op, a0, a1, b0, _ in difflib.SequenceMatcher(None, rendered, prepared, autojunk=False).get_opcodes():
+        if op not in ("equal", "insert"):
+            raise ValueError(f"the processor {op}d template text ({rendered[a0:a1]!r}); cannot place the labels")
+        for k in range(a0, a1):
+            where[k] = b0 + k - a0
+    where[len(rendered)] = len(prepared)
+    return where
+
+
+def _expanded(position: int, replacements: Sequence[dict[str, Any]]) -> int:
+    """Where a position of the processor's input text lands once its image placeholders are expanded."""
+    shift = 0
+    for r in replacements:
+        if r["span"][1] <= position:
+            shift += (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])
+    return position + shift
+
+
+def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]],
+           add_generation_prompt: bool = False) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """(rendered texts, per text the character spans of its `{% generation %}` blocks), with the
+    processor's chat template and the tokenizer's special tokens as template variables (as
+    `processor.apply_chat_template` renders them)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    return render_jinja_template(conversations=[list(c) for c in conversations], chat_template=processor.chat_template,
+                                 return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
+                                 **processor.tokenizer.special_tokens_map)
+
+
+def multimodal_ids(processor: Any) -> set[int]:
+    """Ids of every image / video placeholder token the processor inserts (never labelled)."""
+    tok = processor.tokenizer
+    found = [*(getattr(processor, "image_token_ids", None) or []), getattr(processor, "image_token_id", None),
+             getattr(processor, "video_token_id", None), getattr(tok, "image_token_id", None),
+             getattr(tok, "video_token_id", None)]
+    return {i for i in found if isinstance(i, int)}
+
+
+def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """A padded training batch of chat conversations, labelled on the assistant replies only.
+
+    Args:
+        processor: a processor with a chat template whose assistant replies (and end-of-turn markers)
+            are inside `{% generation %}` blocks (every template of this module).
+        messages: one conversation (a list of {"role", "content"} messages, content a list of
+            {"type": "image"} / {"type": "text", "text"} items) or a list of them.
+        images: the images of one conversation, in order, or one such list per conversation.
+
+    Returns:
+        The processor's tensors (input_ids, attention_mask, pixel_values and its extras such as
+        image_grid_thw, image_sizes, mm_token_type_ids / token_type_ids, pixel_attention_mask) and
+        `labels`: the input ids on tokens that overlap an assistant span, -100 elsewhere (system and user
+        turns, role markers, image tokens, padding). For PaliGemma `token_type_ids` is 0 up to the first
+        reply and 1 from there: its prefix-LM mask is bidirectional where it is 0, so the processor's
+        all-zero ids would let every token see the answers.
+    """
+    batched = bool(messages) and isinstance(messages[0], (list, tuple))
+    convs = list(messages) if batched else [messages]
+    per_conv = [list(x) for x in images] if batched else [list(images)]
+    texts, spans = render(processor, convs)
+    has_images = any(per_conv)
+    enc = processor(text=list(texts), images=per_conv if has_images else None, padding=True,
+                    add_special_tokens=add_special_tokens_for(processor, texts), return_offsets_mapping=True,
+                    return_text_replacement_offsets=True, return_tensors="pt")
+    offsets = enc.pop("offset_mapping")
+    replacements = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
+    prepared = processor.prepare_inputs_layout(images=per_conv if has_images else None, text=list(texts))[1]
+    ids = enc["input_ids"]
+    assistant = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (text, ready, row_spans) in enumerate(zip(texts, prepared, spans)):
+        where = _insertion_map(text, ready)
+        for start, end in row_spans:
+            if end <= start:  # an empty reply
+                continue
+            first = _expanded(where[start], replacements[row])
+            last = _expanded(where[end - 1], replacements[row]) + 1
+            tok_start, tok_end = offsets[row, :, 0], offsets[row, :, 1]
+            assistant[row] |= (tok_start < last) & (tok_end > first) & (tok_end > tok_start)
+    keep = assistant & enc["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(multimodal_ids(processor))))
+    out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    out["labels"] = ids.masked_fill(~keep, IGNORE_INDEX)
+    from transformers import PaliGemmaProcessor
+
+    if isinstance(processor, PaliGemmaProcessor):
+        out["token_type_ids"] = (keep.long().cumsum(dim=1) > 0).long()
+    return out

@@ -1,0 +1,185 @@
+"""Any VLM family as a backbone (`model.arch: vlm`): load or build it, find what to adapt, from the model itself.
+
+- `load_vlm(cfg)`: `AutoModelForImageTextToText` + `AutoProcessor` by hub id or local directory (LLaVA-1.5,
+  LLaVA-NeXT / OneVision, Qwen2-VL / 2.5-VL / 3-VL, Idefics3 / SmolVLM, Gemma 3, PaliGemma, Mistral 3,
+  InternVL: whatever transformers loads with that class).
+- `build_vlm(cfg, seed)`: `preset: tiny-<family>`, the family's tiny random model and its own processor class,
+  built offline (`pipeline.families`, `pipeline.family_processors`), for tests and the default's speed.
+- `VlmPlan` / `plan_for(model, processor, adapter)`: the tower table (`families.layer_table`), the dead
+  parameters found by one forward + backward of a probe batch made by the training collator (for every
+  family, not a LLaVA special case: LLaVA-1.5 / NeXT's last vision layer, a tower's post-layernorm), the
+  linears to adapt (the same names for StructLoRA and the PEFT baselines) and the submodules trained fully.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.schema import AdapterConfig, ModelConfig
+
+log = logging.getLogger("structlora.vlm")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_PREFIX = "tiny-"
+
+
+def preset_family(preset: str | None) -> str | None:
+    """'qwen2_5_vl' for 'tiny-qwen2_5_vl'; None for other presets."""
+    return preset[len(TINY_PREFIX):] if preset and preset.startswith(TINY_PREFIX) else None
+
+
+def _generation_ids(model: nn.Module, processor: Any) -> None:
+    tok = processor.tokenizer
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if getattr(tok, key, None) is not None:
+            setattr(model.generation_config, key, getattr(tok, key))
+
+
+def build_vlm(cfg: ModelConfig, seed: int = 0):
+    """(model, processor) of a `tiny-<family>` preset: random weights from `seed`, no network."""
+    from pipeline.families import build_tiny
+    from pipeline.family_processors import tiny_processor
+
+    family = preset_family(cfg.preset)
+    with torch.random.fork_rng(devices=[]):
+        model = build_tiny(family, seed=seed)
+    processor = tiny_processor(family)
+    _generation_ids(model, processor)
+    return model.to(_DTYPES[cfg.dtype]), processor
+
+
+def load_vlm(cfg: ModelConfig):
+    """(model, processor) from a hub id or local directory, with `AutoModelForImageTextToText`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pipeline.backbones import resolve_pretrained
+
+    assert cfg.name_or_path is not None
+    source = resolve_pretrained(cfg.name_or_path, cfg.revision)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype])
+    except ValueError as err:
+        raise UserError(f"{cfg.name_or_path}: not an image-text-to-text model transformers can load "
+                        f"({str(err).splitlines()[0]})") from None
+    processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)
+    if not getattr(processor, "chat_template", None):
+        raise UserError(f"{cfg.name_or_path}: its processor has no chat template; model.arch=vlm renders every "
+                        "prompt through it (give a processor with one, e.g. the -Instruct / -hf checkpoint)")
+    return model, processor
+
+
+def make_vlm(cfg: ModelConfig, seed: int = 0):
+    return build_vlm(cfg, seed) if preset_family(cfg.preset) else load_vlm(cfg)
+
+
+# --- what to adapt --------------------------------------------------------------------------------
+
+
+def probe_batch(processor: Any) -> dict[str, torch.Tensor]:
+    """One caption example through the training collator: what training feeds every family."""
+    from PIL import Image
+
+    from data.chat_collate import ChatCollator
+
+    image = Image.new("RGB", (64, 48), (180, 40, 40))
+    sample = {"task": "caption", "image": image, "captions": ["a red square on a white background."]}
+    return ChatCollator(processor, max_length=1 << 20)([sample])
+
+
+def dead_parameters(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+    """Parameters that get no gradient (None or exactly zero) from one forward + backward of `batch`.
+
+    Every parameter is made trainable for the probe and restored after; gradients are cleared."""
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    param = next(model.parameters())
+    inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+              for k, v in batch.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.float().backward()
+        return [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.any())]
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+
+
+@dataclass
+class VlmPlan:
+    """What a run adapts on a VLM: `target_names` (StructLoRA and PEFT alike), `full_modules` (parts
+    configured `full`, without dead parameters), `frozen_modules` (owners of dead parameters: frozen even under
+    full fine-tuning), the StructLoRA config when the method is structlora, and notes in words."""
+
+    table: list[Any]
+    target_names: list[str]
+    full_modules: list[str]
+    frozen_modules: list[str]
+    structlora_config: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _owners(names: list[str]) -> list[str]:
+    return sorted({n.rsplit(".", 1)[0] for n in names})
+
+
+def full_modules(model: nn.Module, adapter: AdapterConfig, dead: list[str]) -> list[str]:
+    """Leaf modules with parameters of the parts configured `full` (lm_head with the language model), none dead."""
+    from pipeline.families import connector_parts, tower_paths
+
+    paths = tower_paths(model)
+    parts: list[str] = []
+    if adapter.vision == "full":
+        parts.append(paths["vision"])
+    if adapter.language == "full":
+        parts.append(paths["language"])
+        head = model.get_output_embeddings()
+        parts += [n for n, m in model.named_modules() if m is head]
+    dead_owners = set(_owners(dead))
+    out = []
+    for name, module in model.named_modules():
+        if not list(module.parameters(recurse=False)) or name in dead_owners:
+            continue
+        inside = any(name == p or name.startswith(p + ".") for p in parts)
+        in_connector = adapter.projector == "full" and not any(
+            name == p or name.startswith(p + ".") for p in paths.values()) and module is not model.get_output_embeddings()
+        moved = adapter.projector == "full" and any(name == p or name.startswith(p + ".")
+                                                   for p in connector_parts(model, paths["vision"]))
+        if inside or in_connector or moved:
+            out.append(name)
+    return out
+
+
+def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps: int) -> VlmPlan:
+    """The tower table, dead parameters and targets of `model` for `adapter` (see the module docstring)."""
+    from pipeline.families import layer_table
+    from pipeline.family_targets import adapter_towers, structlora_config, structlora_targets
+
+    table = layer_table(model)
+    dead = dead_parameters(model, probe_batch(processor))
+    dead_linears = [n.rsplit(".", 1)[0] for n in dead if n.endswith(".weight")]
+    towers = adapter_towers(adapter)
+    notes: list[str] = []
+    names: list[str] = []
+    config = None
+    if towers and adapter.method != "full":
+        try:
+            found = structlora_targets(model, table, adapter.targets, dead_linears, towers)
+        except ValueError as err:
+            raise UserError(f"adapter.targets: {err}") from None
+        names, notes = found.names, list(found.notes)
+        if adapter.method == "structlora":
+            config = structlora_config(found, adapter, max_steps)
+    if dead:
+        notes.append(f"{len(dead)} parameters get no gradient on a probe batch and stay frozen: "
+                     + ", ".join(_owners(dead)[:6]) + (" ..." if len(_owners(dead)) > 6 else ""))
+    for note in notes:
+        log.info("%s: %s", type(model).__name__, note)
+    return VlmPlan(table=table, target_names=names, full_modules=full_modules(model, adapter, dead),
+                   frozen_modules=_owners(dead), structlora_config=config, notes=notes)

@@ -1,0 +1,134 @@
+"""Training rows and prompts through the processor's chat template (model.arch: vlm), for every family."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from data.chat_collate import ChatCollator, make_collator
+from data.chat_template import (
+    chat_prompt,
+    fold_system,
+    messages_prompt,
+    to_template_messages,
+    uses_chat_template,
+)
+from data.collate import LlavaCollator
+from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, render_prompt
+from pipeline.families import FAMILIES
+from pipeline.family_processors import multimodal_ids, tiny_processor
+
+IMG = Image.new("RGB", (40, 30), (200, 10, 10))
+BLUE = Image.new("RGB", (30, 30), (10, 10, 200))
+CAPTION = {"task": "caption", "image": IMG, "captions": ["a red square ."]}
+PACKED = {"task": "vqav2", "image": IMG, "turns": [{"question": "what colour is it ?", "answer": "red"},
+                                                   {"question": "how many shapes ?", "answer": "one"},
+                                                   {"question": "is it a circle ?", "answer": "no"}]}
+CONVERSATION = {"task": "conversations", "images": [IMG, BLUE], "messages": [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is this?"}, {"role": "assistant", "content": "A red square."},
+    {"role": "user", "content": f"And this {IMAGE_TOKEN} one?"}, {"role": "assistant", "content": "A blue one."}]}
+
+
+@functools.cache
+def _processor(family: str):
+    return tiny_processor(family)
+
+
+def _labelled(processor, batch) -> list[str]:
+    return [processor.tokenizer.decode(row[row != -100]) for row in batch["labels"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_label_the_answers_only_and_carry_the_familys_extras(family):
+    processor = _processor(family)
+    collate = make_collator(processor, max_length=4096)
+    batch = collate([CAPTION, PACKED, CONVERSATION])
+    texts = _labelled(processor, batch)  # each reply ends with the family's end-of-turn marker: "|" here
+    assert [re.sub(r"<[^<>]+>", "|", t).replace(" ", "") for t in texts] == ["aredsquare.|", "red|one|no|",
+                                                                    "Aredsquare.|Ablueone.|"]
+    labels, ids = batch["labels"], batch["input_ids"]
+    images = torch.isin(ids, torch.tensor(sorted(multimodal_ids(processor))))
+    assert bool(images.any()) and not bool((labels[images] != -100).any())  # image tokens never labelled
+    assert collate.last_rows == [0, 1, 2] and collate.overlong_examples == 0 and collate.dropped_turns == 0
+
+
+def test_llava_processors_keep_llava_text_which_their_chat_template_renders():
+    """LLaVA's processor stays on the llava-hf text (the LLaVA-1.5 path is unchanged), and that text is what its
+    chat template renders: the LLaVA collator and the chat-template collator give the same ids and labels."""
+    processor = _processor("llava")
+    assert not uses_chat_template(processor)
+    for text in (CAPTION_PROMPT, "what colour is it ?\nAnswer the question using a single word or phrase."):
+        rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                               {"type": "text", "text": text}]}],
+                                                 add_generation_prompt=True, tokenize=False)
+        assert chat_prompt(processor, text) == render_prompt(text) == rendered
+    old = LlavaCollator(processor, max_length=4096, seed=3)([CAPTION, PACKED])
+    new = ChatCollator(processor, max_length=4096, seed=3)([CAPTION, PACKED])
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(old[key], new[key]), key
+    # labels: the same answer tokens; the template's span starts after "ASSISTANT: ", so the tiny word-level
+    # tokenizer's lone space token before an answer is labelled by the LLaVA collator only
+    differ = old["labels"] != new["labels"]
+    assert bool((new["labels"][differ] == -100).all())
+    assert {processor.tokenizer.decode([int(i)]) for i in old["labels"][differ]} == {" "}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3", "llava_next", "gemma3"])
+def test_max_length_splits_between_turns_never_inside_an_image_or_an_answer(family):
+    processor = _processor(family)
+    whole = ChatCollator(processor, max_length=4096)
+    full = whole.length(*whole.sample_rows(PACKED)[0])
+    one_turn = whole.length(*whole.sample_rows({**PACKED, "turns": PACKED["turns"][:1]})[0])
+    collate = ChatCollator(processor, max_length=one_turn + 4)
+    assert one_turn + 4 < full
+    batch = collate([PACKED])
+    assert len(collate.last_rows) == 3 and collate.dropped_turns == 0  # one row per turn
+    assert all(int(m.sum()) <= one_turn + 4 for m in batch["attention_mask"])
+    image = torch.isin(batch["input_ids"], torch.tensor(sorted(multimodal_ids(processor))))
+    counts = image.sum(dim=1)
+    assert bool((counts == counts[0]).all()) and int(counts[0]) > 0  # every row starts again with the whole image
+    assert [t.replace(" ", "") for t in _labelled(processor, batch)] == [
+        t.replace(" ", "") for t in _labelled(processor, whole([{**PACKED, "turns": [x]} for x in PACKED["turns"]]))]
+    # too small for even the image and one answer: the sample is lost and counted, the batch refused
+    tiny = ChatCollator(processor, max_length=8)
+    with pytest.raises(ValueError, match="max_length=8"):
+        tiny([PACKED])
+    assert tiny.overlong_examples == 1
+
+
+def test_a_continued_conversation_row_carries_the_earlier_images_and_the_system_text():
+    processor = _processor("qwen2_5_vl")
+    collate = ChatCollator(processor, max_length=4096)
+    (whole, images), = collate.sample_rows(CONVERSATION)
+    collate.max_length = collate.length(whole, images) - 1
+    rows = collate.sample_rows(CONVERSATION)
+    assert len(rows) == 2 and [len(ims) for _, ims in rows] == [1, 2]
+    second, _ = rows[1]
+    assert second[0]["role"] == "system"
+    assert [c["type"] for c in second[1]["content"]] == ["image", "text", "image", "text"]
+
+
+def test_templates_without_a_system_role_get_it_in_the_user_turn():
+    paligemma, qwen = _processor("paligemma"), _processor("qwen2_5_vl")
+    messages = to_template_messages(CONVERSATION["messages"][:2])
+    folded = fold_system(paligemma, messages)
+    assert [m["role"] for m in folded] == ["user"]
+    assert [c.get("text") for c in folded[0]["content"]] == [None, "Answer briefly.", "What is this?"]
+    assert fold_system(qwen, messages) == messages
+    batch = ChatCollator(paligemma, max_length=4096)([CONVERSATION])
+    assert "briefly" not in _labelled(paligemma, batch)[0]
+
+
+def test_generation_prompts_come_from_the_template():
+    qwen = _processor("qwen2_5_vl")
+    prompt = chat_prompt(qwen, CAPTION_PROMPT)
+    assert prompt.endswith("<|im_start|>assistant\n") and "<|image_pad|>" in prompt and CAPTION_PROMPT in prompt
+    assert prompt.index("<|image_pad|>") < prompt.index(CAPTION_PROMPT)
+    context = messages_prompt(qwen, CONVERSATION["messages"][:4])
+    assert context.count("<|image_pad|>") == 2 and "A red square." in context and "A blue one." not in context
+    assert context.startswith("<|im_start|>system\nAnswer briefly.")
