@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,16 +120,56 @@ def _expanded(position: int, replacements: Sequence[dict[str, Any]]) -> int:
     return position + shift
 
 
-def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]],
-           add_generation_prompt: bool = False) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """(rendered texts, per text the character spans of its `{% generation %}` blocks), with the
-    processor's chat template and the tokenizer's special tokens as template variables (as
-    `processor.apply_chat_template` renders them)."""
+GENERATION_BLOCK = re.compile(r"{%-?\s*(?:end)?generation\s*-?%}")
+
+
+def _render_one(processor: Any, conversation: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    return render_jinja_template(conversations=[list(c) for c in conversations], chat_template=processor.chat_template,
-                                 return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
-                                 **processor.tokenizer.special_tokens_map)
+    texts, _ = render_jinja_template(conversations=[list(conversation)], chat_template=processor.chat_template,
+                                     add_generation_prompt=add_generation_prompt,
+                                     **processor.tokenizer.special_tokens_map)
+    return texts[0]
+
+
+def _prefix_spans(processor: Any, conversation: Sequence[dict[str, Any]], text: str) -> list[tuple[int, int]]:
+    """Reply spans of a template without `{% generation %}` blocks (most hub templates: Qwen2.5-VL's, SmolVLM's...):
+    a reply is what rendering the conversation up to it adds to the rendering up to its generation prompt,
+    its end-of-turn marker included, whitespace around it not (LLaMA-Factory and TRL label the same tokens)."""
+    spans = []
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        earlier = _render_one(processor, conversation[:i], add_generation_prompt=False)
+        before = _render_one(processor, conversation[:i], add_generation_prompt=True)
+        upto = _render_one(processor, conversation[:i + 1], add_generation_prompt=False).rstrip()
+        if not (upto.startswith(earlier) and text.startswith(upto)):
+            raise ValueError("the chat template does not render a conversation as the sum of its turns (it rewrites "
+                             "earlier turns), so replies cannot be told apart: give the processor a template with "
+                             "{% generation %} ... {% endgeneration %} around each assistant reply")
+        # where the reply starts: past the generation prompt, or past as much of it as the rendered turn repeats
+        # (LLaVA-OneVision's prompt is "<|im_start|>assistant\n", its rendered turn "<|im_start|>assistant \n")
+        start = len(os.path.commonprefix([before, upto]))
+        start += len(upto[start:]) - len(upto[start:].lstrip())
+        spans.append((start, len(upto)))
+    return spans
+
+
+def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]],
+           add_generation_prompt: bool = False) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """(rendered texts, per text the character spans of its assistant replies), with the processor's chat template
+    and the tokenizer's special tokens as template variables (as `processor.apply_chat_template` renders them).
+    The spans are the template's `{% generation %}` blocks where it has them, else found turn by turn
+    (`_prefix_spans`)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if GENERATION_BLOCK.search(processor.chat_template or ""):
+        return render_jinja_template(conversations=[list(c) for c in conversations],
+                                     chat_template=processor.chat_template, return_assistant_tokens_mask=True,
+                                     add_generation_prompt=add_generation_prompt,
+                                     **processor.tokenizer.special_tokens_map)
+    texts = [_render_one(processor, c, add_generation_prompt) for c in conversations]
+    return texts, [_prefix_spans(processor, c, t) for c, t in zip(conversations, texts)]
 
 
 def multimodal_ids(processor: Any) -> set[int]:

@@ -132,3 +132,24 @@ def test_generation_prompts_come_from_the_template():
     context = messages_prompt(qwen, CONVERSATION["messages"][:4])
     assert context.count("<|image_pad|>") == 2 and "A red square." in context and "A blue one." not in context
     assert context.startswith("<|im_start|>system\nAnswer briefly.")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+def test_hub_templates_without_generation_blocks_label_the_same_replies(family):
+    """Hub templates have no {% generation %} blocks: the replies are found turn by turn instead, and give the
+    labels the blocks give (up to whitespace tokens after the end-of-turn marker)."""
+    import copy
+
+    from data.chat_template import GENERATION_BLOCK
+
+    marked = _processor(family)
+    plain = copy.deepcopy(marked)
+    plain.chat_template = GENERATION_BLOCK.sub("", marked.chat_template)
+    assert not GENERATION_BLOCK.search(plain.chat_template)
+    a = ChatCollator(marked, max_length=4096, seed=1)([CAPTION, PACKED, CONVERSATION])
+    b = ChatCollator(plain, max_length=4096, seed=1)([CAPTION, PACKED, CONVERSATION])
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    differ = a["labels"] != b["labels"]
+    assert not bool(differ.any()) or {marked.tokenizer.decode([int(i)]).strip() for i in
+                                      torch.cat([a["labels"][differ], b["labels"][differ]]) if i != -100} == {""}
+    assert _labelled(plain, b)[0].replace(" ", "").startswith("aredsquare.")
