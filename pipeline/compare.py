@@ -223,9 +223,9 @@ def preflight(plan: dict[str, Any], shared: Path) -> None:
     from pipeline.schema import RunConfig
 
     cfg = load_config(RunConfig, shared / "config.yaml")
-    if cfg.model.arch != "llava":
+    if cfg.model.arch == "vit":
         raise UserError(f"{plan['base_config']}: `structlora compare` compares methods on image-text models "
-                        f"(model.arch: llava); a {cfg.model.arch} classifier has no teacher-forced test loss")
+                        f"(model.arch: llava or vlm); a {cfg.model.arch} classifier has no teacher-forced test loss")
     shards = shared / "prepare" / "shards"
     tasks = [t for t, w in cfg.data.tasks.items() if w > 0]
     for split in ("test", "val", *([plan["forgetting"]] if plan.get("forgetting") else [])):
