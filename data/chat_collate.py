@@ -68,11 +68,12 @@ class ChatCollator:
             return len(self.processor.tokenizer(text, add_special_tokens=special)["input_ids"])
         return len(self.processor(text=[text], images=[list(images)], add_special_tokens=special)["input_ids"][0])
 
-    def image_tokens(self) -> int:
-        """Tokens one 32 x 32 image adds to a prompt (families with dynamic resolution add more for larger ones)."""
+    def image_tokens(self, image: Any = None) -> int:
+        """Tokens `image` (default a 32 x 32 one) adds to a prompt, as the processor expands it (any-res tiles and
+        dynamic resolution give larger images more)."""
         from PIL import Image
 
-        image = Image.new("RGB", (32, 32))
+        image = to_rgb(image) if image is not None else Image.new("RGB", (32, 32))
         with_image = to_template_messages([{"role": "user", "content": f"{IMAGE_TOKEN}\nx"}])
         without = to_template_messages([{"role": "user", "content": "x"}])
         return self.length(with_image, [image]) - self.length(without, [])

@@ -92,6 +92,8 @@ def load_base(ctx: StageContext):
     if cfg.model.arch == "vit":
         return load_vit_base(ctx)
     if cfg.model.arch == "vlm":
+        from pipeline.vlm import load_vlm_base
+
         return load_vlm_base(ctx)
     if cfg.model.preset is None:
         model, processor = load_llava(cfg.model)
@@ -105,19 +107,6 @@ def load_base(ctx: StageContext):
         vocab, extra = world_texts()
         model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
     return model, with_image_fit(processor, cfg.data.image_fit)
-
-
-def load_vlm_base(ctx: StageContext):
-    """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's."""
-    from pipeline.vlm import load_vlm, make_vlm
-
-    cfg = ctx.cfg
-    if cfg.model.preset is not None and cfg.base.enabled:
-        path = base_model_dir(ctx)
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
-        return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype))
-    return make_vlm(cfg.model, seed=cfg.seed)
 
 
 def num_classes(ctx: StageContext) -> int:
@@ -290,7 +279,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     train_src = sources(ctx, "train", cfg.data.tasks)
     val_lost: list = []
     val_src = sources(ctx, "val", cfg.data.tasks, val_lost)
-    check_image_budget(ctx, processor)
+    image_tokens = check_image_budget(ctx, processor)
     # auto: text-only conversation rows can leave the vision adapters without gradients on a rank
     unused = cfg.train.find_unused_parameters
     train_cfg = dataclasses.replace(cfg.train, find_unused_parameters=cfg.data.tasks.get("conversations", 0) > 0
@@ -321,6 +310,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
                    "rank_checksums": checksums, "data": data}
         if getattr(adapted, "notes", None):
             summary["adapter_notes"] = adapted.notes
+        if image_tokens:
+            summary["image_tokens"] = image_tokens  # per task: its first image, as the processor expands it
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(final_dir(ctx), ignore_errors=True)
         tmp.rename(final_dir(ctx))
@@ -328,15 +319,21 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     return json.loads((final_dir(ctx) / "summary.json").read_text())
 
 
-def check_image_budget(ctx: StageContext, processor) -> None:
+def check_image_budget(ctx: StageContext, processor) -> dict[str, int]:
     """Before training: do the conversation samples with the most images fit `data.max_length`? Their image
-    tokens alone are never cut, so a sample that cannot fit is dropped (and counted); say so now."""
+    tokens alone are never cut, so a sample that cannot fit is dropped (and counted); say so now. For
+    `model.arch: vlm`, also each task's first image as the family's processor expands it (returned)."""
+    counts: dict[str, int] = {}
+    if ctx.cfg.model.arch == "vlm":
+        from pipeline.vlm import vlm_image_budget
+
+        counts = vlm_image_budget(ctx, processor)
     manifest = shards_root(ctx) / "conversations" / "train" / "manifest.json"
     if ctx.cfg.data.tasks.get("conversations", 0) <= 0 or not manifest.is_file() or ctx.cfg.model.arch == "vit":
-        return
+        return counts
     most = int(json.loads(manifest.read_text()).get("max_images", 0))
     if most == 0:
-        return
+        return counts
     from data.chat_collate import make_collator
 
     per_image = make_collator(processor, max_length=ctx.cfg.data.max_length).image_tokens()
@@ -346,6 +343,7 @@ def check_image_budget(ctx: StageContext, processor) -> None:
                 "as over-long examples); raise data.max_length")
         log.warning(line)
         print(f"warning: {line}")
+    return counts
 
 
 def load_adapted_handle(ctx: StageContext):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.schema import AdapterConfig, ModelConfig
 
@@ -183,3 +184,46 @@ def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps
         log.info("%s: %s", type(model).__name__, note)
     return VlmPlan(table=table, target_names=names, full_modules=full_modules(model, adapter, dead),
                    frozen_modules=_owners(dead), structlora_config=config, notes=notes)
+
+
+# --- the stages' parts ------------------------------------------------------------------------------
+
+
+def load_vlm_base(ctx: StageContext):
+    """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's."""
+    from pipeline.stages import base_model_dir
+
+    cfg = ctx.cfg
+    if cfg.model.preset is not None and cfg.base.enabled:
+        path = base_model_dir(ctx)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
+        return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype))
+    return make_vlm(cfg.model, seed=cfg.seed)
+
+
+def vlm_image_budget(ctx: StageContext, processor) -> dict[str, int]:
+    """Before training: how many tokens the first training image of each task expands to with this family's
+    processor (any-res tiles, dynamic resolution), logged; a warning when it leaves no room under max_length."""
+    from data.chat_collate import ChatCollator
+    from data.stream import EvalStream
+    from pipeline.stages import sources
+
+    collate, counts = ChatCollator(processor, max_length=ctx.cfg.data.max_length), {}
+    for source in sources(ctx, "train", ctx.cfg.data.tasks):
+        example = next((e for e in EvalStream(source, rank=0, world_size=1) if e.get("image") is not None
+                        or e.get("images")), None)
+        if example is None:
+            continue
+        image = example.get("image") or example["images"][0]
+        counts[source.name] = collate.image_tokens(image)
+        log.info("%s: a %dx%d image is %d tokens for %s", source.name, *image.size, counts[source.name],
+                 type(processor).__name__)
+        if counts[source.name] >= ctx.cfg.data.max_length:
+            line = (f"{source.name}: one {image.size[0]}x{image.size[1]} image expands to {counts[source.name]} "
+                    f"tokens, not below data.max_length={ctx.cfg.data.max_length}: such examples cannot fit and "
+                    "will be dropped (counted as over-long examples); raise data.max_length or bound the "
+                    "processor's image size")
+            log.warning(line)
+            print(f"warning: {line}")
+    return counts

@@ -43,6 +43,7 @@ def check_run(run: Path, family: str, all_linear: bool) -> dict:
 
     summary = json.loads((run / "train" / "final" / "summary.json").read_text())
     assert summary["trainable_parameters"] > 0 and summary["steps"] > 0
+    assert set(summary["image_tokens"]) == {"caption", "vqav2", "gqa"} and min(summary["image_tokens"].values()) > 0
     # merge: the family's own class, adapted == merged within the check's tolerance, reloads with the Auto class
     check = json.loads((run / "merge" / "merge_check.json").read_text())
     assert check["model_class"] == FAMILY_CLASS[family]
