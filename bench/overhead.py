@@ -3,13 +3,24 @@
     python bench/overhead.py [--rounds 20] [--batch-size 16] [--text-tokens 32] [--rank 8]
     python bench/overhead.py --preset skeleton --rounds 3 --warmup 1 --batch-size 1 --precisions fp32,bf16
     python bench/overhead.py --preset skeleton --device cuda --rounds 6 --batch-size 1 --precisions bf16
+    python bench/overhead.py --preset qwen2_5_vl_skeleton --rounds 8 --warmup 1 --batch-size 1 --raw
 
 `--preset skeleton` is LLaVA-1.5-7B at its real widths (CLIP ViT-L/14-336 with 576 image tokens,
 projector 1024 -> 4096 -> 4096, Llama 4096 / 32 heads / 11008, vocabulary 32064) with 3 vision
 and 2 language layers and random weights; there the methods are PEFT LoRA and full StructLoRA,
 each precision in turn (bf16 = autocast over float32 master weights, as accelerate trains).
 
-Every method adapts the same modules (q_proj and v_proj of the used CLIP layers and of the
+`--preset qwen2_5_vl_skeleton` is Qwen2.5-VL-7B-Instruct at its real widths
+(`pipeline.family_skeletons`: ViT 1280 / 16 heads / 3420 with a fused qkv, merger 5120 -> 5120 -> 3584,
+Qwen2 3584 / 28 heads / 18944, vocabulary 152064) with 2 vision and 2 language layers, random weights,
+one 336 x 336 image (144 image tokens) per row. Its targets come from the tower table
+(`pipeline.families.layer_table` -> `pipeline.family_targets.structlora_targets`, `--targets` roles,
+default q, v): the vision towers' fused qkv whole, the LM's q_proj and v_proj, and the merger's two
+linears; PEFT LoRA gets the same module names. The LoRA copy shares the base's frozen embedding and
+lm_head tensors (untouched by both methods; 2 x 2.2 GB saved), which are still counted in each
+method's memory.
+
+Every method adapts the same modules (LLaVA: q_proj and v_proj of the used CLIP layers and of the
 LM, and the projector's two linears) of the same base model at the same rank, and trains on
 the same batch with AdamW. Steps are interleaved: each round runs one step of every method,
 in a shuffled order, so that load from other jobs on this shared machine hits all alike.
@@ -51,6 +62,10 @@ def build_base(seed: int = 0, preset: str = "tiny", vision_layers: int = 3, text
     from pipeline.backbones import skeleton_llava_config, tiny_llava_config
     from pipeline.schema import TinyPreset
 
+    if preset == "qwen2_5_vl_skeleton":
+        from pipeline.family_skeletons import build_qwen2_5_vl_skeleton
+
+        return build_qwen2_5_vl_skeleton(vision_layers, text_layers, seed=seed)
     if preset == "skeleton":
         config = skeleton_llava_config(vision_layers, text_layers, image_token_id=32000, pad_token_id=0,
                                        bos_token_id=1, eos_token_id=2)
@@ -61,7 +76,11 @@ def build_base(seed: int = 0, preset: str = "tiny", vision_layers: int = 3, text
     return LlavaForConditionalGeneration(config)
 
 
-def make_batch(model, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
+def make_batch(model, batch_size: int, text_tokens: int, image_side: int = 336) -> dict[str, torch.Tensor]:
+    if model.config.model_type == "qwen2_5_vl":
+        from pipeline.family_skeletons import skeleton_inputs
+
+        return skeleton_inputs(model, batch_size, image_side=image_side, text_tokens=text_tokens)
     g = torch.Generator().manual_seed(0)
     image_tokens = model.config.image_seq_length
     size = model.config.vision_config.image_size
@@ -81,7 +100,9 @@ class Method:
 
     def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False,
                  precision: str = "fp32", copy_base: bool = True, device: str = "cpu",
-                 shared_with: Method | None = None):
+                 shared_with: Method | None = None, found=None, share: tuple[torch.Tensor, ...] = ()):
+        """`found`: a `pipeline.family_targets.FamilyTargets` to adapt (default: LLaVA's towers.py targets);
+        `share`: frozen base tensors the copy keeps instead of copying them."""
         from pipeline.schema import AdapterConfig, ModelConfig
         from pipeline.towers import structlora_config_for, target_module_names
 
@@ -93,13 +114,14 @@ class Method:
             self.model, self.handle = shared_with.model, shared_with.handle  # no room for a third copy)
             self.optimizer, self.steps = shared_with.optimizer, 0
             return
-        model = (copy.deepcopy(base) if copy_base else base).to(self.device)
+        model = (copy.deepcopy(base, {id(t): t for t in share}) if copy_base else base).to(self.device)
         adapter = AdapterConfig(rank=rank, alpha=2.0 * rank)
         torch.manual_seed(1)
         if ablation is None:
             from peft import LoraConfig, get_peft_model
 
-            targets = target_module_names(model, ModelConfig(preset="tiny"), adapter)
+            targets = found.names if found is not None else \
+                target_module_names(model, ModelConfig(preset="tiny"), adapter)
             self.model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
             self.handle = None
             params = [p for p in self.model.parameters() if p.requires_grad]
@@ -107,8 +129,13 @@ class Method:
             from structlora import apply_structlora
 
             adapter.structlora = {"ablation": ablation}
-            self.handle = apply_structlora(model, structlora_config_for(model, ModelConfig(preset="tiny"), adapter,
-                                                                         max_steps=1000))
+            if found is not None:
+                from pipeline.family_targets import structlora_config
+
+                config = structlora_config(found, adapter, max_steps=1000)
+            else:
+                config = structlora_config_for(model, ModelConfig(preset="tiny"), adapter, max_steps=1000)
+            self.handle = apply_structlora(model, config)
             self.model = self.handle.model
             params = [p for group in self.handle.trainable_parameter_groups().values() for p in group]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -215,15 +242,20 @@ def table(methods: list[Method], result: dict, title: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=["tiny", "skeleton"], default="tiny")
-    parser.add_argument("--vision-layers", type=int, default=3, help="skeleton: CLIP layers")
-    parser.add_argument("--text-layers", type=int, default=2, help="skeleton: Llama layers")
+    parser.add_argument("--preset", choices=["tiny", "skeleton", "qwen2_5_vl_skeleton"], default="tiny")
+    parser.add_argument("--vision-layers", type=int, default=None,
+                        help="skeletons: vision layers (default: 3 CLIP layers, 2 Qwen2.5-VL blocks)")
+    parser.add_argument("--text-layers", type=int, default=2, help="skeletons: language layers")
+    parser.add_argument("--targets", default="q,v", help="qwen2_5_vl_skeleton: comma-separated roles or name "
+                                                         "suffixes (pipeline.families.resolve_targets)")
+    parser.add_argument("--image-side", type=int, default=336, help="qwen2_5_vl_skeleton: image side in pixels")
     parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--raw", action="store_true", help="also print every round's step times (ms)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on a CPU without AVX512-BF16/AMX "
                                                        "falls back to a reference GEMM hundreds of times slower)")
@@ -231,10 +263,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = build_base(preset=args.preset, vision_layers=args.vision_layers, text_layers=args.text_layers)
-    batch = {k: v.to(args.device) for k, v in make_batch(base, args.batch_size, args.text_tokens).items()}
+    qwen = args.preset == "qwen2_5_vl_skeleton"
+    vision_layers = args.vision_layers if args.vision_layers is not None else (2 if qwen else 3)
+    base = build_base(preset=args.preset, vision_layers=vision_layers, text_layers=args.text_layers)
+    batch = {k: v.to(args.device) for k, v in make_batch(base, args.batch_size, args.text_tokens,
+                                                         args.image_side).items()}
     dev = {"device": args.device}
-    if args.preset == "skeleton":  # two copies of a 0.73 B model: the base itself becomes the second
+    if qwen:  # as the LLaVA skeleton, with targets from the tower table and the big frozen tensors shared
+        from pipeline.families import layer_table
+        from pipeline.family_targets import structlora_targets
+
+        found = structlora_targets(base, layer_table(base), targets=[t.strip() for t in args.targets.split(",")])
+        print(f"adapted ({len(found.names)}): {', '.join(found.names)}", *found.notes, sep="\n", flush=True)
+        share = (base.get_input_embeddings().weight, base.get_output_embeddings().weight)
+        lora = Method("LoRA (PEFT)", base, args.rank, None, found=found, share=share, **dev)
+        full = Method("StructLoRA, full", base, args.rank, "full", copy_base=False, found=found, **dev)
+        methods = [lora, full,
+                   Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, shared_with=full,
+                          **dev)]
+    elif args.preset == "skeleton":  # two copies of a 0.73 B model: the base itself becomes the second
         lora = Method("LoRA (PEFT)", base, args.rank, None, **dev)  # a copy of the base, taken first
         full = Method("StructLoRA, full", base, args.rank, "full", copy_base=False, **dev)
         methods = [lora, full,
@@ -249,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
             Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, **dev),
         ]
     seq = batch["input_ids"].shape[1]
-    name = "LLaVA-1.5-7B skeleton" if args.preset == "skeleton" else "tiny LLaVA preset"
+    name = {"skeleton": "LLaVA-1.5-7B skeleton", "qwen2_5_vl_skeleton": f"Qwen2.5-VL-7B skeleton ({vision_layers} "
+            f"vision + {args.text_layers} text layers)"}.get(args.preset, "tiny LLaVA preset")
     for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         result = measure(methods, batch, args.rounds, args.warmup, precision)
         where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
@@ -257,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         title = (f"{name}, {precision}, batch {args.batch_size} x {seq} tokens, rank {args.rank}, {args.rounds} rounds, "
                  f"{where}")
         print("\n".join(table(methods, result, title)) + "\n", flush=True)
+        if args.raw:
+            print("\n".join(f"{n}: {', '.join(f'{1e3 * t:.0f}' for t in ts)} ms" for n, ts in result["times"].items()))
 
 
 if __name__ == "__main__":

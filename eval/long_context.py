@@ -17,7 +17,11 @@ including the expanded image tokens and BOS. Nothing is ever truncated: a bucket
 not fit the model's context (with the generation budget) is an error, and
 ``scale_buckets`` maps the default buckets (256..2048) onto a small model's context.
 The image-token count is measured once, on the first image: this assumes, as LLaVA-1.5 does,
-that every image expands to the same number of tokens (not so for LLaVA-NeXT's any-res tiling).
+that every image expands to the same number of tokens. With families whose count depends on the image
+size (LLaVA-NeXT / OneVision any-res tiles, Qwen-VL dynamic resolution, Idefics3 tiles), images of
+another size than the first land off their bucket's target by the difference (exact on the shapes world,
+whose images all have one size). Prompts are rendered with the processor's chat template
+(`data.chat_template.chat_prompt`; LLaVA-1.5's text for LLaVA processors).
 """
 
 from __future__ import annotations

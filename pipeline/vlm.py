@@ -112,6 +112,21 @@ def dead_parameters(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[st
             p.requires_grad_(was[n])
 
 
+def probed(model: nn.Module, processor: Any) -> list[str]:
+    """`dead_parameters` on this process's accelerator when it has one (a 7B probe on a CPU would take minutes
+    and a second copy of the weights in gradients); the model goes back where it was."""
+    from accelerate import PartialState
+
+    device, where = PartialState().device, next(model.parameters()).device
+    if device.type == where.type:
+        return dead_parameters(model, probe_batch(processor))
+    model.to(device)
+    try:
+        return dead_parameters(model, probe_batch(processor))
+    finally:
+        model.to(where)
+
+
 @dataclass
 class VlmPlan:
     """What a run adapts on a VLM: `target_names` (StructLoRA and PEFT alike), `full_modules` (parts
@@ -163,7 +178,7 @@ def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps
     from pipeline.family_targets import adapter_towers, structlora_config, structlora_targets
 
     table = layer_table(model)
-    dead = dead_parameters(model, probe_batch(processor))
+    dead = probed(model, processor)
     dead_linears = [n.rsplit(".", 1)[0] for n in dead if n.endswith(".weight")]
     towers = adapter_towers(adapter)
     notes: list[str] = []
