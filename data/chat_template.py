@@ -9,14 +9,15 @@
   as the template wants them (content lists of {"type": "image"} / {"type": "text"} items).
 - `chat_prompt(processor, user_text, images)`: the generation prompt of one user turn (images first, as
   LLaVA asks), for evaluation and the demo.
-- `chat_labels(processor, messages, images)`: a padded training batch labelled on the assistant replies: the
-  template's `{% generation %}` spans, moved through the processor's own text edits and mapped to tokens by
-  the tokenizer's offsets. Nothing is counted by hand; image tokens and padding are always -100.
+- `chat_labels(processor, messages, images)`: a padded training batch labelled on the assistant replies (each
+  with its end-of-turn marker, found turn by turn: `render`), moved through the processor's own text edits and
+  mapped to tokens by the tokenizer's offsets. Nothing is counted by hand; image tokens and padding are always -100.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -29,22 +30,48 @@ from data.prompts import IMAGE_TOKEN, render_prompt
 IGNORE_INDEX = -100
 
 
+_PROBE = "Describe the picture."
+
+
+@functools.lru_cache(maxsize=32)
+def _renders_llava_text(template: str) -> bool:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE}]}]
+    try:
+        texts, _ = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that cannot render this message is not LLaVA's
+        return False
+    return texts[0] == render_prompt(_PROBE)
+
+
 def uses_chat_template(processor: Any) -> bool:
-    """True unless `processor` is a LLaVA processor (llava-hf text format) or has no chat template."""
+    """Whether prompts and labels go through the processor's chat template. A LLaVA processor keeps LLaVA-1.5's
+    text (`data.prompts`) when it has no template or when its template renders that very text (llava-hf's
+    LLaVA-1.5, the tiny preset's), so the `model.arch: llava` path is unchanged; a LLaVA processor with another
+    template (llava-interleave's ChatML) and every other processor use the template (an error without one)."""
     from transformers import LlavaProcessor
 
-    return bool(getattr(processor, "chat_template", None)) and not isinstance(processor, LlavaProcessor)
+    template = getattr(processor, "chat_template", None)
+    if isinstance(processor, LlavaProcessor):
+        return bool(template) and not _renders_llava_text(template)
+    return True
 
 
 def user_content(text: str, images: int = 0) -> list[dict[str, Any]]:
     """Template content of a user turn: `images` leading images, then `text` with its own `<image>` tags as
-    image items in place."""
+    image items in place. Whitespace inside the turn is kept (a template that moves images to the front still
+    gets "Compare  and  please", not "Compareandplease"); the newline of LLaVA's "<image>\\n" goes with its tag."""
     items: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
-    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+    parts = text.split(IMAGE_TOKEN)
+    for k, piece in enumerate(parts):
         if k:
             items.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        piece = piece.lstrip() if k == 0 else piece
+        piece = piece.rstrip() if k == len(parts) - 1 else piece
         if piece.strip():
-            items.append({"type": "text", "text": piece.strip()})
+            items.append({"type": "text", "text": piece})
     return items
 
 
@@ -61,16 +88,40 @@ def to_template_messages(messages: Sequence[dict[str, str]], carried_images: int
     return out
 
 
+_SYSTEM_PROBE = "Zq9 system probe"
+
+
+@functools.lru_cache(maxsize=32)
+def _renders_system(template: str) -> bool:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "system", "content": [{"type": "text", "text": _SYSTEM_PROBE}]},
+                {"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    try:
+        texts, spans = render_jinja_template(conversations=[messages], chat_template=template,
+                                             return_assistant_tokens_mask=True)
+    except Exception:  # noqa: BLE001 - a template that refuses a system turn (raise_exception) has none
+        return False
+    start = texts[0].find(_SYSTEM_PROBE)
+    return start >= 0 and not any(a <= start < b for a, b in spans[0])
+
+
 def fold_system(processor: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A template with no system role (PaliGemma's) gets the system text at the head of the first user turn,
-    so that it is never taken for a reply (and labelled)."""
-    if not messages or messages[0]["role"] != "system" or "system" in (processor.chat_template or ""):
+    """A template that does not render a system turn as such (PaliGemma's: it would pass for a reply, or vanish)
+    gets the system text at the head of the first user turn's text, as its own paragraph."""
+    if not messages or messages[0]["role"] != "system" or _renders_system(processor.chat_template or ""):
         return messages
-    system, rest = messages[0], [dict(m) for m in messages[1:]]
+    system = " ".join(c["text"] for c in messages[0]["content"] if c["type"] == "text").strip()
+    rest = [dict(m) for m in messages[1:]]
     for m in rest:
         if m["role"] == "user":
-            m["content"] = [*[c for c in m["content"] if c["type"] == "image"], *system["content"],
-                            *[c for c in m["content"] if c["type"] != "image"]]
+            content = [dict(c) for c in m["content"]]
+            text = next((c for c in content if c["type"] == "text"), None)
+            if text is None:
+                content.append({"type": "text", "text": system})
+            else:
+                text["text"] = f"{system}\n\n{text['text']}"
+            m["content"] = content
             break
     return rest
 
@@ -155,21 +206,28 @@ def _prefix_spans(processor: Any, conversation: Sequence[dict[str, Any]], text: 
     return spans
 
 
-def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]],
-           add_generation_prompt: bool = False) -> tuple[list[str], list[list[tuple[int, int]]]]:
+def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]], add_generation_prompt: bool = False,
+           spans: str = "turns") -> tuple[list[str], list[list[tuple[int, int]]]]:
     """(rendered texts, per text the character spans of its assistant replies), with the processor's chat template
     and the tokenizer's special tokens as template variables (as `processor.apply_chat_template` renders them).
-    The spans are the template's `{% generation %}` blocks where it has them, else found turn by turn
-    (`_prefix_spans`)."""
+
+    The spans are found turn by turn (`_prefix_spans`: every reply with its end-of-turn marker, whatever the
+    template); `spans="blocks"` takes the template's `{% generation %}` blocks instead, which is also the fallback
+    for a template that rewrites earlier turns. Blocks alone are not trusted: llava-hf's OneVision template puts
+    its `<|im_end|>` outside them, so a model trained on them would never learn to stop."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    if GENERATION_BLOCK.search(processor.chat_template or ""):
-        return render_jinja_template(conversations=[list(c) for c in conversations],
-                                     chat_template=processor.chat_template, return_assistant_tokens_mask=True,
-                                     add_generation_prompt=add_generation_prompt,
-                                     **processor.tokenizer.special_tokens_map)
-    texts = [_render_one(processor, c, add_generation_prompt) for c in conversations]
-    return texts, [_prefix_spans(processor, c, t) for c, t in zip(conversations, texts)]
+    has_blocks = bool(GENERATION_BLOCK.search(processor.chat_template or ""))
+    if spans == "turns" or not has_blocks:
+        texts = [_render_one(processor, c, add_generation_prompt) for c in conversations]
+        try:
+            return texts, [_prefix_spans(processor, c, t) for c, t in zip(conversations, texts)]
+        except ValueError:
+            if not has_blocks:
+                raise
+    return render_jinja_template(conversations=[list(c) for c in conversations], chat_template=processor.chat_template,
+                                 return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt,
+                                 **processor.tokenizer.special_tokens_map)
 
 
 def multimodal_ids(processor: Any) -> set[int]:
@@ -181,12 +239,13 @@ def multimodal_ids(processor: Any) -> set[int]:
     return {i for i in found if isinstance(i, int)}
 
 
-def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any],
+                spans: str = "turns") -> dict[str, torch.Tensor]:
     """A padded training batch of chat conversations, labelled on the assistant replies only.
 
     Args:
-        processor: a processor with a chat template whose assistant replies (and end-of-turn markers)
-            are inside `{% generation %}` blocks (every template of this module).
+        processor: a processor with a chat template (the replies are found turn by turn, or from its
+            `{% generation %}` blocks with `spans="blocks"`: see `render`).
         messages: one conversation (a list of {"role", "content"} messages, content a list of
             {"type": "image"} / {"type": "text", "text"} items) or a list of them.
         images: the images of one conversation, in order, or one such list per conversation.
@@ -202,7 +261,7 @@ def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any]) 
     batched = bool(messages) and isinstance(messages[0], (list, tuple))
     convs = list(messages) if batched else [messages]
     per_conv = [list(x) for x in images] if batched else [list(images)]
-    texts, spans = render(processor, convs)
+    texts, reply_spans = render(processor, convs, spans=spans)
     has_images = any(per_conv)
     enc = processor(text=list(texts), images=per_conv if has_images else None, padding=True,
                     add_special_tokens=add_special_tokens_for(processor, texts), return_offsets_mapping=True,
@@ -212,7 +271,7 @@ def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any]) 
     prepared = processor.prepare_inputs_layout(images=per_conv if has_images else None, text=list(texts))[1]
     ids = enc["input_ids"]
     assistant = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (text, ready, row_spans) in enumerate(zip(texts, prepared, spans)):
+    for row, (text, ready, row_spans) in enumerate(zip(texts, prepared, reply_spans)):
         where = _insertion_map(text, ready)
         for start, end in row_spans:
             if end <= start:  # an empty reply

@@ -58,7 +58,7 @@ def export_adapter(adapted, out: Path, base_name: str, svd_rank: int | None) -> 
 def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[str, Any],
                model_class: str = "LlavaForConditionalGeneration") -> str:
     cfg = ctx.cfg
-    base = cfg.model.name_or_path or f"{cfg.model.preset} preset (built from config; base stage in {ctx.run_dir})"
+    base = cfg.model.name_or_path or f"{cfg.model.preset} preset (pretrained by the base stage in {ctx.run_dir})"
     family = "llava" if cfg.model.arch == "llava" else model_class.replace("ForConditionalGeneration", "").lower()
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text", f"tags: [{family}, structlora, lora]",

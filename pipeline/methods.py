@@ -53,7 +53,12 @@ class AdaptedModel:
         return [{"params": trainable, "lr": train.lr, "name": "adapter" if self.method != "full" else "full"}]
 
     def _full_group(self, train: TrainConfig) -> list[dict[str, Any]]:
-        params = [p for name in self.full_modules for p in self.model.get_submodule(name).parameters()]
+        params, seen = [], set()
+        for name in self.full_modules:  # a tied embedding / lm_head is one tensor: one update per step
+            for p in self.model.get_submodule(name).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
         return [{"params": params, "lr": train.lr, "name": "full"}] if params else []
 
     def regularization(self) -> dict[str, torch.Tensor]:

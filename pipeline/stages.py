@@ -336,7 +336,8 @@ def check_image_budget(ctx: StageContext, processor) -> dict[str, int]:
         return counts
     from data.chat_collate import make_collator
 
-    per_image = make_collator(processor, max_length=ctx.cfg.data.max_length).image_tokens()
+    # a real image of the data where one was measured (any-res / dynamic resolution: larger images, more tokens)
+    per_image = counts.get("conversations") or make_collator(processor, max_length=ctx.cfg.data.max_length).image_tokens()
     if most * per_image >= ctx.cfg.data.max_length:
         line = (f"conversations: a training sample has {most} images = {most * per_image} image tokens, not below "
                 f"data.max_length={ctx.cfg.data.max_length}: such samples cannot fit and will be dropped (counted "

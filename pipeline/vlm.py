@@ -6,14 +6,16 @@
 - `build_vlm(cfg, seed)`: `preset: tiny-<family>`, the family's tiny random model and its own processor class,
   built offline (`pipeline.families`, `pipeline.family_processors`), for tests and the default's speed.
 - `VlmPlan` / `plan_for(model, processor, adapter)`: the tower table (`families.layer_table`), the dead
-  parameters found by one forward + backward of a probe batch made by the training collator (for every
+  parameters found by walking the autograd graph of one forward of a probe batch made by the training collator (for every
   family, not a LLaVA special case: LLaVA-1.5 / NeXT's last vision layer, a tower's post-layernorm), the
   linears to adapt (the same names for StructLoRA and the PEFT baselines) and the submodules trained fully.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +95,10 @@ def probe_batch(processor: Any) -> dict[str, torch.Tensor]:
 
 
 def dead_parameters(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
-    """Parameters that get no gradient (None or exactly zero) from one forward + backward of `batch`.
+    """Parameters the loss of `batch` does not depend on: not reached by walking the autograd graph of one forward
+    back from the loss (no backward, so no gradient memory: a 7B probe costs one forward's activations).
 
-    Every parameter is made trainable for the probe and restored after; gradients are cleared."""
+    Every parameter is made to require grad for the forward and restored after."""
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     param = next(model.parameters())
     inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
@@ -103,18 +106,29 @@ def dead_parameters(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[st
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        model.zero_grad(set_to_none=True)
-        model(**inputs).loss.float().backward()
-        return [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.any())]
+        with torch.enable_grad():
+            loss = model(**inputs).loss
+        live: set[int] = set()
+        seen: set[Any] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if hasattr(fn, "variable"):  # AccumulateGrad: a leaf, i.e. a parameter the loss reaches
+                live.add(id(fn.variable))
+            stack.extend(f for f, _ in fn.next_functions)
+        del loss
+        return [n for n, p in model.named_parameters() if id(p) not in live]
     finally:
-        model.zero_grad(set_to_none=True)
         for n, p in model.named_parameters():
             p.requires_grad_(was[n])
 
 
 def probed(model: nn.Module, processor: Any) -> list[str]:
-    """`dead_parameters` on this process's accelerator when it has one (a 7B probe on a CPU would take minutes
-    and a second copy of the weights in gradients); the model goes back where it was."""
+    """`dead_parameters` on this process's accelerator when it has one (a 7B forward on a CPU takes minutes);
+    the model goes back where it was."""
     from accelerate import PartialState
 
     device, where = PartialState().device, next(model.parameters()).device
@@ -145,29 +159,30 @@ def _owners(names: list[str]) -> list[str]:
     return sorted({n.rsplit(".", 1)[0] for n in names})
 
 
-def full_modules(model: nn.Module, adapter: AdapterConfig, dead: list[str]) -> list[str]:
-    """Leaf modules with parameters of the parts configured `full` (lm_head with the language model), none dead."""
+def full_modules(model: nn.Module, adapter: AdapterConfig, dead: list[str], targets: Sequence[str] = ()) -> list[str]:
+    """Leaf modules with parameters of the parts configured `full` (lm_head with the language model), none dead
+    and none adapted: a connector inside the vision module (Qwen-VL's merger) goes with `projector`, not `vision`."""
     from pipeline.families import connector_parts, tower_paths
 
     paths = tower_paths(model)
-    parts: list[str] = []
-    if adapter.vision == "full":
-        parts.append(paths["vision"])
-    if adapter.language == "full":
-        parts.append(paths["language"])
-        head = model.get_output_embeddings()
-        parts += [n for n, m in model.named_modules() if m is head]
-    dead_owners = set(_owners(dead))
+    head = model.get_output_embeddings()
+    moved = connector_parts(model, paths["vision"])
+
+    def under(name: str, prefixes: Sequence[str]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    skip = set(_owners(dead)) | set(targets)
     out = []
     for name, module in model.named_modules():
-        if not list(module.parameters(recurse=False)) or name in dead_owners:
+        if not list(module.parameters(recurse=False)) or name in skip:
             continue
-        inside = any(name == p or name.startswith(p + ".") for p in parts)
-        in_connector = adapter.projector == "full" and not any(
-            name == p or name.startswith(p + ".") for p in paths.values()) and module is not model.get_output_embeddings()
-        moved = adapter.projector == "full" and any(name == p or name.startswith(p + ".")
-                                                   for p in connector_parts(model, paths["vision"]))
-        if inside or in_connector or moved:
+        if under(name, moved) or not (under(name, paths.values()) or module is head):
+            wanted = adapter.projector == "full"  # the connector, wherever it sits
+        elif under(name, [paths["vision"]]):
+            wanted = adapter.vision == "full"
+        else:  # the language model and lm_head
+            wanted = adapter.language == "full"
+        if wanted:
             out.append(name)
     return out
 
@@ -197,7 +212,7 @@ def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps
                      + ", ".join(_owners(dead)[:6]) + (" ..." if len(_owners(dead)) > 6 else ""))
     for note in notes:
         log.info("%s: %s", type(model).__name__, note)
-    return VlmPlan(table=table, target_names=names, full_modules=full_modules(model, adapter, dead),
+    return VlmPlan(table=table, target_names=names, full_modules=full_modules(model, adapter, dead, names),
                    frozen_modules=_owners(dead), structlora_config=config, notes=notes)
 
 
@@ -226,8 +241,8 @@ def vlm_image_budget(ctx: StageContext, processor) -> dict[str, int]:
 
     collate, counts = ChatCollator(processor, max_length=ctx.cfg.data.max_length), {}
     for source in sources(ctx, "train", ctx.cfg.data.tasks):
-        example = next((e for e in EvalStream(source, rank=0, world_size=1) if e.get("image") is not None
-                        or e.get("images")), None)
+        first = itertools.islice(EvalStream(source, rank=0, world_size=1), 64)  # text-only data: do not read it all
+        example = next((e for e in first if e.get("image") is not None or e.get("images")), None)
         if example is None:
             continue
         image = example.get("image") or example["images"][0]
