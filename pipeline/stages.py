@@ -94,7 +94,7 @@ def load_base(ctx: StageContext):
     if cfg.model.arch == "vlm":
         from pipeline.vlm import load_vlm_base
 
-        return load_vlm_base(ctx)
+        return load_vlm_base(ctx, base_model_dir(ctx))
     if cfg.model.preset is None:
         model, processor = load_llava(cfg.model)
     elif cfg.base.enabled:
@@ -327,7 +327,7 @@ def check_image_budget(ctx: StageContext, processor) -> dict[str, int]:
     if ctx.cfg.model.arch == "vlm":
         from pipeline.vlm import vlm_image_budget
 
-        counts = vlm_image_budget(ctx, processor)
+        counts = vlm_image_budget(ctx, processor, sources(ctx, "train", ctx.cfg.data.tasks))
     manifest = shards_root(ctx) / "conversations" / "train" / "manifest.json"
     if ctx.cfg.data.tasks.get("conversations", 0) <= 0 or not manifest.is_file() or ctx.cfg.model.arch == "vit":
         return counts

@@ -17,6 +17,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,28 +220,24 @@ def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps
 # --- the stages' parts ------------------------------------------------------------------------------
 
 
-def load_vlm_base(ctx: StageContext):
+def load_vlm_base(ctx: StageContext, path: Path):
     """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's."""
-    from pipeline.stages import base_model_dir
-
     cfg = ctx.cfg
     if cfg.model.preset is not None and cfg.base.enabled:
-        path = base_model_dir(ctx)
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
         return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype))
     return make_vlm(cfg.model, seed=cfg.seed)
 
 
-def vlm_image_budget(ctx: StageContext, processor) -> dict[str, int]:
+def vlm_image_budget(ctx: StageContext, processor, train_sources: Sequence[Any]) -> dict[str, int]:
     """Before training: how many tokens the first training image of each task expands to with this family's
     processor (any-res tiles, dynamic resolution), logged; a warning when it leaves no room under max_length."""
     from data.chat_collate import ChatCollator
     from data.stream import EvalStream
-    from pipeline.stages import sources
 
     collate, counts = ChatCollator(processor, max_length=ctx.cfg.data.max_length), {}
-    for source in sources(ctx, "train", ctx.cfg.data.tasks):
+    for source in train_sources:
         first = itertools.islice(EvalStream(source, rank=0, world_size=1), 64)  # text-only data: do not read it all
         example = next((e for e in first if e.get("image") is not None or e.get("images")), None)
         if example is None:
