@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from data.examples import COLLATOR_DROPS, QUESTION_TASKS, SkipCounter, StreamStats
+from data.examples import COLLATOR_DROPS, COLLATOR_MADE, QUESTION_TASKS, SkipCounter, StreamStats
 
 STREAM_KINDS = ("damaged_shards_read", "corrupt_images", "bad_records")
 KINDS = (*STREAM_KINDS, *COLLATOR_DROPS)
@@ -70,6 +70,7 @@ class TrainAccount:
         self.left_out = left_out(sources)
         self._streams: dict[int, SkipCounter] = {}
         self._drops: dict[int, dict[str, int]] = {}
+        self._made: dict[int, dict[str, int]] = {}  # not losses: what the collator built (long-context examples)
         self.batches: dict[int, int] = {}
 
     def record(self, epoch: int, batch: Mapping[str, Any]) -> None:
@@ -77,12 +78,16 @@ class TrainAccount:
         drops = self._drops.setdefault(epoch, dict.fromkeys(COLLATOR_DROPS, 0))
         for key, value in (batch.get("__dropped__") or {}).items():
             drops[key] = drops.get(key, 0) + int(value)
+        made = self._made.setdefault(epoch, dict.fromkeys(COLLATOR_MADE, 0))
+        for key, value in (batch.get("__made__") or {}).items():
+            made[key] = made.get(key, 0) + int(value)
         if any(not k.startswith("__") for k in batch):
             self.batches[epoch] = self.batches.get(epoch, 0) + 1
 
     def epoch(self, epoch: int) -> dict[str, int]:
         counts = stream_counts(self._streams[epoch].totals) if epoch in self._streams else dict.fromkeys(STREAM_KINDS, 0)
-        return {**counts, **self._drops.get(epoch, dict.fromkeys(COLLATOR_DROPS, 0))}
+        return {**counts, **self._drops.get(epoch, dict.fromkeys(COLLATOR_DROPS, 0)),
+                **self._made.get(epoch, dict.fromkeys(COLLATOR_MADE, 0))}
 
     def as_dict(self) -> dict[str, Any]:
         epochs = sorted(set(self._streams) | set(self._drops))
@@ -94,8 +99,9 @@ class TrainAccount:
 def with_totals(account: Mapping[str, Any], per_epoch: list[dict[str, Any]]) -> dict[str, Any]:
     """`account` with its epochs, their totals, and whether anything at all was lost."""
     total = {k: sum(row[k] for row in per_epoch) for k in KINDS}
+    made = {k: sum(row.get(k, 0) for row in per_epoch) for k in COLLATOR_MADE}
     return {**account, "per_epoch": per_epoch, "total": {"shards_left_out": len(account["shards_left_out"]), **total},
-            "lost_anything": bool(account["shards_left_out"]) or any(total.values())}
+            "made": made, "lost_anything": bool(account["shards_left_out"]) or any(total.values())}
 
 
 def examples_held(task: str, source: Any) -> int:
@@ -141,8 +147,9 @@ def merge_train_accounts(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     epochs: dict[int, dict[str, int]] = {}
     for part in parts:
         for row in part["per_epoch"]:
-            into = epochs.setdefault(row["epoch"], {"epoch": row["epoch"], "batches": 0, **dict.fromkeys(KINDS, 0)})
-            for key in ("batches", *KINDS):
+            into = epochs.setdefault(row["epoch"], {"epoch": row["epoch"], "batches": 0,
+                                                   **dict.fromkeys((*KINDS, *COLLATOR_MADE), 0)})
+            for key in ("batches", *KINDS, *COLLATOR_MADE):
                 into[key] += row.get(key, 0)
     return {**with_totals(first, [epochs[e] for e in sorted(epochs)]), "ranks": len(parts)}
 

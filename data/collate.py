@@ -22,6 +22,7 @@ from PIL import Image
 
 from data.chat import ChatRows
 from data.errors import OverlongBatchError
+from data.long_context import LongContextMaker
 from data.prompts import ASSISTANT_ROLE, IMAGE_TOKEN, render_prompt, task_prompt
 
 IGNORE_INDEX = -100
@@ -93,6 +94,7 @@ class LlavaCollator:
     processor: Any
     max_length: int = 256
     seed: int = 0
+    long_context: LongContextMaker | None = None
     dropped_turns: int = 0
     overlong_examples: int = 0
     _rng: random.Random = field(init=False, repr=False)
@@ -120,6 +122,31 @@ class LlavaCollator:
             self._chat = ChatRows(self.processor.tokenizer, count, answer_token_ids, self.max_length)
         return self._chat
 
+    @property
+    def long_context_examples(self) -> int:
+        return self.long_context.made if self.long_context is not None else 0
+
+    @property
+    def long_context_no_pool(self) -> int:
+        return self.long_context.no_pool if self.long_context is not None else 0
+
+    def _long_contexts(self, samples: Sequence[dict[str, Any]], bench: list[int],
+                       conversations: dict[int, list[tuple[str, str]]]) -> None:
+        """Make a share of the caption examples long-context ones (data.long_context), in stream order."""
+        tok = self.processor.tokenizer
+        extra = self._chat_rows().image_tokens - 1  # the <image> tag is one token of the text
+
+        def measure(user_text: str) -> int:
+            return len(tok(render_prompt(user_text))["input_ids"]) + extra
+
+        for i in bench:
+            (prompt, answer), *rest = conversations[i]
+            answers = len(answer_token_ids(tok, answer)) + 1
+            text = self.long_context.prompt(samples[i], measure, answers, self.max_length) if not rest else None
+            if text is not None:
+                conversations[i] = [(text, answer)]
+            self.long_context.observe(samples[i])
+
     def _conversation(self, sample: dict[str, Any]) -> list[tuple[list[int], list[int], list[torch.Tensor]]]:
         """Rows of one conversation sample (your own data): several images, or none, per row."""
         rows, dropped = self._chat_rows().rows(sample["messages"])
@@ -139,6 +166,8 @@ class LlavaCollator:
                 per_sample[i] = self._conversation(sample)
         bench = [i for i, sample in enumerate(samples) if sample["task"] != "conversations"]
         conversations = {i: turns(samples[i], self._rng) for i in bench}
+        if self.long_context is not None:
+            self._long_contexts(samples, bench, conversations)
         images = {i: to_rgb(samples[i]["image"]) for i in bench}
         # One processor call expands <image> to the model's image tokens for every first turn and
         # preprocesses the images (the same transform as `preprocess_images`); answers and later

@@ -220,6 +220,8 @@ def without_markers(examples: Iterable[Example]) -> list[Example]:
 
 # what a collator drops, by counter attribute (LlavaCollator has both)
 COLLATOR_DROPS = ("overlong_examples", "dropped_turns")
+# what a collator made of the examples (not a loss): long-context training examples (data.long_context)
+COLLATOR_MADE = ("long_context_examples", "long_context_no_pool")
 
 
 def collate_with_stats(collate: Callable[[list[Example]], dict]) -> Callable[[list[Example]], dict]:
@@ -229,7 +231,7 @@ def collate_with_stats(collate: Callable[[list[Example]], dict]) -> Callable[[li
     Stream markers are left out; a batch with nothing left, or whose every example is too long, comes
     out with the counts and no data (the caller skips it), so one bad batch never stops a run."""
     def wrapped(examples: list[Example]) -> dict:
-        before = {k: getattr(collate, k, 0) for k in COLLATOR_DROPS}
+        before = {k: getattr(collate, k, 0) for k in (*COLLATOR_DROPS, *COLLATOR_MADE)}
         real = without_markers(examples)
         batch: dict[str, Any] = {}
         if real:
@@ -239,5 +241,6 @@ def collate_with_stats(collate: Callable[[list[Example]], dict]) -> Callable[[li
                 batch = {}
         batch["__skipped__"] = {e["__stream__"]: e["__skipped__"] for e in examples if "__stream__" in e}
         batch["__dropped__"] = {k: getattr(collate, k, 0) - before[k] for k in COLLATOR_DROPS}
+        batch["__made__"] = {k: getattr(collate, k, 0) - before[k] for k in COLLATOR_MADE}
         return batch
     return wrapped

@@ -26,13 +26,13 @@ whose images all have one size). Prompts are rendered with the processor's chat 
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data.chat_template import add_special_tokens_for, chat_prompt, uses_chat_template
+from data.long_context import fill_to, filler_text
 from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, max_new_tokens
 from eval.caption_metrics import score_captions
 from eval.generate import EvalSample, generate_predictions
@@ -104,54 +104,14 @@ class PromptLengthMeter:
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"]) + (self.image_tokens - 1) * images
 
 
-def _render(meter: PromptLengthMeter, examples: Sequence[str], tail: str, instruction: str) -> str:
-    filler = "".join(f"{e}\n" for e in examples) + (f"{tail}\n" if tail else "")
-    return meter.render(filler + instruction)
-
-
 def build_context_prompt(meter: PromptLengthMeter, pool: Sequence[str], target: int,
                          instruction: str = CAPTION_PROMPT) -> ContextPrompt:
-    """The longest filled prompt whose token count is <= `target` (usually exactly `target`).
-
-    Whole examples are added (cycling through `pool`) by binary search on their number, then
-    words of the next example by binary search on the word count; lengths are monotone in both.
-    """
-    base = meter(_render(meter, [], "", instruction))
-    if base > target:
-        raise ValueError(f"the prompt without filler already has {base} tokens, more than the target {target}")
-    if not pool:
-        raise ValueError("the filler pool is empty: give reference captions of images other than the evaluated ones")
-
-    def examples(k: int) -> list[str]:
-        return [pool[i % len(pool)] for i in range(k)]
-
-    # Upper bound on the number of whole examples: each adds at least one token.
-    hi = target - base + 1
-    lengths = _LazyLengths(lambda k: meter(_render(meter, examples(k), "", instruction)))
-    k = bisect.bisect_right(lengths, target, 0, hi) - 1  # largest k with length(k) <= target
-    words = pool[k % len(pool)].split()
-    tails = _LazyLengths(lambda w: meter(_render(meter, examples(k), " ".join(words[:w]), instruction)))
-    w = bisect.bisect_right(tails, target, 0, len(words)) - 1 if words else 0
-    w = max(w, 0)
-    text = _render(meter, examples(k), " ".join(words[:w]), instruction)
-    return ContextPrompt(text=text, num_tokens=meter(text), num_examples=k + (w / len(words) if words else 0.0),
-                         target=target)
-
-
-class _LazyLengths:
-    """A sequence view f(0), f(1), ... computed on demand, so bisect can binary-search it."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self.cache: dict[int, int] = {}
-
-    def __getitem__(self, i: int) -> int:
-        if i not in self.cache:
-            self.cache[i] = self.fn(i)
-        return self.cache[i]
-
-    def __len__(self) -> int:  # pragma: no cover - bisect is always given hi
-        raise TypeError("unbounded")
+    """The longest filled prompt whose token count is <= `target` (usually exactly `target`), as training builds
+    its long-context examples (`data.long_context.fill_to`): whole examples cycling through `pool`, then words
+    of the next one, by binary search; lengths are monotone in both."""
+    user, _, examples = fill_to(lambda text: meter(meter.render(text)), pool, target, instruction)
+    text = meter.render(user)
+    return ContextPrompt(text=text, num_tokens=meter(text), num_examples=examples, target=target)
 
 
 def context_length_of(model: Any) -> int | None:
@@ -165,13 +125,13 @@ def buckets_for_model(model: Any, meter: PromptLengthMeter, new_tokens: int = ma
                       buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[int]:
     """`buckets` scaled to the model's context (unchanged when they fit), none below the bare prompt."""
     limit = context_length_of(model)
-    bare = meter(_render(meter, [], "", CAPTION_PROMPT))
+    bare = meter(meter.render(filler_text([], "", CAPTION_PROMPT)))
     return list(buckets) if limit is None else scale_buckets(buckets, limit, new_tokens, min_length=bare)
 
 
 def bare_prompt_length(meter: PromptLengthMeter) -> int:
     """Tokens of the long-context prompt without any filler (image tokens included)."""
-    return meter(_render(meter, [], "", CAPTION_PROMPT))
+    return meter(meter.render(filler_text([], "", CAPTION_PROMPT)))
 
 
 def plan_buckets(lengths: Sequence[int], context_length: int | None, bare: int,

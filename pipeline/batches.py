@@ -33,6 +33,7 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
 
     from data.chat_collate import make_collator
     from data.collate import ClassificationCollator
+    from data.long_context import LongContextMaker
     from data.stream import TrainStream, collate_with_stats
 
     stream = TrainStream(sources=srcs, epoch_length=epoch_length, seed=seed, rank=rank, world_size=world_size,
@@ -49,6 +50,10 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         # epochs would replay the same caption choices every epoch
         collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else make_collator(
             processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
+        lc = cfg.data.long_context
+        if lc.share > 0 and cfg.model.arch != "vit":
+            collate.long_context = LongContextMaker(share=lc.share, min_tokens=lc.min_tokens, max_tokens=lc.max_tokens,
+                                                    pool_size=lc.pool, seed=seed + 7919 * rank + 104729 * epoch)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_with_stats(collate),
                             num_workers=cfg.data.num_workers)
         batches = 0

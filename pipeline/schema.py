@@ -63,6 +63,25 @@ class SourceConfig:
 
 
 @dataclass
+class LongContextTrainConfig:
+    """Long-context training examples (`data.long_context.LongContextMaker`): filler from the training stream only."""
+
+    share: float = _f(0.0, "share of caption examples made long (0 = none: the stream is exactly as without)")
+    min_tokens: int = _f(0, "shortest target length of a long example's row, image and answer included (0 = the "
+                             "bare prompt)")
+    max_tokens: int = _f(0, "longest target length (0 = data.max_length; never above it)")
+    pool: int = _f(256, "captions of earlier training examples kept as filler")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share}")
+        if self.min_tokens < 0 or self.max_tokens < 0 or (self.max_tokens and self.min_tokens > self.max_tokens):
+            raise ValueError(f"need 0 <= min_tokens <= max_tokens, got {self.min_tokens} and {self.max_tokens}")
+        if self.pool < 1:
+            raise ValueError(f"pool must be >= 1, got {self.pool}")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how it is streamed."""
 
@@ -109,6 +128,10 @@ class DataConfig:
     damaged_shards: Literal["error", "skip"] = _f(
         "error", "a shard that fails that check: error = stop the stage with one line naming it; skip = leave it "
         "out, and report what it held as lost in the stage summary, manifest.json, metrics.json and report.md")
+    long_context: LongContextTrainConfig = _f(
+        help="train with long contexts: a share of caption examples get other training captions between the "
+             "image and the instruction, as the long-context evaluation builds its prompts",
+        factory=lambda: LongContextTrainConfig())
 
     def __post_init__(self) -> None:
         if any(w < 0 for w in self.tasks.values()):
@@ -329,5 +352,8 @@ class RunConfig:
     publish: PublishConfig = _f(help="publish stage", factory=PublishConfig)
 
     def __post_init__(self) -> None:
+        if self.data.long_context.share > 0 and self.model.arch != "llava":
+            raise ValueError(f"data.long_context: long-context training examples are built for model.arch=llava "
+                             f"only so far, not {self.model.arch}")
         if self.base.enabled and self.model.preset is None:
             raise ValueError("base.enabled is only for presets: a loaded model is already pretrained")
