@@ -150,6 +150,11 @@ def data_section(data: Mapping[str, Any] | None) -> list[str]:
             for epoch, row in rows:
                 lines.append(f"| {stage} | {a['split']} | {epoch} | " + " | ".join(str(row.get(k, 0)) for k in kinds)
                              + " |")
+        made = [(stage, a) for stage, _, a in streams if (a.get("made") or {}).get("long_context_examples")]
+        lines += [""] if made else []
+        lines += [f"- {stage} ({a['split']}): {a['made']['long_context_examples']} long-context training examples "
+                  f"built (data.long_context; {a['made'].get('long_context_no_pool', 0)} drawn before the filler "
+                  "pool had another image's caption, kept short)" for stage, a in made]
     return lines
 
 

@@ -168,3 +168,17 @@ def test_a_killed_run_with_long_contexts_resumes_to_the_uninterrupted_result(tmp
     assert made > 0 and made == summaries["killed"]["data"]["train"]["made"]["long_context_examples"]
     expected, got = (load_file(str(r / "train" / "final" / "trainable.safetensors")) for r in runs.values())
     assert max(float((expected[k] - got[k]).abs().max()) for k in expected) < 1e-6
+
+
+def test_the_report_says_how_many_long_context_examples_were_built():
+    from data.accounting import TrainAccount
+    from eval.report import data_section
+
+    account = TrainAccount("train", [])
+    account.record(0, {"input_ids": 1, "__made__": {"long_context_examples": 7, "long_context_no_pool": 1}})
+    account.record(1, {"input_ids": 1, "__made__": {"long_context_examples": 5, "long_context_no_pool": 0}})
+    summary = account.as_dict()
+    assert summary["made"] == {"long_context_examples": 12, "long_context_no_pool": 1}
+    assert not summary["lost_anything"]
+    text = "\n".join(data_section({"train": {"train": summary}}))
+    assert "12 long-context training examples built" in text and "1 drawn before the filler" in text
