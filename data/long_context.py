@@ -20,6 +20,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from data.prompts import CAPTION_PROMPT
@@ -124,3 +125,33 @@ class LongContextMaker:
         text, _, _ = fill_to(measure, others, target)
         self.made += 1
         return text
+
+
+# --- a neutral filler: words of the world, no scene described -------------------------------------------------
+
+NEUTRAL_FILE = Path(__file__).with_name("neutral_filler.txt")
+
+
+def neutral_lines(vocabulary: Sequence[str], excluded: Sequence[str], lines: int = 200, seed: int = 0) -> list[str]:
+    """Lines of 6-12 words drawn (seeded) from `vocabulary` minus `excluded` (the world's colours, shapes, counts
+    and background: what a caption says) and punctuation: text the tokenizer knows that describes no image, so
+    that a long-context collapse from length can be told apart from one from copying other images' captions."""
+    banned = {w.lower() for w in excluded}
+    words = sorted({w for w in vocabulary if w.isalpha() and w.lower() not in banned})
+    rng = random.Random(f"neutral/{seed}")
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 12))) + "." for _ in range(lines)]
+
+
+def shapes_neutral_lines() -> list[str]:
+    """`neutral_lines` of the shapes world (what `data/neutral_filler.txt` holds)."""
+    from data.shapes import world_vocabulary
+    from data.shapes_scene import BACKGROUND_NAME, COLOURS, SHAPES
+
+    shapes = [*SHAPES, *(f"{s}s" for s in SHAPES), "crosses", "shape", "shapes", "object", "objects"]
+    counts = ["zero", "one", "two", "three", "four", "single", "both"]
+    return neutral_lines(world_vocabulary(), [*COLOURS, *shapes, *counts, BACKGROUND_NAME])
+
+
+def neutral_filler() -> list[str]:
+    """The shipped neutral filler (`--distractor neutral`, `eval.long_context_filler: neutral`)."""
+    return [line for line in NEUTRAL_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]

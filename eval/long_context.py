@@ -202,6 +202,7 @@ def long_context_generations(model: Any, processor: Any, samples: Sequence[EvalS
 
 
 CAPTION_FILLER = "reference captions of other images, one per line, between the image and the instruction"
+NEUTRAL_FILLER = "neutral text (the world's words, no scene described), one line each, between the image and the instruction"
 
 
 def score_long_context(generations: Sequence[Mapping[int, Mapping[str, Any]]],

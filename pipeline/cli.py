@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "those, scaled down to the first model's context when they do not fit)")
     p.add_argument("--long-context-samples", type=_positive, default=48, help="images captioned at every length")
     p.add_argument("--distractor", default="captions",
-                   help="long-context filler: 'captions' (other images' reference captions) or a text file")
+                   help="long-context filler: 'captions' (other images' reference captions), 'neutral' (the shipped "
+                        "data/neutral_filler.txt: the shapes world's words, no scene described) or a text file")
     p.add_argument("--reference", help="model the others are compared with (default: the first)")
     p.add_argument("--batch-size", type=_positive, default=8, help="samples per generate call")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

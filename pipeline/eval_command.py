@@ -210,11 +210,15 @@ def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: st
                  spare: Callable[[], list[dict[str, Any]]],
                  checks: dict[str, Any] | None = None) -> tuple[list[str], str]:
     """(pool, description) of the long-context filler: 'captions' (reference captions of other
-    images: the val split's, else the train split's, else the eval split's images not captioned)
-    or a UTF-8 text file (one filler text per non-empty line)."""
-    from eval.long_context import CAPTION_FILLER
+    images: the val split's, else the train split's, else the eval split's images not captioned),
+    'neutral' (data/neutral_filler.txt) or a UTF-8 text file (one filler text per non-empty line)."""
+    from eval.long_context import CAPTION_FILLER, NEUTRAL_FILLER
     from pipeline.evaluate import caption_filler_pool, load_examples
 
+    if distractor == "neutral":
+        from data.long_context import NEUTRAL_FILE, neutral_filler
+
+        return neutral_filler(), f"{NEUTRAL_FILLER} ({NEUTRAL_FILE.name})"
     if distractor != "captions":
         path = Path(distractor).expanduser()
         if not path.is_file():

@@ -103,7 +103,7 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
         sample_counts,
         write_outputs,
     )
-    from eval.long_context import CAPTION_FILLER
+    from eval.long_context import CAPTION_FILLER, NEUTRAL_FILLER
     from eval.plots import plot_diagnostics
     from eval.report import headline
     from pipeline.stages import load_adapted, load_base
@@ -122,10 +122,16 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
         if "caption" not in examples:
             examples["caption"] = load_eval_examples(ctx, "caption", split, cfg.eval.max_samples, accounts)
         chosen = examples["caption"][: cfg.eval.long_context_samples]
-        pool = caption_filler_pool(load_eval_examples(ctx, "caption", "val", 200), [e["image_id"] for e in chosen])
+        if cfg.eval.long_context_filler == "neutral":
+            from data.long_context import neutral_filler
+
+            pool, filler = neutral_filler(), NEUTRAL_FILLER
+        else:
+            pool = caption_filler_pool(load_eval_examples(ctx, "caption", "val", 200), [e["image_id"] for e in chosen])
+            filler = CAPTION_FILLER
         long_context = LongContextSettings(samples=cfg.eval.long_context_samples,
                                            lengths=cfg.eval.long_context_lengths, pool=pool, scale=True,
-                                           filler=CAPTION_FILLER)
+                                           filler=filler)
     plots: dict[str, Path] = {}
 
     def extra(model, processor, folder: Path) -> dict[str, Any]:

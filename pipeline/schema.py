@@ -312,6 +312,10 @@ class EvalConfig:
     batch_size: int = _f(16, "generation batch size")
     long_context_lengths: list[int] = _f(help="context-length buckets in tokens", factory=lambda: [256, 512, 1024, 2048])
     long_context_samples: int = _f(48, "images captioned at every context length")
+    long_context_filler: Literal["captions", "neutral"] = _f(
+        "captions", "long-context filler: captions = other images' reference captions (the val split's); neutral = "
+                    "data/neutral_filler.txt (the shapes world's words, no scene described: a collapse from length "
+                    "alone, not from copying captions)")
     compare_base: bool = _f(True, "also score the base model")
 
 

@@ -182,3 +182,24 @@ def test_the_report_says_how_many_long_context_examples_were_built():
     assert not summary["lost_anything"]
     text = "\n".join(data_section({"train": {"train": summary}}))
     assert "12 long-context training examples built" in text and "1 drawn before the filler" in text
+
+
+def test_the_shipped_neutral_filler_is_the_worlds_words_and_describes_no_scene():
+    from data.long_context import neutral_filler, shapes_neutral_lines
+    from data.shapes import world_vocabulary
+    from data.shapes_scene import COLOURS, SHAPES
+
+    lines = neutral_filler()
+    assert lines == shapes_neutral_lines() and len(lines) == 200  # the file is what the function writes
+    words = {w.strip(".") for line in lines for w in line.split()}
+    assert words <= set(world_vocabulary())
+    scene = {*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), "crosses", "one", "two", "three", "four", "gray"}
+    assert not words & scene
+
+
+def test_eval_distractor_neutral_uses_the_shipped_file(tmp_path):
+    from data.long_context import neutral_filler
+    from pipeline.eval_command import filler_texts
+
+    pool, description = filler_texts("neutral", tmp_path, [], "test", lambda: [])
+    assert pool == neutral_filler() and "neutral" in description
