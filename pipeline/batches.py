@@ -26,9 +26,12 @@ log = logging.getLogger("structlora.stages")
 
 def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, rank: int, world_size: int,
                    epoch_length: int, log_partition: Path | None = None, fraction: float = 1.0,
-                   account: TrainAccount | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                   account: TrainAccount | None = None,
+                   long_context: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Endless training batches for this rank: the resampled stream, epoch after epoch. Every batch,
-    with or without data, is recorded in `account` (skips per epoch) before the empty ones are passed over."""
+    with or without data, is recorded in `account` (skips per epoch) before the empty ones are passed over.
+    `long_context`: build `data.long_context`'s long-context examples (the train stage's training stream only:
+    the base model and every validation set stay as without the option)."""
     from torch.utils.data import DataLoader
 
     from data.chat_collate import make_collator
@@ -51,7 +54,7 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else make_collator(
             processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
         lc = cfg.data.long_context
-        if lc.share > 0 and cfg.model.arch != "vit":
+        if long_context and lc.share > 0 and cfg.model.arch != "vit":
             collate.long_context = LongContextMaker(share=lc.share, min_tokens=lc.min_tokens, max_tokens=lc.max_tokens,
                                                     pool_size=lc.pool, seed=seed + 7919 * rank + 104729 * epoch)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_with_stats(collate),

@@ -291,7 +291,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         adapted, train_cfg, out,
         lambda: batch_iterator(cfg, train_src, processor, cfg.train.batch_size, cfg.train.seed, rank, world,
                                epoch_length, log_partition=out / f"shards.rank{rank}.json",
-                               fraction=cfg.train.data_fraction, account=accounts[0]),
+                               fraction=cfg.train.data_fraction, account=accounts[0], long_context=True),
         validation_batches(cfg, val_src, processor, cfg.train.batch_size, cfg.train.val_batches, accounts[1]))
     data = data_summary(recipe.accelerator, *accounts)
     trainable = recipe._gathered_trainable_state()

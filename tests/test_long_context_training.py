@@ -166,6 +166,7 @@ def test_a_killed_run_with_long_contexts_resumes_to_the_uninterrupted_result(tmp
     assert summaries["killed"]["resumed_from"] is not None
     made = summaries["reference"]["data"]["train"]["made"]["long_context_examples"]
     assert made > 0 and made == summaries["killed"]["data"]["train"]["made"]["long_context_examples"]
+    assert summaries["reference"]["data"]["val"]["made"]["long_context_examples"] == 0  # validation stays as it was
     expected, got = (load_file(str(r / "train" / "final" / "trainable.safetensors")) for r in runs.values())
     assert max(float((expected[k] - got[k]).abs().max()) for k in expected) < 1e-6
 
