@@ -52,6 +52,7 @@ class ChatCollator:
     processor: Any
     max_length: int = 256
     seed: int = 0
+    caption_reference: str = "random"
     dropped_turns: int = 0
     overlong_examples: int = 0
     last_rows: list[int] = field(init=False, repr=False, default_factory=list)
@@ -85,7 +86,7 @@ class ChatCollator:
             images = [to_rgb(im) for im in sample.get("images") or []]
         else:
             system, images = None, [to_rgb(sample["image"])]
-            pairs = turns(sample, self._rng)
+            pairs = turns(sample, self._rng, self.caption_reference)
             pairs = [(f"{IMAGE_TOKEN}\n{pairs[0][0]}", pairs[0][1]), *pairs[1:]]
         tags = [user.count(IMAGE_TOKEN) for user, _ in pairs]
         before = [sum(tags[:k]) for k in range(len(pairs) + 1)]  # images introduced before turn k

@@ -47,14 +47,19 @@ def preprocess_images(processor: Any, images: Sequence[Image.Image]) -> torch.Te
     return image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
 
 
-def conversation(sample: dict[str, Any], rng: random.Random | None = None) -> tuple[str, str]:
-    """(prompt, answer) for a sample. Captioning trains on one of the references, picked by `rng`."""
+def conversation(sample: dict[str, Any], rng: random.Random | None = None,
+                 caption_reference: str = "random") -> tuple[str, str]:
+    """(prompt, answer) for a sample. Captioning trains on one of the references: picked by `rng` ("random"),
+    or the longest ("longest": the same, most complete one for an image every time; no draw)."""
     task = sample["task"]
     if task == "caption":
         captions = sample.get("captions") or ([sample["caption"]] if sample.get("caption") else [])
         if not captions:
             raise KeyError(f"caption sample {sample.get('__key__', '?')} has no 'captions'")
-        answer = captions[(rng or random).randrange(len(captions))] if len(captions) > 1 else captions[0]
+        if caption_reference == "longest":
+            answer = max(captions, key=lambda c: (len(c.split()), c))
+        else:
+            answer = captions[(rng or random).randrange(len(captions))] if len(captions) > 1 else captions[0]
         return task_prompt("caption"), answer
     if task in QUESTION_TASKS:
         answer = sample.get("answer") or sample.get("multiple_choice_answer")
@@ -64,11 +69,12 @@ def conversation(sample: dict[str, Any], rng: random.Random | None = None) -> tu
     raise ValueError(f"no conversation for task {task!r}")
 
 
-def turns(sample: dict[str, Any], rng: random.Random | None = None) -> list[tuple[str, str]]:
+def turns(sample: dict[str, Any], rng: random.Random | None = None,
+          caption_reference: str = "random") -> list[tuple[str, str]]:
     """[(prompt, answer)] of a sample: one turn, or every question of a packed sample (`turns`)."""
     if sample.get("turns"):
         return [(task_prompt(sample["task"], t["question"]), str(t["answer"])) for t in sample["turns"]]
-    return [conversation(sample, rng)]
+    return [conversation(sample, rng, caption_reference)]
 
 
 @dataclass
@@ -95,6 +101,7 @@ class LlavaCollator:
     max_length: int = 256
     seed: int = 0
     long_context: LongContextMaker | None = None
+    caption_reference: str = "random"
     dropped_turns: int = 0
     overlong_examples: int = 0
     _rng: random.Random = field(init=False, repr=False)
@@ -165,7 +172,7 @@ class LlavaCollator:
             if sample["task"] == "conversations":
                 per_sample[i] = self._conversation(sample)
         bench = [i for i, sample in enumerate(samples) if sample["task"] != "conversations"]
-        conversations = {i: turns(samples[i], self._rng) for i in bench}
+        conversations = {i: turns(samples[i], self._rng, self.caption_reference) for i in bench}
         if self.long_context is not None:
             self._long_contexts(samples, bench, conversations)
         images = {i: to_rgb(samples[i]["image"]) for i in bench}

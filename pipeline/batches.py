@@ -53,6 +53,8 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         # epochs would replay the same caption choices every epoch
         collate = ClassificationCollator(processor) if cfg.model.arch == "vit" else make_collator(
             processor, max_length=cfg.data.max_length, seed=seed + 7919 * rank + 104729 * epoch)
+        if cfg.model.arch != "vit":
+            collate.caption_reference = cfg.data.caption_reference
         lc = cfg.data.long_context
         if long_context and lc.share > 0 and cfg.model.arch != "vit":
             collate.long_context = LongContextMaker(share=lc.share, min_tokens=lc.min_tokens, max_tokens=lc.max_tokens,

@@ -128,6 +128,9 @@ class DataConfig:
     damaged_shards: Literal["error", "skip"] = _f(
         "error", "a shard that fails that check: error = stop the stage with one line naming it; skip = leave it "
         "out, and report what it held as lost in the stage summary, manifest.json, metrics.json and report.md")
+    caption_reference: Literal["random", "longest"] = _f(
+        "random", "the reference a caption example trains on: random = one of the image's references per step; "
+                  "longest = its longest (most complete) one, the same every time")
     long_context: LongContextTrainConfig = _f(
         help="train with long contexts: a share of caption examples get other training captions between the "
              "image and the instruction, as the long-context evaluation builds its prompts",

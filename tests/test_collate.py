@@ -194,3 +194,14 @@ def test_pad_to_square_pads_with_the_mean_colour_and_travels_with_the_processor(
     assert reloaded.image_processor.do_pad
     assert torch.equal(preprocess_images(reloaded, [wide]), preprocess_images(padded, [wide]))
     assert with_image_fit(reloaded, "center_crop").image_processor.do_pad is False
+
+
+def test_caption_reference_longest_trains_on_the_same_most_complete_caption(processor):
+    sample = {"image": Image.new("RGB", (64, 64)), "task": "caption",
+              "captions": ["a red circle", "two shapes", "a red circle left of a blue square"]}
+    collate = LlavaCollator(processor, max_length=256, seed=0, caption_reference="longest")
+    answers = set()
+    for _ in range(6):
+        batch = collate([sample])
+        answers.add(processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]))
+    assert len(answers) == 1 and "red circle left of a blue square" in next(iter(answers))
