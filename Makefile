@@ -56,7 +56,7 @@ study-quick: setup check-java
 # hours on 2 cores, resumable cell by cell; results in bench/results/compare_default).
 JOBS ?= 2
 compare-default: setup check-java
-	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare configs/tiny.yaml --plan bench/compare_default.yaml --jobs $(JOBS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/compare_default_config.yaml --plan bench/compare_default.yaml --jobs $(JOBS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
