@@ -32,8 +32,7 @@ from data.chat_template import (
     to_template_messages,
     uses_chat_template,
 )
-from data.collate import LlavaCollator, to_rgb, turns
-from data.errors import OverlongBatchError
+from data.collate import LlavaCollator, flatten_rows, to_rgb, turns
 from data.prompts import IMAGE_TOKEN
 
 Row = tuple[list[dict[str, Any]], list[Any]]  # (template messages, the images they hold)
@@ -120,13 +119,7 @@ class ChatCollator:
         return rows
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        per_sample = [self.sample_rows(s) for s in samples]
-        rows = [r for sample_rows in per_sample for r in sample_rows]
-        self.last_rows = [i for i, sample_rows in enumerate(per_sample) for _ in sample_rows]
-        if not rows:
-            raise OverlongBatchError(f"every sample of this batch is longer than max_length={self.max_length} "
-                                     "with its images and first answer (image tokens are never truncated): raise "
-                                     "data.max_length")
+        rows, self.last_rows = flatten_rows([self.sample_rows(s) for s in samples], self.max_length)
         return chat_labels(self.processor, [m for m, _ in rows], [ims for _, ims in rows])
 
 

@@ -211,13 +211,7 @@ class LlavaCollator:
                 self.dropped_turns += dropped
             else:
                 self.overlong_examples += 1
-        rows = [row for sample_rows in per_sample for row in sample_rows]
-        # which sample each row of the last batch came from (a long sample may give several rows)
-        self.last_rows = [i for i, sample_rows in enumerate(per_sample) for _ in sample_rows]
-        if not rows:
-            raise OverlongBatchError(f"every sample of this batch is longer than max_length={self.max_length} "
-                                     "with its image and first answer (image tokens are never truncated): raise "
-                                     "data.max_length")
+        rows, self.last_rows = flatten_rows(per_sample, self.max_length)
         pad_id = tok.pad_token_id
         width = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -232,6 +226,16 @@ class LlavaCollator:
         if row_pixels:  # a batch of text-only rows has no images at all
             batch["pixel_values"] = torch.stack(row_pixels)
         return batch
+
+
+def flatten_rows(per_sample: Sequence[Sequence[Any]], max_length: int) -> tuple[list[Any], list[int]]:
+    """(the rows of a batch, which sample each came from: a long sample may give several) of per-sample row lists;
+    OverlongBatchError when no sample gave a row."""
+    rows = [row for sample_rows in per_sample for row in sample_rows]
+    if not rows:
+        raise OverlongBatchError(f"every sample of this batch is longer than max_length={max_length} with its "
+                                 "image(s) and first answer (image tokens are never truncated): raise data.max_length")
+    return rows, [i for i, sample_rows in enumerate(per_sample) for _ in sample_rows]
 
 
 def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:

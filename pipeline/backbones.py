@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.schema import ModelConfig, TinyPreset
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- resolving a name: local directory or hub id, failing fast when offline ---------------------
@@ -212,7 +212,7 @@ def load_llava(cfg: ModelConfig):
 
     assert cfg.name_or_path is not None
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
-    model = LlavaForConditionalGeneration.from_pretrained(source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype])
+    model = LlavaForConditionalGeneration.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
     processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)
     if model.config.vision_feature_layer != cfg.vision_feature_layer:
         raise UserError(f"model.vision_feature_layer={cfg.vision_feature_layer} but {cfg.name_or_path} was "
@@ -377,7 +377,7 @@ def load_vit(cfg: ModelConfig, num_labels: int | None = None) -> nn.Module:
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
     return AutoModelForImageClassification.from_pretrained(source, revision=cfg.revision,
-                                                           dtype=_DTYPES[cfg.dtype], **kwargs)
+                                                           dtype=DTYPES[cfg.dtype], **kwargs)
 
 
 def build_vit(cfg: ModelConfig, num_labels: int | None = None, seed: int = 0) -> nn.Module:

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
+from pipeline.backbones import DTYPES
 from pipeline.errors import UserError
 
 log = logging.getLogger("structlora.eval")
 
 GENERIC_NAMES = {"model", "merged", "final", "base", "peft_adapter", "adapter"}
 _LABEL = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def split_label(spec: str) -> tuple[str | None, str]:

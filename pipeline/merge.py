@@ -112,7 +112,9 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     if diff > cfg.merge.check_tolerance:
         raise RuntimeError(f"merged model differs from the adapted model by {diff:.3e} (> {cfg.merge.check_tolerance})")
     model_dir = tmp / "model"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    from pipeline.backbones import DTYPES
+
+    dtype = DTYPES[cfg.model.dtype]
     merged.to(dtype)
     merged.save_pretrained(model_dir, safe_serialization=True)
     processor.save_pretrained(model_dir)

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.backbones import DTYPES, resolve_pretrained
 from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.schema import AdapterConfig, ModelConfig
 
 log = logging.getLogger("structlora.vlm")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_PREFIX = "tiny-"
 
 
@@ -54,19 +54,17 @@ def build_vlm(cfg: ModelConfig, seed: int = 0):
         model = build_tiny(family, seed=seed)
     processor = tiny_processor(family)
     _generation_ids(model, processor)
-    return model.to(_DTYPES[cfg.dtype]), processor
+    return model.to(DTYPES[cfg.dtype]), processor
 
 
 def load_vlm(cfg: ModelConfig):
     """(model, processor) from a hub id or local directory, with `AutoModelForImageTextToText`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from pipeline.backbones import resolve_pretrained
-
     assert cfg.name_or_path is not None
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision, dtype=_DTYPES[cfg.dtype])
+        model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
     except ValueError as err:
         raise UserError(f"{cfg.name_or_path}: not an image-text-to-text model transformers can load "
                         f"({str(err).splitlines()[0]})") from None
