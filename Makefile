@@ -9,7 +9,8 @@ CONFIG ?= configs/tiny.yaml
 # torch/torchvision come first and pinned: on these machines pip takes them from local disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test test-slow test-browser browser lint check-java clean study study-quick compare-default
+.PHONY: setup run test test-slow test-browser browser lint check-java clean study study-quick compare-default \
+	long-context-study
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -63,3 +64,8 @@ lint: setup
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# Issue 29's study: LoRA vs StructLoRA trained with long contexts (and trained short), CIDEr per context length,
+# 5 seeds, lr searched for both (bench/long_context.yaml; hours on 2 cores, resumable; bench/results/long_context).
+long-context-study: setup check-java
+	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/long_context_config.yaml --plan bench/long_context.yaml --jobs $(JOBS)

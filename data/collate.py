@@ -47,10 +47,37 @@ def preprocess_images(processor: Any, images: Sequence[Image.Image]) -> torch.Te
     return image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
 
 
+def consensus_caption(captions: Sequence[str]) -> str:
+    """The reference that agrees most with the image's other references: the highest mean cosine similarity of
+    word 1- to 4-gram counts with each other reference (CIDEr's n-gram vectors without the corpus idf, and no
+    length penalty), first one on a tie. Training on it aims at what the references share, which is what a
+    consensus metric such as CIDEr-D rewards (the metric and the references scored against are unchanged)."""
+    from collections import Counter
+
+    def grams(text: str) -> list[Counter]:
+        words = text.lower().replace(",", " ").replace(".", " ").split()
+        return [Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)) for n in range(1, 5)]
+
+    def cosine(a: Counter, b: Counter) -> float:
+        dot = sum(v * b[k] for k, v in a.items())
+        norm = (sum(v * v for v in a.values()) * sum(v * v for v in b.values())) ** 0.5
+        return dot / norm if norm else 0.0
+
+    vectors = [grams(c) for c in captions]
+    if len(captions) < 2:
+        return captions[0]
+
+    def agreement(i: int) -> float:
+        return sum(cosine(vectors[i][n], vectors[j][n]) for j in range(len(captions)) if j != i for n in range(4))
+
+    return captions[max(range(len(captions)), key=lambda i: (agreement(i), -i))]
+
+
 def conversation(sample: dict[str, Any], rng: random.Random | None = None,
                  caption_reference: str = "random") -> tuple[str, str]:
     """(prompt, answer) for a sample. Captioning trains on one of the references: picked by `rng` ("random"),
-    or the longest ("longest": the same, most complete one for an image every time; no draw)."""
+    the longest ("longest") or the one closest to the others ("consensus", `consensus_caption`); the last two
+    are the same reference for an image every time (no draw)."""
     task = sample["task"]
     if task == "caption":
         captions = sample.get("captions") or ([sample["caption"]] if sample.get("caption") else [])
@@ -58,6 +85,8 @@ def conversation(sample: dict[str, Any], rng: random.Random | None = None,
             raise KeyError(f"caption sample {sample.get('__key__', '?')} has no 'captions'")
         if caption_reference == "longest":
             answer = max(captions, key=lambda c: (len(c.split()), c))
+        elif caption_reference == "consensus":
+            answer = consensus_caption(captions)
         else:
             answer = captions[(rng or random).randrange(len(captions))] if len(captions) > 1 else captions[0]
         return task_prompt("caption"), answer
@@ -146,6 +175,7 @@ class LlavaCollator:
         def measure(user_text: str) -> int:
             return len(tok(render_prompt(user_text))["input_ids"]) + extra
 
+        self.long_context.begin_batch()
         for i in bench:
             (prompt, answer), *rest = conversations[i]
             answers = len(answer_token_ids(tok, answer)) + 1

@@ -80,6 +80,10 @@ class LongContextMaker:
             uniformly from [min_tokens, max_tokens] (max capped by the collator's max_length).
         pool_size: captions of earlier examples kept as filler (first in, first out).
         seed: seeds the draws (a generator of its own: the caption choices of the stream are not moved).
+        per: "example" draws for each caption example; "batch" draws once per batch (`begin_batch`): with
+            probability `share` every caption example of the batch becomes long, all at one target length, so
+            only that share of the batches is padded to a long row (the same expected number of long
+            examples as "example", at a fraction of the padded tokens: group-by-length for this option).
     """
 
     share: float = 0.0
@@ -87,14 +91,25 @@ class LongContextMaker:
     max_tokens: int = 0
     pool_size: int = 256
     seed: int = 0
+    per: str = "example"
     made: int = 0         # long-context examples built
     no_pool: int = 0      # drawn, but the pool had no other image's caption yet (kept short)
     _pool: deque = field(init=False, repr=False)
     _rng: random.Random = field(init=False, repr=False)
+    _batch: float | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
+        if self.per not in ("example", "batch"):
+            raise ValueError(f"per must be 'example' or 'batch', got {self.per!r}")
         self._pool = deque(maxlen=self.pool_size)
         self._rng = random.Random(f"long-context/{self.seed}")
+
+    def begin_batch(self) -> None:
+        """Draw a batch's choice (per="batch"): long or not, and where in [min, max] its rows land (a fraction,
+        turned into tokens per example, since the bare prompt's length can differ)."""
+        if self.per == "batch" and self.share > 0:
+            long = self._rng.random() < self.share
+            self._batch = self._rng.random() if long else None
 
     def observe(self, sample: dict[str, Any]) -> None:
         """Keep the captions of a caption example as filler for later ones."""
@@ -109,7 +124,9 @@ class LongContextMaker:
         """The long-context user text for `sample` (a caption example), or None when it stays as it is."""
         if self.share <= 0 or sample.get("task") != "caption" or sample.get("turns"):
             return None
-        if self._rng.random() >= self.share:
+        if self.per == "example" and self._rng.random() >= self.share:
+            return None
+        if self.per == "batch" and self._batch is None:
             return None
         key = str(sample.get("image_id", sample.get("__key__", "")))
         others = [c for k, c in self._pool if k != key]
@@ -117,7 +134,11 @@ class LongContextMaker:
         top = min(self.max_tokens or max_length, max_length)
         if top <= bare:  # no room for any filler under max_length
             return None
-        target = self._rng.randint(min(max(self.min_tokens, bare), top), top) - answer_tokens
+        low = min(max(self.min_tokens, bare), top)
+        if self.per == "batch":
+            target = low + round(self._batch * (top - low)) - answer_tokens
+        else:
+            target = self._rng.randint(low, top) - answer_tokens
         if not others:
             self.no_pool += 1
             return None

@@ -76,7 +76,7 @@ def compare_to_reference(scores: Mapping[str, Mapping[str, Any]], reference: str
         scores: model name -> task -> score block (what the scorers return, per-item tables kept).
     Returns:
         model name -> comparison key ("caption.CIDEr", "vqav2.overall", "gqa.accuracy",
-        "long_context.<tokens>.CIDEr") -> ``paired_bootstrap`` result.
+        "long_context.<tokens>.CIDEr", "long_context_<kind>.<tokens>.CIDEr") -> ``paired_bootstrap`` result.
     """
     if reference not in scores:
         raise ValueError(f"reference model {reference!r} was not scored (models: {', '.join(scores)})")
@@ -99,10 +99,10 @@ def compare_to_reference(scores: Mapping[str, Mapping[str, Any]], reference: str
         if "test_loss" in tasks and "test_loss" in base:  # lower is better: a negative difference is a gain
             rows["test_loss.item_mean"] = paired_bootstrap(item_scores("test_loss", base["test_loss"]),
                                                            item_scores("test_loss", tasks["test_loss"]), resamples, seed)
-        if "long_context" in tasks and "long_context" in base:
-            theirs, ours = base["long_context"]["buckets"], tasks["long_context"]["buckets"]
+        for lc in (k for k in tasks if k.startswith("long_context") and k in base):  # each filler kind
+            theirs, ours = base[lc]["buckets"], tasks[lc]["buckets"]
             for bucket in sorted(set(theirs) & set(ours), key=int):
-                rows[f"long_context.{bucket}.CIDEr"] = paired_bootstrap(
+                rows[f"{lc}.{bucket}.CIDEr"] = paired_bootstrap(
                     item_scores("caption", theirs[bucket]), item_scores("caption", ours[bucket]), resamples, seed)
         out[name] = rows
     return out

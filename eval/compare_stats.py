@@ -79,7 +79,7 @@ def flatten_scores(metrics: dict[str, Any]) -> dict[str, float]:
     token-weighted loss) and `test_loss.<task>`. Long-context buckets are kept apart (long_context_cider)."""
     out: dict[str, float] = {}
     for task, block in metrics.items():
-        if not isinstance(block, dict) or task == "long_context":
+        if not isinstance(block, dict) or task.startswith("long_context"):
             continue
         if task == "test_loss":
             out["test_loss"] = float(block["mean"])
@@ -94,9 +94,9 @@ def flatten_scores(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def long_context_cider(metrics: dict[str, Any]) -> dict[str, float]:
-    """{bucket length: CIDEr} of long-context captioning, when it ran."""
-    buckets = (metrics.get("long_context") or {}).get("buckets") or {}
+def long_context_cider(metrics: dict[str, Any], key: str = "long_context") -> dict[str, float]:
+    """{bucket length: CIDEr} of long-context captioning (`key`: long_context_neutral for that filler), when it ran."""
+    buckets = (metrics.get(key) or {}).get("buckets") or {}
     return {str(k): float(v["CIDEr"]) for k, v in buckets.items() if isinstance(v, dict) and "CIDEr" in v}
 
 

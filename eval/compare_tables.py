@@ -12,7 +12,7 @@ import math
 import statistics
 from typing import Any, NamedTuple
 
-from eval.compare_stats import bootstrap_ci, compare, normalized_scores, paired_p
+from eval.compare_stats import bootstrap_ci, compare, holm, normalized_scores, paired_p
 
 
 class Metric(NamedTuple):
@@ -232,26 +232,31 @@ def cost_table(arms, grid) -> list[str]:
 
 
 def long_context_tables(arms: list[str], reference: str, grid) -> list[str]:
-    """CIDEr per context length, each arm with long-context scores against the reference."""
+    """CIDEr per context length, each arm with long-context scores against the reference: paired by seed, the
+    percentile bootstrap interval, the paired t-test's p and its Holm adjustment over the buckets of the rank
+    (a family of their own)."""
     lines: list[str] = []
     for a in [x for x in arms if x != reference]:
         b = reference
         if not any(r.get("long_context_cider") for r in cells_of(grid, name=a)):
             continue
         lines += [*([""] if lines else []),
-                  f"| rank | context tokens | {b} CIDEr x100 | {a} CIDEr x100 | difference | 95% bootstrap CI | p |",
-                  "|---:|---:|---|---|---:|---|---:|"]
+                  f"| rank | context tokens | {b} CIDEr x100 | {a} CIDEr x100 | difference | 95% bootstrap CI | p | "
+                  "p (Holm) |", "|---:|---:|---|---|---:|---|---:|---:|"]
         for rank in sorted({r["rank"] for r in grid if r["rank"]}):
             ra, rb = cells_of(grid, name=a, rank=rank), cells_of(grid, name=b, rank=rank)
             buckets = sorted({k for r in ra + rb for k in r.get("long_context_cider", {})}, key=int)
+            rows = []
             for k in buckets:
                 va = {r["seed"]: 100 * r["long_context_cider"][k] for r in ra if k in r.get("long_context_cider", {})}
                 vb = {r["seed"]: 100 * r["long_context_cider"][k] for r in rb if k in r.get("long_context_cider", {})}
                 diffs = [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
+                rows.append((k, va, vb, diffs, paired_p(diffs)))
+            for (k, va, vb, diffs, p), adjusted in zip(rows, holm([row[-1] for row in rows])):
                 lo, hi = bootstrap_ci(diffs)
                 lines.append(f"| {rank} | {k} | {fmt(list(vb.values()), 1)} | {fmt(list(va.values()), 1)} | "
                              f"{statistics.fmean(diffs) if diffs else math.nan:+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
-                             f"{paired_p(diffs):.3g} |")
+                             f"{p:.3g} | {adjusted:.3g} |")
     return lines
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from eval.generate import EvalSample
-from eval.long_context import context_length_of
+from eval.long_context import context_length_of, plan_for_model
 from eval.ranks import on_main, timing_record  # noqa: F401 - on_main is also the stages' (pipeline.runner)
 
 log = logging.getLogger("structlora.eval")
@@ -71,6 +71,8 @@ class LongContextSettings:
             (the pipeline's tiny preset); otherwise a bucket that does not fit is skipped.
         pool: filler texts, one per line in the prompt (never the evaluated images' captions).
         filler: what the pool is, for the report.
+        key: where the scores go (the task's block in metrics, the predictions' file names): `long_context`, or
+            `long_context_<kind>` for a second filler kind scored beside it (e.g. `long_context_neutral`).
     """
 
     samples: int
@@ -78,6 +80,18 @@ class LongContextSettings:
     pool: Sequence[str]
     scale: bool = True
     filler: str = ""
+    key: str = "long_context"
+
+    @property
+    def kind(self) -> str:
+        """'' for `long_context`, else what follows `long_context_` (a label for plots and tables)."""
+        return self.key.removeprefix("long_context").lstrip("_")
+
+
+def _settings_list(long_context) -> list[LongContextSettings]:
+    if long_context is None:
+        return []
+    return [long_context] if isinstance(long_context, LongContextSettings) else list(long_context)
 
 
 @dataclass
@@ -228,7 +242,7 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
             records = sorted((r for g in parts for r in g.get(target, {}).get("records", [])),
                              key=lambda r: (0, r["image_id"]) if isinstance(r["image_id"], int)
                              else (1, str(r["image_id"])))
-            path = write_json_atomic(records, out_dir / f"long_context_{target}_predictions.json")
+            path = write_json_atomic(records, out_dir / f"{settings.key}_{target}_predictions.json")
             checks[target] = results_file_check(records, "caption", path, notes)  # COCO caption results, per bucket
         scores = score_long_context(parts, refs, context_length_of(model), skipped=skipped,
                                     filler=settings.filler or "filler texts")
@@ -237,20 +251,6 @@ def long_context_scores(model, processor, examples: Sequence[Mapping[str, Any]],
         return scores
 
     return on_main(accelerator, write_and_score)
-
-
-def _plan(model, processor, settings: LongContextSettings, examples, fixed: Sequence[int] | None):
-    """(buckets, skipped reasons) for this model: planned on the first model, then kept fixed."""
-    from data.prompts import max_new_tokens
-    from eval.long_context import PromptLengthMeter, bare_prompt_length, plan_buckets
-
-    if fixed is not None and not fixed:  # the first model could take none of the buckets
-        return [], {}
-    meter = PromptLengthMeter(processor, examples[0]["image"])
-    bare = bare_prompt_length(meter)
-    if fixed is None:
-        return plan_buckets(settings.lengths, context_length_of(model), bare, max_new_tokens("caption"), settings.scale)
-    return plan_buckets(fixed, context_length_of(model), bare, max_new_tokens("caption"), scale=False)
 
 
 def sample_counts(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]], long_context_samples: int) -> dict[str, int]:
@@ -268,7 +268,7 @@ def loss_tasks(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]]) -> l
 
 
 def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
-                 long_context: LongContextSettings | None) -> None:
+                 long_context: LongContextSettings | Sequence[LongContextSettings] | None) -> None:
     """Refuse, before any model is loaded, what could only fail after generating: a task without samples, long-context captioning without images, filler or lengths."""
     from eval.errors import EvalInputError
 
@@ -279,25 +279,27 @@ def check_inputs(tasks: Sequence[str], examples: Mapping[str, Sequence[Any]],
         raise EvalInputError("task 'test_loss' scores the answers of other tasks: ask for at least one of "
                              f"{', '.join(GENERATION_TASKS)} too, or load their samples")
     if "long_context" in tasks:
-        if long_context is None:
+        if not _settings_list(long_context):
             raise EvalInputError("task 'long_context' needs its settings (images, lengths, filler)")
-        if long_context.samples < 1 or not examples.get("caption"):
-            raise EvalInputError("task 'long_context' has no images to caption (caption samples and "
-                                 "long-context samples must both be at least 1)")
-        if not long_context.pool:
-            raise EvalInputError("task 'long_context' has no filler texts")
+        for settings in _settings_list(long_context):
+            if settings.samples < 1 or not examples.get("caption"):
+                raise EvalInputError(f"task '{settings.key}' has no images to caption (caption samples and "
+                                     "long-context samples must both be at least 1)")
+            if not settings.pool:
+                raise EvalInputError(f"task '{settings.key}' has no filler texts")
 
 
 def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                     examples: Mapping[str, Sequence[Mapping[str, Any]]], out: Path, accelerator,
-                    batch_size: int = 8, long_context: LongContextSettings | None = None,
+                    batch_size: int = 8,
+                    long_context: LongContextSettings | Sequence[LongContextSettings] | None = None,
                     say: Callable[[str], None] = print, conversation_metric: str = "auto",
                     loss_max_length: int = 4096) -> EvalResults:
     """Score every model of `models` on the same `examples` (the same list on every rank).
 
     Args:
         tasks: any of caption, vqav2, gqa, conversations, long_context (long_context captions
-            ``examples["caption"]``).
+            ``examples["caption"]``, once per `long_context` settings: several filler kinds side by side).
         conversation_metric: the conversations task's headline (``eval.conversation_metrics``).
         loss_max_length: the token limit of the rows `test_loss` scores (the training collator's rule).
         examples: task -> decoded examples (``load_eval_examples``).
@@ -312,8 +314,7 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
     check_inputs(tasks, examples, long_context)
     main = accelerator.is_main_process
     results = EvalResults(sources={m.name: m.source for m in models})
-    fixed: list[int] | None = None
-    planned: dict[int, str] = {}
+    plans: dict[str, tuple[list[int], dict[int, str]]] = {}  # settings key -> the first model's buckets, skips
     for entry in models:
         model, processor = entry.load()
         model.to(accelerator.device).eval()
@@ -337,33 +338,14 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                                      batch_size, accelerator, loss_max_length, timings.setdefault("test_loss", {}))
             if block is not None:
                 scores["test_loss"] = block
-        if "long_context" in tasks and long_context is not None:
-            chosen = list(examples["caption"][: long_context.samples])
-            buckets, skipped = _plan(model, processor, long_context, chosen, fixed)
-            if fixed is None:  # the first model fixes the buckets every model is scored at
-                fixed, planned = buckets, {b: f"{r} (for every model: buckets are planned on {entry.name})"
-                                           for b, r in skipped.items()}
-                asked = sorted(int(n) for n in long_context.lengths)
-                if main and long_context.scale and buckets and buckets != [n for n in asked if n not in skipped]:
-                    note = (f"long-context lengths {asked} scaled to {buckets} to fit the "
-                            f"{context_length_of(model)}-position context of {entry.name}")
-                    say(f"[eval] {note}")
-                    results.notes.append(note)
-                skipped = dict(planned)
-            else:
-                skipped = {**planned, **skipped}
-            if main:
-                for bucket, reason in skipped.items():
-                    if entry.name == models[0].name or bucket not in planned:
-                        note = f"{entry.name}: long-context bucket {bucket} skipped: {reason}"
-                        say(f"[eval] {note}")
-                        results.notes.append(note)
-            lc = long_context_scores(model, processor, chosen, long_context, buckets, skipped, batch_size,
-                                     accelerator, folder, label, timings.setdefault("long_context", {}),
-                                     results.notes if main else None)
+        for n, settings in enumerate(_settings_list(long_context) if "long_context" in tasks else []):
+            # buckets and their notes are said once, for the first filler kind (the others use the same lengths)
+            lc = _long_context_for(entry, models[0].name, model, processor, examples, settings, plans, batch_size,
+                                   accelerator, folder, label, timings, results, main and n == 0, say)
             if lc is not None:
-                scores["long_context"] = lc
-                results.long_context[entry.name] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
+                scores[settings.key] = lc
+                line = entry.name if not settings.kind else f"{entry.name} ({settings.kind})"
+                results.long_context[line] = {int(k): v["CIDEr"] for k, v in lc["buckets"].items()}
         if entry.extra is not None:
             scores.update(entry.extra(model, processor, folder) or {})
         if main:
@@ -374,6 +356,37 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
             torch.cuda.empty_cache()
         accelerator.wait_for_everyone()
     return results
+
+
+def _long_context_for(entry: ModelEntry, first: str, model, processor, examples, settings: LongContextSettings,
+                      plans: dict[str, tuple[list[int], dict[int, str]]], batch_size: int, accelerator, folder: Path,
+                      label: str, timings: dict, results: EvalResults, announce: bool,
+                      say: Callable[[str], None]) -> dict[str, Any] | None:
+    """One model's long-context captioning with one filler kind: buckets planned on the first model, then kept."""
+    chosen = list(examples["caption"][: settings.samples])
+    fixed, planned = plans.get(settings.key, (None, {}))
+    buckets, skipped = plan_for_model(model, processor, chosen[0]["image"], settings.lengths, settings.scale, fixed)
+    if fixed is None:  # the first model fixes the buckets every model is scored at
+        planned = {b: f"{r} (for every model: buckets are planned on {entry.name})" for b, r in skipped.items()}
+        plans[settings.key] = (buckets, planned)
+        asked = sorted(int(n) for n in settings.lengths)
+        if announce and settings.scale and buckets and buckets != [n for n in asked if n not in skipped]:
+            note = (f"long-context lengths {asked} scaled to {buckets} to fit the "
+                    f"{context_length_of(model)}-position context of {entry.name}")
+            say(f"[eval] {note}")
+            results.notes.append(note)
+        skipped = dict(planned)
+    else:
+        skipped = {**planned, **skipped}
+    if announce:
+        for bucket, reason in skipped.items():
+            if entry.name == first or bucket not in planned:
+                note = f"{entry.name}: long-context bucket {bucket} skipped: {reason}"
+                say(f"[eval] {note}")
+                results.notes.append(note)
+    return long_context_scores(model, processor, chosen, settings, buckets, skipped, batch_size, accelerator,
+                               folder, label, timings.setdefault(settings.key, {}),
+                               results.notes if accelerator.is_main_process else None)
 
 
 def write_outputs(results: EvalResults, out: Path, title: str, reference: str | None,

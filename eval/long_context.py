@@ -164,6 +164,18 @@ def plan_buckets(lengths: Sequence[int], context_length: int | None, bare: int,
     return sorted(set(kept)), skipped
 
 
+def plan_for_model(model: Any, processor: Any, image: Any, lengths: Sequence[int], scale: bool,
+                   fixed: Sequence[int] | None) -> tuple[list[int], dict[int, str]]:
+    """(buckets, skipped reasons) for `model`: `lengths` planned (scaled when `scale`) on the first model; the
+    first model's buckets (`fixed`) kept for the others (skipped where they do not fit)."""
+    if fixed is not None and not fixed:  # the first model could take none of the buckets
+        return [], {}
+    bare = bare_prompt_length(PromptLengthMeter(processor, image))
+    if fixed is None:
+        return plan_buckets(lengths, context_length_of(model), bare, max_new_tokens("caption"), scale)
+    return plan_buckets(fixed, context_length_of(model), bare, max_new_tokens("caption"), scale=False)
+
+
 def long_context_generations(model: Any, processor: Any, samples: Sequence[EvalSample], pool: Sequence[str],
                              buckets: Sequence[int] | None = None, batch_size: int = 8,
                              new_tokens: int | None = None, progress: bool = False,

@@ -58,7 +58,8 @@ def batch_iterator(cfg: RunConfig, srcs, processor, batch_size: int, seed: int, 
         lc = cfg.data.long_context
         if long_context and lc.share > 0 and cfg.model.arch != "vit":
             collate.long_context = LongContextMaker(share=lc.share, min_tokens=lc.min_tokens, max_tokens=lc.max_tokens,
-                                                    pool_size=lc.pool, seed=seed + 7919 * rank + 104729 * epoch)
+                                                    pool_size=lc.pool, seed=seed + 7919 * rank + 104729 * epoch,
+                                                    per=lc.per)
         loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_with_stats(collate),
                             num_workers=cfg.data.num_workers)
         batches = 0

@@ -56,6 +56,16 @@ def base_raw(plan: dict[str, Any]) -> dict[str, Any]:
 SHARED_SECTIONS = ("data", "model", "base", "seed")
 
 
+def _shared_part(raw: dict[str, Any], section: str) -> Any:
+    """A section as the shared prepare and base stages read it (without what only training reads)."""
+    from pipeline.runner import TRAIN_ONLY
+
+    value = raw.get(section)
+    if isinstance(value, dict) and section in TRAIN_ONLY:
+        return {k: v for k, v in value.items() if k not in TRAIN_ONLY[section]}
+    return value
+
+
 def cell_spec(plan: dict[str, Any], group: str, name: str, settings: dict[str, Any], seed: int,
               split: str = "test", fraction: float = 1.0, evaluate: bool = True) -> dict[str, Any]:
     """One cell: the comparison's config + the plan's budget + the arm's settings + seed, split and share
@@ -63,7 +73,7 @@ def cell_spec(plan: dict[str, Any], group: str, name: str, settings: dict[str, A
     shared = base_raw(plan)
     raw = deep_merge(deep_merge(shared, plan.get("budget") or {}), settings)
     raw = deep_merge(raw, {"train": {"seed": seed, "data_fraction": fraction}, "eval": {"split": split}})
-    changed = [k for k in SHARED_SECTIONS if raw.get(k) != shared.get(k)]
+    changed = [k for k in SHARED_SECTIONS if _shared_part(raw, k) != _shared_part(shared, k)]
     if changed:
         raise UserError(f"cell {group}/{name}: its settings change {', '.join(changed)}, which every cell shares "
                         "(one prepared data folder and one base model): put that change in the CONFIG instead")

@@ -122,16 +122,20 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
         if "caption" not in examples:
             examples["caption"] = load_eval_examples(ctx, "caption", split, cfg.eval.max_samples, accounts)
         chosen = examples["caption"][: cfg.eval.long_context_samples]
-        if cfg.eval.long_context_filler == "neutral":
-            from data.long_context import neutral_filler
+        kinds = {"captions": ["captions"], "neutral": ["neutral"], "both": ["captions", "neutral"]}
+        long_context = []
+        for n, kind in enumerate(kinds[cfg.eval.long_context_filler]):
+            if kind == "neutral":
+                from data.long_context import neutral_filler
 
-            pool, filler = neutral_filler(), NEUTRAL_FILLER
-        else:
-            pool = caption_filler_pool(load_eval_examples(ctx, "caption", "val", 200), [e["image_id"] for e in chosen])
-            filler = CAPTION_FILLER
-        long_context = LongContextSettings(samples=cfg.eval.long_context_samples,
-                                           lengths=cfg.eval.long_context_lengths, pool=pool, scale=True,
-                                           filler=filler)
+                pool, filler = neutral_filler(), NEUTRAL_FILLER
+            else:
+                pool = caption_filler_pool(load_eval_examples(ctx, "caption", "val", 200),
+                                           [e["image_id"] for e in chosen])
+                filler = CAPTION_FILLER
+            long_context.append(LongContextSettings(
+                samples=cfg.eval.long_context_samples, lengths=cfg.eval.long_context_lengths, pool=pool, scale=True,
+                filler=filler, key="long_context" if n == 0 else f"long_context_{kind}"))
     plots: dict[str, Path] = {}
 
     def extra(model, processor, folder: Path) -> dict[str, Any]:
@@ -159,7 +163,8 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
         return {}
     paths = write_outputs(results, out, f"{Path(ctx.run_dir).name}: {cfg.adapter.method} on {cfg.data.source}",
                           reference="base" if len(models) > 1 and "base" in names else None, plots=plots,
-                          samples=sample_counts(tasks, examples, cfg.eval.long_context_samples),
+                          samples={**sample_counts(tasks, examples, cfg.eval.long_context_samples),
+                                   **{s.key: min(s.samples, len(examples["caption"])) for s in long_context or []}},
                           data={"eval": accounts, **_training_data(ctx)})
     acc.wait_for_everyone()
     return {"metrics": str(paths["metrics"]), "report": str(paths["report"]), "headline": headline(results.scores)}

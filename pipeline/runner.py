@@ -40,6 +40,9 @@ STAGE_SLICES: dict[str, list[str]] = {
 # stage stopped by a damaged shard can be re-run with `data.damaged_shards: skip` without preparing,
 # pretraining and training again (which would also overwrite the damaged shards being reported).
 UNHASHED = {"data": ("verify_shards", "damaged_shards")}
+# Keys of a section that only the train stage reads: left out of the earlier stages' hashes (changing them
+# re-runs train and what follows it, not prepare and base). `structlora compare` lets a cell set them.
+TRAIN_ONLY = {"data": ("long_context",)}
 
 StageFn = Callable[[StageContext], dict[str, Any]]
 
@@ -49,6 +52,9 @@ def config_hash(cfg: RunConfig, stage: str) -> str:
     full = to_dict(cfg)
     for section, keys in UNHASHED.items():
         full[section] = {k: v for k, v in full[section].items() if k not in keys}
+    if STAGES.index(stage) < STAGES.index("train"):
+        for section, keys in TRAIN_ONLY.items():
+            full[section] = {k: v for k, v in full[section].items() if k not in keys}
     upto = STAGES[: STAGES.index(stage) + 1]
     relevant = {key: full[key] for s in upto for key in STAGE_SLICES[s]}
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()

@@ -71,6 +71,10 @@ class LongContextTrainConfig:
                              "bare prompt)")
     max_tokens: int = _f(0, "longest target length (0 = data.max_length; never above it)")
     pool: int = _f(256, "captions of earlier training examples kept as filler")
+    per: Literal["example", "batch"] = _f(
+        "example", "example = each caption example is drawn on its own; batch = one draw per batch: with probability "
+                   "share all its caption examples become long at one length (only that share of batches is padded "
+                   "long: the same number of long examples for fewer padded tokens)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.share <= 1.0:
@@ -128,9 +132,10 @@ class DataConfig:
     damaged_shards: Literal["error", "skip"] = _f(
         "error", "a shard that fails that check: error = stop the stage with one line naming it; skip = leave it "
         "out, and report what it held as lost in the stage summary, manifest.json, metrics.json and report.md")
-    caption_reference: Literal["random", "longest"] = _f(
+    caption_reference: Literal["random", "longest", "consensus"] = _f(
         "random", "the reference a caption example trains on: random = one of the image's references per step; "
-                  "longest = its longest (most complete) one, the same every time")
+                  "longest = its longest (most complete) one; consensus = the one sharing most n-grams with the "
+                  "image's other references; the last two are the same reference every time")
     long_context: LongContextTrainConfig = _f(
         help="train with long contexts: a share of caption examples get other training captions between the "
              "image and the instruction, as the long-context evaluation builds its prompts",
@@ -315,10 +320,11 @@ class EvalConfig:
     batch_size: int = _f(16, "generation batch size")
     long_context_lengths: list[int] = _f(help="context-length buckets in tokens", factory=lambda: [256, 512, 1024, 2048])
     long_context_samples: int = _f(48, "images captioned at every context length")
-    long_context_filler: Literal["captions", "neutral"] = _f(
+    long_context_filler: Literal["captions", "neutral", "both"] = _f(
         "captions", "long-context filler: captions = other images' reference captions (the val split's); neutral = "
                     "data/neutral_filler.txt (the shapes world's words, no scene described: a collapse from length "
-                    "alone, not from copying captions)")
+                    "alone, not from copying captions); both = captions as `long_context` and neutral beside it as "
+                    "`long_context_neutral`, same images and lengths")
     compare_base: bool = _f(True, "also score the base model")
 
 

@@ -205,3 +205,24 @@ def test_caption_reference_longest_trains_on_the_same_most_complete_caption(proc
         batch = collate([sample])
         answers.add(processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]))
     assert len(answers) == 1 and "red circle left of a blue square" in next(iter(answers))
+
+
+def test_caption_reference_consensus_trains_on_the_reference_the_others_agree_with(processor):
+    """consensus: the reference sharing most 1-4-grams with the image's other references (the same every step),
+    neither the longest nor the shortest; the collator trains on it."""
+    from data.collate import consensus_caption
+
+    captions = ["two shapes on a gray background.",
+                "a large red circle is to the left of a small blue square.",
+                "the image shows a large red circle and a small blue square.",
+                "a large red circle and a small blue square.",
+                "a red circle in the top left corner and a blue square in the bottom right corner of the picture."]
+    assert consensus_caption(captions) == "a large red circle and a small blue square."
+    assert consensus_caption(captions[::-1]) == consensus_caption(captions)  # order does not matter
+    assert consensus_caption(["only one"]) == "only one"
+    assert consensus_caption(["a b", "c d", "e f"]) == "a b"  # no agreement at all: the first
+    sample = {"image": Image.new("RGB", (64, 64)), "task": "caption", "captions": captions}
+    collate = LlavaCollator(processor, max_length=256, seed=0, caption_reference="consensus")
+    answers = {processor.tokenizer.decode(b["labels"][0][b["labels"][0] != IGNORE_INDEX])
+               for b in (collate([sample]) for _ in range(4))}
+    assert answers == {"a <unk> red circle <unk> a <unk> blue square. </s>"}  # the tiny vocabulary: <unk>s

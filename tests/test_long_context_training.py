@@ -38,8 +38,8 @@ def _stream(n: int, seed: int = 0, offset: int = 0) -> list[dict]:
     return out
 
 
-def _maker(share=1.0, lo=100, hi=150, seed=3):
-    return LongContextMaker(share=share, min_tokens=lo, max_tokens=hi, pool_size=64, seed=seed)
+def _maker(share=1.0, lo=100, hi=150, seed=3, per="example"):
+    return LongContextMaker(share=share, min_tokens=lo, max_tokens=hi, pool_size=64, seed=seed, per=per)
 
 
 def _rows(processor, samples, maker, max_length=200, batch=4):
@@ -115,6 +115,29 @@ def test_the_stream_is_deterministic_and_share_zero_changes_nothing(processor):
     off = _rows(processor, _stream(16), _maker(share=0.0))[1]
     for x, y in zip(plain, off):
         assert torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_per_batch_makes_whole_batches_long_at_one_length(processor):
+    """per="batch" (the default's): a batch is long or short as a whole, its long rows within a few tokens of one
+    another (one drawn target; captions' bare prompts differ by a token or two), the share of long batches near
+    `share`, and the draws repeat."""
+    maker = _maker(share=0.5, lo=110, hi=190, per="batch")
+    collate, batches = _rows(processor, _stream(96), maker, max_length=200, batch=4)
+    long_batches, targets = 0, set()
+    for batch in batches[1:]:  # the first batch has no earlier captions to fill with
+        lengths = batch["attention_mask"].sum(1).tolist()
+        long = [n for n in lengths if n >= 105]
+        assert len(long) in (0, len(lengths)), lengths
+        if long:
+            long_batches += 1
+            assert max(long) - min(long) <= 4, long
+            targets.add(min(long) // 10)
+    assert 6 <= long_batches <= 17 and len(targets) >= 3  # 23 batches at share 0.5; lengths spread over [110, 190]
+    assert maker.made == 4 * long_batches
+    again = _rows(processor, _stream(96), _maker(share=0.5, lo=110, hi=190, per="batch"), max_length=200)[1]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
+    with pytest.raises(ValueError, match="per must be"):
+        LongContextMaker(share=0.5, per="row")
 
 
 def test_the_counts_reach_the_batch_as_made_not_as_lost(processor):

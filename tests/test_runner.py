@@ -108,3 +108,8 @@ def test_hash_depends_on_upstream_slices():
     c = RunConfig()
     c.publish.name = "x"
     assert runner.config_hash(a, "train") == runner.config_hash(c, "train")
+    # what only the train stage reads (long-context training examples) re-runs train, not prepare and base
+    d = RunConfig()
+    d.data.long_context.share = 0.5
+    assert all(runner.config_hash(a, s) == runner.config_hash(d, s) for s in ("prepare", "base"))
+    assert runner.config_hash(a, "train") != runner.config_hash(d, "train")

@@ -24,6 +24,16 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert list(metrics["models"]) == ["adapted", "base"] and metrics["reference"] == "base"
     assert set(metrics["differences"]["adapted"]) >= {"caption.CIDEr", "vqav2.overall", "gqa.accuracy"}
     assert (run / "eval" / "long_context_cider.png").stat().st_size > 1000
+    # both filler kinds (eval.long_context_filler: both): scored, compared with the base and drawn, bucket by bucket
+    neutral = metrics["metrics"]["long_context_neutral"]
+    assert sorted(neutral["buckets"]) == sorted(metrics["metrics"]["long_context"]["buckets"]) == ["160", "96"]
+    assert "neutral" in neutral["filler"] and "captions" in metrics["metrics"]["long_context"]["filler"]
+    assert {f"long_context{k}.{b}.CIDEr" for k in ("", "_neutral") for b in (96, 160)} <= set(
+        metrics["differences"]["adapted"])
+    assert (run / "eval" / "adapted" / "long_context_neutral_160_predictions.json").is_file()
+    table = (run / "eval" / "long_context.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:] if line] == [
+        "adapted", "adapted (neutral)", "base", "base (neutral)"]
     assert (run / "eval" / "adjacent_cosine.png").stat().st_size > 1000
     model = run / "merge" / "model"
     assert (model / "model.safetensors").is_file() and (model / "README.md").is_file()
