@@ -53,7 +53,7 @@ def ceilings(refs: dict, seed: int = 0) -> dict[str, dict[str, float]]:
             rest = list(captions)
             rest.remove(answer)
             others[image_id] = rest
-        scores = score_captions(others, chosen, metrics=["CIDEr", "Bleu", "METEOR", "ROUGE_L"])["metrics"]
+        scores = score_captions(others, chosen, metrics=["CIDEr", "Bleu_4", "METEOR", "ROUGE_L"])["metrics"]
         out[rule] = {k: round(float(v), 4) for k, v in scores.items()} | {
             "mean_words": round(sum(len(c.split()) for c in chosen.values()) / len(chosen), 2), "images": len(chosen)}
     return out
