@@ -206,13 +206,20 @@ def with_image_fit(processor, fit: str):
     return processor
 
 
-def load_llava(cfg: ModelConfig):
-    """(model, processor) from a hub id or local directory."""
+def load_llava(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
+    """(model, processor) from a hub id or local directory; with `cfg.quantization` the language model's
+    linears quantized (pipeline.quantize), computing in `compute_dtype`."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     assert cfg.name_or_path is not None
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
-    model = LlavaForConditionalGeneration.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
+    if cfg.quantization != "none":
+        from pipeline.quantize import load_quantized
+
+        model = load_quantized(LlavaForConditionalGeneration, source, cfg.quantization,
+                               compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
     processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)
     if model.config.vision_feature_layer != cfg.vision_feature_layer:
         raise UserError(f"model.vision_feature_layer={cfg.vision_feature_layer} but {cfg.name_or_path} was "

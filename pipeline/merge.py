@@ -103,12 +103,17 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     base_name = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
     adapter_info = export_adapter(adapted, tmp / "peft_adapter", base_name, cfg.merge.svd_rank) \
         if cfg.merge.export_peft else {"skipped": "merge.export_peft is false"}
+    quantized = {}
+    if cfg.model.quantization != "none":  # fold into the weights the quantized forward used, never requantize
+        from pipeline.quantize import dequantize_model
+
+        quantized = {"quantization": cfg.model.quantization, "dequantized_linears": dequantize_model(adapted.model)}
     merged = merge_adapted(adapted)
     leftovers = [n for n, m in merged.named_modules() if type(m).__module__.split(".")[0] in ("structlora", "peft")]
     if leftovers:
         raise RuntimeError(f"merge left adapter modules behind, e.g. {leftovers[0]}")
     diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged, batches)))
-    check = {"max_abs_diff": diff, "tolerance": cfg.merge.check_tolerance, "batches": len(batches)}
+    check = {"max_abs_diff": diff, "tolerance": cfg.merge.check_tolerance, "batches": len(batches), **quantized}
     if diff > cfg.merge.check_tolerance:
         raise RuntimeError(f"merged model differs from the adapted model by {diff:.3e} (> {cfg.merge.check_tolerance})")
     model_dir = tmp / "model"

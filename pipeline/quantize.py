@@ -1,0 +1,178 @@
+"""A quantized frozen base (QLoRA): bitsandbytes NF4 / FP4 / int8 linears under the adapters, LLaVA's recipe.
+
+`model.quantization: nf4 | fp4 | int8` loads the base with transformers' `BitsAndBytesConfig`: the language
+model's linears become `bnb.nn.Linear4bit` / `Linear8bitLt`; the vision tower, the multimodal projector and
+`lm_head` stay in the compute dtype (LLaVA's `--bits 4` never quantizes the vision tower and keeps the projector
+out: LLaVA#744 and #1519 are what happens otherwise). In transformers 5.x a skip pattern must match the module's
+full name (`.*vision_tower`; a bare `vision_tower` skips nothing), and giving any skip list drops the default
+`lm_head` exclusion, so `lm_head` is listed too.
+
+Merging never requantizes: `dequantized_linear` turns each quantized linear back into an `nn.Linear` holding
+exactly the weight the quantized forward computes with (bitsandbytes' own dequantize), the adapter folds into
+that in float32, and the merged model reproduces the quantized adapted model (what the adapter was trained on).
+
+The CPU trap (bitsandbytes 0.50, CPUs with AVX512-BF16): after a `Linear4bit` runs once in eval mode on a no-grad
+input, bitsandbytes repacks its weight in place for a bf16 kernel; training then gets no gradient through it and
+`dequantize_4bit` returns garbage. `neutralise_cpu_repack` sets `support_avx512bf16_for_cpu = False` on every
+`Linear4bit`, which keeps the packed weight as it was loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+KEEP_FLOAT = (r".*vision_tower", r".*multi_modal_projector", "lm_head")
+KINDS = ("nf4", "fp4", "int8")
+
+
+def compute_dtype(cfg) -> torch.dtype | None:
+    """A quantized base's compute dtype (`cfg`: a RunConfig): bf16 / fp16 when training in it, else float32;
+    None for an unquantized base."""
+    if cfg.model.quantization == "none":
+        return None
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool = True,
+               keep: tuple[str, ...] = KEEP_FLOAT):
+    """transformers' BitsAndBytesConfig for `quantization` (nf4 | fp4 | int8), `keep` left unquantized."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
+        raise UserError(f"model.quantization={quantization} needs bitsandbytes: pip install bitsandbytes "
+                        f"({err})") from err
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep))
+    if quantization not in ("nf4", "fp4"):
+        raise UserError(f"model.quantization: {quantization!r} is none of none, {', '.join(KINDS)}")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=list(keep))
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+
+def neutralise_cpu_repack(model: nn.Module) -> int:
+    """Turn off bitsandbytes' in-place AVX512-BF16 repacking on every Linear4bit (see the module docstring);
+    returns how many layers were touched."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_quantized(model_class, source: str | Path, quantization: str, compute_dtype: torch.dtype,
+                   double_quant: bool = True, revision: str | None = None, device_map: Any = None):
+    """`model_class.from_pretrained(source)` with the language model quantized (LLaVA's recipe), the trap off."""
+    if device_map is None:
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map,
+                                        quantization_config=bnb_config(quantization, compute_dtype, double_quant))
+    neutralise_cpu_repack(model)
+    return model
+
+
+def layout(model: nn.Module) -> dict[str, str]:
+    """Every linear layer's storage: 'nf4' / 'fp4' / 'int8' for quantized ones, else its weight dtype."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            out[name] = module.weight.quant_state.quant_type if module.weight.quant_state is not None else "4bit"
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            out[name] = "int8"
+        elif isinstance(module, nn.Linear):
+            out[name] = str(module.weight.dtype).removeprefix("torch.")
+    return out
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight a quantized linear computes with (bitsandbytes' dequantize), out x in."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        weight = module.weight
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = module.state.SCB
+        return (weight.data.float() * scb.float().unsqueeze(1) / 127.0)
+    return module.weight.float()
+
+
+@torch.no_grad()
+def dequantized_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """An nn.Linear with a quantized linear's dequantized weight (and its bias), in `dtype`."""
+    weight = dequantized_weight(module)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, dtype=dtype,
+                       device=weight.device)
+    linear.weight.copy_(weight.to(dtype))
+    if module.bias is not None:
+        linear.bias.copy_(module.bias.float().to(dtype))
+    return linear
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every quantized linear of `model` (also those wrapped as an adapter's `base_layer`) by
+    `dequantized_linear`, in place; drop the quantization config so that the model saves as a plain one.
+    Returns how many were replaced."""
+    replaced = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if is_quantized_linear(child):
+                setattr(module, child_name, dequantized_linear(child, dtype))
+                replaced += 1
+    _plain_peft_layers(model)
+    for module in model.modules():  # the transformers model, also under a PEFT wrapper: a plain model again
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        for attr in ("quantization_method", "hf_quantizer"):
+            if attr in vars(module):
+                setattr(module, attr, None)
+        for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if attr in vars(module):
+                setattr(module, attr, False)
+    return replaced
+
+
+def _plain_peft_layers(model: nn.Module) -> None:
+    """PEFT wraps a quantized linear in its bnb LoRA / DoRA layer, whose merge dequantizes and requantizes its
+    base weight; once that base is an nn.Linear (dequantize_model), the layer is exactly PEFT's plain Linear
+    LoRA layer (the same adapter state, lora_A / lora_B / scaling / DoRA magnitude), so it becomes one and
+    merges with PEFT's own float code."""
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    bnb_layers = tuple(getattr(lora_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, n))
+    for module in model.modules():
+        if bnb_layers and isinstance(module, bnb_layers) and isinstance(module.get_base_layer(), nn.Linear) \
+                and not is_quantized_linear(module.get_base_layer()):
+            module.__class__ = LoraLinear
+            module.fan_in_fan_out = getattr(module, "fan_in_fan_out", False)

@@ -1,0 +1,158 @@
+"""QLoRA (model.quantization): which layers are quantized, StructLoRA / LoRA / DoRA on a 4-bit base, merged exactly
+into the dequantized weights, the CPU repack trap neutralised. bitsandbytes runs NF4 on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from pipeline.backbones import build_llava  # noqa: E402
+from pipeline.quantize import (  # noqa: E402
+    dequantize_model,
+    dequantized_linear,
+    layout,
+    load_quantized,
+    neutralise_cpu_repack,
+)
+from pipeline.schema import ModelConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "a red blue green circle square triangle one two the of is".split()
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory) -> Path:
+    model, processor = build_llava(ModelConfig(preset="tiny"), WORDS, ["describe the image."])
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _load(path: Path, kind: str = "nf4"):
+    from transformers import LlavaForConditionalGeneration
+
+    return load_quantized(LlavaForConditionalGeneration, path, kind, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_the_language_model_is_quantized_and_the_vision_side_and_lm_head_are_not(saved_tiny, kind):
+    """LLaVA's recipe, module by module: every linear of the language model quantized; every linear of the vision
+    tower, the projector and lm_head in the compute dtype (transformers 5.x needs full-name skip patterns)."""
+    found = layout(_load(saved_tiny, kind))
+    language = {n: k for n, k in found.items() if ".language_model." in n}
+    kept = {n: k for n, k in found.items() if ".language_model." not in n}
+    assert len(language) == 4 * 7 and set(language.values()) == {kind}  # 4 layers x (q, k, v, o, gate, up, down)
+    assert any(".vision_tower." in n for n in kept) and any("multi_modal_projector" in n for n in kept)
+    assert "lm_head" in kept and set(kept.values()) == {"float32"}
+    assert len(found) == len(language) + len(kept)
+
+
+def test_dequantized_linear_computes_what_the_4bit_layer_computes(saved_tiny):
+    model = _load(saved_tiny)
+    layer = model.model.language_model.layers[0].mlp.up_proj
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        assert torch.allclose(dequantized_linear(layer)(x), layer(x), atol=1e-5)
+        assert not torch.allclose(dequantized_linear(layer).weight, torch.zeros(1))
+
+
+def test_eval_then_train_then_merge_the_repack_trap_is_off(saved_tiny):
+    """bitsandbytes repacks a Linear4bit's weight in place for a bf16 kernel after an eval-mode, no-grad forward on
+    CPUs with AVX512-BF16; training then gets no gradient through it and dequantize is garbage. The loader turns
+    that off on every Linear4bit; this runs eval, then training, then the dequantize a merge uses."""
+    import bitsandbytes as bnb
+
+    model = _load(saved_tiny)
+    fours = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert fours and all(m.support_avx512bf16_for_cpu is False for m in fours)
+    assert neutralise_cpu_repack(model) == len(fours)
+    layer = model.model.language_model.layers[1].self_attn.q_proj
+    before = dequantized_linear(layer).weight.clone()
+    x = torch.randn(2, 4, layer.in_features)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    layer.train()
+    lora_a = torch.nn.Parameter(torch.randn(4, layer.in_features) * 0.1)
+    lora_b = torch.nn.Parameter(torch.randn(layer.out_features, 4) * 0.1)
+    out = layer(x) + x @ lora_a.T @ lora_b.T
+    out.square().mean().backward()
+    assert lora_a.grad is not None and float(lora_a.grad.abs().sum()) > 0
+    assert torch.equal(dequantized_linear(layer).weight, before)
+
+
+def test_dequantize_model_leaves_a_plain_model_that_saves_and_reloads(saved_tiny, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model = _load(saved_tiny)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        quantized = model(input_ids=ids).logits
+    assert dequantize_model(model) == 28 and set(layout(model).values()) == {"float32"}
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, quantized, atol=1e-5)
+    model.to(torch.float32).save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, quantized, atol=1e-5)
+
+
+def _smoke_nf4(run: Path, method: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run)]
+    for s in ("model.quantization=nf4", f"adapter.method={method}", f"publish.registry={run}-registry",
+              "eval.tasks=[caption,vqav2]"):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run / "merge" / "merge_check.json").read_text())
+
+
+def _check_nf4_run(run: Path, check: dict) -> None:
+    """Every stage ran on the 4-bit base; the merged model (fp32, dequantized + folded) reproduces the quantized
+    adapted model, and the adapter is in it (it differs from the dequantized base alone)."""
+    from transformers import LlavaForConditionalGeneration
+
+    assert check["quantization"] == "nf4" and check["dequantized_linears"] == 14  # smoke: 2 LM layers x 7
+    assert check["max_abs_diff"] < 1e-5
+    losses = [json.loads(line)["train/loss"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert losses[-1] < losses[0]
+    merged = LlavaForConditionalGeneration.from_pretrained(run / "merge" / "model")
+    base = _load(run / "base" / "model")
+    dequantize_model(base)
+    moved = [n for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters())
+             if not torch.allclose(a, b, atol=1e-6)]
+    assert any(".language_model." in n for n in moved) and any(".vision_tower." in n for n in moved)
+
+
+def test_structlora_on_an_nf4_base_runs_every_stage_and_merges_exactly(tmp_path):
+    run = tmp_path / "nf4"
+    _check_nf4_run(run, _smoke_nf4(run, "structlora"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_methods_on_an_nf4_base_merge_exactly(tmp_path, method):
+    run = tmp_path / method
+    _check_nf4_run(run, _smoke_nf4(run, method))
+
+
+def test_quantization_is_refused_where_it_is_not_built():
+    from pipeline.config import from_dict
+    from pipeline.schema import RunConfig
+
+    with pytest.raises(ValueError, match="model.arch=llava"):
+        from_dict(RunConfig, {"model": {"arch": "vlm", "preset": "tiny-qwen2_5_vl", "quantization": "nf4"}})
+    with pytest.raises(ValueError, match="quantization"):
+        from_dict(RunConfig, {"model": {"preset": "tiny", "quantization": "nf3"}})
