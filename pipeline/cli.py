@@ -132,7 +132,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, long_context_samples=args.long_context_samples, reference=args.reference,
         dtype=args.dtype, revision=args.revision, damaged_shards=args.damaged_shards,
         verify_shards=not args.no_verify_shards, timeout_minutes=args.timeout_minutes,
-        conversation_metric=args.conversation_metric,
+        conversation_metric=args.conversation_metric, quantization="nf4" if args.load_in_4bit else None,
     )
     if result:  # the main process: show the report
         print(Path(result["report"]).read_text(encoding="utf-8"))
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8, help="samples per generate call")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: the checkpoint's own on a GPU, float32 on a CPU)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load every model (and the base under each --adapter) with its language model in NF4 "
+                        "(bitsandbytes; vision tower, projector and lm_head kept), as QLoRA trained it")
     p.add_argument("--revision", help="hub revision of hub-id models")
     p.add_argument("--registry", help="model registry folder, to name its entries as MODEL")
     p.add_argument("--out", help="output folder (default: runs/eval-DATE-TIME)")

@@ -92,20 +92,29 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
     return _default_name(spec), source
 
 
-def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None):
+def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None, quantization: str | None = None):
     """(model, processor) of a local directory or a cached / reachable hub id: any image-text-to-text family
-    (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...), by AutoModelForImageTextToText."""
+    (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...), by AutoModelForImageTextToText;
+    `quantization` (nf4 | fp4 | int8): its language model quantized (pipeline.quantize)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=dtype)
+    if quantization:
+        from pipeline.quantize import EVAL_KEEP, load_quantized
+
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, revision=revision,
+                               keep=EVAL_KEEP)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=dtype)
     return model, AutoProcessor.from_pretrained(source, revision=revision)
 
 
-def load_with_adapter(source: str, adapter: str, dtype: torch.dtype | str, revision: str | None = None):
+def load_with_adapter(source: str, adapter: str, dtype: torch.dtype | str, revision: str | None = None,
+                      quantization: str | None = None):
     """The base model of `source` with the PEFT adapter of `adapter` on top (not merged)."""
     from peft import PeftModel
 
-    model, processor = load_model(source, dtype, revision)
+    model, processor = load_model(source, dtype, revision, quantization)
     return PeftModel.from_pretrained(model, adapter, revision=revision).eval(), processor
 
 
@@ -127,7 +136,7 @@ def _unique(names: list[str], explicit: list[bool]) -> list[str]:
 
 
 def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry: Path | None = None,
-                  dtype: str = "auto", revision: str | None = None):
+                  dtype: str = "auto", revision: str | None = None, quantization: str | None = None):
     """ModelEntries (in the order given; adapters after the models) for the harness."""
     from eval.harness import ModelEntry
 
@@ -142,7 +151,7 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
         explicit.append(label is not None)
         sources.append(source)
         run_dirs.append((Path(rest).expanduser() / "manifest.json").is_file())
-        loaders.append(lambda s=source: load_model(s, torch_dtype, revision))
+        loaders.append(lambda s=source: load_model(s, torch_dtype, revision, quantization))
     for spec in adapters:
         label, rest = split_label(spec)
         adapter = resolve_adapter(rest, revision)
@@ -155,7 +164,7 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
         names.append(label or f"{names[0]}+{_default_name(rest)}")
         explicit.append(label is not None)
         sources.append(f"{sources[0]} + {adapter}")
-        loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision))
+        loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision, quantization))
     names = _unique(names, explicit)
     return [ModelEntry(n, load, src) for n, load, src in zip(names, loaders, sources)]
 
@@ -269,7 +278,8 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
              distractor: str = "captions", batch_size: int = 8, long_context_samples: int = 48,
              reference: str | None = None, dtype: str = "auto", revision: str | None = None,
              damaged_shards: str = "error", verify_shards: bool = True,
-             timeout_minutes: int = 240, conversation_metric: str = "auto") -> dict[str, Any]:
+             timeout_minutes: int = 240, conversation_metric: str = "auto",
+             quantization: str | None = None) -> dict[str, Any]:
     """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths.
 
     `damaged_shards`: a shard that fails its manifest check (size, and sha256 with `verify_shards`)
@@ -294,7 +304,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     if unknown or not tasks:
         raise UserError(f"--tasks: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
                         f"choose from {', '.join(TASKS)}")
-    entries = build_entries(models, adapters, registry, dtype, revision)
+    entries = build_entries(models, adapters, registry, dtype, revision, quantization)
     names = [e.name for e in entries]
     if reference is not None and reference not in names:
         raise UserError(f"--reference {reference}: not one of the models ({', '.join(names)})")

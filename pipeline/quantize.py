@@ -29,6 +29,8 @@ from pipeline.errors import UserError
 
 KEEP_FLOAT = (r".*vision_tower", r".*multi_modal_projector", "lm_head")
 KINDS = ("nf4", "fp4", "int8")
+# `structlora eval --load-in-4bit` loads any family: the vision side under each family's name is kept
+EVAL_KEEP = (*KEEP_FLOAT, r".*visual", r".*vision_model", r".*connector", r".*mm_projector")
 
 
 def compute_dtype(cfg) -> torch.dtype | None:
@@ -82,12 +84,13 @@ def neutralise_cpu_repack(model: nn.Module) -> int:
 
 
 def load_quantized(model_class, source: str | Path, quantization: str, compute_dtype: torch.dtype,
-                   double_quant: bool = True, revision: str | None = None, device_map: Any = None):
+                   double_quant: bool = True, revision: str | None = None, device_map: Any = None,
+                   keep: tuple[str, ...] = KEEP_FLOAT):
     """`model_class.from_pretrained(source)` with the language model quantized (LLaVA's recipe), the trap off."""
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map,
-                                        quantization_config=bnb_config(quantization, compute_dtype, double_quant))
+                                        quantization_config=bnb_config(quantization, compute_dtype, double_quant, keep))
     neutralise_cpu_repack(model)
     return model
 

@@ -137,8 +137,32 @@ def _check_nf4_run(run: Path, check: dict) -> None:
 
 
 def test_structlora_on_an_nf4_base_runs_every_stage_and_merges_exactly(tmp_path):
+    """... and its PEFT export, put on the 4-bit base by PeftModel.from_pretrained, is the adapted model again:
+    the same logits as the merged model, and `structlora eval --load-in-4bit --adapter` writes the captions the
+    run's eval stage wrote for its adapted model."""
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
     run = tmp_path / "nf4"
     _check_nf4_run(run, _smoke_nf4(run, "structlora"))
+    processor = AutoProcessor.from_pretrained(run / "base" / "model")
+    batch = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))],
+                      text=["USER: <image>\nDescribe the image. ASSISTANT:"], return_tensors="pt")
+    exported = PeftModel.from_pretrained(_load(run / "base" / "model"), run / "merge" / "peft_adapter")
+    merged = LlavaForConditionalGeneration.from_pretrained(run / "merge" / "model")
+    with torch.no_grad():
+        assert float((exported(**batch).logits - merged(**batch).logits).abs().max()) < 1e-5
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(run / "base" / "model"), "--adapter",
+                           f"adapter={run / 'merge' / 'peft_adapter'}", "--load-in-4bit", "--data", str(run),
+                           "--tasks", "caption", "--max-samples", "16", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads((out / "adapter" / "caption_predictions.json").read_text())
+    theirs = json.loads((run / "eval" / "adapted" / "caption_predictions.json").read_text())
+    assert sorted(map(json.dumps, ours)) == sorted(map(json.dumps, theirs))
 
 
 @pytest.mark.slow
@@ -156,3 +180,31 @@ def test_quantization_is_refused_where_it_is_not_built():
         from_dict(RunConfig, {"model": {"arch": "vlm", "preset": "tiny-qwen2_5_vl", "quantization": "nf4"}})
     with pytest.raises(ValueError, match="quantization"):
         from_dict(RunConfig, {"model": {"preset": "tiny", "quantization": "nf3"}})
+
+
+@pytest.mark.slow
+def test_a_killed_run_on_an_nf4_base_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL after two checkpoints, resume: the adapter ends where an uninterrupted run's does (the 4-bit base
+    is loaded again from the base stage's float model, quantized the same way, and is never trained)."""
+    import shutil
+
+    from _procs import cpu_env, kill_train_after_checkpoints, run_command
+    from safetensors.torch import load_file
+
+    sets = ["model.quantization=nf4", "train.max_steps=24", "train.save_every=6", "train.keep_last=4"]
+    prepared = tmp_path / "prepared"
+    subprocess.run(run_command("smoke.yaml", prepared, [*sets, "base.max_steps=4"], "--stages", "prepare,base"),
+                   check=True, env=cpu_env(), capture_output=True, timeout=300)
+    runs = {}
+    for name in ("reference", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(prepared, runs[name])
+    command = {name: run_command("smoke.yaml", run, [*sets, "base.max_steps=4"], "--stages", "train")
+               for name, run in runs.items()}
+    subprocess.run(command["reference"], check=True, env=cpu_env(), capture_output=True, timeout=600)
+    kill_train_after_checkpoints(command["killed"], runs["killed"], timeout=300)
+    subprocess.run(command["killed"], check=True, env=cpu_env(), capture_output=True, timeout=600)
+    summary = json.loads((runs["killed"] / "train" / "final" / "summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    expected, got = (load_file(str(r / "train" / "final" / "trainable.safetensors")) for r in runs.values())
+    assert expected.keys() == got.keys() and max(float((expected[k] - got[k]).abs().max()) for k in expected) < 1e-6
