@@ -10,7 +10,7 @@ CONFIG ?= configs/tiny.yaml
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup run test test-slow test-browser browser lint check-java clean study study-quick compare-default \
-	long-context-study
+	long-context-study qlora-study
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { \
@@ -69,3 +69,8 @@ clean:
 # 5 seeds, lr searched for both (bench/long_context.yaml; hours on 2 cores, resumable; bench/results/long_context).
 long-context-study: setup check-java
 	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/long_context_config.yaml --plan bench/long_context.yaml --jobs $(JOBS)
+
+# Issue 30's QLoRA arms: LoRA and StructLoRA on an NF4 base and on the float base, 5 seeds, lr searched for every
+# arm (bench/qlora.yaml; hours on 2 cores, resumable; bench/results/qlora).
+qlora-study: setup check-java
+	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/long_context_config.yaml --plan bench/qlora.yaml --jobs $(JOBS)

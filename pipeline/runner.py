@@ -42,7 +42,7 @@ STAGE_SLICES: dict[str, list[str]] = {
 UNHASHED = {"data": ("verify_shards", "damaged_shards")}
 # Keys of a section that only the train stage reads: left out of the earlier stages' hashes (changing them
 # re-runs train and what follows it, not prepare and base). `structlora compare` lets a cell set them.
-TRAIN_ONLY = {"data": ("long_context",)}
+TRAIN_ONLY = {"data": ("long_context",), "model": ("quantization", "double_quant")}
 
 StageFn = Callable[[StageContext], dict[str, Any]]
 

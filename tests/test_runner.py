@@ -111,5 +111,6 @@ def test_hash_depends_on_upstream_slices():
     # what only the train stage reads (long-context training examples) re-runs train, not prepare and base
     d = RunConfig()
     d.data.long_context.share = 0.5
+    d.model.quantization = "nf4"  # the base stage trains the float base; training loads it quantized
     assert all(runner.config_hash(a, s) == runner.config_hash(d, s) for s in ("prepare", "base"))
     assert runner.config_hash(a, "train") != runner.config_hash(d, "train")
