@@ -196,7 +196,7 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
                       "adaptation", "", *forgetting_table(arms, grid, metrics, base), "",
                       f"Against {ref} on the `{split}` split (paired by seed; Holm over these {len(forgotten)} tests, "
                       "a family of their own):", "", *effects_table(forgotten, ref)]
-        lc = long_context_tables(arms, ref, grid)
+        lc = long_context_tables(arms, ref, grid, plan.get("long_context_pairs"))
         if lc:
             lines += ["", "### Long-context captioning (CIDEr per context length)", "", *lc]
             if base is not None and base.get("long_context_cider"):

@@ -231,13 +231,12 @@ def cost_table(arms, grid) -> list[str]:
     return lines
 
 
-def long_context_tables(arms: list[str], reference: str, grid) -> list[str]:
-    """CIDEr per context length, each arm with long-context scores against the reference: paired by seed, the
-    percentile bootstrap interval, the paired t-test's p and its Holm adjustment over the buckets of the rank
-    (a family of their own)."""
+def long_context_tables(arms: list[str], reference: str, grid, pairs: list[list[str]] | None = None) -> list[str]:
+    """CIDEr per context length, each arm with long-context scores against the reference (or each [arm, against]
+    of `pairs`, the plan's `long_context_pairs`): paired by seed, the percentile bootstrap interval, the paired
+    t-test's p and its Holm adjustment over the buckets of the rank (a family of their own)."""
     lines: list[str] = []
-    for a in [x for x in arms if x != reference]:
-        b = reference
+    for a, b in pairs or [(x, reference) for x in arms if x != reference]:
         if not any(r.get("long_context_cider") for r in cells_of(grid, name=a)):
             continue
         lines += [*([""] if lines else []),
