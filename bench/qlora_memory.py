@@ -33,6 +33,22 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: clear_refs 5), so VmHWM measures from here."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -103,6 +119,9 @@ def one(path: Path, base: str, method: str, steps: int, text_tokens: int, device
     labels[:, : 1 + image_tokens] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "pixel_values": torch.randn(1, 3, size, size).to(device=device, dtype=dtype)}
+    loaded = _current_rss_mb() - before
+    load_peak = _rss_mb() - before
+    reset = False if cuda else _reset_peak()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
@@ -119,12 +138,17 @@ def one(path: Path, base: str, method: str, steps: int, text_tokens: int, device
             handle.step(step + 1)
         losses.append(float(loss))
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - before
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:  # the training steps' peak (VmHWM reset after loading) above the process before loading
+        peak = (_hwm_mb() if reset else _rss_mb()) - before
     quantized = sum(1 for k in kinds.values() if k == "nf4")
-    return {"base": base, "method": method, "peak_mb": round(peak, 1), "weights_mb": {
+    return {"base": base, "method": method, "peak_mb": round(peak, 1), "resident_after_load_mb": round(loaded, 1),
+            "load_peak_mb": round(load_peak, 1), "weights_mb": {
         k: round(v / 2**20, 1) for k, v in weights.items()}, "quantized_linears": quantized,
         "adapted": len(targets), "step_seconds": round(seconds, 3), "losses": [round(x, 4) for x in losses],
-        "measure": "cuda max_memory_allocated" if cuda else "peak RSS above the process before loading"}
+        "measure": "cuda max_memory_allocated in training" if cuda else
+        "peak RSS of the training steps (VmHWM reset after loading) above the process before loading"}
 
 
 def full_size_estimate(rows: list[dict], vision_layers: int, text_layers: int) -> dict[str, float]:
@@ -182,7 +206,8 @@ def main() -> None:
                     raise SystemExit(f"{base} / {method} failed:\n{proc.stderr[-3000:]}")
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"{base:5s} {method:10s} peak {r['peak_mb']:9.1f} MiB  weights {r['weights_mb']}  "
+                print(f"{base:5s} {method:10s} training peak {r['peak_mb']:8.1f} MiB (after load "
+                      f"{r['resident_after_load_mb']:.0f}, load peak {r['load_peak_mb']:.0f})  weights {r['weights_mb']}  "
                       f"{r['step_seconds']:.2f} s/step  loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
                       flush=True)
     estimate = full_size_estimate(rows, args.vision_layers, args.text_layers)
