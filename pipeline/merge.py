@@ -103,10 +103,12 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     base_name = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
     adapter_info = export_adapter(adapted, tmp / "peft_adapter", base_name, cfg.merge.svd_rank) \
         if cfg.merge.export_peft else {"skipped": "merge.export_peft is false"}
-    quantized = {}
+    quantized, names = {}, []
     if cfg.model.quantization != "none":  # fold into the weights the quantized forward used, never requantize
-        from pipeline.quantize import dequantize_model
+        from pipeline.quantize import dequantize_model, is_quantized_linear
 
+        names = [n.removeprefix("base_model.model.").replace(".base_layer", "")
+                 for n, m in adapted.model.named_modules() if is_quantized_linear(m)]
         quantized = {"quantization": cfg.model.quantization, "dequantized_linears": dequantize_model(adapted.model)}
     merged = merge_adapted(adapted)
     leftovers = [n for n, m in merged.named_modules() if type(m).__module__.split(".")[0] in ("structlora", "peft")]
@@ -116,6 +118,8 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     check = {"max_abs_diff": diff, "tolerance": cfg.merge.check_tolerance, "batches": len(batches), **quantized}
     if diff > cfg.merge.check_tolerance:
         raise RuntimeError(f"merged model differs from the adapted model by {diff:.3e} (> {cfg.merge.check_tolerance})")
+    if names:
+        check["other_merges"] = _other_merges(ctx, merged, names, batches, reference)
     model_dir = tmp / "model"
     from pipeline.backbones import DTYPES
 
@@ -157,6 +161,29 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
         shutil.rmtree(out)  # only reached for the stage's own folder or with --overwrite
     tmp.rename(out)
     return {"model": str(out / "model"), "peft_adapter": adapter_info, "check": check}
+
+
+def _other_merges(ctx: StageContext, merged, names: list[str], batches, reference) -> dict[str, Any]:
+    """What the two merges this one avoids would give on a quantized base (pipeline.quantize.other_merge_paths),
+    or why they were not measured (merge.quantization_paths)."""
+    from pipeline.backbones import count_parameters, load_llava
+    from pipeline.quantize import other_merge_paths
+    from pipeline.schema import ModelConfig
+
+    cfg, setting = ctx.cfg, ctx.cfg.merge.quantization_paths
+    size = count_parameters(merged) if setting == "auto" else 0
+    if setting == "false" or size > 2e9:
+        return {"skipped": f"merge.quantization_paths={setting}" + (f" and a {size / 1e9:.1f} B-parameter model: "
+                           "set it to true to measure (a float copy of the base on the CPU)" if size else "")}
+    source = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
+    float_base, _ = load_llava(ModelConfig(name_or_path=source, revision=cfg.model.revision,
+                                           vision_feature_layer=cfg.model.vision_feature_layer))
+    errors = other_merge_paths(merged, names, float_base.float(), cfg.model.quantization, cfg.model.double_quant,
+                               lambda m: _logits(m, batches), reference)
+    return {**{f"{k}_max_abs_diff": v for k, v in errors.items()},
+            "note": "max |logit difference| from the quantized adapted model of: requantized = the merged weights "
+                    "quantized again (PEFT merge_and_unload on a 4-bit model); float_base = the update added to the "
+                    "original float weights (LLaVA's merge script). This merge (dequantize, fold) is max_abs_diff."}
 
 
 def stage_merge(ctx: StageContext) -> dict[str, Any]:

@@ -179,3 +179,41 @@ def _plain_peft_layers(model: nn.Module) -> None:
                 and not is_quantized_linear(module.get_base_layer()):
             module.__class__ = LoraLinear
             module.fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
+
+
+@torch.no_grad()
+def other_merge_paths(merged: nn.Module, names: list[str], float_base: nn.Module, quant_type: str,
+                      double_quant: bool, logits, reference: list[torch.Tensor]) -> dict[str, float]:
+    """Max |logit difference| from the quantized adapted model (`reference`) of the two merges a quantized base
+    does not get here, measured on `merged` (changed in place: call it on a copy that is not saved):
+    requantized = the merged weights quantized again (PEFT's merge_and_unload on a 4-bit model);
+    float_base = the adapter's update added to the original float weights (LLaVA's merge script), i.e. the merged
+    weights + (float weight - its dequantized quantization). `names`: the linears that were quantized."""
+    import bitsandbytes.functional as F
+
+    modules = dict(merged.named_modules())
+    originals = dict(float_base.named_modules())
+
+    def roundtrip(weight: torch.Tensor) -> torch.Tensor:
+        if quant_type == "int8":
+            scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+            return (weight / scale).round().clamp(-127, 127) * scale
+        packed, state = F.quantize_4bit(weight.float().contiguous(), quant_type=quant_type,
+                                        compress_statistics=double_quant)
+        return F.dequantize_4bit(packed, state).float()
+
+    kept = {n: modules[n].weight.detach().clone() for n in names}
+    out = {}
+    for path in ("requantized", "float_base"):
+        for name in names:
+            weight = kept[name].float()
+            if path == "requantized":
+                new = roundtrip(weight)
+            else:
+                original = originals[name].weight.float().to(weight.device)
+                new = weight + (original - roundtrip(original))
+            modules[name].weight.copy_(new.to(modules[name].weight.dtype))
+        out[path] = max(float((a - b).abs().max()) for a, b in zip(reference, logits(merged)))
+    for name in names:
+        modules[name].weight.copy_(kept[name])
+    return out

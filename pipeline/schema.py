@@ -342,6 +342,10 @@ class MergeConfig:
     svd_rank: int | None = _f(None, "compress the exported adapter to this rank by SVD (None = exact)")
     check_tolerance: float = _f(1e-3, "max abs logit difference (float32) allowed between merged and adapted model: "
                                 "folding reorders sums, ~1e-5 for the tiny preset, more for wide models")
+    quantization_paths: Literal["auto", "true", "false"] = _f(
+        "auto", "a quantized base: also measure the two merges this one avoids (requantizing the merged weights; "
+                "folding into the original float base) into merge_check.json; needs a float copy of the base on the "
+                "CPU (auto: when the base has at most 2 B parameters)")
 
 
 @dataclass

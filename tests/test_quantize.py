@@ -125,6 +125,10 @@ def _check_nf4_run(run: Path, check: dict) -> None:
 
     assert check["quantization"] == "nf4" and check["dequantized_linears"] == 14  # smoke: 2 LM layers x 7
     assert check["max_abs_diff"] < 1e-5
+    # the two merges this one avoids, measured the same way: both put the quantization error back
+    other = check["other_merges"]
+    assert other["requantized_max_abs_diff"] > 100 * check["max_abs_diff"]
+    assert other["float_base_max_abs_diff"] > 100 * check["max_abs_diff"]
     losses = [json.loads(line)["train/loss"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert losses[-1] < losses[0]
