@@ -97,6 +97,7 @@ class LongContextMaker:
     _pool: deque = field(init=False, repr=False)
     _rng: random.Random = field(init=False, repr=False)
     _batch: float | None = field(init=False, repr=False, default=None)
+    _worker: int | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.per not in ("example", "batch"):
@@ -104,9 +105,21 @@ class LongContextMaker:
         self._pool = deque(maxlen=self.pool_size)
         self._rng = random.Random(f"long-context/{self.seed}")
 
+    def _own_worker_draws(self) -> None:
+        """In a DataLoader worker, draw from a generator of this worker's own (each worker gets a copy of the
+        collator: with one seed they would all draw the same lengths); in the main process nothing changes."""
+        if self._worker is None:
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            self._worker = -1 if info is None else info.id
+            if info is not None:
+                self._rng = random.Random(f"long-context/{self.seed}/worker{info.id}")
+
     def begin_batch(self) -> None:
         """Draw a batch's choice (per="batch"): long or not, and where in [min, max] its rows land (a fraction,
         turned into tokens per example, since the bare prompt's length can differ)."""
+        self._own_worker_draws()
         if self.per == "batch" and self.share > 0:
             long = self._rng.random() < self.share
             self._batch = self._rng.random() if long else None
@@ -122,6 +135,7 @@ class LongContextMaker:
     def prompt(self, sample: dict[str, Any], measure: Callable[[str], int], answer_tokens: int,
                max_length: int) -> str | None:
         """The long-context user text for `sample` (a caption example), or None when it stays as it is."""
+        self._own_worker_draws()
         if self.share <= 0 or sample.get("task") != "caption" or sample.get("turns"):
             return None
         if self.per == "example" and self._rng.random() >= self.share:

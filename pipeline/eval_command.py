@@ -101,7 +101,8 @@ def load_model(source: str, dtype: torch.dtype | str, revision: str | None = Non
     if quantization:
         from pipeline.quantize import EVAL_KEEP, load_quantized
 
-        compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        compute = dtype if isinstance(dtype, torch.dtype) else (  # auto: as QLoRA trains on the device
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32)
         model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, revision=revision,
                                keep=EVAL_KEEP)
     else:

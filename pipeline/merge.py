@@ -91,7 +91,10 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
 
     cfg = ctx.cfg
     out = Path(out)
-    fp32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+    # float32 weights, and a quantized base computing in float32 (not train.precision's bf16): the check compares
+    # the same weights computed two ways, not two precisions
+    fp32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"),
+                               train=dataclasses.replace(cfg.train, precision="fp32"))
     adapted, processor = load_adapted_handle(StageContext(cfg=fp32, run_dir=ctx.run_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapted.model.to(device)
@@ -110,6 +113,11 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
         names = [n.removeprefix("base_model.model.").replace(".base_layer", "")
                  for n, m in adapted.model.named_modules() if is_quantized_linear(m)]
         quantized = {"quantization": cfg.model.quantization, "dequantized_linears": dequantize_model(adapted.model)}
+        if cfg.model.quantization == "int8":  # LLM.int8's matmul quantizes the activations too: no float weight
+            dequantized = _logits(adapted.model, batches)  # reproduces it, so the fold is checked against this
+            quantized["int8_matmul_vs_dequantized_max_abs_diff"] = max(
+                float((a - b).abs().max()) for a, b in zip(reference, dequantized))
+            reference = dequantized
     merged = merge_adapted(adapted)
     leftovers = [n for n, m in merged.named_modules() if type(m).__module__.split(".")[0] in ("structlora", "peft")]
     if leftovers:

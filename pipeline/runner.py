@@ -44,12 +44,31 @@ UNHASHED = {"data": ("verify_shards", "damaged_shards")}
 # re-runs train and what follows it, not prepare and base). `structlora compare` lets a cell set them.
 TRAIN_ONLY = {"data": ("long_context",), "model": ("quantization", "double_quant")}
 
+# Keys added after runs existed, left out of every hash while they hold the value that behaves as before (so a
+# run made before them is not re-run by an upgrade): (section, key[, subkey]) -> that value. `double_quant` means
+# nothing without quantization, so it goes with it.
+NEUTRAL_NEW_KEYS = {("model", "quantization"): "none", ("merge", "quantization_paths"): "auto",
+                    ("data", "long_context", "per"): "example"}
+
 StageFn = Callable[[StageContext], dict[str, Any]]
+
+
+def _drop_neutral(full: dict[str, Any]) -> None:
+    if full.get("model", {}).get("quantization") == "none":
+        full["model"].pop("double_quant", None)
+    for path, value in NEUTRAL_NEW_KEYS.items():
+        *parents, key = path
+        node = full
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key) == value:
+            node.pop(key)
 
 
 def config_hash(cfg: RunConfig, stage: str) -> str:
     """Hash of the config slices `stage` and every stage before it depend on."""
     full = to_dict(cfg)
+    _drop_neutral(full)
     for section, keys in UNHASHED.items():
         full[section] = {k: v for k, v in full[section].items() if k not in keys}
     if STAGES.index(stage) < STAGES.index("train"):

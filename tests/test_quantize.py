@@ -107,10 +107,10 @@ def test_dequantize_model_leaves_a_plain_model_that_saves_and_reloads(saved_tiny
         assert torch.allclose(reloaded(input_ids=ids).logits, quantized, atol=1e-5)
 
 
-def _smoke_nf4(run: Path, method: str) -> dict:
+def _smoke_nf4(run: Path, method: str, kind: str = "nf4") -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run)]
-    for s in ("model.quantization=nf4", f"adapter.method={method}", f"publish.registry={run}-registry",
+    for s in (f"model.quantization={kind}", f"adapter.method={method}", f"publish.registry={run}-registry",
               "eval.tasks=[caption,vqav2]"):
         cmd += ["--set", s]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -118,12 +118,12 @@ def _smoke_nf4(run: Path, method: str) -> dict:
     return json.loads((run / "merge" / "merge_check.json").read_text())
 
 
-def _check_nf4_run(run: Path, check: dict) -> None:
+def _check_nf4_run(run: Path, check: dict, kind: str = "nf4") -> None:
     """Every stage ran on the 4-bit base; the merged model (fp32, dequantized + folded) reproduces the quantized
     adapted model, and the adapter is in it (it differs from the dequantized base alone)."""
     from transformers import LlavaForConditionalGeneration
 
-    assert check["quantization"] == "nf4" and check["dequantized_linears"] == 14  # smoke: 2 LM layers x 7
+    assert check["quantization"] == kind and check["dequantized_linears"] == 14  # smoke: 2 LM layers x 7
     assert check["max_abs_diff"] < 1e-5
     # the two merges this one avoids, measured the same way: both put the quantization error back
     other = check["other_merges"]
@@ -133,7 +133,7 @@ def _check_nf4_run(run: Path, check: dict) -> None:
               if "train/loss" in line]
     assert losses[-1] < losses[0]
     merged = LlavaForConditionalGeneration.from_pretrained(run / "merge" / "model")
-    base = _load(run / "base" / "model")
+    base = _load(run / "base" / "model", kind)
     dequantize_model(base)
     moved = [n for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters())
              if not torch.allclose(a, b, atol=1e-6)]
@@ -174,6 +174,17 @@ def test_structlora_on_an_nf4_base_runs_every_stage_and_merges_exactly(tmp_path)
 def test_peft_methods_on_an_nf4_base_merge_exactly(tmp_path, method):
     run = tmp_path / method
     _check_nf4_run(run, _smoke_nf4(run, method))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fp4", "int8"])
+def test_fp4_and_int8_bases_merge_exactly(tmp_path, kind):
+    """int8: LLM.int8's matmul also quantizes the activations, so the fold is checked against the dequantized,
+    unmerged model and the int8 matmul's own difference is reported beside it."""
+    run = tmp_path / kind
+    check = _smoke_nf4(run, "structlora", kind)
+    _check_nf4_run(run, check, kind)
+    assert ("int8_matmul_vs_dequantized_max_abs_diff" in check) == (kind == "int8")
 
 
 def test_quantization_is_refused_where_it_is_not_built():

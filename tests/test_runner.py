@@ -114,3 +114,23 @@ def test_hash_depends_on_upstream_slices():
     d.model.quantization = "nf4"  # the base stage trains the float base; training loads it quantized
     assert all(runner.config_hash(a, s) == runner.config_hash(d, s) for s in ("prepare", "base"))
     assert runner.config_hash(a, "train") != runner.config_hash(d, "train")
+
+
+def test_keys_added_later_leave_the_hashes_of_older_runs_alone(monkeypatch):
+    """A run written before model.quantization / double_quant, merge.quantization_paths and data.long_context.per
+    existed hashes as it did (an upgrade re-runs nothing), as long as they hold the value that behaves as before."""
+    cfg = RunConfig()
+    now = {s: runner.config_hash(cfg, s) for s in runner.STAGES}
+    original = runner.to_dict
+
+    def as_before(c):
+        d = original(c)
+        d["model"].pop("quantization"), d["model"].pop("double_quant"), d["merge"].pop("quantization_paths")
+        d["data"]["long_context"].pop("per")
+        return d
+
+    monkeypatch.setattr(runner, "to_dict", as_before)
+    assert {s: runner.config_hash(cfg, s) for s in runner.STAGES} == now
+    monkeypatch.setattr(runner, "to_dict", original)
+    cfg.model.quantization = "nf4"
+    assert runner.config_hash(cfg, "base") == now["base"] and runner.config_hash(cfg, "train") != now["train"]
