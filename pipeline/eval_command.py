@@ -100,9 +100,10 @@ def load_model(source: str, dtype: torch.dtype | str, revision: str | None = Non
 
     if quantization:
         from pipeline.quantize import EVAL_KEEP, load_quantized
+        from pipeline.sharding import resolve_precision
 
         compute = dtype if isinstance(dtype, torch.dtype) else (  # auto: as QLoRA trains on the device
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32)
+            torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32)
         model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, revision=revision,
                                keep=EVAL_KEEP)
     else:

@@ -38,10 +38,9 @@ def compute_dtype(cfg) -> torch.dtype | None:
     None for an unquantized base."""
     if cfg.model.quantization == "none":
         return None
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from pipeline.sharding import resolve_precision
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.train.precision), torch.float32)
 
 
 def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool = True,
