@@ -99,13 +99,12 @@ def load_model(source: str, dtype: torch.dtype | str, revision: str | None = Non
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if quantization:
-        from pipeline.quantize import EVAL_KEEP, load_quantized
+        from pipeline.quantize import load_quantized
         from pipeline.sharding import resolve_precision
 
         compute = dtype if isinstance(dtype, torch.dtype) else (  # auto: as QLoRA trains on the device
             torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32)
-        model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, revision=revision,
-                               keep=EVAL_KEEP)
+        model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, revision=revision)
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=dtype)
     return model, AutoProcessor.from_pretrained(source, revision=revision)

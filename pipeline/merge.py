@@ -184,8 +184,13 @@ def _other_merges(ctx: StageContext, merged, names: list[str], batches, referenc
         return {"skipped": f"merge.quantization_paths={setting}" + (f" and a {size / 1e9:.1f} B-parameter model: "
                            "set it to true to measure (a float copy of the base on the CPU)" if size else "")}
     source = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
-    float_base, _ = load_llava(ModelConfig(name_or_path=source, revision=cfg.model.revision,
-                                           vision_feature_layer=cfg.model.vision_feature_layer))
+    if cfg.model.arch == "vlm":
+        from pipeline.vlm import load_vlm
+
+        float_base, _ = load_vlm(ModelConfig(arch="vlm", name_or_path=source, revision=cfg.model.revision))
+    else:
+        float_base, _ = load_llava(ModelConfig(name_or_path=source, revision=cfg.model.revision,
+                                               vision_feature_layer=cfg.model.vision_feature_layer))
     errors = other_merge_paths(merged, names, float_base.float(), cfg.model.quantization, cfg.model.double_quant,
                                lambda m: _logits(m, batches), reference)
     return {**{f"{k}_max_abs_diff": v for k, v in errors.items()},

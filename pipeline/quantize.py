@@ -29,8 +29,6 @@ from pipeline.errors import UserError
 
 KEEP_FLOAT = (r".*vision_tower", r".*multi_modal_projector", "lm_head")
 KINDS = ("nf4", "fp4", "int8")
-# `structlora eval --load-in-4bit` loads any family: the vision side under each family's name is kept
-EVAL_KEEP = (*KEEP_FLOAT, r".*visual", r".*vision_model", r".*connector", r".*mm_projector")
 
 
 def compute_dtype(cfg) -> torch.dtype | None:
@@ -61,6 +59,37 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool
                               llm_int8_skip_modules=list(keep))
 
 
+def keep_float_for(model_class, source: str | Path, revision: str | None = None) -> tuple[str, ...]:
+    """What to leave unquantized in any VLM family, found as `pipeline.families` finds the towers: the model is
+    built on the meta device from its config (no weights read), and every linear outside the language tower
+    (`get_decoder()`: the vision tower of `get_encoder(modality="image")`, the connector wherever it sits) and the
+    output embeddings (`get_output_embeddings()`) are kept. Patterns are escaped full module paths, which
+    transformers matches from the start up to a module boundary."""
+    import re
+
+    from transformers import AutoConfig
+
+    from pipeline.families import _path_of, tower_paths
+
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    with torch.device("meta"):
+        model = (model_class.from_config(config) if hasattr(model_class, "from_config")
+                 else model_class._from_config(config))
+    try:
+        towers = tower_paths(model)
+    except ValueError as err:
+        raise UserError(f"{source}: cannot tell the language tower to quantize from the rest ({err})") from None
+    keep = [towers["vision"]]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(name == p or name.startswith(p + ".")
+                                                     for p in (towers["vision"], towers["language"])):
+            keep.append(name)
+    head = _path_of(model, model.get_output_embeddings())
+    if head and head not in keep:
+        keep.append(head)
+    return tuple(re.escape(k) for k in keep)
+
+
 def is_quantized_linear(module: nn.Module) -> bool:
     try:
         import bitsandbytes as bnb
@@ -84,8 +113,11 @@ def neutralise_cpu_repack(model: nn.Module) -> int:
 
 def load_quantized(model_class, source: str | Path, quantization: str, compute_dtype: torch.dtype,
                    double_quant: bool = True, revision: str | None = None, device_map: Any = None,
-                   keep: tuple[str, ...] = KEEP_FLOAT):
-    """`model_class.from_pretrained(source)` with the language model quantized (LLaVA's recipe), the trap off."""
+                   keep: tuple[str, ...] | None = None):
+    """`model_class.from_pretrained(source)` with the language model quantized (LLaVA's recipe), the trap off;
+    `keep` (unquantized module patterns) defaults to `keep_float_for(model_class, source)`."""
+    if keep is None:
+        keep = keep_float_for(model_class, source, revision)
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map,

@@ -210,12 +210,13 @@ class ModelConfig:
     vision_feature_layer: int = _f(-2, "LLaVA reads this CLIP layer; layers after it are never adapted")
     quantization: Literal["none", "nf4", "fp4", "int8"] = _f(
         "none", "QLoRA: load the frozen base with the language model's linears quantized by bitsandbytes (vision "
-                "tower, projector and lm_head kept in the compute dtype, LLaVA's recipe); model.arch=llava")
+                "tower, projector and lm_head kept in the compute dtype, LLaVA's recipe); model.arch=llava or vlm")
     double_quant: bool = _f(True, "4-bit only: quantize the quantization constants too (QLoRA's double quant)")
 
     def __post_init__(self) -> None:
-        if self.quantization != "none" and self.arch != "llava":
-            raise ValueError(f"model.quantization={self.quantization} is built for model.arch=llava, not {self.arch}")
+        if self.quantization != "none" and self.arch == "vit":
+            raise ValueError(f"model.quantization={self.quantization} is built for model.arch=llava or vlm (a "
+                             "language model to quantize), not vit")
         if (self.name_or_path is None) == (self.preset is None):
             raise ValueError("give exactly one of model.name_or_path (load) or model.preset (build from config)")
         if self.preset == "llava15-7b-skeleton" and self.arch != "llava":

@@ -57,14 +57,23 @@ def build_vlm(cfg: ModelConfig, seed: int = 0):
     return model.to(DTYPES[cfg.dtype]), processor
 
 
-def load_vlm(cfg: ModelConfig):
-    """(model, processor) from a hub id or local directory, with `AutoModelForImageTextToText`."""
+def load_vlm(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
+    """(model, processor) from a hub id or local directory, with `AutoModelForImageTextToText`; with
+    `cfg.quantization` the language tower's linears quantized, computing in `compute_dtype` (pipeline.quantize:
+    the vision tower, the connector and the output embeddings kept, found from the model as the towers are)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     assert cfg.name_or_path is not None
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
+        if cfg.quantization != "none":
+            from pipeline.quantize import load_quantized
+
+            model = load_quantized(AutoModelForImageTextToText, source, cfg.quantization,
+                                   compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision,
+                                                                dtype=DTYPES[cfg.dtype])
     except ValueError as err:
         raise UserError(f"{cfg.name_or_path}: not an image-text-to-text model transformers can load "
                         f"({str(err).splitlines()[0]})") from None
@@ -97,14 +106,25 @@ def dead_parameters(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[st
     """Parameters the loss of `batch` does not depend on: not reached by walking the autograd graph of one forward
     back from the loss (no backward, so no gradient memory: a 7B probe costs one forward's activations).
 
-    Every parameter is made to require grad for the forward and restored after."""
+    Every floating-point parameter is made to require grad for the forward and restored after. A quantized weight
+    (bitsandbytes packs it into integers, which cannot require grad) is reached when its layer's output is: a
+    probe scalar (1.0) multiplies that output, and the weight counts as reached with it."""
     was = {n: p.requires_grad for n, p in model.named_parameters()}
-    param = next(model.parameters())
+    param = next(p for p in model.parameters() if p.is_floating_point())
     inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
               for k, v in batch.items()}
+    probes: dict[int, torch.Tensor] = {}  # id(integer weight) -> its layer's probe scalar
+    hooks = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and weight is not None and not weight.is_floating_point():
+            probe = torch.ones((), device=param.device, requires_grad=True)
+            probes[id(weight)] = probe
+            hooks.append(module.register_forward_hook(lambda _m, _i, out, s=probe: out * s.to(out.dtype)))
     try:
         for p in model.parameters():
-            p.requires_grad_(True)
+            if p.is_floating_point():
+                p.requires_grad_(True)
         with torch.enable_grad():
             loss = model(**inputs).loss
         live: set[int] = set()
@@ -119,10 +139,14 @@ def dead_parameters(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[st
                 live.add(id(fn.variable))
             stack.extend(f for f, _ in fn.next_functions)
         del loss
-        return [n for n, p in model.named_parameters() if id(p) not in live]
+        return [n for n, p in model.named_parameters()
+                if id(p) not in live and not (id(p) in probes and id(probes[id(p)]) in live)]
     finally:
+        for hook in hooks:
+            hook.remove()
         for n, p in model.named_parameters():
-            p.requires_grad_(was[n])
+            if p.is_floating_point():
+                p.requires_grad_(was[n])
 
 
 def probed(model: nn.Module, processor: Any) -> list[str]:
@@ -219,12 +243,21 @@ def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps
 
 
 def load_vlm_base(ctx: StageContext, path: Path):
-    """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's."""
+    """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's;
+    `model.quantization` applies to a loaded model (a preset's is the base stage's, so it needs base.enabled)."""
+    from pipeline.quantize import compute_dtype
+
     cfg = ctx.cfg
     if cfg.model.preset is not None and cfg.base.enabled:
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
-        return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype))
+        return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype,
+                                    quantization=cfg.model.quantization, double_quant=cfg.model.double_quant),
+                        compute_dtype(cfg))
+    if cfg.model.preset is not None and cfg.model.quantization != "none":
+        raise UserError(f"model.quantization={cfg.model.quantization} on a preset needs base.enabled: true")
+    if cfg.model.preset is None:
+        return load_vlm(cfg.model, compute_dtype(cfg))
     return make_vlm(cfg.model, seed=cfg.seed)
 
 

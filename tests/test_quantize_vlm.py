@@ -1,0 +1,135 @@
+"""QLoRA on every VLM family (`model.arch: vlm`, `model.quantization`): the language tower quantized, the vision
+tower, the connector and the output embeddings kept, found from the model itself; the adapter plan and training on
+the 4-bit base as on the float one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from pipeline.families import FAMILIES, build_tiny, tower_paths  # noqa: E402
+from pipeline.family_processors import tiny_processor  # noqa: E402
+from pipeline.quantize import layout  # noqa: E402
+from pipeline.schema import AdapterConfig, ModelConfig  # noqa: E402
+from pipeline.vlm import load_vlm, plan_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> a local directory holding its tiny random model and processor (what a hub checkpoint is)."""
+    root, cache = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            path = root / family
+            model = build_tiny(family, seed=0)
+            model.save_pretrained(path)
+            tiny_processor(family).save_pretrained(path)
+            cache[family] = path
+        return cache[family]
+
+    return get
+
+
+def _load(path: Path, kind: str = "nf4"):
+    return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), quantization=kind), torch.float32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_quantizes_its_language_tower_only(saved, family):
+    """Module by module: every linear under `get_decoder()` is 4-bit; every other linear (vision tower, the
+    connector wherever it sits, e.g. Qwen-VL's `visual.merger`, Idefics3's `connector`, Mistral 3's
+    `patch_merger`) and the output embeddings stay float32."""
+    model, _ = _load(saved(family))
+    found = layout(model)
+    language = tower_paths(model)["language"]
+    inside = {n: k for n, k in found.items() if n.startswith(language + ".")}
+    outside = {n: k for n, k in found.items() if n not in inside}
+    assert inside and set(inside.values()) == {"nf4"}, family
+    assert outside and set(outside.values()) == {"float32"}, (family, outside)
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    assert head in outside
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "idefics3", "gemma3"])
+def test_the_plan_on_a_4bit_base_is_the_plan_on_the_float_base(saved, family):
+    """The dead-parameter probe cannot make a packed 4-bit weight require grad; it follows the layer's output
+    instead, so the same linears are adapted and the same modules frozen as on the float model."""
+    adapter = AdapterConfig(method="structlora", rank=4, alpha=8)
+    float_model, processor = load_vlm(ModelConfig(arch="vlm", name_or_path=str(saved(family))))
+    quantized, _ = _load(saved(family))
+    expected, got = plan_for(float_model, processor, adapter, 10), plan_for(quantized, processor, adapter, 10)
+    assert got.target_names == expected.target_names
+    assert got.frozen_modules == expected.frozen_modules
+    language = tower_paths(quantized)["language"]
+    assert any(n.startswith(language + ".") for n in got.target_names)
+
+
+@pytest.mark.parametrize("method", ["structlora", "lora"])
+def test_a_4bit_qwen2_5_vl_trains(saved, method):
+    """StructLoRA (its layer around bitsandbytes' Linear4bit) and PEFT's LoRA (its bnb layer) on a 4-bit
+    Qwen2.5-VL: every trainable tensor gets a gradient and the loss falls over a few steps on one batch."""
+    from pipeline.methods import attach_method
+    from pipeline.vlm import probe_batch
+
+    model, processor = _load(saved("qwen2_5_vl"))
+    adapter = AdapterConfig(method=method, rank=4, alpha=8)
+    plan = plan_for(model, processor, adapter, 20)
+    adapted = attach_method(model, adapter, plan.target_names, plan.full_modules, 20,
+                            structlora_config=plan.structlora_config, frozen_modules=plan.frozen_modules)
+    trainable = {n: p for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert trainable
+    optimizer = torch.optim.AdamW(trainable.values(), lr=5e-3)
+    batch = probe_batch(processor)
+    losses = []
+    for step in range(6):
+        optimizer.zero_grad()
+        loss = adapted.model(**batch).loss
+        (loss + sum(adapted.regularization().values(), torch.zeros(()))).backward()
+        if step == 0:
+            missing = [n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+            assert not missing, missing[:5]
+            assert any(float(p.grad.abs().sum()) > 0 for n, p in trainable.items() if "language" in n)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_quantization_is_refused_on_a_vit_and_on_a_preset_without_a_base_stage(tmp_path):
+    from pipeline.config import from_dict
+    from pipeline.schema import RunConfig
+
+    with pytest.raises(ValueError, match="not vit"):
+        from_dict(RunConfig, {"model": {"arch": "vit", "preset": "tiny", "quantization": "nf4"}})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke_vlm.yaml"),
+                           "--run-dir", str(tmp_path / "run"), "--stages", "train", "--set", "base.enabled=false",
+                           "--set", "model.quantization=nf4"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "needs base.enabled: true" in proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_vlm_on_an_nf4_qwen2_5_vl_runs_every_stage_and_merges_exactly(tmp_path):
+    """`configs/smoke_vlm.yaml --set model.quantization=nf4`: every stage; the merge (dequantize, fold in float32)
+    reproduces the quantized adapted model and reloads as the family's own class."""
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke_vlm.yaml"),
+                           "--run-dir", str(run), "--set", "model.quantization=nf4",
+                           "--set", f"publish.registry={tmp_path / 'registry'}"],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads((run / "merge" / "merge_check.json").read_text())
+    assert check["quantization"] == "nf4" and check["dequantized_linears"] == 14
+    assert check["max_abs_diff"] < 1e-5 and check["model_class"] == "Qwen2_5_VLForConditionalGeneration"
+    assert check["other_merges"]["requantized_max_abs_diff"] > 100 * check["max_abs_diff"]
