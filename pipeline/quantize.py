@@ -111,6 +111,24 @@ def neutralise_cpu_repack(model: nn.Module) -> int:
     return count
 
 
+def saved_preset(path: Path, build) -> Path:
+    """A preset (built from config, no checkpoint) saved at `path` once, atomically, so that it loads quantized like
+    any checkpoint: bitsandbytes quantizes while `from_pretrained` loads. `build()` -> (model, processor); a preset
+    is deterministic in its seed, so the saved copy is the model the run would have built."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        import shutil
+
+        model, processor = build()
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
+
+
 def load_quantized(model_class, source: str | Path, quantization: str, compute_dtype: torch.dtype,
                    double_quant: bool = True, revision: str | None = None, device_map: Any = None,
                    keep: tuple[str, ...] | None = None):

@@ -87,7 +87,7 @@ def base_model_dir(ctx: StageContext) -> Path:
 def load_base(ctx: StageContext):
     """(model, processor) the adaptation starts from: the base stage's model, or the config's."""
     from pipeline.backbones import build_llava, load_llava, with_image_fit
-    from pipeline.quantize import compute_dtype
+    from pipeline.quantize import compute_dtype, saved_preset
 
     cfg = ctx.cfg
     if cfg.model.arch == "vit":
@@ -96,20 +96,19 @@ def load_base(ctx: StageContext):
         from pipeline.vlm import load_vlm_base
 
         return load_vlm_base(ctx, base_model_dir(ctx))
+    vocab, extra = world_texts()
     if cfg.model.preset is None:
         model, processor = load_llava(cfg.model, compute_dtype(cfg))
-    elif cfg.base.enabled:
-        path = base_model_dir(ctx)
+    elif cfg.base.enabled or cfg.model.quantization != "none":  # the base stage's model, or the preset saved to load quantized
+        path = base_model_dir(ctx) if cfg.base.enabled else saved_preset(
+            base_model_dir(ctx), lambda: build_llava(cfg.model, vocab, extra, seed=cfg.seed))
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
         model, processor = load_llava(ModelConfig(name_or_path=str(path), quantization=cfg.model.quantization,
                                                   double_quant=cfg.model.double_quant,
                                                   vision_feature_layer=cfg.model.vision_feature_layer),
                                       compute_dtype(cfg))
-    elif cfg.model.quantization != "none":
-        raise UserError(f"model.quantization={cfg.model.quantization} on a preset needs base.enabled: true")
     else:
-        vocab, extra = world_texts()
         model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
     return model, with_image_fit(processor, cfg.data.image_fit)
 
