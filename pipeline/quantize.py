@@ -115,10 +115,14 @@ def saved_preset(path: Path, build) -> Path:
     """A preset (built from config, no checkpoint) saved at `path` once, atomically, so that it loads quantized like
     any checkpoint: bitsandbytes quantizes while `from_pretrained` loads. `build()` -> (model, processor); a preset
     is deterministic in its seed, so the saved copy is the model the run would have built."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        import shutil
+    import shutil
 
+    from accelerate import PartialState
+
+    path = Path(path)
+    with PartialState().main_process_first():  # ranks of one run: the first saves, the others load what it saved
+        if (path / "config.json").is_file():
+            return path
         model, processor = build()
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -180,7 +180,7 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
     if "train" in wanted:  # refuse now what the train stage could not honour, not after prepare and base
         from pipeline.sharding import preflight
 
-        preflight(cfg.train.precision, cfg.train.sharding, cfg.adapter.method)
+        preflight(cfg.train.precision, cfg.train.sharding, cfg.adapter.method, cfg.model.quantization)
     if from_stage and main:
         Manifest(run_dir / "manifest.json").invalidate_from(from_stage)
     state.wait_for_everyone()

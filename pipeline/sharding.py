@@ -60,8 +60,16 @@ def _launcher_asked_for_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
-def preflight(precision: str, sharding: str, method: str) -> None:
+QUANTIZED_SHARDING = ("{kind} with model.quantization: it would shard bitsandbytes' packed 4-bit / 8-bit weights, "
+                      "which lose their quantization state when flattened (QLoRA under FSDP needs "
+                      "bnb_4bit_quant_storage and is not built here); train the quantized base with DDP (a whole "
+                      "4-bit copy per GPU, QLoRA's point) or shard an unquantized base")
+
+
+def preflight(precision: str, sharding: str, method: str, quantization: str = "none") -> None:
     """What can be refused before any stage runs (the rest is checked when the train stage sets up)."""
+    if sharding == "fsdp" and quantization != "none":
+        raise UserError("train.sharding=" + QUANTIZED_SHARDING.format(kind="fsdp"))
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a GPU: on CPU accelerate would silently train in float32 "
                         "(no autocast, no grad scaler); use bf16 or fp32")
@@ -71,8 +79,22 @@ def preflight(precision: str, sharding: str, method: str) -> None:
 
 
 def plan_sharding(accelerator, sharding: str, method: str, trainable: list[nn.Parameter],
-                  precision: str) -> ShardingPlan:
-    """Decide (and validate) how to distribute training; raise UserError for what cannot work."""
+                  precision: str, quantized: bool = False) -> ShardingPlan:
+    """Decide (and validate) how to distribute training; raise UserError for what cannot work (`quantized`: the
+    frozen base holds bitsandbytes layers)."""
+    plan = _plan_sharding(accelerator, sharding, method, trainable, precision)
+    if quantized and plan.kind == "fsdp":
+        raise UserError("FSDP " + QUANTIZED_SHARDING.format(kind="(the accelerate config or train.sharding)"))
+    if quantized and plan.kind == "deepspeed":
+        stage = int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+        if stage == 3:
+            raise UserError("DeepSpeed ZeRO-3 " + QUANTIZED_SHARDING.format(kind="(partitioning parameters)")
+                            .replace("or shard an unquantized base", "ZeRO-2, or shard an unquantized base"))
+    return plan
+
+
+def _plan_sharding(accelerator, sharding: str, method: str, trainable: list[nn.Parameter],
+                   precision: str) -> ShardingPlan:
     from accelerate.utils import DistributedType
 
     dtype = accelerator.distributed_type

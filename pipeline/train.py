@@ -95,7 +95,10 @@ class TrainRecipe:
                             f"train.grad_accum={cfg.grad_accum}")
         model = self.adapted.model
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.sharding = plan_sharding(acc, cfg.sharding, self.adapted.method, trainable, self.precision)
+        from pipeline.quantize import is_quantized_linear
+
+        self.sharding = plan_sharding(acc, cfg.sharding, self.adapted.method, trainable, self.precision,
+                                      quantized=any(is_quantized_linear(m) for m in model.modules()))
         for note in self.sharding.notes:
             log.warning(note)
             if acc.is_main_process:

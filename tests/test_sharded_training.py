@@ -121,3 +121,26 @@ def test_fsdp_config_downgraded_by_accelerate_is_reported(monkeypatch):
     plan = plan_sharding(_accelerator("MULTI_CPU"), "auto", "structlora", [], "fp32")
     assert plan.kind == "ddp"
     assert any("asks for FSDP but accelerate runs MULTI_CPU" in n for n in plan.notes)
+
+
+def test_a_quantized_base_is_refused_where_its_weights_would_be_sharded():
+    """FSDP and ZeRO-3 flatten / partition parameters, and bitsandbytes' packed weights lose their quantization
+    state that way: refused before any stage runs (train.sharding=fsdp) and when the launcher asks for it; DDP and
+    ZeRO-2 (whole 4-bit copy per rank) are QLoRA's way and go ahead."""
+    from pipeline.errors import UserError
+    from pipeline.sharding import plan_sharding, preflight
+
+    params = [torch.nn.Parameter(torch.zeros(8, 64))]
+    with pytest.raises(UserError, match="train.sharding=fsdp with model.quantization"):
+        preflight("fp32", "fsdp", "structlora", "nf4")
+    preflight("fp32", "auto", "structlora", "nf4")
+    with pytest.raises(UserError, match="FSDP .*bnb_4bit_quant_storage"):
+        plan_sharding(_accelerator("MULTI_CPU"), "fsdp", "structlora", params, "fp32", quantized=True)
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000}}
+    with pytest.raises(UserError, match="ZeRO-3 .*ZeRO-2"):
+        plan_sharding(_accelerator("DEEPSPEED", device="cuda", ds_config=zero3), "auto", "lora", params, "bf16",
+                      quantized=True)
+    zero2 = {"zero_optimization": {"stage": 2}}
+    assert plan_sharding(_accelerator("DEEPSPEED", device="cuda", ds_config=zero2), "auto", "lora", params, "bf16",
+                         quantized=True).kind == "deepspeed"
+    assert plan_sharding(_accelerator("MULTI_CPU"), "auto", "structlora", params, "fp32", quantized=True).kind == "ddp"
