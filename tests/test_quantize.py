@@ -221,3 +221,43 @@ def test_a_killed_run_on_an_nf4_base_resumes_to_the_uninterrupted_result(tmp_pat
     assert summary["resumed_from"] is not None
     expected, got = (load_file(str(r / "train" / "final" / "trainable.safetensors")) for r in runs.values())
     assert expected.keys() == got.keys() and max(float((expected[k] - got[k]).abs().max()) for k in expected) < 1e-6
+
+
+def test_a_bf16_compute_nf4_base_trains_under_autocast(saved_tiny):
+    """`train.precision=bf16` on a 4-bit base (the GPU setting, here on CPU autocast): the 4-bit layers compute in
+    bf16, the kept vision side is bf16, StructLoRA's layers sit on top; one step gives every trainable tensor a
+    finite gradient, the adapter factors stay float32 and the loss falls over three steps."""
+    import bitsandbytes as bnb
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pipeline.methods import attach_method
+    from pipeline.schema import AdapterConfig
+    from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
+
+    model = load_quantized(LlavaForConditionalGeneration, saved_tiny, "nf4", torch.bfloat16)
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.bfloat16}
+    assert model.model.vision_tower.dtype == torch.bfloat16
+    cfg, adapter = ModelConfig(preset="tiny"), AdapterConfig(method="structlora", rank=4, alpha=8)
+    adapted = attach_method(model, adapter, target_module_names(model, cfg, adapter), full_module_names(model, adapter),
+                            10, structlora_config=structlora_config_for(model, cfg, adapter, 10),
+                            frozen_modules=unused_modules(model))
+    processor = AutoProcessor.from_pretrained(saved_tiny)
+    batch = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))],
+                      text=["USER: <image>\nDescribe the image. ASSISTANT: a red circle"], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    trainable = {n: p for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    optimizer = torch.optim.AdamW(trainable.values(), lr=5e-3)
+    losses = []
+    for step in range(3):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = adapted.model(**batch).loss + sum(adapted.regularization().values(), torch.zeros(()))
+        loss.backward()
+        if step == 0:
+            bad = [n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+            assert not bad, bad[:5]
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
