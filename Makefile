@@ -32,7 +32,7 @@ run: setup
 test: setup
 	@scripts/install_browser.sh >/dev/null 2>&1 || echo "note: could not install chromium + chromium-driver (needs apt as root): the browser test will be skipped"
 	$(VENV)/bin/ruff check .
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q --durations=30
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
