@@ -42,6 +42,7 @@ def quick_study(tmp_path_factory):
     return study, study_file, tmp, bench_md, args
 
 
+@pytest.mark.slow  # the quick study v2 (~3.5 min on 2 cores): `make test-slow`
 def test_quick_study_runs_every_phase_and_writes_the_report(quick_study):
     _, _, tmp, bench_md, _ = quick_study
     cells = tmp / "results" / "cells"
@@ -73,6 +74,7 @@ def test_quick_study_runs_every_phase_and_writes_the_report(quick_study):
     assert "## Another section\n\nkept" in text
 
 
+@pytest.mark.slow  # the quick study v2 (~3.5 min on 2 cores): `make test-slow`
 def test_report_only_rebuilds_the_same_tables(quick_study):
     study, study_file, tmp, _, _ = quick_study
     before = {name: (tmp / "results" / name).read_text() for name in ("study.md", "cells.csv", "tests.csv")}
@@ -85,6 +87,7 @@ def test_report_only_rebuilds_the_same_tables(quick_study):
     assert after["study.md"].split("\n", 3)[3] == before["study.md"].split("\n", 3)[3]
 
 
+@pytest.mark.slow  # the quick study v2 (~3.5 min on 2 cores): `make test-slow`
 def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
     """bench/study_v2.yaml `frozen_base`: grid cells run on a committed base model (sha256 checked),
     record it and their machine, and cells trained on another base are not done on it."""
