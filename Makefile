@@ -72,11 +72,8 @@ long-context-study: setup check-java
 
 # Issue 30's QLoRA arms: LoRA and StructLoRA on an NF4 base and on the float base, 5 seeds, lr searched for every
 # arm (bench/qlora.yaml; hours on 2 cores, resumable; bench/results/qlora). The float arms are the long-context
-# study's cells (the same runs): their records are copied over first, so only the 4-bit arms train.
-LC_CELLS := bench/results/long_context/cells
+# study's cells (the same runs): bench/qlora_float_cells.py checks that and copies their records over first (it
+# refuses until that study is finished), so only the 4-bit arms train.
 qlora-study: setup check-java
-	@for d in lr grid base; do mkdir -p bench/results/qlora/cells/$$d; done
-	@for f in $(wildcard $(LC_CELLS)/lr/lora.*.json $(LC_CELLS)/lr/structlora.*.json $(LC_CELLS)/grid/lora-*.json \
-	          $(LC_CELLS)/grid/structlora-*.json $(LC_CELLS)/base/base.json); do \
-	  cp -n $$f bench/results/qlora/cells/$${f#$(LC_CELLS)/}; done
+	HF_HUB_OFFLINE=1 $(PY) bench/qlora_float_cells.py
 	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/long_context_config.yaml --plan bench/qlora.yaml --jobs $(JOBS)

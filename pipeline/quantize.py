@@ -75,16 +75,20 @@ def keep_float_for(model_class, source: str | Path, revision: str | None = None)
     with torch.device("meta"):
         model = (model_class.from_config(config) if hasattr(model_class, "from_config")
                  else model_class._from_config(config))
+    head = _path_of(model, model.get_output_embeddings())
     try:
         towers = tower_paths(model)
-    except ValueError as err:
-        raise UserError(f"{source}: cannot tell the language tower to quantize from the rest ({err})") from None
+    except ValueError as err:  # e.g. Fuyu: image patches go straight into the decoder, no vision tower
+        import logging
+
+        logging.getLogger("structlora.quantize").warning(
+            "%s: %s; every linear but the output embeddings is quantized", source, err)
+        return tuple(re.escape(k) for k in [head] if k)
     keep = [towers["vision"]]
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not any(name == p or name.startswith(p + ".")
                                                      for p in (towers["vision"], towers["language"])):
             keep.append(name)
-    head = _path_of(model, model.get_output_embeddings())
     if head and head not in keep:
         keep.append(head)
     return tuple(re.escape(k) for k in keep)
@@ -114,22 +118,28 @@ def neutralise_cpu_repack(model: nn.Module) -> int:
 def saved_preset(path: Path, build) -> Path:
     """A preset (built from config, no checkpoint) saved at `path` once, atomically, so that it loads quantized like
     any checkpoint: bitsandbytes quantizes while `from_pretrained` loads. `build()` -> (model, processor); a preset
-    is deterministic in its seed, so the saved copy is the model the run would have built."""
+    is deterministic in its seed, so the saved copy is the model the run would have built.
+
+    No collective: it is reached by every rank (train) or by one (merge, which runs on the main process only), so
+    a rank that finds no copy saves its own under a private name and renames it into place; when another rank got
+    there first the rename fails and the private copy (the same model) is dropped."""
+    import os
     import shutil
 
-    from accelerate import PartialState
-
     path = Path(path)
-    with PartialState().main_process_first():  # ranks of one run: the first saves, the others load what it saved
-        if (path / "config.json").is_file():
-            return path
-        model, processor = build()
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
+    if (path / "config.json").is_file():
+        return path
+    model, processor = build()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    try:
         tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: exists without a config.json; remove it and run again") from None
     return path
 
 

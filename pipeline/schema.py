@@ -376,6 +376,11 @@ class RunConfig:
     publish: PublishConfig = _f(help="publish stage", factory=PublishConfig)
 
     def __post_init__(self) -> None:
+        if self.model.quantization != "none" and (self.adapter.method == "full" or self.adapter.language == "full"):
+            raise ValueError(f"model.quantization={self.model.quantization} with "
+                             + ("adapter.method=full" if self.adapter.method == "full" else "adapter.language=full")
+                             + ": the quantized language model's weights are packed integers and cannot be trained; "
+                               "adapt it (lora) or load it unquantized")
         if self.data.long_context.share > 0 and self.model.arch != "llava":
             raise ValueError(f"data.long_context: long-context training examples are built for model.arch=llava "
                              f"only so far, not {self.model.arch}")

@@ -66,15 +66,17 @@ def load_vlm(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
     assert cfg.name_or_path is not None
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
     try:
-        if cfg.quantization != "none":
+        if cfg.quantization == "none":
+            model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision,
+                                                                dtype=DTYPES[cfg.dtype])
+        else:
             from pipeline.quantize import load_quantized
 
             model = load_quantized(AutoModelForImageTextToText, source, cfg.quantization,
                                    compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision)
-        else:
-            model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision,
-                                                                dtype=DTYPES[cfg.dtype])
     except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):  # e.g. a quantizer's own error: as it is
+            raise
         raise UserError(f"{cfg.name_or_path}: not an image-text-to-text model transformers can load "
                         f"({str(err).splitlines()[0]})") from None
     processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)

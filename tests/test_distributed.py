@@ -114,14 +114,14 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
 
 
 def test_two_process_ddp_on_an_nf4_base(prepared, tmp_path):
-    """QLoRA on two gloo ranks (LLaMA-Factory's `quantization_bit: 4` with DDP): the preset is saved once by the
-    first rank and loaded 4-bit by both, the packed weights are frozen buffers DDP leaves alone, and both ranks end
-    with the same adapter."""
+    """QLoRA on two gloo ranks (LLaMA-Factory's `quantization_bit: 4` with DDP): the preset (no base stage) is saved
+    where the base stage would save it and loaded 4-bit by both ranks, both end with the same adapter, and the merge
+    (main process only, while the other rank waits: no collective may hide in loading the base) is exact."""
     pytest.importorskip("bitsandbytes")
     run = _copy(prepared, tmp_path / "ddp_nf4")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "pipeline.cli",
-           *_cli(run, "--stages", "train", "--set", "train.max_steps=6", "--set", "train.save_every=3",
+           *_cli(run, "--stages", "train,merge", "--set", "train.max_steps=6", "--set", "train.save_every=3",
                  "--set", "model.quantization=nf4")[3:]]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,7 +129,9 @@ def test_two_process_ddp_on_an_nf4_base(prepared, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 6
     first, second = summary["rank_checksums"]
     assert first == second, "the two ranks ended with different adapters"
-    assert (run / "base" / "model" / "config.json").is_file() and not (run / "base" / "model.tmp").exists()
+    assert (run / "base" / "model" / "config.json").is_file() and not list((run / "base").glob("model.tmp*"))
+    check = json.loads((run / "merge" / "merge_check.json").read_text())
+    assert check["quantization"] == "nf4" and check["max_abs_diff"] < 1e-5
     losses = [json.loads(line)["train/loss"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert losses and all(loss == loss for loss in losses)

@@ -105,12 +105,17 @@ def test_a_4bit_qwen2_5_vl_trains(saved, method):
     assert losses[-1] < losses[0]
 
 
-def test_quantization_is_refused_on_a_vit():
+def test_quantization_is_refused_on_a_vit_and_with_a_fully_trained_language_model():
     from pipeline.config import from_dict
     from pipeline.schema import RunConfig
 
     with pytest.raises(ValueError, match="not vit"):
         from_dict(RunConfig, {"model": {"arch": "vit", "preset": "tiny", "quantization": "nf4"}})
+    for adapter in ({"method": "full"}, {"language": "full"}):
+        with pytest.raises(ValueError, match="packed integers and cannot be trained"):
+            from_dict(RunConfig, {"model": {"preset": "tiny", "quantization": "nf4"}, "adapter": adapter})
+    assert from_dict(RunConfig, {"model": {"preset": "tiny", "quantization": "nf4"},
+                                 "adapter": {"vision": "full"}}).adapter.vision == "full"
 
 
 @pytest.mark.parametrize("arch,preset", [("vlm", "tiny-qwen2_5_vl"), ("llava", "tiny")])
