@@ -115,19 +115,28 @@ def neutralise_cpu_repack(model: nn.Module) -> int:
     return count
 
 
-def saved_preset(path: Path, build) -> Path:
+def saved_preset(path: Path, build, wait_s: float = 3600.0) -> Path:
     """A preset (built from config, no checkpoint) saved at `path` once, atomically, so that it loads quantized like
     any checkpoint: bitsandbytes quantizes while `from_pretrained` loads. `build()` -> (model, processor); a preset
     is deterministic in its seed, so the saved copy is the model the run would have built.
 
-    No collective: it is reached by every rank (train) or by one (merge, which runs on the main process only), so
-    a rank that finds no copy saves its own under a private name and renames it into place; when another rank got
-    there first the rename fails and the private copy (the same model) is dropped."""
+    No collective: it is reached by every rank (train) or by the main one alone (merge), so rank 0 saves (under a
+    private name, renamed into place) and the other ranks wait for the file; transformers' `save_pretrained` writes
+    on rank 0 only anyway. Without a process group every process saves its own copy and the first rename wins."""
     import os
     import shutil
+    import time
 
     path = Path(path)
     if (path / "config.json").is_file():
+        return path
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if initialised and torch.distributed.get_rank() != 0:
+        deadline = time.monotonic() + wait_s
+        while not (path / "config.json").is_file():
+            if time.monotonic() > deadline:
+                raise UserError(f"{path}: rank 0 did not save the preset within {wait_s:.0f} s")
+            time.sleep(1.0)
         return path
     model, processor = build()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

@@ -173,3 +173,35 @@ def test_every_real_config_offers_qlora():
         assert "# quantization: nf4" in path.read_text(), path.name
         cfg = load_config(RunConfig, path, ["model.quantization=nf4"])
         assert cfg.model.quantization == "nf4" and cfg.model.double_quant
+
+
+def _save_preset_on(rank: int, port: int, path: str, out: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from pipeline.quantize import saved_preset
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def build():
+        assert rank == 0, "only rank 0 may build and save (transformers writes on rank 0 only)"
+        time.sleep(2)  # rank 1 reaches the file first and must wait for it
+        model = build_tiny("qwen2_5_vl", seed=0)
+        return model, tiny_processor("qwen2_5_vl")
+
+    saved = saved_preset(Path(path), build)
+    Path(out, f"rank{rank}").write_text(str(sorted(p.name for p in saved.iterdir())))
+    dist.destroy_process_group()
+
+
+def test_a_preset_is_saved_by_rank_0_and_waited_for_by_the_others(tmp_path):
+    """Two gloo ranks reach `saved_preset` (the train stage): rank 0 saves, rank 1 waits for the file without a
+    collective (the merge stage calls it on rank 0 alone); both see the same complete directory."""
+    import torch.multiprocessing as mp
+    from _procs import free_port
+
+    mp.spawn(_save_preset_on, args=(free_port(), str(tmp_path / "base" / "model"), str(tmp_path)), nprocs=2)
+    seen = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    assert seen[0] == seen[1] and "config.json" in seen[0] and "model.safetensors" in seen[0]
+    assert not list((tmp_path / "base").glob("model.tmp*"))
