@@ -8,6 +8,7 @@ the others, its error is recorded):
                 LoRA and StructLoRA on a bf16 and on an NF4 base (loss, CUDA peak memory)
   smoke_bf16    structlora run configs/smoke.yaml, bf16 on the GPU: every stage, the merge check
   smoke_nf4     the same on an NF4 base (bitsandbytes' CUDA kernels): every stage, the merge check
+  smoke_vlm_nf4 configs/smoke_vlm.yaml (tiny Qwen2.5-VL, `model.arch: vlm`) on an NF4 base: every stage, the merge check
   eval          bench/eval_throughput.py --presets tiny,skeleton --ranks 1: `structlora eval` samples/s on the GPU
 
 Writes one JSON (--out) and a Markdown section (--markdown) ready for BENCHMARKS.md. `--dry-run` runs the same
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("overhead", "memory", "smoke_bf16", "smoke_nf4", "eval")
+STEPS = ("overhead", "memory", "smoke_bf16", "smoke_nf4", "smoke_vlm_nf4", "eval")
 
 
 def commands(work: Path, dry_run: bool) -> dict[str, tuple[list[str], int]]:
@@ -36,6 +37,8 @@ def commands(work: Path, dry_run: bool) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     device = "cpu" if dry_run else "cuda"
     smoke = [py, "-m", "pipeline.cli", "run", "configs/smoke.yaml", "--set", f"publish.registry={work}/registry"]
+    vlm = [py, "-m", "pipeline.cli", "run", "configs/smoke_vlm.yaml", "--set", f"publish.registry={work}/registry",
+           "--set", "model.quantization=nf4", "--set", "eval.tasks=[caption,test_loss]"]
     if dry_run:
         return {
             "overhead": ([py, "bench/overhead.py", "--preset", "tiny", "--rounds", "2", "--warmup", "1",
@@ -48,6 +51,8 @@ def commands(work: Path, dry_run: bool) -> dict[str, tuple[list[str], int]]:
             "smoke_nf4": ([*smoke, "--run-dir", str(work / "smoke_nf4"), "--set", "model.quantization=nf4",
                            "--set", "train.max_steps=4", "--set", "base.max_steps=4", "--set", "eval.tasks=[caption]"],
                           600),
+            "smoke_vlm_nf4": ([*vlm, "--run-dir", str(work / "smoke_vlm_nf4"), "--set", "train.max_steps=4",
+                               "--set", "base.max_steps=4", "--set", "eval.max_samples=4"], 600),
             "eval": ([py, "bench/eval_throughput.py", "--presets", "tiny", "--ranks", "1", "--samples", "2",
                       "--work", str(work / "eval"), "--out", str(work / "eval.json")], 600),
         }
@@ -60,8 +65,9 @@ def commands(work: Path, dry_run: bool) -> dict[str, tuple[list[str], int]]:
                         "--set", "model.dtype=bfloat16"], 60),
         "smoke_nf4": ([*smoke, "--run-dir", str(work / "smoke_nf4"), "--set", "model.quantization=nf4",
                        "--set", "train.precision=bf16"], 60),
+        "smoke_vlm_nf4": ([*vlm, "--run-dir", str(work / "smoke_vlm_nf4"), "--set", "train.precision=bf16"], 60),
         "eval": ([py, "bench/eval_throughput.py", "--presets", "tiny,skeleton", "--ranks", "1", "--samples", "32",
-                  "--skeleton-samples", "8", "--work", str(work / "eval"), "--out", str(work / "eval.json")], 90),
+                  "--skeleton-samples", "8", "--work", str(work / "eval"), "--out", str(work / "eval.json")], 60),
     }
 
 

@@ -3,7 +3,7 @@
 # bench/results/gpu_check.json and, with --markdown FILE, the section for BENCHMARKS.md.
 #   scripts/gpu_check.sh --markdown /tmp/gpu_check.md        on a machine with a CUDA GPU (after `make setup`)
 #   scripts/gpu_check.sh --dry-run --out /tmp/gpu_check.json  anywhere: CPU sizes, the format only
-#   scripts/gpu_check.sh --steps overhead,memory              a subset (overhead, memory, smoke_bf16, smoke_nf4, eval)
+#   scripts/gpu_check.sh --steps overhead,memory              a subset (overhead, memory, smoke_bf16, smoke_nf4, smoke_vlm_nf4, eval)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

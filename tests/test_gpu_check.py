@@ -40,6 +40,7 @@ def test_the_gpu_commands_are_the_projects_own(tmp_path):
         assert script is not None and (ROOT / script).is_file(), command
     assert "cuda" in plan["overhead"][0] and "fp32,bf16" in plan["overhead"][0]
     assert "model.quantization=nf4" in plan["smoke_nf4"][0] and "bf16,nf4" in plan["memory"][0]
+    assert "configs/smoke_vlm.yaml" in plan["smoke_vlm_nf4"][0] and "model.quantization=nf4" in plan["smoke_vlm_nf4"][0]
 
 
 def test_a_dry_run_writes_the_json_and_the_benchmarks_section(tmp_path):
@@ -61,8 +62,10 @@ def test_a_dry_run_of_every_step(tmp_path):
     proc = _run("--dry-run", "--out", str(out), "--markdown", str(md), "--work", str(tmp_path / "work"), timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert [s["step"] for s in report["steps"]] == ["overhead", "memory", "smoke_bf16", "smoke_nf4", "eval"]
-    nf4 = report["steps"][3]
-    assert nf4["merge_check"]["quantization"] == "nf4" and nf4["merge_check"]["max_abs_diff"] < 1e-4
+    assert [s["step"] for s in report["steps"]] == ["overhead", "memory", "smoke_bf16", "smoke_nf4", "smoke_vlm_nf4",
+                                                    "eval"]
+    for nf4 in report["steps"][3:5]:
+        assert nf4["merge_check"]["quantization"] == "nf4" and nf4["merge_check"]["max_abs_diff"] < 1e-4
+    assert report["steps"][4]["merge_check"]["model_class"] == "Qwen2_5_VLForConditionalGeneration"
     text = md.read_text()
-    assert "| smoke_nf4 | ok |" in text and "merge max abs diff" in text and "| memory | ok |" in text
+    assert "| smoke_nf4 | ok |" in text and "| smoke_vlm_nf4 | ok |" in text and "merge max abs diff" in text and "| memory | ok |" in text
