@@ -28,23 +28,20 @@ SHARED_ARMS = ("lora", "structlora")
 def shared_cells(root: Path = ROOT) -> list[tuple[dict, dict]]:
     """(long-context cell, QLoRA cell) pairs of the float arms and the base model, every lr candidate and every
     grid seed; raises AssertionError naming the first cell whose spec differs."""
-    from pipeline.compare_cells import comparable, deep_merge
-    from pipeline.compare_plan import arm_settings, grid_cells, load_plan, make_cell, scaled_lr
+    from pipeline.compare import lr_cells
+    from pipeline.compare_cells import comparable
+    from pipeline.compare_plan import grid_cells, load_plan
 
     os.chdir(root)  # the plans name their files relative to the repository, as `structlora compare` runs there
     plans = {name: load_plan(Path("bench") / f"{name}.yaml", None) for name in ("long_context", "qlora")}
     cells: dict[str, dict[str, dict]] = {}
     for name, plan in plans.items():
-        lr = plan["lr"]
         found = {}
         for arm in SHARED_ARMS:
-            assert arm in lr["arms"], f"{name}: the lr search leaves out {arm}"
-            for scale in lr["scales"]:
-                settings = deep_merge(scaled_lr(plan, arm_settings(plan, arm, None), scale),
-                                      {"adapter": {"rank": lr["rank"]}})
-                for seed in lr["seeds"]:
-                    cell = make_cell(plan, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False)
-                    found[cell["id"]] = cell
+            assert arm in plan["lr"]["arms"], f"{name}: the lr search leaves out {arm}"
+        for (arm, _), lr_group in lr_cells(plan, None).items():
+            if arm in SHARED_ARMS:
+                found.update((cell["id"], cell) for cell in lr_group)
         for cell in grid_cells(plan, None, {arm: 1.0 for arm in plan["arms"]}):
             if cell["name"] in (*SHARED_ARMS, "base"):
                 found[cell["id"]] = cell

@@ -155,6 +155,18 @@ def gate_phase(plan, runner: Runner) -> tuple[dict[str, Any] | None, list[dict[s
 # --- phase 2: learning rates ---------------------------------------------------------------------------
 
 
+def lr_cells(plan, gate) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """{(arm, scale): its cells, one per seed} of the lr search: each searched arm at each candidate rate, at the
+    search's rank, scored on the validation split."""
+    lr, named = plan["lr"], {}
+    for arm in lr["arms"]:
+        for scale in lr["scales"]:
+            settings = deep_merge(scaled_lr(plan, arm_settings(plan, arm, gate), scale), {"adapter": {"rank": lr["rank"]}})
+            named[(arm, scale)] = on_frozen_base(plan, "lr", [
+                make_cell(plan, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False) for seed in lr["seeds"]])
+    return named
+
+
 def lr_phase(plan, gate, runner: Runner) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """{arm: chosen scale} (of the arms whose candidates all finished) and every search row. One candidate
     is no choice: no cell runs."""
@@ -162,12 +174,7 @@ def lr_phase(plan, gate, runner: Runner) -> tuple[dict[str, float], list[dict[st
     if len(lr["scales"]) == 1:
         only = float(lr["scales"][0])
         return {arm: only for arm in plan["arms"]}, []
-    named = {}
-    for arm in lr["arms"]:
-        for scale in lr["scales"]:
-            settings = deep_merge(scaled_lr(plan, arm_settings(plan, arm, gate), scale), {"adapter": {"rank": lr["rank"]}})
-            named[(arm, scale)] = on_frozen_base(plan, "lr", [
-                make_cell(plan, "lr", f"{arm}.x{scale:g}", settings, seed, "val", False) for seed in lr["seeds"]])
+    named = lr_cells(plan, gate)
     results = _run_named(named, runner)
     complete = [arm for arm in lr["arms"]  # a partial report chooses nothing for an arm still running
                 if all(len(results[(arm, s)]) == len(named[(arm, s)]) for s in lr["scales"])]

@@ -96,12 +96,13 @@ def load_base(ctx: StageContext):
         from pipeline.vlm import load_vlm_base
 
         return load_vlm_base(ctx, base_model_dir(ctx))
-    vocab, extra = world_texts()
+    def build():
+        return build_llava(cfg.model, *world_texts(), seed=cfg.seed)
+
     if cfg.model.preset is None:
         model, processor = load_llava(cfg.model, compute_dtype(cfg))
     elif cfg.base.enabled or cfg.model.quantization != "none":  # the base stage's model, or the preset saved to load quantized
-        path = base_model_dir(ctx) if cfg.base.enabled else saved_preset(
-            base_model_dir(ctx), lambda: build_llava(cfg.model, vocab, extra, seed=cfg.seed))
+        path = base_model_dir(ctx) if cfg.base.enabled else saved_preset(base_model_dir(ctx), build)
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
         model, processor = load_llava(ModelConfig(name_or_path=str(path), quantization=cfg.model.quantization,
@@ -109,7 +110,7 @@ def load_base(ctx: StageContext):
                                                   vision_feature_layer=cfg.model.vision_feature_layer),
                                       compute_dtype(cfg))
     else:
-        model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
+        model, processor = build()
     return model, with_image_fit(processor, cfg.data.image_fit)
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _procs import cpu_env, free_port, kill_train_after_checkpoints, prepare_only, run_command
+from _procs import cpu_env, kill_train_after_checkpoints, prepare_only, run_command, torchrun
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,22 +42,26 @@ def _copy(prepared: Path, dest: Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    return free_port()
+def _on_two_ranks(run_dir: Path, *args: str) -> None:
+    """`structlora run` (the micro smoke config, `args` appended) under torchrun with two gloo ranks."""
+    proc = subprocess.run(torchrun(2, "-m", "pipeline.cli", *_cli(run_dir, *args)[3:]), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _trained_on_two_ranks(run_dir: Path, steps: int) -> dict:
+    """The train summary of a two-rank run of `steps` steps; both ranks ended with the same adapter."""
+    summary = json.loads((run_dir / "train" / "final" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == steps
+    first, second = summary["rank_checksums"]
+    assert first == second, "the two ranks ended with different adapters"
+    return summary
 
 
 def test_two_process_ddp_on_cpu(prepared, tmp_path):
     run = _copy(prepared, tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "pipeline.cli", *_cli(run, "--stages", "train",
-                                                                              "--set", "train.max_steps=12",
-                                                                              "--set", "train.save_every=6")[3:]]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run / "train" / "final" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 12
-    first, second = summary["rank_checksums"]
-    assert first == second, "the two ranks ended with different adapters"
+    _on_two_ranks(run, "--stages", "train", "--set", "train.max_steps=12", "--set", "train.save_every=6")
+    _trained_on_two_ranks(run, 12)
     shards = [json.loads((run / "train" / f"shards.rank{r}.json").read_text()) for r in (0, 1)]
     for task in shards[0]["workers"][0]:
         mine, theirs = set(shards[0]["workers"][0][task]), set(shards[1]["workers"][0][task])
@@ -68,12 +71,8 @@ def test_two_process_ddp_on_cpu(prepared, tmp_path):
     assert not list((run / "train" / "checkpoints").glob(".tmp-*"))
 
     # eval on the same 2 ranks: generation (long-context captioning too) sharded, scored once on rank 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "pipeline.cli",
-           *_cli(run, "--stages", "eval", "--set", "train.max_steps=12", "--set", "train.save_every=6",
-                 "--set", "eval.max_samples=6", "--set", "eval.long_context_samples=5")[3:]]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _on_two_ranks(run, "--stages", "eval", "--set", "train.max_steps=12", "--set", "train.save_every=6",
+                  "--set", "eval.max_samples=6", "--set", "eval.long_context_samples=5")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
     buckets = metrics["long_context"]["buckets"]
     assert buckets and all(b["num_images"] == 5 for b in buckets.values()), buckets
@@ -119,16 +118,9 @@ def test_two_process_ddp_on_an_nf4_base(prepared, tmp_path):
     (main process only, while the other rank waits: no collective may hide in loading the base) is exact."""
     pytest.importorskip("bitsandbytes")
     run = _copy(prepared, tmp_path / "ddp_nf4")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "pipeline.cli",
-           *_cli(run, "--stages", "train,merge", "--set", "train.max_steps=6", "--set", "train.save_every=3",
-                 "--set", "model.quantization=nf4")[3:]]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run / "train" / "final" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 6
-    first, second = summary["rank_checksums"]
-    assert first == second, "the two ranks ended with different adapters"
+    _on_two_ranks(run, "--stages", "train,merge", "--set", "train.max_steps=6", "--set", "train.save_every=3",
+                  "--set", "model.quantization=nf4")
+    _trained_on_two_ranks(run, 6)
     assert (run / "base" / "model" / "config.json").is_file() and not list((run / "base").glob("model.tmp*"))
     check = json.loads((run / "merge" / "merge_check.json").read_text())
     assert check["quantization"] == "nf4" and check["max_abs_diff"] < 1e-5
