@@ -217,8 +217,12 @@ def load_llava(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
         from pipeline.quantize import load_quantized
 
         model = load_quantized(LlavaForConditionalGeneration, source, cfg.quantization,
-                               compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision)
+                               compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision,
+                               name=cfg.name_or_path)
     else:
+        from pipeline.quantize import check_saved
+
+        check_saved(source, "none", cfg.revision, cfg.name_or_path)
         model = LlavaForConditionalGeneration.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
     processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)
     if model.config.vision_feature_layer != cfg.vision_feature_layer:

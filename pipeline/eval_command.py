@@ -95,9 +95,13 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
 def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None, quantization: str | None = None):
     """(model, processor) of a local directory or a cached / reachable hub id: any image-text-to-text family
     (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...), by AutoModelForImageTextToText;
-    `quantization` (nf4 | fp4 | int8): its language model quantized (pipeline.quantize)."""
+    `quantization` (nf4 | fp4 | int8): its language model quantized (pipeline.quantize); a checkpoint saved
+    quantized by bitsandbytes loads so without it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from pipeline.quantize import saved_kind
+
+    quantization = quantization or saved_kind(source, revision)  # a checkpoint saved 4-bit loads as saved
     if quantization:
         from pipeline.quantize import load_quantized
         from pipeline.sharding import resolve_precision

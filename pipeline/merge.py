@@ -184,6 +184,11 @@ def _other_merges(ctx: StageContext, merged, names: list[str], batches, referenc
         return {"skipped": f"merge.quantization_paths={setting}" + (f" and a {size / 1e9:.1f} B-parameter model: "
                            "set it to true to measure (a float copy of the base on the CPU)" if size else "")}
     source = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
+    from pipeline.backbones import resolve_pretrained
+    from pipeline.quantize import saved_kind
+
+    if saved_kind(resolve_pretrained(source, cfg.model.revision), cfg.model.revision):
+        return {"skipped": f"{source} was saved quantized: there are no float weights to merge into"}
     if cfg.model.arch == "vlm":
         from pipeline.vlm import load_vlm
 

@@ -152,15 +152,65 @@ def saved_preset(path: Path, build, wait_s: float = 3600.0) -> Path:
     return path
 
 
+def saved_kind(source: str | Path, revision: str | None = None, name: str | None = None) -> str | None:
+    """How a checkpoint was saved: 'nf4' / 'fp4' / 'int8' for one quantized by bitsandbytes (its config.json holds a
+    `quantization_config`, e.g. a `*-bnb-4bit` upload or a QLoRA base saved after loading), None for a float one.
+    Other quantizers (GPTQ, AWQ, compressed-tensors, fp8, ...) are refused: they are not built here."""
+    from transformers import AutoConfig
+
+    q = getattr(AutoConfig.from_pretrained(source, revision=revision), "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    method = q.get("quant_method", "unknown")
+    if method != "bitsandbytes":
+        raise UserError(f"{name or source}: its config.json's quantization_config has quant_method={method!r}; only "
+                        "bitsandbytes bases (nf4 / fp4 / int8) are built here: give the float checkpoint and set "
+                        "model.quantization to quantize it while loading")
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        return "int8"
+    return str(q.get("bnb_4bit_quant_type", "fp4"))
+
+
+def check_saved(source: str | Path, requested: str, revision: str | None = None, name: str | None = None) -> str | None:
+    """A saved-quantized checkpoint's kind (`saved_kind`), refused unless `model.quantization` names it: loading it
+    with none would train on 4-bit weights that the merge then cannot fold into (there are no float weights to
+    load), and another kind cannot be had without the float weights either."""
+    kind = saved_kind(source, revision, name)
+    if kind is not None and requested != kind:
+        what = "none (a float base)" if requested == "none" else requested
+        raise UserError(f"{name or source}: saved quantized by bitsandbytes ({kind}), but model.quantization is {what}: "
+                        f"set model.quantization={kind} (e.g. --set model.quantization={kind}); it trains on the "
+                        "4-bit weights as saved and merges by dequantizing them")
+    return kind
+
+
 def load_quantized(model_class, source: str | Path, quantization: str, compute_dtype: torch.dtype,
                    double_quant: bool = True, revision: str | None = None, device_map: Any = None,
-                   keep: tuple[str, ...] | None = None):
+                   keep: tuple[str, ...] | None = None, name: str | None = None):
     """`model_class.from_pretrained(source)` with the language model quantized (LLaVA's recipe), the trap off;
-    `keep` (unquantized module patterns) defaults to `keep_float_for(model_class, source)`."""
-    if keep is None:
-        keep = keep_float_for(model_class, source, revision)
+    `keep` (unquantized module patterns) defaults to `keep_float_for(model_class, source)`. A checkpoint saved
+    quantized (`saved_kind`) loads as saved (its own skip list and double quant), computing in `compute_dtype`."""
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    if check_saved(source, quantization, revision, name) is not None:
+        model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map)
+        # the run's compute dtype, not the one saved (uploads are often bf16; from_pretrained keeps it for the
+        # float layers whatever `dtype` says): the float weights cast, and each 4-bit linear computes and
+        # dequantizes in it (a bf16 quant_state makes the forward and the dequantized weight differ by ~2e-3)
+        for module in model.modules():
+            if hasattr(module, "compute_dtype") and is_quantized_linear(module):
+                module.compute_dtype = compute_dtype
+                state = getattr(module.weight, "quant_state", None)
+                if state is not None:
+                    state.dtype = compute_dtype
+            for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if tensor.is_floating_point() and tensor.dtype != compute_dtype:
+                    tensor.data = tensor.data.to(compute_dtype)
+        neutralise_cpu_repack(model)
+        return model
+    if keep is None:
+        keep = keep_float_for(model_class, source, revision)
     model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map,
                                         quantization_config=bnb_config(quantization, compute_dtype, double_quant, keep))
     neutralise_cpu_repack(model)
@@ -232,6 +282,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
         for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
             if attr in vars(module):
                 setattr(module, attr, False)
+        conversions = vars(module).get("_weight_conversions")
+        if conversions:  # a checkpoint saved quantized loaded through bitsandbytes' deserializers: saving a plain
+            module._weight_conversions = [  # model must not try to reverse them (they have no reverse)
+                c for c in conversions if not any("bitsandbytes" in type(op).__module__
+                                                  for op in getattr(c, "operations", ()))]
     return replaced
 
 

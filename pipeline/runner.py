@@ -181,6 +181,11 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
         from pipeline.sharding import preflight
 
         preflight(cfg.train.precision, cfg.train.sharding, cfg.adapter.method, cfg.model.quantization)
+        if cfg.model.name_or_path and Path(cfg.model.name_or_path).expanduser().is_dir():  # not after prepare
+            from pipeline.quantize import check_saved
+
+            check_saved(Path(cfg.model.name_or_path).expanduser(), cfg.model.quantization, cfg.model.revision,
+                        cfg.model.name_or_path)
     if from_stage and main:
         Manifest(run_dir / "manifest.json").invalidate_from(from_stage)
     state.wait_for_everyone()

@@ -67,13 +67,17 @@ def load_vlm(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
     source = resolve_pretrained(cfg.name_or_path, cfg.revision)
     try:
         if cfg.quantization == "none":
+            from pipeline.quantize import check_saved
+
+            check_saved(source, "none", cfg.revision, cfg.name_or_path)
             model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision,
                                                                 dtype=DTYPES[cfg.dtype])
         else:
             from pipeline.quantize import load_quantized
 
             model = load_quantized(AutoModelForImageTextToText, source, cfg.quantization,
-                                   compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision)
+                                   compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision,
+                                   name=cfg.name_or_path)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):  # e.g. a quantizer's own error: as it is
             raise
