@@ -261,3 +261,44 @@ def test_a_bf16_compute_nf4_base_trains_under_autocast(saved_tiny):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_gradient_checkpointing_on_an_nf4_base_gives_the_same_gradients(saved_tiny):
+    """QLoRA runs almost always checkpoint activations (`train.gradient_checkpointing`): the frozen 4-bit base and
+    frozen embeddings give the recomputed blocks no input that requires grad, so a reentrant checkpoint would
+    leave the adapter without gradients; the non-reentrant one the trainer uses gives exactly the gradients of a
+    run without it, on every trainable tensor."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pipeline.methods import attach_method
+    from pipeline.schema import AdapterConfig
+    from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
+
+    processor = AutoProcessor.from_pretrained(saved_tiny)
+    batch = processor(images=[Image.new("RGB", (64, 64), (20, 30, 200))],
+                      text=["USER: <image>\nDescribe the image. ASSISTANT: a blue square"], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    grads = []
+    for checkpointing in (False, True):
+        model = load_quantized(LlavaForConditionalGeneration, saved_tiny, "nf4", torch.float32)
+        cfg, adapter = ModelConfig(preset="tiny"), AdapterConfig(method="structlora", rank=4, alpha=8)
+        adapted = attach_method(model, adapter, target_module_names(model, cfg, adapter),
+                                full_module_names(model, adapter), 10,
+                                structlora_config=structlora_config_for(model, cfg, adapter, 10),
+                                frozen_modules=unused_modules(model))
+        torch.manual_seed(0)
+        for name, p in adapted.model.named_parameters():  # lora_B away from zero: every factor gets a gradient
+            if p.requires_grad and "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        if checkpointing:
+            adapted.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert adapted.model.is_gradient_checkpointing
+        adapted.model.train()
+        adapted.model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in adapted.model.named_parameters() if p.requires_grad
+                      and p.grad is not None})
+        assert len(grads[-1]) == sum(p.requires_grad for p in adapted.model.parameters())
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    assert any(float(g.abs().sum()) > 0 for n, g in grads[1].items() if ".language_model." in n)
