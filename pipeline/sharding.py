@@ -66,10 +66,21 @@ QUANTIZED_SHARDING = ("{kind} with model.quantization: it would shard bitsandbyt
                       "4-bit copy per GPU, QLoRA's point) or shard an unquantized base")
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def preflight(precision: str, sharding: str, method: str, quantization: str = "none") -> None:
     """What can be refused before any stage runs (the rest is checked when the train stage sets up)."""
     if sharding == "fsdp" and quantization != "none":
         raise UserError("train.sharding=" + QUANTIZED_SHARDING.format(kind="fsdp"))
+    if quantization != "none":  # the launcher's choice, as `accelerate launch` passes it (checked again at setup)
+        if _env_true("ACCELERATE_USE_FSDP") and torch.cuda.is_available():  # on CPU it falls back to DDP
+            raise UserError("FSDP " + QUANTIZED_SHARDING.format(kind="(ACCELERATE_USE_FSDP, from the accelerate "
+                                                                       "config or --use_fsdp)"))
+        if _env_true("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+            raise UserError("DeepSpeed ZeRO-3 " + QUANTIZED_SHARDING.format(kind="(partitioning parameters)")
+                            .replace("or shard an unquantized base", "ZeRO-2, or shard an unquantized base"))
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a GPU: on CPU accelerate would silently train in float32 "
                         "(no autocast, no grad scaler); use bf16 or fp32")

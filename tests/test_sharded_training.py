@@ -123,7 +123,7 @@ def test_fsdp_config_downgraded_by_accelerate_is_reported(monkeypatch):
     assert any("asks for FSDP but accelerate runs MULTI_CPU" in n for n in plan.notes)
 
 
-def test_a_quantized_base_is_refused_where_its_weights_would_be_sharded():
+def test_a_quantized_base_is_refused_where_its_weights_would_be_sharded(monkeypatch):
     """FSDP and ZeRO-3 flatten / partition parameters, and bitsandbytes' packed weights lose their quantization
     state that way: refused before any stage runs (train.sharding=fsdp) and when the launcher asks for it; DDP and
     ZeRO-2 (whole 4-bit copy per rank) are QLoRA's way and go ahead."""
@@ -134,6 +134,20 @@ def test_a_quantized_base_is_refused_where_its_weights_would_be_sharded():
     with pytest.raises(UserError, match="train.sharding=fsdp with model.quantization"):
         preflight("fp32", "fsdp", "structlora", "nf4")
     preflight("fp32", "auto", "structlora", "nf4")
+    with monkeypatch.context() as env:  # the launcher's FSDP / ZeRO-3, refused before prepare on a GPU machine
+        env.setenv("ACCELERATE_USE_FSDP", "true")
+        preflight("fp32", "auto", "structlora", "nf4")  # on CPU accelerate falls back to DDP: allowed
+        preflight("fp32", "auto", "structlora", "none")
+        env.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.raises(UserError, match="ACCELERATE_USE_FSDP"):
+            preflight("bf16", "auto", "structlora", "nf4")
+    with monkeypatch.context() as env:
+        env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+        with pytest.raises(UserError, match="ZeRO-3 .*ZeRO-2"):
+            preflight("fp32", "auto", "lora", "nf4")
+        env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        preflight("fp32", "auto", "lora", "nf4")
     with pytest.raises(UserError, match="FSDP .*bnb_4bit_quant_storage"):
         plan_sharding(_accelerator("MULTI_CPU"), "fsdp", "structlora", params, "fp32", quantized=True)
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000}}
