@@ -193,28 +193,48 @@ def load_quantized(model_class, source: str | Path, quantization: str, compute_d
     quantized (`saved_kind`) loads as saved (its own skip list and double quant), computing in `compute_dtype`."""
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+    # Always loaded in float32, then cast (`to_compute_dtype`): transformers casts a weight to `dtype` before
+    # bitsandbytes quantizes it, so loading in bf16 would give other 4-bit codes than the float32 load the merge
+    # makes (an fp16 / fp32 checkpoint: ~1% of the bytes, whole NF4 steps, 3e-2 in the logits)
     if check_saved(source, quantization, revision, name) is not None:
-        model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map)
-        # the run's compute dtype, not the one saved (uploads are often bf16; from_pretrained keeps it for the
-        # float layers whatever `dtype` says): the float weights cast, and each 4-bit linear computes and
-        # dequantizes in it (a bf16 quant_state makes the forward and the dequantized weight differ by ~2e-3)
-        for module in model.modules():
-            if hasattr(module, "compute_dtype") and is_quantized_linear(module):
-                module.compute_dtype = compute_dtype
-                state = getattr(module.weight, "quant_state", None)
-                if state is not None:
-                    state.dtype = compute_dtype
-            for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                if tensor.is_floating_point() and tensor.dtype != compute_dtype:
-                    tensor.data = tensor.data.to(compute_dtype)
-        neutralise_cpu_repack(model)
-        return model
-    if keep is None:
-        keep = keep_float_for(model_class, source, revision)
-    model = model_class.from_pretrained(source, revision=revision, dtype=compute_dtype, device_map=device_map,
-                                        quantization_config=bnb_config(quantization, compute_dtype, double_quant, keep))
+        model = model_class.from_pretrained(source, revision=revision, dtype=torch.float32, device_map=device_map)
+    else:
+        if keep is None:
+            keep = keep_float_for(model_class, source, revision)
+        model = model_class.from_pretrained(source, revision=revision, dtype=torch.float32, device_map=device_map,
+                                            quantization_config=bnb_config(quantization, compute_dtype, double_quant,
+                                                                           keep))
+    to_compute_dtype(model, compute_dtype)
     neutralise_cpu_repack(model)
     return model
+
+
+def to_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """What `from_pretrained(dtype=compute_dtype)` gives, after the fact on a quantized model: the float parameters
+    and persistent buffers cast (not the non-persistent ones such as RoPE's inv_freq, computed in float32; not the
+    model's `_keep_in_fp32_modules[_strict]`, where transformers keeps them), and every quantized linear computing
+    and dequantizing in it (a saved checkpoint's quant_state may say bf16: the forward and the dequantized weight
+    the merge folds into would differ by ~2e-3)."""
+    import re
+
+    patterns = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if compute_dtype != torch.float32 \
+        else set()
+    if compute_dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    kept = re.compile("|".join(re.escape(p).replace(r"\*", ".*") for p in patterns)) if patterns else None
+    for prefix, module in model.named_modules():
+        if is_quantized_linear(module):
+            if hasattr(module, "compute_dtype"):
+                module.compute_dtype = compute_dtype
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None:
+                state.dtype = compute_dtype
+        persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
+                      if n not in getattr(module, "_non_persistent_buffers_set", ())]
+        for name, tensor in list(module.named_parameters(recurse=False)) + persistent:
+            full = f"{prefix}.{name}" if prefix else name
+            if tensor.is_floating_point() and tensor.dtype != compute_dtype and not (kept and kept.search(full)):
+                tensor.data = tensor.data.to(compute_dtype)
 
 
 def layout(model: nn.Module) -> dict[str, str]:

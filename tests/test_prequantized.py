@@ -80,6 +80,9 @@ def test_it_loads_as_saved_computing_in_the_runs_dtype(saved):
     assert four_bit and {m.compute_dtype for m in four_bit} == {torch.float32}
     assert {m.weight.quant_state.dtype for m in four_bit} == {torch.float32}  # dequantizes as it computes
     assert not any(m.support_avx512bf16_for_cpu for m in four_bit)  # the repack trap off
+    bf16 = load_quantized(LlavaForConditionalGeneration, saved["nf4"], "nf4", torch.bfloat16)
+    assert bf16.model.vision_tower.dtype == torch.bfloat16  # RoPE's frequencies are not weights: float32 still
+    assert {b.dtype for n, b in bf16.named_buffers() if "inv_freq" in n} == {torch.float32}
 
 
 def test_structlora_trains_on_a_saved_nf4_base_and_merges_exactly(saved, tmp_path):

@@ -302,3 +302,24 @@ def test_gradient_checkpointing_on_an_nf4_base_gives_the_same_gradients(saved_ti
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     assert any(float(g.abs().sum()) > 0 for n, g in grads[1].items() if ".language_model." in n)
+
+
+def test_a_bf16_run_quantizes_the_weights_the_float32_merge_quantizes(saved_tiny):
+    """transformers casts each weight to `dtype` before bitsandbytes quantizes it: a bf16 load would give other
+    4-bit codes (~1% of the bytes here) than the float32 load of the merge, which would then fold the adapter into
+    another base. The loader quantizes from float32 and casts after: the same codes and scales in both, the float
+    parts in the compute dtype, RoPE's inv_freq (non-persistent) left in float32."""
+    import bitsandbytes as bnb
+    from transformers import LlavaForConditionalGeneration
+
+    loads = {dt: load_quantized(LlavaForConditionalGeneration, saved_tiny, "nf4", dt)
+             for dt in (torch.float32, torch.bfloat16)}
+    fours = {dt: [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)] for dt, model in loads.items()}
+    for a, b in zip(fours[torch.float32], fours[torch.bfloat16]):
+        assert torch.equal(a.weight.data, b.weight.data)
+        assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax)
+    bf16 = loads[torch.bfloat16]
+    assert {m.compute_dtype for m in fours[torch.bfloat16]} == {torch.bfloat16}
+    assert {m.weight.quant_state.dtype for m in fours[torch.bfloat16]} == {torch.bfloat16}
+    assert bf16.model.vision_tower.dtype == torch.bfloat16 and bf16.lm_head.weight.dtype == torch.bfloat16
+    assert {b.dtype for n, b in bf16.named_buffers() if "inv_freq" in n} == {torch.float32}
