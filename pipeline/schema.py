@@ -381,6 +381,11 @@ class RunConfig:
                              + ("adapter.method=full" if self.adapter.method == "full" else "adapter.language=full")
                              + ": the quantized language model's weights are packed integers and cannot be trained; "
                                "adapt it (lora) or load it unquantized")
+        if self.model.quantization != "none" and self.adapter.method in ("adalora", "vera"):
+            raise ValueError(f"model.quantization={self.model.quantization} with adapter.method={self.adapter.method}: "
+                             "the merge into a dequantized base is built for structlora, lora and dora (PEFT's "
+                             f"{self.adapter.method} layers keep their bitsandbytes forms and cannot merge there); "
+                             "use one of those or load the base unquantized")
         if self.data.long_context.share > 0 and self.model.arch != "llava":
             raise ValueError(f"data.long_context: long-context training examples are built for model.arch=llava "
                              f"only so far, not {self.model.arch}")
