@@ -115,25 +115,52 @@ def neutralise_cpu_repack(model: nn.Module) -> int:
     return count
 
 
-def saved_preset(path: Path, build, wait_s: float = 3600.0) -> Path:
-    """A preset (built from config, no checkpoint) saved at `path` once, atomically, so that it loads quantized like
-    any checkpoint: bitsandbytes quantizes while `from_pretrained` loads. `build()` -> (model, processor); a preset
-    is deterministic in its seed, so the saved copy is the model the run would have built.
+PRESET_STAMP = "preset.json"
+
+
+def preset_key(cfg) -> str:
+    """What a saved preset (`saved_preset`) was built from (`cfg`: a RunConfig): the model settings but how it is
+    loaded (quantization, dtype), and the seed."""
+    import json
+
+    from pipeline.config import to_dict
+
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in ("quantization", "double_quant", "dtype")}
+    return json.dumps({"model": model, "seed": cfg.seed}, sort_keys=True)
+
+
+def saved_preset(path: Path, build, key: str = "", wait_s: float = 3600.0) -> Path:
+    """A preset (built from config, no checkpoint) saved at `path`, atomically, so that it loads quantized like any
+    checkpoint: bitsandbytes quantizes while `from_pretrained` loads. `build()` -> (model, processor); a preset
+    is deterministic in its seed, so the saved copy is the model the run would have built. `key` (`preset_key`) is
+    stamped beside it: a copy saved from other settings (model.tiny / skeleton / seed changed between runs, with no
+    base stage to notice) is built again; a model there without a stamp (the base stage's) is refused, not replaced.
 
     No collective: it is reached by every rank (train) or by the main one alone (merge), so rank 0 saves (under a
-    private name, renamed into place) and the other ranks wait for the file; transformers' `save_pretrained` writes
+    private name, renamed into place) and the other ranks wait for the stamp; transformers' `save_pretrained` writes
     on rank 0 only anyway. Without a process group every process saves its own copy and the first rename wins."""
     import os
     import shutil
     import time
 
     path = Path(path)
-    if (path / "config.json").is_file():
+
+    def current() -> bool:
+        try:
+            return (path / "config.json").is_file() and (path / PRESET_STAMP).read_text() == key
+        except OSError:
+            return False
+
+    if current():
         return path
+    if (path / "config.json").is_file() and not (path / PRESET_STAMP).is_file():
+        raise UserError(f"{path}: holds a model that was not saved as this preset (the base stage's, or a preset saved "
+                        "before presets were stamped): remove it to build the preset there, or set base.enabled: true "
+                        "to train from it")
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if initialised and torch.distributed.get_rank() != 0:
         deadline = time.monotonic() + wait_s
-        while not (path / "config.json").is_file():
+        while not current():
             if time.monotonic() > deadline:
                 raise UserError(f"{path}: rank 0 did not save the preset within {wait_s:.0f} s")
             time.sleep(1.0)
@@ -143,12 +170,17 @@ def saved_preset(path: Path, build, wait_s: float = 3600.0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    (tmp / PRESET_STAMP).write_text(key)
+    if path.exists():  # a preset saved from other settings
+        stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
+        path.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.rename(path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: exists without a config.json; remove it and run again") from None
+        if not current():
+            raise UserError(f"{path}: exists without this preset's config.json; remove it and run again") from None
     return path
 
 
@@ -172,7 +204,8 @@ def saved_kind(source: str | Path, revision: str | None = None, name: str | None
     return str(q.get("bnb_4bit_quant_type", "fp4"))
 
 
-def check_saved(source: str | Path, requested: str, revision: str | None = None, name: str | None = None) -> str | None:
+def check_saved(source: str | Path, requested: str, revision: str | None = None,
+                name: str | None = None) -> str | None:
     """A saved-quantized checkpoint's kind (`saved_kind`), refused unless `model.quantization` names it: loading it
     with none would train on 4-bit weights that the merge then cannot fold into (there are no float weights to
     load), and another kind cannot be had without the float weights either."""

@@ -87,7 +87,7 @@ def base_model_dir(ctx: StageContext) -> Path:
 def load_base(ctx: StageContext):
     """(model, processor) the adaptation starts from: the base stage's model, or the config's."""
     from pipeline.backbones import build_llava, load_llava, with_image_fit
-    from pipeline.quantize import compute_dtype, saved_preset
+    from pipeline.quantize import compute_dtype, preset_key, saved_preset
 
     cfg = ctx.cfg
     if cfg.model.arch == "vit":
@@ -102,7 +102,8 @@ def load_base(ctx: StageContext):
     if cfg.model.preset is None:
         model, processor = load_llava(cfg.model, compute_dtype(cfg))
     elif cfg.base.enabled or cfg.model.quantization != "none":  # the base stage's model, or the preset saved to load quantized
-        path = base_model_dir(ctx) if cfg.base.enabled else saved_preset(base_model_dir(ctx), build)
+        path = base_model_dir(ctx) if cfg.base.enabled else saved_preset(base_model_dir(ctx), build,
+                                                                          preset_key(cfg))
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
         model, processor = load_llava(ModelConfig(name_or_path=str(path), quantization=cfg.model.quantization,

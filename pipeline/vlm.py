@@ -252,12 +252,12 @@ def load_vlm_base(ctx: StageContext, path: Path):
     """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's;
     `model.quantization` applies to a loaded model: a preset's is the base stage's, or without a base stage the
     preset saved in its place (quantize.saved_preset)."""
-    from pipeline.quantize import compute_dtype, saved_preset
+    from pipeline.quantize import compute_dtype, preset_key, saved_preset
 
     cfg = ctx.cfg
     if cfg.model.preset is not None and (cfg.base.enabled or cfg.model.quantization != "none"):
         if not cfg.base.enabled:  # the preset saved to load quantized
-            saved_preset(path, lambda: make_vlm(cfg.model, seed=cfg.seed))
+            saved_preset(path, lambda: make_vlm(cfg.model, seed=cfg.seed), preset_key(cfg))
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
         return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype,

@@ -4,6 +4,7 @@ the 4-bit base as on the float one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
+from pipeline.errors import UserError  # noqa: E402
 from pipeline.families import FAMILIES, build_tiny, tower_paths  # noqa: E402
 from pipeline.family_processors import tiny_processor  # noqa: E402
 from pipeline.quantize import layout  # noqa: E402
@@ -142,6 +144,17 @@ def test_a_preset_without_a_base_stage_is_saved_once_and_loaded_quantized(tmp_pa
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    # another seed in the same run directory (no base stage to notice): built again, not the stale copy
+    other = StageContext(cfg=dataclasses.replace(cfg, seed=cfg.seed + 1), run_dir=tmp_path)
+    reseeded, _ = load_base(other)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, reseeded(input_ids=ids).logits)
+    assert load_base(other)[0] is not None and saved.stat().st_mtime_ns != stamp
+    # a model there that is not a stamped preset (the base stage's) is refused, never replaced
+    (base_model_dir(ctx) / "preset.json").unlink()
+    with pytest.raises(UserError, match="not saved as this preset"):
+        load_base(ctx)
+    assert saved.is_file()
 
 
 @pytest.mark.slow
