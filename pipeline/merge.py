@@ -9,6 +9,7 @@ logits. A standard PEFT LoRA adapter is written beside it.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -82,6 +83,34 @@ def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[st
     return "\n".join(lines) + "\n"
 
 
+def float32_bytes(model: torch.nn.Module) -> int:
+    """The model's size once every weight is float32 (a 4-bit weight counted at its unpacked shape)."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        total += 4 * (state.shape.numel() if state is not None else param.numel())
+    return total
+
+
+def merge_device(model: torch.nn.Module, headroom: float = 1.3) -> str:
+    """Where the float32 fold and its check run: the GPU when the model in float32 (dequantized) fits in its free
+    memory with `headroom` for the check's activations, else the CPU (a 7B model in float32 is ~28 GB: more than
+    the 24 GB GPU that trained it in 4-bit or bf16)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    need = headroom * float32_bytes(model)
+    on_gpu = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
+    free = torch.cuda.mem_get_info()[0] + on_gpu
+    if need <= free:
+        return "cuda"
+    import logging
+
+    logging.getLogger("structlora.merge").warning(
+        "merging on the CPU: the model in float32 needs ~%.1f GiB with the check, the GPU has %.1f GiB free",
+        need / 2**30, free / 2**30)
+    return "cpu"
+
+
 def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     """Fold, check, save. Folding and the check run in float32 (a bf16 fold differs from the bf16
     unmerged model by ~1e-2 on its own); the merged weights are cast to `model.dtype` when saved."""
@@ -96,7 +125,7 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     fp32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"),
                                train=dataclasses.replace(cfg.train, precision="fp32"))
     adapted, processor = load_adapted_handle(StageContext(cfg=fp32, run_dir=ctx.run_dir))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = merge_device(adapted.model)
     adapted.model.to(device)
     batches = [{k: v.to(device) for k, v in b.items()} for b in _check_batches(ctx, processor)]
     reference = _logits(adapted.model, batches)
@@ -133,8 +162,13 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
 
     dtype = DTYPES[cfg.model.dtype]
     merged.to(dtype)
+    saved_logits, merged_class = _logits(merged, batches), type(merged)
     merged.save_pretrained(model_dir, safe_serialization=True)
     processor.save_pretrained(model_dir)
+    del merged, adapted  # the reload below must not need two copies of the model in memory
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     # the saved model must stand alone: reload it with plain transformers; it must equal what was saved
     from transformers import (
         AutoModelForImageClassification,
@@ -148,18 +182,19 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
         model_class = {"vit": AutoModelForImageClassification, "llava": LlavaForConditionalGeneration,
                        "vlm": AutoModelForImageTextToText}[cfg.model.arch]
     reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
-    diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(_logits(merged, batches), _logits(reloaded, batches)))
+    diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(saved_logits, _logits(reloaded, batches)))
     check["max_abs_diff_reloaded_vs_saved"] = diff_reloaded
     check["saved_dtype"] = cfg.model.dtype
+    check["device"] = device
     if diff_reloaded > 1e-6:
         raise RuntimeError(f"the reloaded merged model differs from the one saved by {diff_reloaded:.3e}")
     from eval.report import headline_from_file
 
     metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json")
-    if cfg.model.arch == "vlm" and type(reloaded) is not type(merged):
-        raise RuntimeError(f"the merged model reloads as {type(reloaded).__name__}, not {type(merged).__name__}")
-    check["model_class"] = type(merged).__name__
-    (model_dir / "README.md").write_text(model_card(ctx, metrics, check, type(merged).__name__))
+    if cfg.model.arch == "vlm" and type(reloaded) is not merged_class:
+        raise RuntimeError(f"the merged model reloads as {type(reloaded).__name__}, not {merged_class.__name__}")
+    check["model_class"] = merged_class.__name__
+    (model_dir / "README.md").write_text(model_card(ctx, metrics, check, merged_class.__name__))
     base_dir = ctx.run_dir / "base" / "model"
     info = {"base_model": str(base_dir.resolve()) if base_dir.is_dir() else cfg.model.name_or_path,
             "run_dir": str(Path(ctx.run_dir).resolve()), "method": cfg.adapter.method}

@@ -323,3 +323,19 @@ def test_a_bf16_run_quantizes_the_weights_the_float32_merge_quantizes(saved_tiny
     assert {m.weight.quant_state.dtype for m in fours[torch.bfloat16]} == {torch.bfloat16}
     assert bf16.model.vision_tower.dtype == torch.bfloat16 and bf16.lm_head.weight.dtype == torch.bfloat16
     assert {b.dtype for n, b in bf16.named_buffers() if "inv_freq" in n} == {torch.float32}
+
+
+def test_the_merge_runs_where_the_float32_model_fits(saved_tiny, monkeypatch):
+    """The fold and its check run in float32: on a GPU too small for that (a 7B model is ~28 GB in float32, more
+    than the 24 GB card that trained it in 4-bit), on the CPU. A 4-bit weight counts at its unpacked size."""
+    from pipeline.merge import float32_bytes, merge_device
+
+    model = _load(saved_tiny)
+    plain = _load(saved_tiny)
+    dequantize_model(plain)
+    assert float32_bytes(model) == float32_bytes(plain) == 4 * sum(p.numel() for p in plain.parameters())
+    assert merge_device(model) == "cpu"  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for free, where in ((2 * float32_bytes(model), "cuda"), (float32_bytes(model), "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda free=free: (free, 80 * 2**30))
+        assert merge_device(model) == where
