@@ -122,6 +122,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_quantization(args: argparse.Namespace) -> str | None:
+    if args.load_in_4bit and args.quantization not in (None, "nf4"):
+        raise UserError(f"--load-in-4bit means --quantization nf4, not {args.quantization}: give one of them")
+    return args.quantization or ("nf4" if args.load_in_4bit else None)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     result = _call(
         "pipeline.eval_command:run_eval",
@@ -132,7 +138,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, long_context_samples=args.long_context_samples, reference=args.reference,
         dtype=args.dtype, revision=args.revision, damaged_shards=args.damaged_shards,
         verify_shards=not args.no_verify_shards, timeout_minutes=args.timeout_minutes,
-        conversation_metric=args.conversation_metric, quantization="nf4" if args.load_in_4bit else None,
+        conversation_metric=args.conversation_metric, quantization=_eval_quantization(args),
+        double_quant=not args.no_double_quant,
     )
     if result:  # the main process: show the report
         print(Path(result["report"]).read_text(encoding="utf-8"))
@@ -355,9 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=8, help="samples per generate call")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: the checkpoint's own on a GPU, float32 on a CPU)")
-    p.add_argument("--load-in-4bit", action="store_true",
-                   help="load every model (and the base under each --adapter) with its language model in NF4 "
-                        "(bitsandbytes; vision tower, projector and lm_head kept), as QLoRA trained it")
+    p.add_argument("--quantization", choices=["nf4", "fp4", "int8"],
+                   help="load every model (and the base under each --adapter) with its language model quantized "
+                        "(bitsandbytes; vision tower, connector and lm_head kept) as a run with model.quantization "
+                        "trained it; a checkpoint saved quantized loads so without it")
+    p.add_argument("--load-in-4bit", action="store_true", help="= --quantization nf4")
+    p.add_argument("--no-double-quant", action="store_true",
+                   help="4-bit without double quant (for a run trained with model.double_quant: false)")
     p.add_argument("--revision", help="hub revision of hub-id models")
     p.add_argument("--registry", help="model registry folder, to name its entries as MODEL")
     p.add_argument("--out", help="output folder (default: runs/eval-DATE-TIME)")

@@ -92,11 +92,12 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
     return _default_name(spec), source
 
 
-def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None, quantization: str | None = None):
+def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None, quantization: str | None = None,
+               double_quant: bool = True):
     """(model, processor) of a local directory or a cached / reachable hub id: any image-text-to-text family
     (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...), by AutoModelForImageTextToText;
-    `quantization` (nf4 | fp4 | int8): its language model quantized (pipeline.quantize); a checkpoint saved
-    quantized by bitsandbytes loads so without it."""
+    `quantization` (nf4 | fp4 | int8, `double_quant` for 4-bit): its language model quantized as training
+    quantized it (pipeline.quantize); a checkpoint saved quantized by bitsandbytes loads so without it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pipeline.quantize import saved_kind
@@ -108,18 +109,19 @@ def load_model(source: str, dtype: torch.dtype | str, revision: str | None = Non
 
         compute = dtype if isinstance(dtype, torch.dtype) else (  # auto: as QLoRA trains on the device
             torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32)
-        model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, revision=revision)
+        model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, double_quant,
+                               revision=revision, option="--quantization")
     else:
         model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=dtype)
     return model, AutoProcessor.from_pretrained(source, revision=revision)
 
 
 def load_with_adapter(source: str, adapter: str, dtype: torch.dtype | str, revision: str | None = None,
-                      quantization: str | None = None):
+                      quantization: str | None = None, double_quant: bool = True):
     """The base model of `source` with the PEFT adapter of `adapter` on top (not merged)."""
     from peft import PeftModel
 
-    model, processor = load_model(source, dtype, revision, quantization)
+    model, processor = load_model(source, dtype, revision, quantization, double_quant)
     return PeftModel.from_pretrained(model, adapter, revision=revision).eval(), processor
 
 
@@ -141,7 +143,8 @@ def _unique(names: list[str], explicit: list[bool]) -> list[str]:
 
 
 def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry: Path | None = None,
-                  dtype: str = "auto", revision: str | None = None, quantization: str | None = None):
+                  dtype: str = "auto", revision: str | None = None, quantization: str | None = None,
+                  double_quant: bool = True):
     """ModelEntries (in the order given; adapters after the models) for the harness."""
     from eval.harness import ModelEntry
 
@@ -156,7 +159,7 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
         explicit.append(label is not None)
         sources.append(source)
         run_dirs.append((Path(rest).expanduser() / "manifest.json").is_file())
-        loaders.append(lambda s=source: load_model(s, torch_dtype, revision, quantization))
+        loaders.append(lambda s=source: load_model(s, torch_dtype, revision, quantization, double_quant))
     for spec in adapters:
         label, rest = split_label(spec)
         adapter = resolve_adapter(rest, revision)
@@ -169,7 +172,8 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
         names.append(label or f"{names[0]}+{_default_name(rest)}")
         explicit.append(label is not None)
         sources.append(f"{sources[0]} + {adapter}")
-        loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision, quantization))
+        loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision, quantization,
+                                                                         double_quant))
     names = _unique(names, explicit)
     return [ModelEntry(n, load, src) for n, load, src in zip(names, loaders, sources)]
 
@@ -284,7 +288,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
              reference: str | None = None, dtype: str = "auto", revision: str | None = None,
              damaged_shards: str = "error", verify_shards: bool = True,
              timeout_minutes: int = 240, conversation_metric: str = "auto",
-             quantization: str | None = None) -> dict[str, Any]:
+             quantization: str | None = None, double_quant: bool = True) -> dict[str, Any]:
     """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths.
 
     `damaged_shards`: a shard that fails its manifest check (size, and sha256 with `verify_shards`)
@@ -309,7 +313,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     if unknown or not tasks:
         raise UserError(f"--tasks: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
                         f"choose from {', '.join(TASKS)}")
-    entries = build_entries(models, adapters, registry, dtype, revision, quantization)
+    entries = build_entries(models, adapters, registry, dtype, revision, quantization, double_quant)
     names = [e.name for e in entries]
     if reference is not None and reference not in names:
         raise UserError(f"--reference {reference}: not one of the models ({', '.join(names)})")

@@ -204,23 +204,25 @@ def saved_kind(source: str | Path, revision: str | None = None, name: str | None
     return str(q.get("bnb_4bit_quant_type", "fp4"))
 
 
-def check_saved(source: str | Path, requested: str, revision: str | None = None,
-                name: str | None = None) -> str | None:
+def check_saved(source: str | Path, requested: str, revision: str | None = None, name: str | None = None,
+                option: str = "model.quantization") -> str | None:
     """A saved-quantized checkpoint's kind (`saved_kind`), refused unless `model.quantization` names it: loading it
     with none would train on 4-bit weights that the merge then cannot fold into (there are no float weights to
     load), and another kind cannot be had without the float weights either."""
     kind = saved_kind(source, revision, name)
     if kind is not None and requested != kind:
         what = "none (a float base)" if requested == "none" else requested
-        raise UserError(f"{name or source}: saved quantized by bitsandbytes ({kind}), but model.quantization is {what}: "
-                        f"set model.quantization={kind} (e.g. --set model.quantization={kind}); it trains on the "
-                        "4-bit weights as saved and merges by dequantizing them")
+        how = f"--set {option}={kind}" if option.startswith("model.") else f"{option} {kind}"
+        raise UserError(f"{name or source}: saved quantized by bitsandbytes ({kind}), but {option} is {what}: "
+                        f"set {option}={kind} (e.g. {how}); it trains on the 4-bit weights as saved and merges by "
+                        "dequantizing them")
     return kind
 
 
 def load_quantized(model_class, source: str | Path, quantization: str, compute_dtype: torch.dtype,
                    double_quant: bool = True, revision: str | None = None, device_map: Any = None,
-                   keep: tuple[str, ...] | None = None, name: str | None = None):
+                   keep: tuple[str, ...] | None = None, name: str | None = None,
+                   option: str = "model.quantization"):
     """`model_class.from_pretrained(source)` with the language model quantized (LLaVA's recipe), the trap off;
     `keep` (unquantized module patterns) defaults to `keep_float_for(model_class, source)`. A checkpoint saved
     quantized (`saved_kind`) loads as saved (its own skip list and double quant), computing in `compute_dtype`."""
@@ -229,7 +231,7 @@ def load_quantized(model_class, source: str | Path, quantization: str, compute_d
     # Always loaded in float32, then cast (`to_compute_dtype`): transformers casts a weight to `dtype` before
     # bitsandbytes quantizes it, so loading in bf16 would give other 4-bit codes than the float32 load the merge
     # makes (an fp16 / fp32 checkpoint: ~1% of the bytes, whole NF4 steps, 3e-2 in the logits)
-    if check_saved(source, quantization, revision, name) is not None:
+    if check_saved(source, quantization, revision, name, option) is not None:
         model = model_class.from_pretrained(source, revision=revision, dtype=torch.float32, device_map=device_map)
     else:
         if keep is None:

@@ -141,3 +141,28 @@ def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
     again, _ = load_vlm(ModelConfig(arch="vlm", name_or_path=str(tmp_path / "nf4"), quantization="nf4"),
                         torch.float32)
     assert layout(again) == layout(quantized)
+
+
+def test_structlora_eval_quantizes_as_the_run_did(saved):
+    """`structlora eval --quantization fp4 --no-double-quant` scores on the base a run with model.quantization=fp4
+    and double_quant: false trained on (--load-in-4bit is NF4 with double quant); a saved NF4 checkpoint asked for
+    as fp4 is refused with the flag to give."""
+    import bitsandbytes as bnb
+
+    from pipeline.cli import build_parser
+    from pipeline.eval_command import load_model
+
+    model, _ = load_model(str(saved["float"]), torch.float32, quantization="fp4", double_quant=False)
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert states and {s.quant_type for s in states} == {"fp4"} and not any(s.nested for s in states)
+    model, _ = load_model(str(saved["float"]), torch.float32, quantization="nf4")
+    assert all(m.weight.quant_state.nested for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    with pytest.raises(UserError, match=r"\(nf4\).*--quantization nf4"):
+        load_model(str(saved["nf4"]), torch.float32, quantization="fp4")
+    from pipeline.cli import _eval_quantization
+
+    parse = build_parser().parse_args
+    assert _eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit"])) == "nf4"
+    assert _eval_quantization(parse(["eval", "m", "--data", "d", "--quantization", "int8"])) == "int8"
+    with pytest.raises(UserError, match="--load-in-4bit means --quantization nf4"):
+        _eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit", "--quantization", "fp4"]))
