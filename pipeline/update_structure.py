@@ -48,11 +48,16 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     from pipeline.stages import load_adapted_handle, load_base
     from pipeline.towers import target_module_names
 
+    from pipeline.quantize import dequantize_model
+
+    # a quantized base (model.quantization) is measured as the merge folds it: dequantized, in float32
     base, _ = load_base(ctx)
     names = target_module_names(base, ctx.cfg.model, ctx.cfg.adapter)
+    dequantize_model(base)
     before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
     del base
     adapted, processor = load_adapted_handle(ctx)
+    dequantize_model(adapted.model)
     method_diag: dict[str, float] = {}
     if adapted.method == "structlora":
         from structlora import scalar_diagnostics

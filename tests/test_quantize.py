@@ -140,6 +140,20 @@ def _check_nf4_run(run: Path, check: dict, kind: str = "nf4") -> None:
     assert any(".language_model." in n for n in moved) and any(".vision_tower." in n for n in moved)
 
 
+def _check_update_structure(run: Path) -> None:
+    """`structlora compare --diagnostics` on a 4-bit cell: the update measured as the merge folds it (both models
+    dequantized), so every delta is finite and the language model's moved; the gradient cosines run on it."""
+    from pipeline.config import load_config
+    from pipeline.context import StageContext
+    from pipeline.schema import RunConfig
+    from pipeline.update_structure import update_structure
+
+    ctx = StageContext(cfg=load_config(RunConfig, run / "config.yaml"), run_dir=run)
+    found = update_structure(ctx)
+    assert all(v == v for k, v in found.items() if "cosine" in k or "energy" in k)  # no NaN
+    assert found["update_norm"] > 0 and -1 <= found["grad_adjacent_cosine"] <= 1
+
+
 def test_structlora_on_an_nf4_base_runs_every_stage_and_merges_exactly(tmp_path):
     """... and its PEFT export, put on the 4-bit base by PeftModel.from_pretrained, is the adapted model again:
     the same logits as the merged model, and `structlora eval --load-in-4bit --adapter` writes the captions the
@@ -150,6 +164,7 @@ def test_structlora_on_an_nf4_base_runs_every_stage_and_merges_exactly(tmp_path)
 
     run = tmp_path / "nf4"
     _check_nf4_run(run, _smoke_nf4(run, "structlora"))
+    _check_update_structure(run)
     processor = AutoProcessor.from_pretrained(run / "base" / "model")
     batch = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))],
                       text=["USER: <image>\nDescribe the image. ASSISTANT:"], return_tensors="pt")
