@@ -123,24 +123,53 @@ def test_structlora_eval_loads_a_saved_nf4_base_as_saved(saved):
     assert len(four_bit) == 14 and {m.compute_dtype for m in four_bit} == {torch.float32}
 
 
-def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
-    """model.arch: vlm, e.g. Qwen2.5-VL saved 4-bit: refused as float, loaded as saved with nf4."""
+def _saved_vlm_all_4bit(root: Path) -> Path:
+    """A tiny Qwen2.5-VL saved with its vision tower 4-bit too (only lm_head kept), as some uploads are."""
     from transformers import AutoModelForImageTextToText
 
     from pipeline.schema import ModelConfig
-    from pipeline.vlm import build_vlm, load_vlm
+    from pipeline.vlm import build_vlm
 
     model, processor = build_vlm(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
-    model.save_pretrained(tmp_path / "float")
-    processor.save_pretrained(tmp_path / "float")
-    quantized = load_quantized(AutoModelForImageTextToText, tmp_path / "float", "nf4", torch.float32)
-    quantized.save_pretrained(tmp_path / "nf4")
-    processor.save_pretrained(tmp_path / "nf4")
+    model.save_pretrained(root / "float")
+    processor.save_pretrained(root / "float")
+    quantized = load_quantized(AutoModelForImageTextToText, root / "float", "nf4", torch.float32, keep=("lm_head",))
+    quantized.save_pretrained(root / "nf4")
+    processor.save_pretrained(root / "nf4")
+    return root / "nf4"
+
+
+def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
+    """model.arch: vlm, e.g. Qwen2.5-VL saved 4-bit (vision tower included): refused as float, loaded as saved
+    (its own skip list, not LLaVA's recipe) with nf4."""
+    from pipeline.schema import ModelConfig
+    from pipeline.vlm import load_vlm
+
+    path = _saved_vlm_all_4bit(tmp_path)
     with pytest.raises(UserError, match="set model.quantization=nf4"):
-        load_vlm(ModelConfig(arch="vlm", name_or_path=str(tmp_path / "nf4")))
-    again, _ = load_vlm(ModelConfig(arch="vlm", name_or_path=str(tmp_path / "nf4"), quantization="nf4"),
-                        torch.float32)
-    assert layout(again) == layout(quantized)
+        load_vlm(ModelConfig(arch="vlm", name_or_path=str(path)))
+    again, _ = load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), quantization="nf4"), torch.float32)
+    found = layout(again)
+    assert {k for n, k in found.items() if n.startswith("model.visual.")} == {"nf4"}
+    assert {k for n, k in found.items() if n.startswith("model.language_model.")} == {"nf4"}
+
+
+@pytest.mark.slow
+def test_structlora_trains_on_a_vlm_saved_all_4bit_and_merges_exactly(tmp_path):
+    """smoke_vlm on that base: StructLoRA adapts the 4-bit vision tower too; the merge dequantizes all 26 4-bit
+    linears and reproduces the adapted model."""
+    path = _saved_vlm_all_4bit(tmp_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / "smoke_vlm.yaml"), "--run-dir", str(run)]
+    for s in ("model.preset=null", f"model.name_or_path={path}", "base.enabled=false", "model.quantization=nf4",
+              "eval.tasks=[caption]", "eval.max_samples=8", f"publish.registry={tmp_path / 'registry'}"):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads((run / "merge" / "merge_check.json").read_text())
+    assert check["dequantized_linears"] == 26 and check["max_abs_diff"] < 1e-5
+    assert check["model_class"] == "Qwen2_5_VLForConditionalGeneration"
 
 
 def test_structlora_eval_quantizes_as_the_run_did(saved):
