@@ -71,9 +71,7 @@ long-context-study: setup check-java
 	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/long_context_config.yaml --plan bench/long_context.yaml --jobs $(JOBS)
 
 # Issue 30's QLoRA arms: LoRA and StructLoRA on an NF4 base and on the float base, 5 seeds, lr searched for every
-# arm (bench/qlora.yaml; hours on 2 cores, resumable; bench/results/qlora). The float arms are the long-context
-# study's cells (the same runs): bench/qlora_float_cells.py checks that and copies their records over first (it
-# refuses until that study is finished), so only the 4-bit arms train.
+# arm, all on one committed base model (bench/qlora.yaml, bench/qlora_base; hours on 2 cores, resumable cell by cell
+# across machines; bench/results/qlora).
 qlora-study: setup check-java
-	HF_HUB_OFFLINE=1 $(PY) bench/qlora_float_cells.py
 	HF_HUB_OFFLINE=1 $(VENV)/bin/structlora compare bench/long_context_config.yaml --plan bench/qlora.yaml --jobs $(JOBS)

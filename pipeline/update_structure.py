@@ -45,10 +45,9 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     """(merged model, processor, {target module: W_merged - W_base}, StructLoRA's own diagnostics)."""
     import torch
 
+    from pipeline.quantize import dequantize_model
     from pipeline.stages import load_adapted_handle, load_base
     from pipeline.towers import target_module_names
-
-    from pipeline.quantize import dequantize_model
 
     # a quantized base (model.quantization) is measured as the merge folds it: dequantized, in float32
     base, _ = load_base(ctx)

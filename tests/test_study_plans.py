@@ -1,42 +1,48 @@
-"""Plans that share cells: bench/qlora.yaml's float arms are bench/long_context.yaml's cells (bench/qlora_float_cells.py
-copies their records), which holds only while the two plans build the same cells."""
+"""The committed study plans that freeze their base model (bench/*.yaml `frozen_base`): the model they name is
+committed with that sha256, and the phases they freeze build cells on it, with the kernels' paths pinned. A study
+that spans sittings meets several machines, and CPU training differs between CPU models: without this a base
+retrained per sitting makes cells of one study adapt different bases (the long-context study lost its last cells
+that way)."""
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import pytest
 import yaml
-from _procs import load_bench
+from _procs import ROOT
 
-from pipeline.compare_cells import comparable
+from data.shards import file_sha256
 
-
-def test_the_qlora_studys_float_arms_are_the_long_context_studys_cells(monkeypatch):
-    monkeypatch.chdir(".")  # shared_cells works from the repository root; restore the directory after
-    script = load_bench("qlora_float_cells")
-    pairs = script.shared_cells()
-    ids = [src["id"] for src, _ in pairs]
-    assert len(ids) == 12 + 10 + 1 and "base/base" in ids  # lr 2 arms x 3 scales x 2 seeds, grid 2 x 5, the base
-    for src, dst in pairs:
-        assert comparable(src["config"]) == comparable(dst["config"]) and src["result"] != dst["result"]
+PLANS = sorted(p for p in (ROOT / "bench").glob("*.yaml") if "frozen_base" in yaml.safe_load(p.read_text()))
 
 
-@pytest.mark.parametrize("change", ["budget", "seeds", "arm"])
-def test_a_plan_that_drifts_apart_is_caught(tmp_path, monkeypatch, change):
-    from _procs import ROOT
+def test_the_studies_that_span_sittings_freeze_their_base():
+    assert {p.name for p in PLANS} >= {"study_v2.yaml", "compare_default.yaml", "qlora.yaml"}
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "bench").mkdir()
-    for name in ("long_context.yaml", "qlora.yaml", "long_context_config.yaml"):
-        shutil.copy(ROOT / "bench" / name, tmp_path / "bench" / name)
-    plan = yaml.safe_load((tmp_path / "bench" / "qlora.yaml").read_text())
-    if change == "budget":
-        plan["budget"]["eval"]["long_context_lengths"] = [96, 160]
-    elif change == "seeds":
-        plan["seeds"] = [0, 1, 2]
-    else:
-        plan["arms"]["structlora"] = {"adapter": {"method": "structlora", "alpha": 32}}
-    (tmp_path / "bench" / "qlora.yaml").write_text(yaml.safe_dump(plan))
-    with pytest.raises(AssertionError):
-        load_bench("qlora_float_cells").shared_cells(tmp_path)
+
+@pytest.mark.parametrize("plan_file", PLANS, ids=lambda p: p.stem)
+def test_the_frozen_base_is_committed_with_its_sha256(plan_file):
+    fb = yaml.safe_load(plan_file.read_text())["frozen_base"]
+    weights = ROOT / fb["dir"] / "model.safetensors"
+    assert weights.is_file() and file_sha256(weights) == fb["sha256"]
+    assert len(fb["prepare_sha256"]) == 64 and (ROOT / fb["dir"] / "README.md").is_file()
+    assert fb["env"] == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_every_qlora_study_cell_that_trains_adapts_the_frozen_base(monkeypatch):
+    from pipeline.compare import lr_cells
+    from pipeline.compare_plan import grid_cells, load_plan
+
+    monkeypatch.chdir(ROOT)  # plans name their files relative to the repository
+    plan = load_plan(Path("bench") / "qlora.yaml", None)
+    fb = plan["frozen_base"]
+    lr = [c for group in lr_cells(plan, None).values() for c in group]
+    grid = grid_cells(plan, None, {arm: 1.0 for arm in plan["arms"]})
+    assert len(lr) == 4 * 3 * 2 and len(grid) == 4 * 5 + 1  # 4 arms x 3 scales x 2 seeds; 4 arms x 5 seeds + base
+    for cell in lr + grid:
+        assert cell["match"] == {"base_sha256": fb["sha256"]} and cell["env"] == fb["env"], cell["id"]
+        assert cell["shared"].endswith("shared_frozen"), cell["id"]
+    quantized = {c["name"] for c in grid if (c["config"].get("model") or {}).get("quantization") == "nf4"}
+    assert quantized == {"qlora", "qlora_structlora"}
+    assert [c["seed"] for c in grid] == sorted(c["seed"] for c in grid)  # seed-major: a sitting covers whole seeds
