@@ -90,6 +90,27 @@ def test_eval_then_train_then_merge_the_repack_trap_is_off(saved_tiny):
     assert torch.equal(dequantized_linear(layer).weight, before)
 
 
+def _has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="the trap exists only on CPUs with AVX512-BF16")
+def test_on_an_avx512_bf16_cpu_the_trap_is_real_without_the_guard(saved_tiny):
+    """Why the guard exists, where it matters: with it off, one eval-mode no-grad forward repacks the weight and
+    the dequantized weight a merge would fold is no longer the quantized one (0.12 off on an Intel Xeon with
+    AMX, bitsandbytes 0.50.2). If bitsandbytes fixes this, this fails: the guard may then go."""
+    layer = _load(saved_tiny).model.language_model.layers[1].self_attn.q_proj
+    layer.support_avx512bf16_for_cpu = True
+    before = dequantized_linear(layer).weight.detach().clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 4, layer.in_features))
+    assert float((dequantized_linear(layer).weight.detach() - before).abs().max()) > 1e-2
+
+
 def test_dequantize_model_leaves_a_plain_model_that_saves_and_reloads(saved_tiny, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
