@@ -181,7 +181,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
           partial=args.partial, plan_file=args.plan, quick=args.quick, phases=args.phases,
           accelerate_config=args.accelerate_config, sbatch=args.sbatch, overrides=args.set or [],
           diagnostics=args.diagnostics, forgetting=args.forgetting_split, results=args.results,
-          command="structlora " + " ".join(sys.argv[1:]))
+          rerun_other_base=args.rerun_other_base, command="structlora " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="append", metavar="OPTION", help="an #SBATCH line, e.g. --sbatch=--gres=gpu:1")
     p.add_argument("--report-only", action="store_true", help="no training: report the finished cells")
     p.add_argument("--partial", action="store_true", help="with --report-only: report what is finished so far")
+    p.add_argument("--rerun-other-base", action="store_true",
+                   help="run again (replacing their results) the finished cells made on another base model")
     p.add_argument("--plan", help="a plan file instead of --methods... (gate search, ablations, low data; "
                    "see bench/study_v2.yaml)")
     p.add_argument("--quick", action="store_true", help="with --plan: the file's quick section")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.compare_cells import base_raw, deep_merge, finished, run_cells, write_slurm
+from pipeline.compare_cells import base_raw, deep_merge, finished, refuse_replacing, run_cells, write_slurm
 from pipeline.compare_plan import (
     PHASES,
     arm_settings,
@@ -273,7 +273,7 @@ def base_identity(shared: Path) -> str:
 def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", phases: list[str] | None = None,
                 report_only: bool = False, partial: bool = False, accelerate_config: str | None = None,
                 sbatch: list[str] | None = None, command: str = "structlora compare",
-                report: dict[str, Any] | None = None) -> dict[str, Any]:
+                report: dict[str, Any] | None = None, rerun_other_base: bool = False) -> dict[str, Any]:
     """Run what is not finished of `phases` (default: all of the plan's), then report (`report`: name,
     title, link_root of eval.compare_report.write_report). Returns {"report", "missing", "slurm"}."""
     from eval.compare_report import write_report
@@ -299,9 +299,19 @@ def run_compare(plan: dict[str, Any], jobs: int = 1, launcher: str = "local", ph
         # cells count as done only on this shared base: a base trained again (another machine) is another base
         return lambda cells: inner([{**c, "match": {**c.get("match", {}), "base_id": shared_id}} for c in cells])
 
+    def guarded(run: Runner) -> Runner:
+        def run_here(cells):
+            if not rerun_other_base:
+                refuse_replacing(cells)
+            return run(cells)
+        return run_here
+
     def _runner_for(phase: str) -> Runner:
         if report_only or phase not in phases:
             return lambda cells: finished(cells, missing if (partial or phase not in phases) else None)
+        return guarded(_launch(phase))
+
+    def _launch(phase: str) -> Runner:
         if launcher == "slurm":
             def submit(cells):
                 script = write_slurm(cells, out, phase, accelerate_config, sbatch)
@@ -349,7 +359,7 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
                     partial: bool = False, plan_file: str | None = None, quick: bool = False,
                     phases: str | None = None, accelerate_config: str | None = None, sbatch: list[str] | None = None,
                     overrides: list[str] | None = None, diagnostics: bool = False, forgetting: str | None = None,
-                    results: str | None = None, command: str = "") -> dict[str, Any]:
+                    results: str | None = None, command: str = "", rerun_other_base: bool = False) -> dict[str, Any]:
     """`structlora compare`'s arguments -> a plan -> run_compare; prints where the report (or job array) is."""
     import os
 
@@ -380,7 +390,8 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
         plan["metric"] = metric
     result = run_compare(plan, jobs=jobs, launcher=launcher, report_only=report_only, partial=partial,
                          phases=[p.strip() for p in phases.split(",")] if phases else None,
-                         accelerate_config=accelerate_config, sbatch=sbatch, command=command or "structlora compare")
+                         accelerate_config=accelerate_config, sbatch=sbatch, command=command or "structlora compare",
+                         rerun_other_base=rerun_other_base)
     if result["slurm"]:
         print(f"wrote a Slurm job array: sbatch {result['slurm']}\n"
               "when it has finished, run this command again: it writes the next phase's array, or the report")

@@ -110,6 +110,38 @@ def is_done(cell: dict[str, Any]) -> bool:
         saved.get(k) == v for k, v in cell.get("match", {}).items())
 
 
+def on_another_base(cells: list[dict[str, Any]]) -> list[tuple[str, str, Any, Any]]:
+    """Finished cells whose result has the cell's config but another base model (a `match` field differs):
+    (result file, field, its value there, its value now). Running them replaces those results."""
+    found = []
+    for cell in cells:
+        path = Path(cell["result"])
+        try:
+            saved = json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            continue
+        if not saved or comparable(saved.get("config") or {}) != comparable(cell["config"]):
+            continue
+        diff = [(k, saved.get(k), v) for k, v in cell.get("match", {}).items() if k in saved and saved[k] != v]
+        if diff:
+            found.append((str(path), *diff[0]))
+    return found
+
+
+def refuse_replacing(cells: list[dict[str, Any]]) -> None:
+    """Stop before a run replaces finished results made on another base model (a new machine retrains an
+    unfrozen base, and CPU training differs between CPU models), unless --rerun-other-base."""
+    stale = on_another_base(cells)
+    if stale:
+        path, key, there, here = stale[0]
+        raise UserError(
+            f"{path}{f' and {len(stale) - 1} other finished cells' if len(stale) > 1 else ''}: run on another base "
+            f"model ({key} {str(there)[:12]}... there, {str(here)[:12]}... here); running them here would replace "
+            "those results. A base retrained on another machine differs (CPU training is not reproducible across "
+            "CPU models) unless the plan freezes it (`frozen_base`, as bench/study_v2.yaml does). Report what they "
+            "hold with --report-only, or pass --rerun-other-base to run them again on this base")
+
+
 def finished(cells: list[dict[str, Any]], missing: list[str] | None = None) -> list[dict[str, Any]]:
     """Results of the finished cells. Unfinished ones stop the report, or are appended to `missing`."""
     todo = [c["id"] for c in cells if not is_done(c)]

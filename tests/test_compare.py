@@ -223,3 +223,24 @@ def test_a_stopped_comparison_stops_its_cells(uninterrupted, tmp_path):
     time.sleep(1)
     alive = subprocess.run(["pgrep", "-f", f"pipeline.compare_cell {out}"], capture_output=True, text=True).stdout
     assert not alive.strip(), f"cells still running after the command stopped: {alive}"
+
+
+def test_results_made_on_another_base_are_not_replaced_unless_asked(uninterrupted, tmp_path):
+    """A study restarted on a new machine retrains an unfrozen base, which differs (CPU training is not reproducible
+    across CPU models): its finished cells would silently be trained again and their committed results replaced.
+    The run stops first, naming them; --rerun-other-base runs them on this base."""
+    out = tmp_path / "a"
+    shutil.copytree(uninterrupted, out, symlinks=True)
+    record = out / "results" / "cells" / "grid" / "lora-r8-s1.json"
+    cell = json.loads(record.read_text())
+    here = cell["base_id"]
+    cell["base_id"] = "0123456789abcdef"  # as if made on another machine's base model
+    record.write_text(json.dumps(cell))
+    proc = run(compare(out), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{record}: run on another base model (base_id 0123456789ab... there, {here[:12]}... here)" in proc.stderr
+    assert "--rerun-other-base" in proc.stderr and json.loads(record.read_text()) == cell  # untouched
+    run(compare(out, "--report-only", "--partial"))  # what they hold can still be reported
+    run(compare(out, "--rerun-other-base"))
+    assert json.loads(record.read_text())["base_id"] == here
+    assert results(out).keys() == results(uninterrupted).keys()
