@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", help="run cells of these phases only (gate, lr, grid, lowdata)")
     parser.add_argument("--report-only", action="store_true", help="no training: report the finished cells")
     parser.add_argument("--partial", action="store_true", help="with --report-only: report what is finished so far")
+    parser.add_argument("--rerun-other-base", action="store_true",
+                        help="run again (replacing their results) the finished cells made on another base model")
     parser.add_argument("--update-benchmarks", action="store_true", help="rewrite the study's BENCHMARKS.md section")
     parser.add_argument("--benchmarks-file", type=Path, default=ROOT / "BENCHMARKS.md", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         plan["base_config"] = os.path.relpath(args.config.resolve(), ROOT)
         result = run_compare(plan, jobs=args.jobs, phases=args.phases.split(",") if args.phases else None,
                              report_only=args.report_only, partial=args.partial, command=command,
+                             rerun_other_base=args.rerun_other_base,
                              report={"name": "study", "title": SECTION[3:], "link_root": ROOT})
     finally:
         os.chdir(here)

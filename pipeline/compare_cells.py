@@ -134,12 +134,14 @@ def refuse_replacing(cells: list[dict[str, Any]]) -> None:
     stale = on_another_base(cells)
     if stale:
         path, key, there, here = stale[0]
+        why = ("the plan's frozen base (frozen_base) is another model than theirs" if key == "base_sha256" else
+               "a base retrained on another machine differs (CPU training is not reproducible across CPU models) "
+               "unless the plan freezes it (`frozen_base`, as bench/study_v2.yaml does)")
         raise UserError(
             f"{path}{f' and {len(stale) - 1} other finished cells' if len(stale) > 1 else ''}: run on another base "
             f"model ({key} {str(there)[:12]}... there, {str(here)[:12]}... here); running them here would replace "
-            "those results. A base retrained on another machine differs (CPU training is not reproducible across "
-            "CPU models) unless the plan freezes it (`frozen_base`, as bench/study_v2.yaml does). Report what they "
-            "hold with --report-only, or pass --rerun-other-base to run them again on this base")
+            f"those results: {why}. Report what they hold with --report-only, or pass --rerun-other-base to run "
+            "them again on this base")
 
 
 def finished(cells: list[dict[str, Any]], missing: list[str] | None = None) -> list[dict[str, Any]]:

@@ -113,7 +113,11 @@ def test_the_grid_adapts_the_frozen_base_and_refuses_another(quick_study):
     (tmp / "frozen.yaml").write_text(yaml.safe_dump(spec))
     before = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
     assert before and all(r["base_sha256"] == file_sha256(trained / "model.safetensors") for r in before.values())
-    assert study.main(["--plan", str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid"]) == 0
+    with pytest.raises(UserError, match=r"run on another base model \(base_sha256 .*the plan's frozen base"):
+        study.main(["--plan", str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid"])
+    assert {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")} == before
+    assert study.main(["--plan", str(tmp / "frozen.yaml"), "--quick", "--jobs", "2", "--phases", "grid",
+                       "--rerun-other-base"]) == 0
     after = {p.name: json.loads(p.read_text()) for p in (tmp / "results" / "cells" / "grid").glob("*.json")}
     assert after.keys() == before.keys()
     for name, result in after.items():  # every cell ran again, on the frozen base, and says where it ran

@@ -152,6 +152,7 @@ def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
     found = layout(again)
     assert {k for n, k in found.items() if n.startswith("model.visual.")} == {"nf4"}
     assert {k for n, k in found.items() if n.startswith("model.language_model.")} == {"nf4"}
+    assert {n: k for n, k in found.items() if k != "nf4"} == {"lm_head": "float32"}  # as saved: only lm_head kept
 
 
 @pytest.mark.slow
