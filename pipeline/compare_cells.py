@@ -93,14 +93,21 @@ def comparable(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def is_done(cell: dict[str, Any]) -> bool:
-    """Has this cell a result under the same config (and the same `match` fields, e.g. the base's sha256)?"""
+def saved_result(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell's result file as written, or None (none yet, or unreadable)."""
     path = Path(cell["result"])
     if not path.is_file():
-        return False
+        return None
     try:
-        saved = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError:
+        return None
+
+
+def is_done(cell: dict[str, Any]) -> bool:
+    """Has this cell a result under the same config (and the same `match` fields, e.g. the base's sha256)?"""
+    saved = saved_result(cell)
+    if saved is None:
         return False
     if cell.get("forgetting") and (saved.get("forgetting") or {}).get("split") != cell["forgetting"]:
         return False  # asked for now, not measured then
@@ -115,16 +122,12 @@ def on_another_base(cells: list[dict[str, Any]]) -> list[tuple[str, str, Any, An
     (result file, field, its value there, its value now). Running them replaces those results."""
     found = []
     for cell in cells:
-        path = Path(cell["result"])
-        try:
-            saved = json.loads(path.read_text()) if path.is_file() else None
-        except json.JSONDecodeError:
-            continue
+        saved = saved_result(cell)
         if not saved or comparable(saved.get("config") or {}) != comparable(cell["config"]):
             continue
-        diff = [(k, saved.get(k), v) for k, v in cell.get("match", {}).items() if k in saved and saved[k] != v]
+        diff = [(k, saved[k], v) for k, v in cell.get("match", {}).items() if k in saved and saved[k] != v]
         if diff:
-            found.append((str(path), *diff[0]))
+            found.append((str(cell["result"]), *diff[0]))
     return found
 
 
