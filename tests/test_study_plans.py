@@ -6,6 +6,7 @@ that way)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,26 @@ def test_every_qlora_study_cell_that_trains_adapts_the_frozen_base(monkeypatch):
     quantized = {c["name"] for c in grid if (c["config"].get("model") or {}).get("quantization") == "nf4"}
     assert quantized == {"qlora", "qlora_structlora"}
     assert [c["seed"] for c in grid] == sorted(c["seed"] for c in grid)  # seed-major: a sitting covers whole seeds
+
+
+def test_the_qlora_verdict_quotes_the_committed_cells(tmp_path, monkeypatch):
+    """BENCHMARKS.md's QLoRA section is the study: report-only over the committed cells (matched by their whole
+    config, the frozen base's sha256 included) rebuilds every table row that the section quotes."""
+    from pipeline.compare import run_compare
+    from pipeline.compare_plan import load_plan
+
+    monkeypatch.chdir(ROOT)
+    results = ROOT / "bench" / "results" / "qlora"
+    shutil.copytree(results / "cells", tmp_path / "cells")
+    plan = load_plan(Path("bench") / "qlora.yaml", tmp_path / "work")
+    plan["results"] = str(tmp_path)
+    out = run_compare(plan, report_only=True, command="test")
+    assert out["missing"] == []
+    report = Path(out["report"]).read_text().splitlines()
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    section = text[text.index("## The paper's QLoRA arms"):]
+    section = section[:section.index("\n## ", 1)]
+    quoted = [line for line in section.splitlines() if line.startswith("| ") and set(line) - set("|-: ")]
+    assert len(quoted) >= 10
+    missing = [line for line in quoted if line not in report]
+    assert not missing, missing
