@@ -1,5 +1,6 @@
 """The stages of a run. Each reads what earlier stages wrote in the run directory and returns
-a JSON-able dict of its outputs for the manifest.
+a JSON-able dict of its outputs for the manifest. Base and train live here, with the loaders the others share;
+prepare, eval, merge and publish have their own modules (prepare_stage, evaluate, merge, publish_stage).
 
     prepare/  world/ (shapes only) and shards/{task}/{split}/
     base/     model/ (tiny preset only: a pretrained base model with its processor)
