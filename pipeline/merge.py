@@ -137,7 +137,8 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
         if cfg.merge.export_peft else {"skipped": "merge.export_peft is false"}
     quantized, names = {}, []
     if cfg.model.quantization != "none":  # fold into the weights the quantized forward used, never requantize
-        from pipeline.quantize import dequantize_model, is_quantized_linear
+        from pipeline.dequantize import dequantize_model
+        from pipeline.quantize import is_quantized_linear
 
         names = [n.removeprefix("base_model.model.").replace(".base_layer", "")
                  for n, m in adapted.model.named_modules() if is_quantized_linear(m)]
@@ -207,10 +208,10 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
 
 
 def _other_merges(ctx: StageContext, merged, names: list[str], batches, reference) -> dict[str, Any]:
-    """What the two merges this one avoids would give on a quantized base (pipeline.quantize.other_merge_paths),
+    """What the two merges this one avoids would give on a quantized base (pipeline.dequantize.other_merge_paths),
     or why they were not measured (merge.quantization_paths)."""
     from pipeline.backbones import count_parameters, load_llava
-    from pipeline.quantize import other_merge_paths
+    from pipeline.dequantize import other_merge_paths
     from pipeline.schema import ModelConfig
 
     cfg, setting = ctx.cfg, ctx.cfg.merge.quantization_paths

@@ -138,10 +138,10 @@ def _now() -> str:
 
 
 def _stage_functions() -> dict[str, StageFn]:
-    from pipeline import evaluate, merge, stages
+    from pipeline import evaluate, merge, publish_stage, stages
 
     found: dict[str, StageFn] = {}
-    for module in (stages, evaluate, merge):
+    for module in (stages, evaluate, merge, publish_stage):
         found.update({name: getattr(module, f"stage_{name}") for name in STAGES if hasattr(module, f"stage_{name}")})
     return found
 

@@ -45,7 +45,7 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     """(merged model, processor, {target module: W_merged - W_base}, StructLoRA's own diagnostics)."""
     import torch
 
-    from pipeline.quantize import dequantize_model
+    from pipeline.dequantize import dequantize_model
     from pipeline.stages import load_adapted_handle, load_base
     from pipeline.towers import target_module_names
 

@@ -15,13 +15,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from pipeline.backbones import build_llava  # noqa: E402
-from pipeline.quantize import (  # noqa: E402
-    dequantize_model,
-    dequantized_linear,
-    layout,
-    load_quantized,
-    neutralise_cpu_repack,
-)
+from pipeline.dequantize import dequantize_model, dequantized_linear  # noqa: E402
+from pipeline.quantize import layout, load_quantized, neutralise_cpu_repack  # noqa: E402
 from pipeline.schema import ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
