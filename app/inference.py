@@ -1,8 +1,9 @@
 """Input checks and generation for the demo: plain transformers, nothing of the training code.
 
 `LoadedModel.generate` makes the same processor call and the same greedy ``generate`` call as
-the evaluation (``eval.generate.generate_batch`` with a batch of one), with prompts from
-``data.prompts`` and images through ``data.collate.to_rgb``. So the demo shows exactly what the
+the evaluation (``eval.generate.generate_batch`` with a batch of one), with the task wording the model was
+trained with (``app.prompting``: benchmark short answers, or your conversations' questions as typed) through
+the processor's chat template, and images through ``data.collate.to_rgb``. So the demo shows exactly what the
 merged model produces, and a test checks it against a direct ``model.generate``.
 """
 
@@ -19,9 +20,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InputError
-from data.chat_template import add_special_tokens_for, chat_prompt
+from app.prompting import read_style
+from data.chat_template import (
+    MissingChatTemplateError,
+    add_special_tokens_for,
+    chat_prompt,
+    ensure_chat_template,
+)
 from data.collate import to_rgb
-from data.prompts import CAPTION_PROMPT, question_prompt
 
 Decoding = Literal["greedy", "sampling"]
 DECODINGS: tuple[str, ...] = ("greedy", "sampling")
@@ -127,15 +133,23 @@ class LoadedModel:
     Args:
         model_dir: local directory or hub id given to ``from_pretrained``.
         device: where to run; default CUDA when available.
+        chat_template: a Jinja chat template file for a processor without one (every prompt is rendered
+            through the template, as in training; a processor without one is refused before the weights load).
     """
 
-    def __init__(self, model_dir: str | Path, device: torch.device | None = None) -> None:
+    def __init__(self, model_dir: str | Path, device: torch.device | None = None,
+                 chat_template: str | None = None) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.source = str(model_dir)
         self.device = device or default_device()
+        try:
+            self.processor = ensure_chat_template(AutoProcessor.from_pretrained(model_dir), self.source,
+                                                  chat_template)
+        except MissingChatTemplateError as err:
+            raise ValueError(str(err).replace("model.chat_template=FILE in a run, ", "")) from None
+        self.style = read_style(model_dir)  # how it was trained to be asked (app.prompting)
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(model_dir)
         self.dtype = next(self.model.parameters()).dtype
         # generate() is not meant to run twice at once on one model; the queue already serialises
         # requests, this guards direct callers (tests, benchmarks) too.
@@ -147,7 +161,7 @@ class LoadedModel:
         return getattr(text_config, "max_position_embeddings", None)
 
     def _inputs(self, image: Image.Image, prompt: str, max_new_tokens: int) -> dict[str, torch.Tensor]:
-        text = chat_prompt(self.processor, prompt)  # the chat template (LLaVA's text for LLaVA processors)
+        text = chat_prompt(self.processor, prompt)  # the chat template, as training rendered it
         batch = self.processor(text=[text], images=[to_rgb(image)], return_tensors="pt",
                                add_special_tokens=add_special_tokens_for(self.processor, [text]))
         length = int(batch["input_ids"].shape[1])
@@ -176,7 +190,7 @@ class LoadedModel:
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
     def caption(self, image: Image.Image, max_new_tokens: int, decoding: Decoding = "greedy") -> str:
-        return self.generate(image, CAPTION_PROMPT, max_new_tokens, decoding)
+        return self.generate(image, self.style.caption_text, max_new_tokens, decoding)
 
     def answer(self, image: Image.Image, question: str, max_new_tokens: int, decoding: Decoding = "greedy") -> str:
-        return self.generate(image, question_prompt(question), max_new_tokens, decoding)
+        return self.generate(image, self.style.question_text(question), max_new_tokens, decoding)

@@ -1,10 +1,11 @@
-"""Prompts and training labels through a processor's own chat template (any VLM family but LLaVA's format).
+"""The one renderer: prompts and training labels through the processor's own chat template, for every family.
 
-- `uses_chat_template(processor)`: whether text goes through the processor's chat template. LLaVA
-  processors keep the llava-hf text of `data.prompts` ("USER: <image>\\n{prompt} ASSISTANT:"), which is
-  what their template renders (tested), so the LLaVA-1.5 path stays byte for byte as it was; every other
-  processor (Qwen-VL, Idefics3 / SmolVLM, Gemma 3, PaliGemma, Mistral 3, InternVL, ...) renders through
-  `processor.chat_template`.
+Training (`data.chat_collate`), evaluation (`eval.generate`, `eval.long_context`, the test loss) and the demo
+render every conversation here, so a model is asked the way it was trained and tokenizes the same text the
+same way. LLaVA-1.5 is no exception: its processor carries the LLaVA-1.5 conversation template
+("USER: <image>\\n{prompt} ASSISTANT: {answer}</s>"; registered by `pipeline.models` on a LLaVA processor
+saved without one).
+
 - `to_template_messages(messages)`: canonical messages (content a string with `<image>` tags, `data.conversations`)
   as the template wants them (content lists of {"type": "image"} / {"type": "text"} items).
 - `chat_prompt(processor, user_text, images)`: the generation prompt of one user turn (images first, as
@@ -25,38 +26,53 @@ from typing import Any
 
 import torch
 
-from data.prompts import IMAGE_TOKEN, render_prompt
+from data.prompts import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
 
+# LLaVA-1.5's conversation (llava-hf/llava-1.5 style): "{system} USER: <image>\n{text} ASSISTANT: {answer}</s>"
+USER_ROLE, ASSISTANT_ROLE = "USER", "ASSISTANT"
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}" + USER_ROLE + ": {% elif message['role'] == 'assistant' %}"
+    + ASSISTANT_ROLE + ": {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT_ROLE + ":{% endif %}"
+)
 
-_PROBE = "Describe the picture."
+
+class MissingChatTemplateError(ValueError):
+    """A processor without a chat template: every prompt is rendered through one."""
 
 
-@functools.lru_cache(maxsize=32)
-def _renders_llava_text(template: str) -> bool:
-    from transformers.utils.chat_template_utils import render_jinja_template
+def ensure_chat_template(processor: Any, name: str, template_file: str | None = None) -> Any:
+    """`processor` with a chat template: `template_file`'s (a Jinja file) when given; LLaVA-1.5's conversation
+    template on a LLaVA processor saved without one (llava-hf's LLaVA-1.5 text); else its own, or
+    MissingChatTemplateError in one line naming `name`."""
+    from pathlib import Path
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE}]}]
-    try:
-        texts, _ = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a template that cannot render this message is not LLaVA's
-        return False
-    return texts[0] == render_prompt(_PROBE)
-
-
-def uses_chat_template(processor: Any) -> bool:
-    """Whether prompts and labels go through the processor's chat template. A LLaVA processor keeps LLaVA-1.5's
-    text (`data.prompts`) when it has no template or when its template renders that very text (llava-hf's
-    LLaVA-1.5, the tiny preset's), so the `model.arch: llava` path is unchanged; a LLaVA processor with another
-    template (llava-interleave's ChatML) and every other processor use the template (an error without one)."""
     from transformers import LlavaProcessor
 
-    template = getattr(processor, "chat_template", None)
-    if isinstance(processor, LlavaProcessor):
-        return bool(template) and not _renders_llava_text(template)
-    return True
-
+    if template_file:
+        path = Path(template_file).expanduser()
+        if not path.is_file():
+            raise MissingChatTemplateError(f"chat template {path}: not a file (a Jinja chat template, e.g. the hub's "
+                                           "chat_template.jinja)")
+        processor.chat_template = path.read_text()
+        processor.tokenizer.chat_template = processor.chat_template
+    elif not getattr(processor, "chat_template", None) and type(processor) is LlavaProcessor:
+        processor.chat_template = LLAVA15_CHAT_TEMPLATE
+    if not getattr(processor, "chat_template", None):
+        raise MissingChatTemplateError(
+            f"{name}: its processor has no chat template, and every prompt is rendered through one: give one as a "
+            "Jinja file (model.chat_template=FILE in a run, --chat-template FILE for eval and the demo; PaliGemma's "
+            "hub checkpoints ship none), or use a checkpoint whose processor has one (e.g. the -Instruct / -hf one)")
+    return processor
 
 def user_content(text: str, images: int = 0) -> list[dict[str, Any]]:
     """Template content of a user turn: `images` leading images, then `text` with its own `<image>` tags as
@@ -128,8 +144,6 @@ def fold_system(processor: Any, messages: list[dict[str, Any]]) -> list[dict[str
 
 def chat_prompt(processor: Any, user_text: str, images: int = 1) -> str:
     """The rendered generation prompt of one user turn with `images` images before its text."""
-    if not uses_chat_template(processor):
-        return render_prompt(f"{IMAGE_TOKEN}\n" * (images - 1) + user_text, with_image=images > 0)
     messages = [{"role": "user", "content": user_content(user_text, images)}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -1,31 +1,24 @@
-"""From decoded samples to model batches: conversations, label masking, padding.
+"""From decoded samples to what the collators need: the turns of a task sample, images, classification batches.
 
 A sample is a dict with at least `image` (PIL) and `task`, plus the record fields of its
 task (`captions`, `question`, `answer` / `multiple_choice_answer`, `label`), or `turns` (the
-packed questions of one image). The text is the llava-hf conversation
-"USER: <image>\\n{prompt} ASSISTANT: {answer}</s>" (one turn after another for packed samples)
-with prompts from `data.prompts`; only the answers and their end tokens are trained
-(IGNORE_INDEX elsewhere).
-Image preprocessing is `preprocess_images`, the one function training, evaluation and the
-demo share.
+packed questions of one image). `turns` gives its (prompt, answer) pairs with the task prompts of
+`data.prompts`; `data.chat_collate.ChatCollator` renders them through the processor's chat template.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
-from data.chat import ChatRows
 from data.errors import OverlongBatchError
-from data.long_context import LongContextMaker
-from data.prompts import ASSISTANT_ROLE, IMAGE_TOKEN, render_prompt, task_prompt
+from data.prompts import task_prompt
 
-IGNORE_INDEX = -100
 QUESTION_TASKS = ("vqav2", "gqa")
 
 
@@ -106,158 +99,6 @@ def turns(sample: dict[str, Any], rng: random.Random | None = None,
     return [conversation(sample, rng, caption_reference)]
 
 
-@dataclass
-class LlavaCollator:
-    """Batches for LlavaForConditionalGeneration: input_ids, attention_mask, pixel_values, labels.
-
-    A packed sample (`turns`: all questions of an image) becomes one multi-turn conversation,
-    "USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...", with labels on
-    every answer and its end token and on nothing else. A conversation longer than `max_length`
-    is split between turns into several rows, each starting with the image (so a batch may hold
-    more rows than samples); nothing is cut inside an answer: a turn that does not fit even
-    alone with the image is dropped and counted, in `dropped_turns` when other turns of its
-    sample are kept, in `overlong_examples` when none is (the whole sample is lost). A batch
-    whose every sample is too long raises OverlongBatchError (`collate_with_stats` counts it
-    and hands on an empty batch, so a stream never dies of it mid-run).
-
-    Args:
-        processor: a LlavaProcessor (expands `<image>` into the model's image tokens).
-        max_length: token limit per row. Image tokens are never cut.
-        seed: seeds the choice of reference caption, so a stream gives the same batches.
-    """
-
-    processor: Any
-    max_length: int = 256
-    seed: int = 0
-    long_context: LongContextMaker | None = None
-    caption_reference: str = "random"
-    dropped_turns: int = 0
-    overlong_examples: int = 0
-    _rng: random.Random = field(init=False, repr=False)
-    _chat: ChatRows | None = field(init=False, repr=False, default=None)
-    last_rows: list[int] = field(init=False, repr=False, default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
-
-    def _first_turns(self, images: list[Image.Image], prompts: list[str]) -> tuple[list[list[int]], Any]:
-        """Ids of "USER: <image>\n{prompt} ASSISTANT:" (image tokens expanded) and pixel_values, in one call."""
-        enc = self.processor(images=images, text=[render_prompt(p) for p in prompts], return_tensors=None)
-        return [list(ids) for ids in enc["input_ids"]], enc["pixel_values"]
-
-    def image_tokens(self) -> int:
-        """How many tokens one `<image>` tag expands to for this processor (asked of it once)."""
-        return self._chat_rows().image_tokens
-
-    def _chat_rows(self) -> ChatRows:
-        """The conversation row builder (data.chat), made on first use: it needs the model's image-token count."""
-        if self._chat is None:
-            enc = self.processor(images=[Image.new("RGB", (32, 32))], text=[IMAGE_TOKEN], return_tensors=None)
-            image_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            count = sum(1 for i in enc["input_ids"][0] if i == image_id)
-            self._chat = ChatRows(self.processor.tokenizer, count, answer_token_ids, self.max_length)
-        return self._chat
-
-    @property
-    def long_context_examples(self) -> int:
-        return self.long_context.made if self.long_context is not None else 0
-
-    @property
-    def long_context_no_pool(self) -> int:
-        return self.long_context.no_pool if self.long_context is not None else 0
-
-    def _long_contexts(self, samples: Sequence[dict[str, Any]], bench: list[int],
-                       conversations: dict[int, list[tuple[str, str]]]) -> None:
-        """Make a share of the caption examples long-context ones (data.long_context), in stream order."""
-        tok = self.processor.tokenizer
-        extra = self._chat_rows().image_tokens - 1  # the <image> tag is one token of the text
-
-        def measure(user_text: str) -> int:
-            return len(tok(render_prompt(user_text))["input_ids"]) + extra
-
-        self.long_context.begin_batch()
-        for i in bench:
-            (prompt, answer), *rest = conversations[i]
-            answers = len(answer_token_ids(tok, answer)) + 1
-            text = self.long_context.prompt(samples[i], measure, answers, self.max_length) if not rest else None
-            if text is not None:
-                conversations[i] = [(text, answer)]
-            self.long_context.observe(samples[i])
-
-    def _conversation(self, sample: dict[str, Any]) -> list[tuple[list[int], list[int], list[torch.Tensor]]]:
-        """Rows of one conversation sample (your own data): several images, or none, per row."""
-        rows, dropped = self._chat_rows().rows(sample["messages"])
-        if not rows:
-            self.overlong_examples += 1
-            return []
-        self.dropped_turns += dropped
-        images = list(sample.get("images") or [])
-        pixels = list(preprocess_images(self.processor, images)) if images else []
-        return [(ids, labels, pixels[:n]) for ids, labels, n in rows]
-
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        tok = self.processor.tokenizer
-        per_sample: list[list[tuple[list[int], list[int], list[torch.Tensor]]]] = [[] for _ in samples]
-        for i, sample in enumerate(samples):
-            if sample["task"] == "conversations":
-                per_sample[i] = self._conversation(sample)
-        bench = [i for i, sample in enumerate(samples) if sample["task"] != "conversations"]
-        conversations = {i: turns(samples[i], self._rng, self.caption_reference) for i in bench}
-        if self.long_context is not None:
-            self._long_contexts(samples, bench, conversations)
-        images = {i: to_rgb(samples[i]["image"]) for i in bench}
-        # One processor call expands <image> to the model's image tokens for every first turn and
-        # preprocesses the images (the same transform as `preprocess_images`); answers and later
-        # turns are tokenized on their own so that every prompt/answer boundary is exact.
-        first_ids, pixels = self._first_turns([images[i] for i in bench], [conversations[i][0][0] for i in bench]) \
-            if bench else ([], [])
-        first = dict(zip(bench, first_ids))
-        pixel = {i: torch.as_tensor(p) for i, p in zip(bench, pixels)}
-        for i in bench:
-            conv = conversations[i]
-            answers = [answer_token_ids(tok, answer) + [tok.eos_token_id] for _, answer in conv]
-            later = [tok(render_prompt(prompt, with_image=False), add_special_tokens=False)["input_ids"]
-                     for prompt, _ in conv]
-            start, ids, labels, dropped, kept = 0, first[i], None, 0, False
-            while start < len(conv):
-                prompt_ids = ids if labels is None else None
-                if prompt_ids is None:  # a split: the next row starts again with the image
-                    prompt_ids = self._first_turns([images[i]], [conv[start][0]])[0][0]
-                if len(prompt_ids) + len(answers[start]) > self.max_length:
-                    dropped += 1  # this turn cannot fit even alone with the image
-                    start, labels = start + 1, []
-                    continue
-                kept = True
-                row_ids = list(prompt_ids) + answers[start]
-                row_labels = [IGNORE_INDEX] * len(prompt_ids) + answers[start]
-                k = start + 1
-                while k < len(conv) and len(row_ids) + len(later[k]) + len(answers[k]) <= self.max_length:
-                    row_ids += list(later[k]) + answers[k]
-                    row_labels += [IGNORE_INDEX] * len(later[k]) + answers[k]
-                    k += 1
-                per_sample[i].append((row_ids, row_labels, [pixel[i]]))
-                start, labels = k, row_labels
-            if kept:
-                self.dropped_turns += dropped
-            else:
-                self.overlong_examples += 1
-        rows, self.last_rows = flatten_rows(per_sample, self.max_length)
-        pad_id = tok.pad_token_id
-        width = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (ids, labs, _) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            labels[r, : len(labs)] = torch.tensor(labs)
-            attention[r, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        row_pixels = [p for _, _, ps in rows for p in ps]
-        if row_pixels:  # a batch of text-only rows has no images at all
-            batch["pixel_values"] = torch.stack(row_pixels)
-        return batch
-
-
 def flatten_rows(per_sample: Sequence[Sequence[Any]], max_length: int) -> tuple[list[Any], list[int]]:
     """(the rows of a batch, which sample each came from: a long sample may give several) of per-sample row lists;
     OverlongBatchError when no sample gave a row."""
@@ -266,22 +107,6 @@ def flatten_rows(per_sample: Sequence[Sequence[Any]], max_length: int) -> tuple[
         raise OverlongBatchError(f"every sample of this batch is longer than max_length={max_length} with its "
                                  "image(s) and first answer (image tokens are never truncated): raise data.max_length")
     return rows, [i for i, sample_rows in enumerate(per_sample) for _ in sample_rows]
-
-
-def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
-    """Ids of `answer` exactly as they appear after "ASSISTANT:" in the joint conversation text.
-
-    Tokenized on its own, " yes" is not always what the joint text holds: SentencePiece (Llama,
-    LLaVA-1.5) adds a dummy prefix and gives ['▁', '▁yes'] where the conversation has ['▁yes'].
-    So the anchor "ASSISTANT:" is tokenized with and without the answer and the difference is
-    taken; if the anchor's ids are not a prefix (a merge across the boundary), fall back.
-    """
-    anchor = f"{ASSISTANT_ROLE}:"
-    with_anchor = tokenizer(f"{anchor} {answer.strip()}", add_special_tokens=False)["input_ids"]
-    anchor_ids = tokenizer(anchor, add_special_tokens=False)["input_ids"]
-    if with_anchor[: len(anchor_ids)] == anchor_ids and len(with_anchor) > len(anchor_ids):
-        return list(with_anchor[len(anchor_ids):])
-    return list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
 
 
 def _stack(values: Any) -> torch.Tensor:

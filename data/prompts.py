@@ -1,7 +1,8 @@
-"""Task prompts and the conversation format, defined once.
+"""Task prompts, defined once: what a benchmark task asks (LLaVA-1.5 / lmms-eval wording).
 
-Training collation, evaluation and the demo all import from here, so the model is asked
-the same way everywhere (LLaVA-1.5 / lmms-eval conventions).
+Training collation, evaluation and the demo all import from here, so a task is asked the same way everywhere;
+the conversation around it (roles, image placeholders, end-of-turn markers) is the processor's chat template
+(`data.chat_template`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ SHORT_ANSWER_POSTPROMPT = "Answer the question using a single word or phrase."
 
 CAPTION_MAX_NEW_TOKENS = 64
 SHORT_ANSWER_MAX_NEW_TOKENS = 16
-
-# llava-hf/llava-1.5-*-hf chat template (vicuna_v1 without the system line):
-#   "USER: <image>\n{prompt} ASSISTANT: {answer}</s>"
-USER_ROLE = "USER"
-ASSISTANT_ROLE = "ASSISTANT"
 
 
 def question_prompt(question: str) -> str:
@@ -32,12 +28,6 @@ def task_prompt(task: str, question: str | None = None) -> str:
     if question is None or not question.strip():
         raise ValueError(f"task {task!r} needs a non-empty question")
     return question_prompt(question)
-
-
-def render_prompt(prompt: str, with_image: bool = True) -> str:
-    """The text up to and including 'ASSISTANT:', ready for generation."""
-    image = f"{IMAGE_TOKEN}\n" if with_image else ""
-    return f"{USER_ROLE}: {image}{prompt} {ASSISTANT_ROLE}:"
 
 
 def max_new_tokens(task: str) -> int:

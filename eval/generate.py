@@ -6,8 +6,8 @@ Generation is apart from scoring (lmms-eval / LLaVA style): this module turns
 ``generate`` API and a processor that takes ``text=`` and ``images=`` (a merged model or an
 adapter-wrapped one alike), and never imports the method's package.
 
-Decoding follows LLaVA-1.5's evaluation: greedy (``do_sample=False``), KV cache on, prompts
-from ``data.prompts`` (caption: 64 new tokens, short answers: 16), output stripped. Batches
+Decoding follows LLaVA-1.5's evaluation: greedy (``do_sample=False``), KV cache on, task prompts
+from ``data.prompts`` through the processor's chat template (caption: 64 new tokens, short answers: 16), output stripped. Batches
 are left-padded so every prompt ends where generation starts; the attention mask keeps
 padding out, so a batch gives the same tokens as one-by-one decoding (tested).
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from data.chat_template import add_special_tokens_for, chat_prompt, messages_prompt, uses_chat_template
+from data.chat_template import add_special_tokens_for, chat_prompt, messages_prompt
 from data.prompts import max_new_tokens as default_max_new_tokens
 from data.prompts import task_prompt
 from eval.errors import EvalInputError
@@ -57,21 +57,16 @@ class EvalSample:
     messages: tuple[Any, ...] | None = None  # a conversation's canonical messages up to its last user turn
 
 
-def build_prompt(task: str, question: str | None = None, processor: Any = None) -> str:
+def build_prompt(task: str, question: str | None, processor: Any) -> str:
     """The full generation prompt of a task: data.prompts' text (the one place prompts live), rendered with the
-    processor's chat template (`data.chat_template.chat_prompt`; LLaVA's text without a processor)."""
-    from data.prompts import render_prompt
-
-    text = task_prompt(task, question)
-    return chat_prompt(processor, text) if processor is not None else render_prompt(text)
+    processor's chat template (`data.chat_template.chat_prompt`)."""
+    return chat_prompt(processor, task_prompt(task, question))
 
 
 def sample_prompt(task: str, sample: EvalSample, processor: Any) -> str:
     """The rendered prompt of one sample for `processor` (a conversation through the template when it has one)."""
     if task == "conversations":
-        if sample.messages and uses_chat_template(processor):
-            return messages_prompt(processor, list(sample.messages))
-        return sample.question
+        return messages_prompt(processor, list(sample.messages))
     return build_prompt(task, sample.question, processor)
 
 
@@ -108,9 +103,7 @@ def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: S
     device, dtype = _model_device_dtype(model)
     # a sample may hold a list of images (one per <image> tag of its prompt) or none at all
     nested = [list(item) if isinstance(item, list | tuple) else [item] for item in images]
-    flat = [im for item in nested for im in item]
-    # LLaVA's processor takes the flat list; the others one list per prompt (Idefics3, PaliGemma, ...)
-    given = (nested if uses_chat_template(processor) else flat) if flat else None
+    given = nested if any(nested) else None  # one list per prompt, as training gives them
     batch = processor(text=list(prompts), images=given, padding=True, padding_side="left", return_tensors="pt",
                       add_special_tokens=add_special_tokens_for(processor, prompts))
     batch = batch.to(device=device, dtype=dtype)

@@ -106,22 +106,20 @@ class EvalResults:
     timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
-def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]], eos: str = "</s>"):
-    """(EvalSamples, references in the scorer's format) of decoded eval examples; `eos` ends the earlier
-    answers of a conversation's prompt (the tokenizer's end-of-sequence text, as training ends them)."""
+def samples_and_references(task: str, examples: Sequence[Mapping[str, Any]]):
+    """(EvalSamples, references in the scorer's format) of decoded eval examples. A conversation is asked its
+    last answer, the earlier turns as context; its prompt is rendered by `eval.generate.sample_prompt` with the
+    model's processor (the one renderer, as in training)."""
     if task == "caption":
         samples = [EvalSample(e["image_id"], e["image"]) for e in examples]
         refs = {e["image_id"]: list(e["captions"]) for e in examples}
         return samples, refs
-    if task == "conversations":  # the last answer, the earlier turns as context (data.chat)
-        from data.chat import generation_prompt
-
+    if task == "conversations":
         samples, refs = [], {}
         for e in examples:
-            prompt, answer = generation_prompt(e["messages"], eos=eos)
-            samples.append(EvalSample(str(e["id"]), list(e.get("images") or []), prompt,
+            samples.append(EvalSample(str(e["id"]), list(e.get("images") or []),
                                       messages=tuple(e["messages"][:-1])))
-            refs[str(e["id"])] = answer
+            refs[str(e["id"])] = e["messages"][-1]["content"]
         return samples, refs
     samples = [EvalSample(e["question_id"], e["image"], e["question"]) for e in examples]
     if task == "vqav2":
@@ -161,9 +159,9 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     `timing`, when given, receives the generation's wall time over all ranks (up to the barrier);
     `notes` (main process) receives why a results file is not in its official format, if it is not.
     """
-    from eval.generate import merge_prediction_shards, run_generation
+    from eval.generate import merge_prediction_shards, run_generation, sample_prompt
 
-    samples, refs = samples_and_references(task, examples, getattr(getattr(processor, "tokenizer", processor), "eos_token", None) or "</s>")
+    samples, refs = samples_and_references(task, examples)
     shards = out_dir / f"{task}_shards"
     start = time.perf_counter()
     run_generation(model, processor, samples, task, shards, rank=accelerator.process_index,
@@ -182,7 +180,7 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
             from eval.predictions import write_jsonl_atomic
 
             answers = {str(p["id"]): p["prediction"] for p in predictions}
-            write_jsonl_atomic(({"id": s.sample_id, "prompt": s.question, "reference": refs[str(s.sample_id)],
+            write_jsonl_atomic(({"id": s.sample_id, "prompt": sample_prompt(task, s, processor), "reference": refs[str(s.sample_id)],
                                  "prediction": answers.get(str(s.sample_id), ""),
                                  "scores": scores["per_sample"][str(s.sample_id)]} for s in samples),
                                out_dir / f"{task}_samples.jsonl")

@@ -3,8 +3,9 @@
 The question is how well an adapted model still looks at the image when the image and the
 instruction are far apart. Each evaluated image gets the prompt
 
-    USER: <image>\\n{filler}Provide a one-sentence caption for the provided image. ASSISTANT:
+    <image>\\n{filler}Provide a one-sentence caption for the provided image.
 
+as the user turn of the processor's chat template (LLaVA-1.5: "USER: <image>\\n{filler}... ASSISTANT:"),
 where ``filler`` is in-context caption examples: reference captions of OTHER images (never
 one of the evaluated images, so the answer cannot be copied from the context), one per line,
 repeated from the pool when it runs out, and cut word by word at the end so that the prompt
@@ -21,7 +22,7 @@ that every image expands to the same number of tokens. With families whose count
 size (LLaVA-NeXT / OneVision any-res tiles, Qwen-VL dynamic resolution, Idefics3 tiles), images of
 another size than the first land off their bucket's target by the difference (exact on the shapes world,
 whose images all have one size). Prompts are rendered with the processor's chat template
-(`data.chat_template.chat_prompt`; LLaVA-1.5's text for LLaVA processors).
+(`data.chat_template.chat_prompt`), as in training.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.chat_template import add_special_tokens_for, chat_prompt, uses_chat_template
+from data.chat_template import add_special_tokens_for, chat_prompt
 from data.long_context import fill_to, filler_text
-from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, max_new_tokens
+from data.prompts import CAPTION_PROMPT, max_new_tokens
 from eval.caption_metrics import score_captions
 from eval.generate import EvalSample, generate_predictions
 
@@ -86,22 +87,20 @@ class ContextPrompt:
 
 
 class PromptLengthMeter:
-    """Renders prompts (the processor's chat template, or LLaVA's text) and measures their full length with
-    the tokenizer, adding the image expansion measured once (every prompt here holds one image)."""
+    """Renders prompts (the processor's chat template) and measures their full length with the tokenizer, adding
+    the image expansion measured once (every prompt here holds one image)."""
 
     def __init__(self, processor: Any, image: Any) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.template = uses_chat_template(processor)
         self.image_tokens = _image_token_count(processor, image)
 
     def render(self, user_text: str) -> str:
         return chat_prompt(self.processor, user_text)
 
     def __call__(self, text: str) -> int:
-        images = 1 if self.template else text.count(IMAGE_TOKEN)
         special = add_special_tokens_for(self.processor, [text])
-        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"]) + (self.image_tokens - 1) * images
+        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"]) + self.image_tokens - 1
 
 
 def build_context_prompt(meter: PromptLengthMeter, pool: Sequence[str], target: int,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from data.chat_collate import make_collator
-from data.collate import IGNORE_INDEX
+from data.chat_template import IGNORE_INDEX
 
 ID_FIELD = {"caption": "image_id", "vqav2": "question_id", "gqa": "question_id", "conversations": "id"}
 

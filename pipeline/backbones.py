@@ -206,44 +206,6 @@ def with_image_fit(processor, fit: str):
     return processor
 
 
-def load_llava(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
-    """(model, processor) from a hub id or local directory; with `cfg.quantization` the language model's
-    linears quantized (pipeline.quantize), computing in `compute_dtype`."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    assert cfg.name_or_path is not None
-    source = resolve_pretrained(cfg.name_or_path, cfg.revision)
-    if cfg.quantization != "none":
-        from pipeline.quantize import load_quantized
-
-        model = load_quantized(LlavaForConditionalGeneration, source, cfg.quantization,
-                               compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision,
-                               name=cfg.name_or_path)
-    else:
-        from pipeline.quantize import check_saved
-
-        check_saved(source, "none", cfg.revision, cfg.name_or_path)
-        model = LlavaForConditionalGeneration.from_pretrained(source, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
-    processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)
-    if model.config.vision_feature_layer != cfg.vision_feature_layer:
-        raise UserError(f"model.vision_feature_layer={cfg.vision_feature_layer} but {cfg.name_or_path} was "
-                        f"trained with {model.config.vision_feature_layer}: set them equal")
-    return model, processor
-
-
-def build_llava(cfg: ModelConfig, vocabulary: Iterable[str] = (), extra_texts: Iterable[str] = (), seed: int = 0):
-    """The LLaVA backbone a config asks for: loaded, or built from the preset."""
-    if cfg.preset is not None:
-        vocab = list(vocabulary)
-        if not vocab:
-            raise UserError(f"the {cfg.preset} preset needs a vocabulary (the shapes world's) to build its tokenizer")
-        if cfg.preset == "llava15-7b-skeleton":
-            return build_skeleton_llava(cfg.skeleton.vision_layers, cfg.skeleton.text_layers, vocab, extra_texts,
-                                        cfg.vision_feature_layer, seed)
-        return build_tiny_llava(cfg.tiny, vocab, extra_texts, cfg.vision_feature_layer, seed)
-    return load_llava(cfg)
-
-
 # --- ViT ------------------------------------------------------------------------------------
 
 

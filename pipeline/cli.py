@@ -139,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype, revision=args.revision, damaged_shards=args.damaged_shards,
         verify_shards=not args.no_verify_shards, timeout_minutes=args.timeout_minutes,
         conversation_metric=args.conversation_metric, quantization=_eval_quantization(args),
-        double_quant=not args.no_double_quant,
+        double_quant=not args.no_double_quant, chat_template=args.chat_template,
     )
     if result:  # the main process: show the report
         print(Path(result["report"]).read_text(encoding="utf-8"))
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(bitsandbytes; vision tower, connector and lm_head kept) as a run with model.quantization "
                         "trained it; a checkpoint saved quantized loads so without it")
     p.add_argument("--load-in-4bit", action="store_true", help="= --quantization nf4")
+    p.add_argument("--chat-template", help="a Jinja chat template file for models whose processor has none "
+                                           "(e.g. PaliGemma's hub checkpoints); every prompt is rendered through it")
     p.add_argument("--no-double-quant", action="store_true",
                    help="4-bit without double quant (for a run trained with model.double_quant: false)")
     p.add_argument("--revision", help="hub revision of hub-id models")

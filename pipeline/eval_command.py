@@ -93,35 +93,32 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
 
 
 def load_model(source: str, dtype: torch.dtype | str, revision: str | None = None, quantization: str | None = None,
-               double_quant: bool = True):
-    """(model, processor) of a local directory or a cached / reachable hub id: any image-text-to-text family
-    (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...), by AutoModelForImageTextToText;
+               double_quant: bool = True, chat_template: str | None = None):
+    """(model, processor) of a local directory or a cached / reachable hub id, through the door
+    (`pipeline.models.door.open_model`: any image-text-to-text family, checked as every command checks it);
     `quantization` (nf4 | fp4 | int8, `double_quant` for 4-bit): its language model quantized as training
-    quantized it (pipeline.quantize); a checkpoint saved quantized by bitsandbytes loads so without it."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    quantized it (pipeline.quantize); a checkpoint saved quantized by bitsandbytes loads so without it;
+    `chat_template`: a Jinja file for a processor without one."""
+    from pipeline.models.door import open_model
+    from pipeline.schema import ModelConfig
 
-    from pipeline.quantize import saved_kind
-
-    quantization = quantization or saved_kind(source, revision)  # a checkpoint saved 4-bit loads as saved
-    if quantization:
-        from pipeline.quantize import load_quantized
+    compute = None
+    if quantization or dtype == "auto":
         from pipeline.sharding import resolve_precision
 
         compute = dtype if isinstance(dtype, torch.dtype) else (  # auto: as QLoRA trains on the device
             torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32)
-        model = load_quantized(AutoModelForImageTextToText, source, quantization, compute, double_quant,
-                               revision=revision, option="--quantization")
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(source, revision=revision)
+    cfg = ModelConfig(arch="vlm", name_or_path=source, revision=revision, quantization=quantization or "none",
+                      double_quant=double_quant, chat_template=chat_template)
+    return open_model(cfg, source=source, compute_dtype=compute, as_saved=True, option="--quantization", dtype=dtype)
 
 
 def load_with_adapter(source: str, adapter: str, dtype: torch.dtype | str, revision: str | None = None,
-                      quantization: str | None = None, double_quant: bool = True):
+                      quantization: str | None = None, double_quant: bool = True, chat_template: str | None = None):
     """The base model of `source` with the PEFT adapter of `adapter` on top (not merged)."""
     from peft import PeftModel
 
-    model, processor = load_model(source, dtype, revision, quantization, double_quant)
+    model, processor = load_model(source, dtype, revision, quantization, double_quant, chat_template)
     return PeftModel.from_pretrained(model, adapter, revision=revision).eval(), processor
 
 
@@ -144,9 +141,11 @@ def _unique(names: list[str], explicit: list[bool]) -> list[str]:
 
 def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry: Path | None = None,
                   dtype: str = "auto", revision: str | None = None, quantization: str | None = None,
-                  double_quant: bool = True):
-    """ModelEntries (in the order given; adapters after the models) for the harness."""
+                  double_quant: bool = True, chat_template: str | None = None):
+    """ModelEntries (in the order given; adapters after the models) for the harness. Every model's processor is
+    checked now, before any weights load (a processor without a chat template is refused here, in one line)."""
     from eval.harness import ModelEntry
+    from pipeline.models.door import check_processor
 
     if not models:
         raise UserError("structlora eval: give at least one MODEL")
@@ -159,7 +158,9 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
         explicit.append(label is not None)
         sources.append(source)
         run_dirs.append((Path(rest).expanduser() / "manifest.json").is_file())
-        loaders.append(lambda s=source: load_model(s, torch_dtype, revision, quantization, double_quant))
+        check_processor(source, revision, chat_template)
+        loaders.append(lambda s=source: load_model(s, torch_dtype, revision, quantization, double_quant,
+                                                   chat_template))
     for spec in adapters:
         label, rest = split_label(spec)
         adapter = resolve_adapter(rest, revision)
@@ -173,7 +174,7 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
         explicit.append(label is not None)
         sources.append(f"{sources[0]} + {adapter}")
         loaders.append(lambda s=sources[0], a=adapter: load_with_adapter(s, a, torch_dtype, revision, quantization,
-                                                                         double_quant))
+                                                                         double_quant, chat_template))
     names = _unique(names, explicit)
     return [ModelEntry(n, load, src) for n, load, src in zip(names, loaders, sources)]
 
@@ -288,7 +289,8 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
              reference: str | None = None, dtype: str = "auto", revision: str | None = None,
              damaged_shards: str = "error", verify_shards: bool = True,
              timeout_minutes: int = 240, conversation_metric: str = "auto",
-             quantization: str | None = None, double_quant: bool = True) -> dict[str, Any]:
+             quantization: str | None = None, double_quant: bool = True,
+             chat_template: str | None = None) -> dict[str, Any]:
     """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths.
 
     `damaged_shards`: a shard that fails its manifest check (size, and sha256 with `verify_shards`)
@@ -313,7 +315,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     if unknown or not tasks:
         raise UserError(f"--tasks: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
                         f"choose from {', '.join(TASKS)}")
-    entries = build_entries(models, adapters, registry, dtype, revision, quantization, double_quant)
+    entries = build_entries(models, adapters, registry, dtype, revision, quantization, double_quant, chat_template)
     names = [e.name for e in entries]
     if reference is not None and reference not in names:
         raise UserError(f"--reference {reference}: not one of the models ({', '.join(names)})")

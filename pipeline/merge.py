@@ -9,6 +9,7 @@ logits. A standard PEFT LoRA adapter is written beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -60,7 +61,7 @@ def model_card(ctx: StageContext, metrics: dict[str, Any] | None, check: dict[st
                model_class: str = "LlavaForConditionalGeneration") -> str:
     cfg = ctx.cfg
     base = cfg.model.name_or_path or f"{cfg.model.preset} preset (pretrained by the base stage in {ctx.run_dir})"
-    family = "llava" if cfg.model.arch == "llava" else model_class.replace("ForConditionalGeneration", "").lower()
+    family = model_class.replace("ForConditionalGeneration", "").lower()
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text", f"tags: [{family}, structlora, lora]",
         "---", "", f"# {Path(ctx.run_dir).name}: {cfg.adapter.method} merged into its base", "",
@@ -114,8 +115,6 @@ def merge_device(model: torch.nn.Module, headroom: float = 1.3) -> str:
 def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     """Fold, check, save. Folding and the check run in float32 (a bf16 fold differs from the bf16
     unmerged model by ~1e-2 on its own); the merged weights are cast to `model.dtype` when saved."""
-    import dataclasses
-
     from pipeline.stages import load_adapted_handle
 
     cfg = ctx.cfg
@@ -171,18 +170,17 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     # the saved model must stand alone: reload it with plain transformers; it must equal what was saved
-    from transformers import (
-        AutoModelForImageClassification,
-        AutoModelForImageTextToText,
-        LlavaForConditionalGeneration,
-    )
+    if cfg.model.arch == "vit":
+        from transformers import AutoModelForImageClassification
 
-    if cfg.model.arch == "vit" and cfg.model.vit_impl == "timm":
-        from pipeline.backbones import TimmClassifier as model_class
-    else:
-        model_class = {"vit": AutoModelForImageClassification, "llava": LlavaForConditionalGeneration,
-                       "vlm": AutoModelForImageTextToText}[cfg.model.arch]
-    reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
+        from pipeline.backbones import TimmClassifier
+
+        model_class = TimmClassifier if cfg.model.vit_impl == "timm" else AutoModelForImageClassification
+        reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
+    else:  # through the door, as every command loads a model (plain transformers underneath)
+        from pipeline.models.door import open_model
+
+        reloaded = open_model(dataclasses.replace(cfg.model, quantization="none"), source=model_dir)[0].to(device)
     diff_reloaded = max(float((a - b).abs().max()) for a, b in zip(saved_logits, _logits(reloaded, batches)))
     check["max_abs_diff_reloaded_vs_saved"] = diff_reloaded
     check["saved_dtype"] = cfg.model.dtype
@@ -192,10 +190,14 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     from eval.report import headline_from_file
 
     metrics = headline_from_file(ctx.run_dir / "eval" / "metrics.json")
-    if cfg.model.arch == "vlm" and type(reloaded) is not merged_class:
+    if cfg.model.arch != "vit" and type(reloaded) is not merged_class:
         raise RuntimeError(f"the merged model reloads as {type(reloaded).__name__}, not {merged_class.__name__}")
     check["model_class"] = merged_class.__name__
     (model_dir / "README.md").write_text(model_card(ctx, metrics, check, merged_class.__name__))
+    if cfg.model.arch != "vit":  # how the demo asks it: the task wording and budgets it was trained with
+        from app.prompting import style_for_tasks, write_style
+
+        write_style(model_dir, style_for_tasks(cfg.data.tasks))
     base_dir = ctx.run_dir / "base" / "model"
     info = {"base_model": str(base_dir.resolve()) if base_dir.is_dir() else cfg.model.name_or_path,
             "run_dir": str(Path(ctx.run_dir).resolve()), "method": cfg.adapter.method}
@@ -210,9 +212,9 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
 def _other_merges(ctx: StageContext, merged, names: list[str], batches, reference) -> dict[str, Any]:
     """What the two merges this one avoids would give on a quantized base (pipeline.dequantize.other_merge_paths),
     or why they were not measured (merge.quantization_paths)."""
-    from pipeline.backbones import count_parameters, load_llava
+    from pipeline.backbones import count_parameters
     from pipeline.dequantize import other_merge_paths
-    from pipeline.schema import ModelConfig
+    from pipeline.models.door import open_model
 
     cfg, setting = ctx.cfg, ctx.cfg.merge.quantization_paths
     size = count_parameters(merged) if setting == "auto" else 0
@@ -225,13 +227,7 @@ def _other_merges(ctx: StageContext, merged, names: list[str], batches, referenc
 
     if saved_kind(resolve_pretrained(source, cfg.model.revision), cfg.model.revision):
         return {"skipped": f"{source} was saved quantized: there are no float weights to merge into"}
-    if cfg.model.arch == "vlm":
-        from pipeline.vlm import load_vlm
-
-        float_base, _ = load_vlm(ModelConfig(arch="vlm", name_or_path=source, revision=cfg.model.revision))
-    else:
-        float_base, _ = load_llava(ModelConfig(name_or_path=source, revision=cfg.model.revision,
-                                               vision_feature_layer=cfg.model.vision_feature_layer))
+    float_base, _ = open_model(dataclasses.replace(cfg.model, quantization="none", dtype="float32"), source=source)
     errors = other_merge_paths(merged, names, float_base.float(), cfg.model.quantization, cfg.model.double_quant,
                                lambda m: _logits(m, batches), reference)
     return {**{f"{k}_max_abs_diff": v for k, v in errors.items()},

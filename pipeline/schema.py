@@ -193,9 +193,9 @@ class ModelConfig:
     """The backbone: a hub id / local directory loaded with from_pretrained, or a preset built from config."""
 
     arch: Literal["llava", "vit", "vlm"] = _f(
-        "llava", "llava = LlavaForConditionalGeneration (LLaVA-1.5's path); vlm = any AutoModelForImageTextToText "
-                 "(Qwen2.5-VL, LLaVA-OneVision, SmolVLM, Gemma 3, ...: towers from the model, prompts through its "
-                 "chat template); vit = image classifier")
+        "llava", "vlm = any AutoModelForImageTextToText (LLaVA-1.5, Qwen2.5-VL, LLaVA-OneVision, SmolVLM, Gemma 3, "
+                 "...: towers from the model, prompts through its chat template); llava = the same path (a "
+                 "spelling users know: LLaVA-1.5 is the llava family); vit = image classifier")
     name_or_path: str | None = _f(None, "hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
     preset: Literal["tiny", "llava15-7b-skeleton", "tiny-llava", "tiny-llava_next", "tiny-llava_onevision",
                     "tiny-qwen2_vl", "tiny-qwen2_5_vl", "tiny-qwen3_vl", "tiny-idefics3", "tiny-gemma3",
@@ -207,7 +207,13 @@ class ModelConfig:
     vit_impl: Literal["transformers", "timm"] = _f("transformers", "ViT implementation")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype when loading")
-    vision_feature_layer: int = _f(-2, "LLaVA reads this CLIP layer; layers after it are never adapted")
+    vision_feature_layer: int | None = _f(
+        None, "the vision layer the model reads (LLaVA-1.5: -2); unset = the model's own; set = checked against a "
+              "loaded model, used to build a preset (LLaVA presets: -2 when unset)")
+    chat_template: str | None = _f(None, "a Jinja chat template file for a processor without one (PaliGemma's hub "
+                                         "checkpoints) or to replace its own")
+    processor_kwargs: dict[str, Any] = _f(help="passed to AutoProcessor.from_pretrained (e.g. Qwen-VL's "
+                                               "min_pixels / max_pixels)", factory=dict)
     quantization: Literal["none", "nf4", "fp4", "int8"] = _f(
         "none", "QLoRA: load the frozen base with the language model's linears quantized by bitsandbytes (vision "
                 "tower, projector and lm_head kept in the compute dtype, LLaVA's recipe); model.arch=llava or vlm")
@@ -219,13 +225,8 @@ class ModelConfig:
                              "language model to quantize), not vit")
         if (self.name_or_path is None) == (self.preset is None):
             raise ValueError("give exactly one of model.name_or_path (load) or model.preset (build from config)")
-        if self.preset == "llava15-7b-skeleton" and self.arch != "llava":
-            raise ValueError("preset llava15-7b-skeleton is a LLaVA: set model.arch=llava")
-        family_preset = (self.preset or "").startswith("tiny-")
-        if family_preset and self.arch != "vlm":
-            raise ValueError(f"preset {self.preset} is a VLM family preset: set model.arch=vlm")
-        if self.arch == "vlm" and self.preset is not None and not family_preset:
-            raise ValueError(f"model.arch=vlm builds tiny-<family> presets only, not {self.preset}")
+        if self.arch == "vit" and self.preset not in (None, "tiny"):
+            raise ValueError(f"model.arch=vit builds the tiny preset only, not {self.preset}")
 
 
 @dataclass
@@ -386,8 +387,7 @@ class RunConfig:
                              "the merge into a dequantized base is built for structlora, lora and dora (PEFT's "
                              f"{self.adapter.method} layers keep their bitsandbytes forms and cannot merge there); "
                              "use one of those or load the base unquantized")
-        if self.data.long_context.share > 0 and self.model.arch != "llava":
-            raise ValueError(f"data.long_context: long-context training examples are built for model.arch=llava "
-                             f"only so far, not {self.model.arch}")
+        if self.data.long_context.share > 0 and self.model.arch == "vit":
+            raise ValueError("data.long_context: long-context training examples are for VLMs, not model.arch=vit")
         if self.base.enabled and self.model.preset is None:
             raise ValueError("base.enabled is only for presets: a loaded model is already pretrained")

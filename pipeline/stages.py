@@ -73,47 +73,28 @@ def sources(ctx: StageContext, split: str, tasks: dict[str, float], left_out: li
 # --- models -----------------------------------------------------------------------------------
 
 
-def world_texts() -> tuple[list[str], list[str]]:
-    """(vocabulary, extra texts) of the tiny tokenizer: the shapes world's words and the prompts."""
-    from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-    from data.shapes import world_vocabulary
-
-    return world_vocabulary(), [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT]
-
-
 def base_model_dir(ctx: StageContext) -> Path:
     return ctx.run_dir / "base" / "model"
 
 
 def load_base(ctx: StageContext):
-    """(model, processor) the adaptation starts from: the base stage's model, or the config's."""
-    from pipeline.backbones import build_llava, load_llava, with_image_fit
+    """(model, processor) the adaptation starts from, through the door (`pipeline.models.door.open_model`): the
+    base stage's model, the preset (saved first when it is to load quantized), or the config's."""
+    from pipeline.models.door import open_model
     from pipeline.quantize import compute_dtype, preset_key, saved_preset
 
     cfg = ctx.cfg
     if cfg.model.arch == "vit":
         return load_vit_base(ctx)
-    if cfg.model.arch == "vlm":
-        from pipeline.vlm import load_vlm_base
-
-        return load_vlm_base(ctx, base_model_dir(ctx))
-    def build():
-        return build_llava(cfg.model, *world_texts(), seed=cfg.seed)
-
-    if cfg.model.preset is None:
-        model, processor = load_llava(cfg.model, compute_dtype(cfg))
-    elif cfg.base.enabled or cfg.model.quantization != "none":  # the base stage's model, or the preset saved to load quantized
-        path = base_model_dir(ctx) if cfg.base.enabled else saved_preset(base_model_dir(ctx), build,
-                                                                          preset_key(cfg))
+    fit = cfg.data.image_fit
+    if cfg.model.preset is not None and (cfg.base.enabled or cfg.model.quantization != "none"):
+        path = base_model_dir(ctx)
+        if not cfg.base.enabled:  # the preset saved, to load quantized like any checkpoint
+            saved_preset(path, lambda: open_model(cfg.model, seed=cfg.seed), preset_key(cfg))
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
-        model, processor = load_llava(ModelConfig(name_or_path=str(path), quantization=cfg.model.quantization,
-                                                  double_quant=cfg.model.double_quant,
-                                                  vision_feature_layer=cfg.model.vision_feature_layer),
-                                      compute_dtype(cfg))
-    else:
-        model, processor = build()
-    return model, with_image_fit(processor, cfg.data.image_fit)
+        return open_model(cfg.model, source=path, compute_dtype=compute_dtype(cfg), image_fit=fit)
+    return open_model(cfg.model, compute_dtype=compute_dtype(cfg), seed=cfg.seed, image_fit=fit)
 
 
 def num_classes(ctx: StageContext) -> int:
@@ -185,7 +166,7 @@ def _dist() -> tuple[int, int]:
 
 def stage_base(ctx: StageContext) -> dict[str, Any]:
     """Pretrain the tiny preset (all weights) on the world's base split, then save it."""
-    from pipeline.backbones import build_llava, count_parameters
+    from pipeline.backbones import count_parameters
     from pipeline.methods import attach_method
 
     cfg = ctx.cfg
@@ -198,21 +179,15 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
         model = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed)
         model, processor = vit_for_pipeline(model) if cfg.model.vit_impl == "timm" else (model, vit_image_processor(cfg))
         tasks = {"classification": 1.0}
-    elif cfg.model.arch == "vlm":
-        from pipeline.vlm import make_vlm
+        from pipeline.towers import unused_modules
 
-        model, processor = make_vlm(cfg.model, seed=cfg.seed)
+        frozen = unused_modules(model)
     else:
-        vocab, extra = world_texts()
-        model, processor = build_llava(cfg.model, vocab, extra, seed=cfg.seed)
-    from pipeline.towers import unused_modules
-
-    if cfg.model.arch == "vlm":
+        from pipeline.models.door import open_model
         from pipeline.vlm import plan_for
 
+        model, processor = open_model(cfg.model, seed=cfg.seed)
         frozen = plan_for(model, processor, AdapterConfig(method="full"), cfg.base.max_steps).frozen_modules
-    else:
-        frozen = unused_modules(model)
     adapted = attach_method(model, AdapterConfig(method="full"), [], [], cfg.base.max_steps, seed=cfg.seed,
                             frozen_modules=frozen)
     train_cfg = TrainConfig(max_steps=cfg.base.max_steps, batch_size=cfg.base.batch_size, lr=cfg.base.lr,
@@ -253,13 +228,13 @@ def final_dir(ctx: StageContext) -> Path:
 
 
 def attach(ctx: StageContext, model, processor=None):
-    """The config's method attached to `model` on the targets the towers describe (for `model.arch: vlm`,
-    the tower table of the model itself: `pipeline.vlm.plan_for`, which needs the processor for its probe)."""
+    """The config's method attached to `model` on the targets the towers describe (a VLM: the tower table of the
+    model itself, `pipeline.vlm.plan_for`, which needs the processor for its probe; a ViT: pipeline.towers)."""
     from pipeline.methods import attach_method
     from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
 
     cfg = ctx.cfg
-    if cfg.model.arch == "vlm":
+    if cfg.model.arch != "vit":
         from pipeline.vlm import plan_for
 
         plan = plan_for(model, processor, cfg.adapter, cfg.train.max_steps)
@@ -328,10 +303,10 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
 
 def check_image_budget(ctx: StageContext, processor) -> dict[str, int]:
     """Before training: do the conversation samples with the most images fit `data.max_length`? Their image
-    tokens alone are never cut, so a sample that cannot fit is dropped (and counted); say so now. For
-    `model.arch: vlm`, also each task's first image as the family's processor expands it (returned)."""
+    tokens alone are never cut, so a sample that cannot fit is dropped (and counted); say so now. For a VLM, also
+    each task's first image as the family's processor expands it (returned)."""
     counts: dict[str, int] = {}
-    if ctx.cfg.model.arch == "vlm":
+    if ctx.cfg.model.arch != "vit":
         from pipeline.vlm import vlm_image_budget
 
         counts = vlm_image_budget(ctx, processor, sources(ctx, "train", ctx.cfg.data.tasks))

@@ -13,24 +13,12 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-from data.prompts import ASSISTANT_ROLE, IMAGE_TOKEN, USER_ROLE
+from data.chat_template import ASSISTANT_ROLE, LLAVA15_CHAT_TEMPLATE, USER_ROLE
+from data.prompts import IMAGE_TOKEN
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE_TOKEN]
 WORD_PATTERN = r"\w+|[^\w\s]"
-
-# llava-hf/llava-1.5 style: "USER: <image>\n{text} ASSISTANT: {answer}</s>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}" + USER_ROLE + ": {% else %}" + ASSISTANT_ROLE + ": {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT_ROLE + ":{% endif %}"
-)
 
 # Words the conversation format itself needs, whatever the data's vocabulary.
 _FORMAT_TEXTS = [USER_ROLE, ASSISTANT_ROLE, ":"]
@@ -71,7 +59,7 @@ def build_word_tokenizer(vocabulary: Iterable[str], extra_texts: Iterable[str] =
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="right",
         model_max_length=4096,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=LLAVA15_CHAT_TEMPLATE,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tokenizer
@@ -99,5 +87,5 @@ def build_tiny_processor(
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=LLAVA15_CHAT_TEMPLATE,
     )

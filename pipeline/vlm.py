@@ -1,10 +1,6 @@
-"""Any VLM family as a backbone (`model.arch: vlm`): load or build it, find what to adapt, from the model itself.
+"""What to adapt on any VLM family (LLaVA-1.5 included), found from the model itself; models are opened by the
+door, `pipeline.models.door.open_model`.
 
-- `load_vlm(cfg)`: `AutoModelForImageTextToText` + `AutoProcessor` by hub id or local directory (LLaVA-1.5,
-  LLaVA-NeXT / OneVision, Qwen2-VL / 2.5-VL / 3-VL, Idefics3 / SmolVLM, Gemma 3, PaliGemma, Mistral 3,
-  InternVL: whatever transformers loads with that class).
-- `build_vlm(cfg, seed)`: `preset: tiny-<family>`, the family's tiny random model and its own processor class,
-  built offline (`pipeline.families`, `pipeline.family_processors`), for tests and the default's speed.
 - `VlmPlan` / `plan_for(model, processor, adapter)`: the tower table (`families.layer_table`), the dead
   parameters found by walking the autograd graph of one forward of a probe batch made by the training collator (for every
   family, not a LLaVA special case: LLaVA-1.5 / NeXT's last vision layer, a tower's post-layernorm), the
@@ -17,81 +13,16 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.backbones import DTYPES, resolve_pretrained
 from pipeline.context import StageContext
 from pipeline.errors import UserError
-from pipeline.schema import AdapterConfig, ModelConfig
+from pipeline.schema import AdapterConfig
 
 log = logging.getLogger("structlora.vlm")
-TINY_PREFIX = "tiny-"
-
-
-def preset_family(preset: str | None) -> str | None:
-    """'qwen2_5_vl' for 'tiny-qwen2_5_vl'; None for other presets."""
-    return preset[len(TINY_PREFIX):] if preset and preset.startswith(TINY_PREFIX) else None
-
-
-def _generation_ids(model: nn.Module, processor: Any) -> None:
-    tok = processor.tokenizer
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        if getattr(tok, key, None) is not None:
-            setattr(model.generation_config, key, getattr(tok, key))
-
-
-def build_vlm(cfg: ModelConfig, seed: int = 0):
-    """(model, processor) of a `tiny-<family>` preset: random weights from `seed`, no network."""
-    from pipeline.families import build_tiny
-    from pipeline.family_processors import tiny_processor
-
-    family = preset_family(cfg.preset)
-    with torch.random.fork_rng(devices=[]):
-        model = build_tiny(family, seed=seed)
-    processor = tiny_processor(family)
-    _generation_ids(model, processor)
-    return model.to(DTYPES[cfg.dtype]), processor
-
-
-def load_vlm(cfg: ModelConfig, compute_dtype: torch.dtype | None = None):
-    """(model, processor) from a hub id or local directory, with `AutoModelForImageTextToText`; with
-    `cfg.quantization` the language tower's linears quantized, computing in `compute_dtype` (pipeline.quantize:
-    the vision tower, the connector and the output embeddings kept, found from the model as the towers are)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    assert cfg.name_or_path is not None
-    source = resolve_pretrained(cfg.name_or_path, cfg.revision)
-    try:
-        if cfg.quantization == "none":
-            from pipeline.quantize import check_saved
-
-            check_saved(source, "none", cfg.revision, cfg.name_or_path)
-            model = AutoModelForImageTextToText.from_pretrained(source, revision=cfg.revision,
-                                                                dtype=DTYPES[cfg.dtype])
-        else:
-            from pipeline.quantize import load_quantized
-
-            model = load_quantized(AutoModelForImageTextToText, source, cfg.quantization,
-                                   compute_dtype or DTYPES[cfg.dtype], cfg.double_quant, cfg.revision,
-                                   name=cfg.name_or_path)
-    except ValueError as err:
-        if "Unrecognized configuration class" not in str(err):  # e.g. a quantizer's own error: as it is
-            raise
-        raise UserError(f"{cfg.name_or_path}: not an image-text-to-text model transformers can load "
-                        f"({str(err).splitlines()[0]})") from None
-    processor = AutoProcessor.from_pretrained(source, revision=cfg.revision)
-    if not getattr(processor, "chat_template", None):
-        raise UserError(f"{cfg.name_or_path}: its processor has no chat template; model.arch=vlm renders every "
-                        "prompt through it (give a processor with one, e.g. the -Instruct / -hf checkpoint)")
-    return model, processor
-
-
-def make_vlm(cfg: ModelConfig, seed: int = 0):
-    return build_vlm(cfg, seed) if preset_family(cfg.preset) else load_vlm(cfg)
 
 
 # --- what to adapt --------------------------------------------------------------------------------
@@ -246,26 +177,6 @@ def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps
 
 
 # --- the stages' parts ------------------------------------------------------------------------------
-
-
-def load_vlm_base(ctx: StageContext, path: Path):
-    """(model, processor) of `model.arch: vlm`: the base stage's model, the tiny family preset, or the config's;
-    `model.quantization` applies to a loaded model: a preset's is the base stage's, or without a base stage the
-    preset saved in its place (quantize.saved_preset)."""
-    from pipeline.quantize import compute_dtype, preset_key, saved_preset
-
-    cfg = ctx.cfg
-    if cfg.model.preset is not None and (cfg.base.enabled or cfg.model.quantization != "none"):
-        if not cfg.base.enabled:  # the preset saved to load quantized
-            saved_preset(path, lambda: make_vlm(cfg.model, seed=cfg.seed), preset_key(cfg))
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: base model missing: run the base stage first (--stages base)")
-        return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), dtype=cfg.model.dtype,
-                                    quantization=cfg.model.quantization, double_quant=cfg.model.double_quant),
-                        compute_dtype(cfg))
-    if cfg.model.preset is None:
-        return load_vlm(cfg.model, compute_dtype(cfg))
-    return make_vlm(cfg.model, seed=cfg.seed)
 
 
 def vlm_image_budget(ctx: StageContext, processor, train_sources: Sequence[Any]) -> dict[str, int]:
