@@ -50,16 +50,14 @@ def build_data(work: Path) -> Path:
 
 def build_model(preset: str, work: Path) -> Path:
     """A random-weight model of the preset with its processor, saved once."""
-    from pipeline.backbones import build_llava
     from pipeline.config import load_config
+    from pipeline.models.door import open_model
     from pipeline.schema import RunConfig
-    from pipeline.stages import world_texts
 
     out = work / f"model-{preset}"
     if not (out / "config.json").is_file():
         cfg = load_config(RunConfig, ROOT / CONFIGS[preset], [])
-        vocab, extra = world_texts()
-        model, processor = build_llava(cfg.model, vocab, extra, seed=0)
+        model, processor = open_model(cfg.model, seed=0)
         model.save_pretrained(out)
         processor.save_pretrained(out)
     return out

@@ -59,13 +59,11 @@ def build_models(preset: str, workdir: Path, rank: int, device: torch.device, se
     from peft import LoraConfig, get_peft_model
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-    from data.shapes import world_vocabulary
-    from pipeline.backbones import build_llava
+    from pipeline.models.door import open_model
     from pipeline.schema import ModelConfig, TinyPreset
 
     config = ModelConfig(preset="tiny", tiny=TinyPreset(**PRESETS[preset]))
-    model, processor = build_llava(config, world_vocabulary(), [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT], seed=seed)
+    model, processor = open_model(config, seed=seed)
     model.save_pretrained(workdir / "base")
     processor.save_pretrained(workdir / "base")
     torch.manual_seed(seed)
@@ -91,12 +89,13 @@ def build_models(preset: str, workdir: Path, rank: int, device: torch.device, se
 def make_inputs(processor, device: torch.device) -> dict[str, torch.Tensor]:
     from PIL import Image, ImageDraw
 
+    from data.chat_template import chat_prompt
     from data.collate import to_rgb
-    from data.prompts import CAPTION_PROMPT, render_prompt
+    from data.prompts import CAPTION_PROMPT
 
     image = Image.new("RGB", (64, 64), (200, 200, 200))
     ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=(220, 40, 40))
-    return processor(text=[render_prompt(CAPTION_PROMPT)], images=[to_rgb(image)], return_tensors="pt").to(device)
+    return processor(text=[chat_prompt(processor, CAPTION_PROMPT)], images=[to_rgb(image)], return_tensors="pt").to(device)
 
 
 @torch.inference_mode()

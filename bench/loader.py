@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="0,2")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (ratio per round, median)")
     args = parser.parse_args(argv)
-    from data.collate import LlavaCollator
+    from data.chat_collate import ChatCollator
     from data.prepare import prepare_coco
     from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
     from data.stream import ShardSource, TrainStream
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                         stream = module.TrainStream([source], epoch_length=length, seed=0, rank=0, world_size=1,
                                                     shuffle_buffer=256, **kwargs)
                         rates[name].append(measure(stream, args.batch_size, args.batches, workers,
-                                                   LlavaCollator(processor, max_length=max_length)))
+                                                   ChatCollator(processor, max_length=max_length)))
                 ratios = sorted(n / o for n, o in zip(rates["new"], rates["old"]))
                 print(f"| {side} | {workers} | {statistics.median(rates['old']):.1f} | "
                       f"{statistics.median(rates['new']):.1f} | {statistics.median(ratios):.2f} "

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from data.chat import split_messages, split_turns
-from data.chat_template import add_special_tokens_for, chat_labels, fold_system, render, to_template_messages
+from data.chat_template import (
+    add_special_tokens_for,
+    chat_labels,
+    fold_system,
+    render_text,
+    to_template_messages,
+)
 from data.collate import flatten_rows, to_rgb, turns
 from data.long_context import LongContextMaker
 from data.prompts import IMAGE_TOKEN
@@ -82,13 +88,13 @@ class ChatCollator:
 
     def length(self, messages: list[dict[str, Any]], images: Sequence[Any]) -> int:
         """Tokens of one row as the processor encodes it (its images expanded)."""
-        text = render(self.processor, [messages])[0][0]
+        text = render_text(self.processor, messages)
         return self._text_tokens(text) + (self._images_cost(text, images) if images else 0)
 
     def _prompt_length(self, user_text: str, images: Sequence[Any]) -> int:
         """Tokens of a one-turn generation prompt (`user_text` with its `<image>` tags), images expanded."""
         messages = to_template_messages([{"role": "user", "content": user_text}])
-        text = render(self.processor, [messages], add_generation_prompt=True)[0][0]
+        text = render_text(self.processor, messages, add_generation_prompt=True)
         return self._text_tokens(text) + (self._images_cost(text, images) if images else 0)
 
     def image_tokens(self, image: Any = None) -> int:
@@ -101,7 +107,7 @@ class ChatCollator:
 
         image = to_rgb(image) if image is not None else Image.new("RGB", (32, 32))
         messages = to_template_messages([{"role": "user", "content": f"{IMAGE_TOKEN}\nx"}])
-        text = render(self.processor, [messages], add_generation_prompt=True)[0][0]
+        text = render_text(self.processor, messages, add_generation_prompt=True)
         special = add_special_tokens_for(self.processor, [text])
         placeholders = sum(i in multimodal_ids(self.processor)
                            for i in self.processor.tokenizer(text, add_special_tokens=special)["input_ids"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -188,13 +189,24 @@ def _expanded(position: int, replacements: Sequence[dict[str, Any]]) -> int:
 GENERATION_BLOCK = re.compile(r"{%-?\s*(?:end)?generation\s*-?%}")
 
 
-def _render_one(processor: Any, conversation: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+@functools.lru_cache(maxsize=8192)
+def _render_cached(template: str, conversation: str, add_generation_prompt: bool, special: str) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    texts, _ = render_jinja_template(conversations=[list(conversation)], chat_template=processor.chat_template,
-                                     add_generation_prompt=add_generation_prompt,
-                                     **processor.tokenizer.special_tokens_map)
+    texts, _ = render_jinja_template(conversations=[json.loads(conversation)], chat_template=template,
+                                     add_generation_prompt=add_generation_prompt, **json.loads(special))
     return texts[0]
+
+
+def render_text(processor: Any, conversation: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """One conversation rendered with the processor's chat template and the tokenizer's special tokens as template
+    variables (as `processor.apply_chat_template` renders it). Memoised: a collator renders the same prefixes of a
+    conversation many times (lengths, then the reply spans turn by turn)."""
+    return _render_cached(processor.chat_template, json.dumps(list(conversation), sort_keys=True),
+                          add_generation_prompt, json.dumps(processor.tokenizer.special_tokens_map, sort_keys=True))
+
+
+_render_one = render_text
 
 
 def _prefix_spans(processor: Any, conversation: Sequence[dict[str, Any]], text: str) -> list[tuple[int, int]]:

@@ -23,10 +23,10 @@ def save_tiny_llava(directory: Path, seed: int) -> Path:
     """A tiny LlavaForConditionalGeneration + processor saved with save_pretrained (no network)."""
     from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
     from data.shapes import world_vocabulary
-    from pipeline.backbones import build_llava
+    from pipeline.backbones import build_tiny_llava
     from pipeline.schema import ModelConfig
 
-    model, processor = build_llava(ModelConfig(preset="tiny"), world_vocabulary(),
+    model, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, world_vocabulary(),
                                    [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT], seed=seed)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -73,13 +73,13 @@ def direct_generate(model_dir: Path, image_path: Path, prompt: str, max_new_toke
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from data.collate import to_rgb
-    from data.prompts import render_prompt
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     with Image.open(image_path) as raw:
         image = to_rgb(raw.copy())
-    batch = processor(text=[render_prompt(prompt)], images=[image], return_tensors="pt")
+    text = f"USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversation, written out (not our renderer)
+    batch = processor(text=[text], images=[image], return_tensors="pt")
     with torch.inference_mode():
         output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
     return processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()

@@ -24,7 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from data.prompts import ASSISTANT_ROLE, CAPTION_PROMPT, IMAGE_TOKEN, SHORT_ANSWER_POSTPROMPT, USER_ROLE
+from data.chat_template import ASSISTANT_ROLE, LLAVA15_CHAT_TEMPLATE, USER_ROLE
+from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, SHORT_ANSWER_POSTPROMPT
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 WORDS = ("a the an red blue green yellow big small square circle triangle star is on in left right of "
@@ -56,7 +57,8 @@ def tiny_processor() -> LlavaProcessor:
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA15_CHAT_TEMPLATE)
 
 
 def tiny_llava(processor: LlavaProcessor, seed: int = 0, max_position: int = 256) -> LlavaForConditionalGeneration:

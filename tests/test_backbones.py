@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT, render_prompt
+from data.chat_template import chat_prompt
+from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
 from pipeline.backbones import (
-    build_llava,
+    build_tiny_llava,
     build_tiny_vit,
     build_vit,
     count_parameters,
-    load_llava,
     resolve_pretrained,
     save_vit,
 )
@@ -25,7 +25,7 @@ WORDS = "a an the red blue green yellow circle square triangle small large left 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_llava(ModelConfig(preset="tiny"), WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
+    return build_tiny_llava(ModelConfig(preset="tiny").tiny, WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
 
 
 def _images(n: int, size: int = 64) -> list[Image.Image]:
@@ -34,7 +34,7 @@ def _images(n: int, size: int = 64) -> list[Image.Image]:
 
 
 def _batch(processor, n: int = 4):
-    texts = [render_prompt(CAPTION_PROMPT) + " a red circle left of a blue square" for _ in range(n)]
+    texts = [chat_prompt(processor, CAPTION_PROMPT) + " a red circle left of a blue square" for _ in range(n)]
     return processor(images=_images(n), text=texts, return_tensors="pt", padding=True)
 
 
@@ -79,7 +79,9 @@ def test_tiny_llava_save_and_reload_identical_logits(tiny, tmp_path):
     model.eval()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    again, proc2 = load_llava(ModelConfig(name_or_path=str(tmp_path)))
+    from pipeline.models.door import open_model
+
+    again, proc2 = open_model(ModelConfig(name_or_path=str(tmp_path), vision_feature_layer=-2), source=tmp_path)
     batch = _batch(processor, 2)
     batch2 = _batch(proc2, 2)
     assert torch.equal(batch.input_ids, batch2.input_ids)
@@ -89,12 +91,12 @@ def test_tiny_llava_save_and_reload_identical_logits(tiny, tmp_path):
     assert proc2.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}],
         add_generation_prompt=True,
-    ) == render_prompt(CAPTION_PROMPT)
+    ) == f"USER: <image>\n{CAPTION_PROMPT} ASSISTANT:"
 
 
 def test_tiny_llava_generates(tiny):
     model, processor = tiny
-    inputs = processor(images=_images(1), text=render_prompt(CAPTION_PROMPT), return_tensors="pt")
+    inputs = processor(images=_images(1), text=chat_prompt(processor, CAPTION_PROMPT), return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs.input_ids.shape[1] + 4 or out[0, -1] == processor.tokenizer.eos_token_id
 

@@ -1,4 +1,4 @@
-"""Training rows and prompts through the processor's chat template (model.arch: vlm), for every family."""
+"""Training rows and prompts through the processor's chat template, for every family (LLaVA-1.5 included)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from PIL import Image
 
 from data.chat_collate import ChatCollator, make_collator
 from data.chat_template import (
+    LLAVA15_CHAT_TEMPLATE,
+    MissingChatTemplateError,
     chat_prompt,
+    ensure_chat_template,
     fold_system,
     messages_prompt,
     to_template_messages,
-    uses_chat_template,
 )
-from data.collate import LlavaCollator
-from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN, render_prompt
+from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN
 from pipeline.families import FAMILIES
 from pipeline.family_processors import multimodal_ids, tiny_processor
 
@@ -57,25 +58,19 @@ def test_rows_label_the_answers_only_and_carry_the_familys_extras(family):
     assert collate.last_rows == [0, 1, 2] and collate.overlong_examples == 0 and collate.dropped_turns == 0
 
 
-def test_llava_processors_keep_llava_text_which_their_chat_template_renders():
-    """LLaVA's processor stays on the llava-hf text (the LLaVA-1.5 path is unchanged), and that text is what its
-    chat template renders: the LLaVA collator and the chat-template collator give the same ids and labels."""
+def test_llava_15_is_asked_in_its_own_conversation_format_through_its_template():
+    """LLaVA-1.5 goes through the chat template like every family; its template renders LLaVA-1.5's text (the
+    llava-hf format), in the generation prompt and in a training row, system text first."""
     processor = _processor("llava")
-    assert not uses_chat_template(processor)
     for text in (CAPTION_PROMPT, "what colour is it ?\nAnswer the question using a single word or phrase."):
-        rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                               {"type": "text", "text": text}]}],
-                                                 add_generation_prompt=True, tokenize=False)
-        assert chat_prompt(processor, text) == render_prompt(text) == rendered
-    old = LlavaCollator(processor, max_length=4096, seed=3)([CAPTION, PACKED])
-    new = ChatCollator(processor, max_length=4096, seed=3)([CAPTION, PACKED])
-    for key in ("input_ids", "attention_mask", "pixel_values"):
-        assert torch.equal(old[key], new[key]), key
-    # labels: the same answer tokens; the template's span starts after "ASSISTANT: ", so the tiny word-level
-    # tokenizer's lone space token before an answer is labelled by the LLaVA collator only
-    differ = old["labels"] != new["labels"]
-    assert bool((new["labels"][differ] == -100).all())
-    assert {processor.tokenizer.decode([int(i)]) for i in old["labels"][differ]} == {" "}
+        assert chat_prompt(processor, text) == f"USER: <image>\n{text} ASSISTANT:"
+    import copy
+
+    tiny = copy.deepcopy(processor)
+    tiny.chat_template = LLAVA15_CHAT_TEMPLATE  # the tiny default's (pipeline.tokenizer), with a system turn
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{IMAGE_TOKEN}\nWhat?"},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And?"}]
+    assert messages_prompt(tiny, messages) == "Be brief. USER: <image>\nWhat? ASSISTANT: A cat.</s>USER: And? ASSISTANT:"
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3", "llava_next", "gemma3"])
@@ -197,10 +192,10 @@ def test_a_llava_processor_with_another_template_uses_it_and_a_processor_without
     processor = copy.deepcopy(_processor("llava"))
     processor.chat_template = _processor("qwen2_5_vl").chat_template.replace("<|vision_start|><|image_pad|>"
                                                                             "<|vision_end|>", "<image>")
-    assert uses_chat_template(processor) and "<|im_start|>assistant" in chat_prompt(processor, CAPTION_PROMPT)
-    processor.chat_template = None
-    assert not uses_chat_template(processor)  # LLaVA-1.5's text
+    assert "<|im_start|>assistant" in chat_prompt(processor, CAPTION_PROMPT)
+    processor.chat_template = None  # a LLaVA processor saved without one gets LLaVA-1.5's
+    assert ensure_chat_template(processor, "llava").chat_template == LLAVA15_CHAT_TEMPLATE
     qwen = copy.deepcopy(_processor("qwen2_5_vl"))
     qwen.chat_template = None
-    with pytest.raises(ValueError, match="chat template"):
-        chat_prompt(qwen, CAPTION_PROMPT)
+    with pytest.raises(MissingChatTemplateError, match="qwen: its processor has no chat template"):
+        ensure_chat_template(qwen, "qwen")

@@ -1,4 +1,5 @@
-"""LLaVA collation: the conversation format, label masking, padding, the length limit."""
+"""Collation of the tiny LLaVA-1.5 (the chat-template collator every family uses): the conversation format, label
+masking, padding, the length limit."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.collate import IGNORE_INDEX, ClassificationCollator, LlavaCollator, preprocess_images, to_rgb
-from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT, render_prompt
-from pipeline.backbones import build_llava
+from data.chat_collate import ChatCollator
+from data.chat_template import IGNORE_INDEX, chat_prompt
+from data.collate import ClassificationCollator, preprocess_images, to_rgb
+from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
+from pipeline.backbones import build_tiny_llava
 from pipeline.schema import ModelConfig
 
 WORDS = "a red blue circle square is there how many shapes two yes left of".split()
@@ -16,7 +19,7 @@ WORDS = "a red blue circle square is there how many shapes two yes left of".spli
 
 @pytest.fixture(scope="module")
 def processor():
-    _, proc = build_llava(ModelConfig(preset="tiny"), WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
+    _, proc = build_tiny_llava(ModelConfig(preset="tiny").tiny, WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
     return proc
 
 
@@ -30,7 +33,7 @@ def _samples():
 
 
 def test_only_the_answer_and_eos_are_trained(processor):
-    batch = LlavaCollator(processor, max_length=120)(_samples())
+    batch = ChatCollator(processor, max_length=120)(_samples())
     tok = processor.tokenizer
     for row, answer in zip(range(3), ["a red circle", "two", "yes"]):
         trained = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
@@ -43,10 +46,11 @@ def test_only_the_answer_and_eos_are_trained(processor):
 
 
 def test_prompt_is_the_llava_conversation(processor):
-    batch = LlavaCollator(processor, max_length=120)(_samples()[1:2])
+    batch = ChatCollator(processor, max_length=120)(_samples()[1:2])
     tok = processor.tokenizer
     expected = processor(images=[to_rgb(_samples()[1]["image"])],
-                         text=[render_prompt("how many shapes?\n" + SHORT_ANSWER_POSTPROMPT)])["input_ids"][0]
+                         text=[chat_prompt(processor, "how many shapes?\n" + SHORT_ANSWER_POSTPROMPT)])["input_ids"][0]
+    assert chat_prompt(processor, "q") == "USER: <image>\nq ASSISTANT:"  # LLaVA-1.5's conversation
     assert batch["input_ids"][0, : len(expected)].tolist() == list(expected)
     image_id = tok.convert_tokens_to_ids("<image>")
     assert int((batch["input_ids"][0] == image_id).sum()) == 64
@@ -54,12 +58,12 @@ def test_prompt_is_the_llava_conversation(processor):
 
 def test_pixel_values_match_the_shared_preprocessing(processor):
     samples = _samples()
-    batch = LlavaCollator(processor, max_length=120)(samples)
+    batch = ChatCollator(processor, max_length=120)(samples)
     assert torch.allclose(batch["pixel_values"], preprocess_images(processor, [s["image"] for s in samples]))
 
 
 def test_image_tokens_are_never_truncated(processor):
-    collator = LlavaCollator(processor, max_length=70)  # 64 image tokens + prompt do not fit
+    collator = ChatCollator(processor, max_length=70)  # 64 image tokens + prompt do not fit
     with pytest.raises(ValueError, match="image tokens are never truncated"):
         collator(_samples()[:1])
     assert collator.overlong_examples == 1 and collator.dropped_turns == 0
@@ -67,14 +71,14 @@ def test_image_tokens_are_never_truncated(processor):
 
 def test_long_prompts_are_dropped_and_counted_short_ones_kept(processor):
     long = dict(_samples()[1], question=" ".join(["how many shapes"] * 20) + "?")
-    collator = LlavaCollator(processor, max_length=95)
+    collator = ChatCollator(processor, max_length=95)
     batch = collator([_samples()[0], long])
     assert batch["input_ids"].shape[0] == 1 and collator.overlong_examples == 1
 
 
 def test_an_answer_that_does_not_fit_is_dropped_and_counted_never_cut(processor):
     sample = dict(_samples()[0], captions=[" ".join(["a red circle"] * 30)])
-    collator = LlavaCollator(processor, max_length=100)
+    collator = ChatCollator(processor, max_length=100)
     batch = collator([sample, _samples()[1]])
     assert batch["input_ids"].shape[0] == 1 and collator.overlong_examples == 1
 
@@ -88,7 +92,7 @@ def test_over_long_examples_and_dropped_turns_are_counted_apart_and_never_stop_a
               "turns": [{"question": "how many shapes?", "answer": "two", "question_id": 1},
                         {"question": long_q, "answer": "two", "question_id": 2}]}
     alone = {"task": "vqav2", "image": image, "__key__": "b", "question": long_q, "answer": "two"}
-    collate = collate_with_stats(LlavaCollator(processor, max_length=100))
+    collate = collate_with_stats(ChatCollator(processor, max_length=100))
     batch = collate([packed, alone])
     assert batch["input_ids"].shape[0] == 1  # the packed sample's first turn
     assert batch["__dropped__"] == {"overlong_examples": 1, "dropped_turns": 1}
@@ -115,21 +119,19 @@ def _answer_spans(labels: torch.Tensor) -> list[list[int]]:
 
 
 def test_a_packed_sample_has_labels_on_every_answer_and_nothing_else(processor):
-    from data.collate import answer_token_ids
-
-    tok = processor.tokenizer
-    batch = LlavaCollator(processor, max_length=400)([_packed(4)])
+    tok = processor.tokenizer  # word-level: a word's ids do not depend on what precedes it
+    batch = ChatCollator(processor, max_length=400)([_packed(4)])
     assert batch["input_ids"].shape[0] == 1  # one multi-turn conversation
     spans = _answer_spans(batch["labels"][0])
-    expected = [answer_token_ids(tok, f"colour{i}") + [tok.eos_token_id] for i in range(4)]
+    expected = [tok(f"colour{i}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for i in range(4)]
     assert spans == expected
     labelled = batch["labels"][0] != IGNORE_INDEX
     assert torch.equal(batch["input_ids"][0][labelled], torch.tensor(sum(expected, [])))
 
 
 def test_a_long_conversation_is_split_between_turns_each_part_with_the_image(processor):
-    one = LlavaCollator(processor, max_length=400)([_packed(1)])["input_ids"].shape[1]
-    batch = LlavaCollator(processor, max_length=one + 30)([_packed(6)])
+    one = ChatCollator(processor, max_length=400)([_packed(1)])["input_ids"].shape[1]
+    batch = ChatCollator(processor, max_length=one + 30)([_packed(6)])
     rows = batch["input_ids"].shape[0]
     assert rows > 1 and batch["pixel_values"].shape[0] == rows
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -140,7 +142,7 @@ def test_a_long_conversation_is_split_between_turns_each_part_with_the_image(pro
 
 def test_caption_choice_is_seeded(processor):
     sample = dict(_samples()[0], captions=["a red circle", "a blue square", "two shapes", "a circle", "a square"])
-    first = [LlavaCollator(processor, max_length=120, seed=1)([sample] * 6)["input_ids"] for _ in range(2)]
+    first = [ChatCollator(processor, max_length=120, seed=1)([sample] * 6)["input_ids"] for _ in range(2)]
     assert torch.equal(first[0], first[1])
 
 
@@ -153,27 +155,6 @@ def test_to_rgb_modes():
 def test_classification_collator(processor):
     batch = ClassificationCollator(processor)([{"image": Image.new("RGB", (64, 64)), "label": 3}] * 2)
     assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["labels"].tolist() == [3, 3]
-
-
-def test_answer_ids_match_the_joint_text_for_sentencepiece_style_tokenizers():
-    """Llama's tokenizer adds a dummy-prefix '▁': alone, ' yes' becomes ['▁', '▁yes'], but after
-    'ASSISTANT:' the conversation holds ['▁yes']. The collator must train on the latter."""
-    from tokenizers import Tokenizer, models, normalizers
-    from transformers import PreTrainedTokenizerFast
-
-    from data.collate import answer_token_ids
-
-    # the normaliser of Llama's (legacy) fast tokenizer: a dummy prefix, spaces as '▁'
-    vocab = [("<unk>", 0.0), ("▁", -2.0), ("▁yes", -1.0), ("▁ASSISTANT:", -1.0), ("▁two", -1.0), ("▁shapes", -1.0)]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    assert tok(" yes", add_special_tokens=False)["input_ids"] == [1, 2]  # the trap
-    assert answer_token_ids(tok, "yes") == [2]
-    assert answer_token_ids(tok, "two shapes") == [4, 5]
-    joint = tok("ASSISTANT: two shapes", add_special_tokens=False)["input_ids"]
-    assert joint[1:] == answer_token_ids(tok, "two shapes")
-    assert joint[0] == 3
 
 
 def test_pad_to_square_pads_with_the_mean_colour_and_travels_with_the_processor(processor, tmp_path):
@@ -199,7 +180,7 @@ def test_pad_to_square_pads_with_the_mean_colour_and_travels_with_the_processor(
 def test_caption_reference_longest_trains_on_the_same_most_complete_caption(processor):
     sample = {"image": Image.new("RGB", (64, 64)), "task": "caption",
               "captions": ["a red circle", "two shapes", "a red circle left of a blue square"]}
-    collate = LlavaCollator(processor, max_length=256, seed=0, caption_reference="longest")
+    collate = ChatCollator(processor, max_length=256, seed=0, caption_reference="longest")
     answers = set()
     for _ in range(6):
         batch = collate([sample])
@@ -222,7 +203,7 @@ def test_caption_reference_consensus_trains_on_the_reference_the_others_agree_wi
     assert consensus_caption(["only one"]) == "only one"
     assert consensus_caption(["a b", "c d", "e f"]) == "a b"  # no agreement at all: the first
     sample = {"image": Image.new("RGB", (64, 64)), "task": "caption", "captions": captions}
-    collate = LlavaCollator(processor, max_length=256, seed=0, caption_reference="consensus")
+    collate = ChatCollator(processor, max_length=256, seed=0, caption_reference="consensus")
     answers = {processor.tokenizer.decode(b["labels"][0][b["labels"][0] != IGNORE_INDEX])
                for b in (collate([sample]) for _ in range(4))}
     assert answers == {"a <unk> red circle <unk> a <unk> blue square. </s>"}  # the tiny vocabulary: <unk>s

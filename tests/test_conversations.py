@@ -16,7 +16,8 @@ import pytest
 import torch
 from _conversation_files import BAD, GOOD, write
 
-from data.collate import IGNORE_INDEX, LlavaCollator
+from data.chat_collate import ChatCollator
+from data.chat_template import IGNORE_INDEX
 from data.conversations import Tags, detect_format, split_of
 from data.errors import DataError
 from data.prepare_conversations import prepare_conversations
@@ -65,15 +66,15 @@ def test_every_good_record_once_and_every_bad_one_counted_by_reason(prepared, fm
 
 
 def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(prepared):
-    from pipeline.backbones import build_llava
+    from pipeline.backbones import build_tiny_llava
     from pipeline.schema import ModelConfig
 
     words = "what colour is it and the shape a square red say yes which blue second you answer in one word".split()
-    _, processor = build_llava(ModelConfig(preset="tiny"), words, [])
+    _, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, words, [])
     batches = {}
     for fmt in FORMATS:
         found = _all(prepared[fmt][0])
-        batches[fmt] = LlavaCollator(processor, max_length=400)([found[i] for i in GOOD])
+        batches[fmt] = ChatCollator(processor, max_length=400)([found[i] for i in GOOD])
     for fmt in FORMATS[1:]:
         for key in ("input_ids", "labels", "attention_mask", "pixel_values"):
             assert torch.equal(batches[fmt][key], batches["llava"][key]), (fmt, key)
@@ -89,13 +90,13 @@ def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(
 
 
 def test_a_long_conversation_is_split_between_turns_and_each_row_keeps_its_images(prepared):
-    from pipeline.backbones import build_llava
+    from pipeline.backbones import build_tiny_llava
     from pipeline.schema import ModelConfig
 
-    _, processor = build_llava(ModelConfig(preset="tiny"), ["what", "colour", "red", "and", "the", "shape"], [])
+    _, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, ["what", "colour", "red", "and", "the", "shape"], [])
     sample = _all(prepared["llava"][0])["good1"]
-    one = LlavaCollator(processor, max_length=400)([sample])["input_ids"].shape[1]
-    collate = LlavaCollator(processor, max_length=one - 3)
+    one = ChatCollator(processor, max_length=400)([sample])["input_ids"].shape[1]
+    collate = ChatCollator(processor, max_length=one - 3)
     batch = collate([sample])
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2  # the image in both rows
     image = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -198,18 +199,21 @@ def test_last_answers_are_scored_with_every_metric_and_a_headline_chosen_by_leng
     assert nothing["headline"] == "anls" and nothing["coverage"] == 0.0 and nothing["anls"] == 0.0
 
 
-def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_path, capsys):
-    from pipeline.backbones import build_llava
+def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_path, capsys, monkeypatch):
+    from pipeline.backbones import build_tiny_llava
     from pipeline.context import StageContext
     from pipeline.schema import ModelConfig, RunConfig
     from pipeline.stages import check_image_budget
 
+    import pipeline.stages
+
+    monkeypatch.setattr(pipeline.stages, "sources", lambda *_, **__: [])  # no shards here: the 32 x 32 default image
     folder = tmp_path / "run" / "prepare" / "shards" / "conversations" / "train"
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"max_images": 3}))
     cfg = RunConfig()
     cfg.data.tasks, cfg.data.max_length = {"conversations": 1.0}, 160
-    _, processor = build_llava(ModelConfig(preset="tiny"), ["a"], [])
+    _, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, ["a"], [])
     check_image_budget(StageContext(cfg=cfg, run_dir=tmp_path / "run"), processor)
     assert "a training sample has 3 images = 192 image tokens" in capsys.readouterr().out
     cfg.data.max_length = 400

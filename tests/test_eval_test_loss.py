@@ -9,7 +9,7 @@ import pytest
 import torch
 from _eval_tiny import tiny_images, tiny_llava, tiny_processor
 
-from data.collate import LlavaCollator
+from data.chat_collate import ChatCollator
 from eval.errors import EvalInputError
 from eval.harness import ModelEntry, check_inputs, evaluate_models, write_outputs
 
@@ -30,7 +30,7 @@ def _examples() -> dict[str, list[dict]]:
 def _study_loss(model, processor, examples, batch_size=2, max_length=4096) -> float:
     """Study v2's definition (its cells, bench/study_cell.py, now retired): model(**batch).loss weighted by
     each batch's label tokens."""
-    collate = LlavaCollator(processor, max_length=max_length, seed=0)
+    collate = ChatCollator(processor, max_length=max_length, seed=0)
     total = tokens = 0.0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):

@@ -159,8 +159,7 @@ def test_transformers_assistant_mask_agrees(family):
 
 
 def test_llava_template_is_the_project_format():
-    from data.prompts import render_prompt
-
+    """LLaVA-1.5's conversation, written out: "USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>"."""
     q1, a1, q2, a2 = TURNS[0]
-    expected = f"{render_prompt(q1)} {a1}</s>{render_prompt(q2, with_image=False)} {a2}</s>"
+    expected = f"USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
     assert render(_processor("llava"), [_conversation(*TURNS[0])])[0][0] == expected

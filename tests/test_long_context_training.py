@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.collate import IGNORE_INDEX, LlavaCollator
+from data.chat_collate import ChatCollator
+from data.chat_template import IGNORE_INDEX
 from data.examples import collate_with_stats
 from data.long_context import LongContextMaker, fill_to, filler_text
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-from pipeline.backbones import build_llava
+from pipeline.backbones import build_tiny_llava
 from pipeline.schema import ModelConfig
 
 COLOURS = "red blue green yellow purple orange".split()
@@ -23,7 +24,7 @@ WORDS = COLOURS + SHAPES + "a an small large left right of the and there is are 
 
 @pytest.fixture(scope="module")
 def processor():
-    _, proc = build_llava(ModelConfig(preset="tiny"), WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
+    _, proc = build_tiny_llava(ModelConfig(preset="tiny").tiny, WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
     return proc
 
 
@@ -43,7 +44,7 @@ def _maker(share=1.0, lo=100, hi=150, seed=3, per="example"):
 
 
 def _rows(processor, samples, maker, max_length=200, batch=4):
-    collate = LlavaCollator(processor, max_length=max_length, seed=1, long_context=maker)
+    collate = ChatCollator(processor, max_length=max_length, seed=1, long_context=maker)
     out = []
     for start in range(0, len(samples), batch):
         out.append(collate(samples[start:start + batch]))
@@ -106,6 +107,33 @@ def test_rows_land_on_their_targets_and_keep_the_image_and_answer_whole(processo
     assert len(long_rows) == maker.made and all(115 <= n <= 180 for n in long_rows)
 
 
+def _family_ids(family):
+    return f"long_context-{family}"
+
+
+@pytest.mark.parametrize("family", __import__("pipeline.families", fromlist=["FAMILIES"]).FAMILIES, ids=_family_ids)
+def test_long_context_rows_land_on_their_targets_for_every_family(family):
+    """The feature on every family: long-context rows through each family's own processor and chat template land
+    within [min, max] tokens as that processor counts them (images expanded), the answer and its end-of-turn marker
+    labelled whole, the filler never in the labels."""
+    from pipeline.family_processors import tiny_processor
+
+    processor = tiny_processor(family)
+    maker = _maker(lo=120, hi=180)
+    collate = ChatCollator(processor, max_length=200, seed=1, long_context=maker)
+    samples = [dict(s, image=Image.new("RGB", (16, 16), (s["image_id"], 20, 40))) for s in _stream(24)]
+    lengths, answers = [], set()
+    for start in range(0, len(samples), 4):
+        batch = collate(samples[start:start + 4])
+        for mask, ids, labels in zip(batch["attention_mask"], batch["input_ids"], batch["labels"]):
+            lengths.append(int(mask.sum()))
+            answers.add(processor.tokenizer.decode(ids[labels != IGNORE_INDEX]).strip())
+    # the first example has no earlier caption to fill with (short); every later one lands in [min, max]
+    assert maker.no_pool == 1 and maker.made == len(lengths) - 1, lengths
+    assert lengths[0] < 120 and all(115 <= n <= 180 for n in lengths[1:]), lengths
+    assert all(a.split()[0] in ("a", "there") for a in answers)  # a caption, not filler
+
+
 def test_the_stream_is_deterministic_and_share_zero_changes_nothing(processor):
     a = _rows(processor, _stream(16), _maker(share=0.5))[1]
     b = _rows(processor, _stream(16), _maker(share=0.5))[1]
@@ -141,7 +169,7 @@ def test_per_batch_makes_whole_batches_long_at_one_length(processor):
 
 
 def test_the_counts_reach_the_batch_as_made_not_as_lost(processor):
-    collate = LlavaCollator(processor, max_length=200, seed=1, long_context=_maker())
+    collate = ChatCollator(processor, max_length=200, seed=1, long_context=_maker())
     wrapped = collate_with_stats(collate)
     made = 0
     stream = _stream(12)
@@ -158,9 +186,10 @@ def test_the_config_refuses_what_it_cannot_build():
 
     with pytest.raises(ValueError, match="share"):
         from_dict(RunConfig, {"model": {"preset": "tiny"}, "data": {"long_context": {"share": 1.5}}})
-    with pytest.raises(ValueError, match="model.arch=llava"):
-        from_dict(RunConfig, {"model": {"arch": "vlm", "preset": "tiny-qwen2_5_vl"},
-                              "data": {"long_context": {"share": 0.5}}})
+    with pytest.raises(ValueError, match="not model.arch=vit"):
+        from_dict(RunConfig, {"model": {"arch": "vit", "preset": "tiny"}, "data": {"long_context": {"share": 0.5}}})
+    # every VLM family takes it (the one collator)
+    from_dict(RunConfig, {"model": {"arch": "vlm", "preset": "tiny-qwen2_5_vl"}, "data": {"long_context": {"share": 0.5}}})
 
 
 @pytest.mark.slow

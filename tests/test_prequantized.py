@@ -35,11 +35,10 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     are) and saved again: what a user downloads as a 4-bit base."""
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.backbones import build_llava
-    from pipeline.stages import world_texts
+    from pipeline.models.door import open_model
 
     root = tmp_path_factory.mktemp("prequantized")
-    model, processor = build_llava(_smoke_model(), *world_texts())
+    model, processor = open_model(_smoke_model())
     model.save_pretrained(root / "float")
     processor.save_pretrained(root / "float")
     quantized = load_quantized(LlavaForConditionalGeneration, root / "float", "nf4", torch.bfloat16)
@@ -127,10 +126,10 @@ def _saved_vlm_all_4bit(root: Path) -> Path:
     """A tiny Qwen2.5-VL saved with its vision tower 4-bit too (only lm_head kept), as some uploads are."""
     from transformers import AutoModelForImageTextToText
 
+    from pipeline.models.door import open_model
     from pipeline.schema import ModelConfig
-    from pipeline.vlm import build_vlm
 
-    model, processor = build_vlm(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
+    model, processor = open_model(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
     model.save_pretrained(root / "float")
     processor.save_pretrained(root / "float")
     quantized = load_quantized(AutoModelForImageTextToText, root / "float", "nf4", torch.float32, keep=("lm_head",))
@@ -142,13 +141,14 @@ def _saved_vlm_all_4bit(root: Path) -> Path:
 def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
     """model.arch: vlm, e.g. Qwen2.5-VL saved 4-bit (vision tower included): refused as float, loaded as saved
     (its own skip list, not LLaVA's recipe) with nf4."""
+    from pipeline.models.door import open_model
     from pipeline.schema import ModelConfig
-    from pipeline.vlm import load_vlm
 
     path = _saved_vlm_all_4bit(tmp_path)
     with pytest.raises(UserError, match="set model.quantization=nf4"):
-        load_vlm(ModelConfig(arch="vlm", name_or_path=str(path)))
-    again, _ = load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), quantization="nf4"), torch.float32)
+        open_model(ModelConfig(arch="vlm", name_or_path=str(path)), source=path)
+    again, _ = open_model(ModelConfig(arch="vlm", name_or_path=str(path), quantization="nf4"), source=path,
+                          compute_dtype=torch.float32)
     found = layout(again)
     assert {k for n, k in found.items() if n.startswith("model.visual.")} == {"nf4"}
     assert {k for n, k in found.items() if n.startswith("model.language_model.")} == {"nf4"}

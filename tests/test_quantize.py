@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from pipeline.backbones import build_llava  # noqa: E402
+from pipeline.backbones import build_tiny_llava  # noqa: E402
 from pipeline.dequantize import dequantize_model, dequantized_linear  # noqa: E402
 from pipeline.quantize import layout, load_quantized, neutralise_cpu_repack  # noqa: E402
 from pipeline.schema import ModelConfig  # noqa: E402
@@ -25,7 +25,7 @@ WORDS = "a red blue green circle square triangle one two the of is".split()
 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory) -> Path:
-    model, processor = build_llava(ModelConfig(preset="tiny"), WORDS, ["describe the image."])
+    model, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, WORDS, ["describe the image."])
     path = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(path)
     processor.save_pretrained(path)

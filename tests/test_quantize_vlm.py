@@ -19,9 +19,10 @@ pytest.importorskip("bitsandbytes")
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.families import FAMILIES, build_tiny, tower_paths  # noqa: E402
 from pipeline.family_processors import tiny_processor  # noqa: E402
+from pipeline.models.door import open_model  # noqa: E402
 from pipeline.quantize import layout  # noqa: E402
 from pipeline.schema import AdapterConfig, ModelConfig  # noqa: E402
-from pipeline.vlm import load_vlm, plan_for  # noqa: E402
+from pipeline.vlm import plan_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,8 @@ def saved(tmp_path_factory):
 
 
 def _load(path: Path, kind: str = "nf4"):
-    return load_vlm(ModelConfig(arch="vlm", name_or_path=str(path), quantization=kind), torch.float32)
+    return open_model(ModelConfig(arch="vlm", name_or_path=str(path), quantization=kind), source=path,
+                      compute_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +70,7 @@ def test_the_plan_on_a_4bit_base_is_the_plan_on_the_float_base(saved, family):
     """The dead-parameter probe cannot make a packed 4-bit weight require grad; it follows the layer's output
     instead, so the same linears are adapted and the same modules frozen as on the float model."""
     adapter = AdapterConfig(method="structlora", rank=4, alpha=8)
-    float_model, processor = load_vlm(ModelConfig(arch="vlm", name_or_path=str(saved(family))))
+    float_model, processor = open_model(ModelConfig(arch="vlm", name_or_path=str(saved(family))), source=saved(family))
     quantized, _ = _load(saved(family))
     expected, got = plan_for(float_model, processor, adapter, 10), plan_for(quantized, processor, adapter, 10)
     assert got.target_names == expected.target_names

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data.collate import LlavaCollator
+from data.chat_collate import ChatCollator
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-from pipeline.backbones import build_llava
+from pipeline.backbones import build_tiny_llava
 from pipeline.methods import attach_method, regex_targets
 from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
 from pipeline.train import TrainRecipe, cosine_with_warmup
@@ -33,10 +33,10 @@ def _samples(n: int, seed: int):
 
 
 def _setup(method: str, tmp_path, max_steps: int = 24, **train_kw):
-    model, processor = build_llava(ModelConfig(preset="tiny"), WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
+    model, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, WORDS, [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT])
     adapter = AdapterConfig(method=method, rank=4, alpha=8, vera_rank=64)
     adapted = attach_method(model, adapter, regex_targets(model, TARGETS), [], max_steps)
-    collate = LlavaCollator(processor, max_length=120)
+    collate = ChatCollator(processor, max_length=120)
     train = [collate(_samples(8, seed)) for seed in range(4)]
     val = [collate(_samples(8, 100))]
     cfg = TrainConfig(max_steps=max_steps, batch_size=8, lr=5e-3, eval_every=max_steps, save_every=8,

@@ -21,7 +21,7 @@ PRESET = TinyPreset(image_size=32, patch_size=8, vision_hidden=32, vision_layers
 
 
 def _setup(tmp_path, max_steps: int):
-    from data.collate import LlavaCollator
+    from data.chat_collate import ChatCollator
     from pipeline.backbones import build_tiny_llava
 
     model, processor = build_tiny_llava(PRESET, WORDS)
@@ -31,7 +31,7 @@ def _setup(tmp_path, max_steps: int):
                                                          "coordinator": {"refresh_every": 3, "theta_init_std": 0.01}})
     adapted = attach_method(model, adapter, target_module_names(model, model_cfg, adapter), [], max_steps,
                             structlora_config=structlora_config_for(model, model_cfg, adapter, max_steps))
-    collate = LlavaCollator(processor, max_length=64)
+    collate = ChatCollator(processor, max_length=64)
     batches = [collate([{"image": Image.new("RGB", (32, 32), rgb), "task": "caption", "captions": [f"a {c} square"]}
                         for c, rgb in COLOURS.items()]) for _ in range(2)]
     cfg = TrainConfig(max_steps=max_steps, batch_size=3, lr=5e-3, eval_every=max_steps, save_every=4, log_every=2,

@@ -31,12 +31,13 @@ def test_every_real_vlm_config_is_listed_here():
 
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_the_config_adapts_its_family(name):
-    from pipeline.vlm import build_vlm, plan_for
+    from pipeline.models.door import open_model
+    from pipeline.vlm import plan_for
 
     cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml")
     assert cfg.model.name_or_path and "/" in cfg.model.name_or_path and cfg.model.dtype == "bfloat16"
     tiny = dataclasses.replace(cfg.model, name_or_path=None, preset=f"tiny-{FAMILY[name]}", dtype="float32")
-    model, processor = build_vlm(tiny)
+    model, processor = open_model(tiny)
     plan = plan_for(model, processor, cfg.adapter, cfg.train.max_steps)
     towers = {row.name: row.tower for row in plan.table}
     adapted = {towers[n] for n in plan.target_names}

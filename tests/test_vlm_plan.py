@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pipeline.methods import attach_method
+from pipeline.models.door import open_model
 from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
-from pipeline.vlm import build_vlm, plan_for
+from pipeline.vlm import plan_for
 
 
 def _family(family: str):
-    return build_vlm(ModelConfig(arch="vlm", preset=f"tiny-{family}"))
+    return open_model(ModelConfig(arch="vlm", preset=f"tiny-{family}"))
 
 
 def _groups(family: str, adapter: AdapterConfig):

@@ -43,10 +43,10 @@ def test_qwen2_5_vl_runs_every_stage(qwen_run):
 
 
 def _save_tiny(family: str, out):
+    from pipeline.models.door import open_model
     from pipeline.schema import ModelConfig
-    from pipeline.vlm import build_vlm
 
-    model, processor = build_vlm(ModelConfig(arch="vlm", preset=f"tiny-{family}"), seed=1)
+    model, processor = open_model(ModelConfig(arch="vlm", preset=f"tiny-{family}"), seed=1)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
