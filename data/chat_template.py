@@ -66,7 +66,11 @@ def ensure_chat_template(processor: Any, name: str, template_file: str | None = 
                                            "chat_template.jinja)")
         processor.chat_template = path.read_text()
         processor.tokenizer.chat_template = processor.chat_template
-    elif not getattr(processor, "chat_template", None) and type(processor) is LlavaProcessor:
+    elif type(processor) is LlavaProcessor and (not getattr(processor, "chat_template", None)
+                                                 or not end_of_turn_ids(processor)):
+        # none, or llava-hf's LLaVA-1.5 template, which ends a reply with " " where LLaVA-1.5 trained "</s>"
+        # (its conv_vicuna_v1): trained through it a model would never learn to stop. Both render the same
+        # generation prompt ("USER: <image>\n{prompt} ASSISTANT:").
         processor.chat_template = LLAVA15_CHAT_TEMPLATE
     if not getattr(processor, "chat_template", None):
         raise MissingChatTemplateError(
@@ -74,6 +78,32 @@ def ensure_chat_template(processor: Any, name: str, template_file: str | None = 
             "Jinja file (model.chat_template=FILE in a run, --chat-template FILE for eval and the demo; PaliGemma's "
             "hub checkpoints ship none), or use a checkpoint whose processor has one (e.g. the -Instruct / -hf one)")
     return processor
+
+_REPLY_PROBE = "Zq9 reply probe"
+
+
+def end_of_turn_ids(processor: Any) -> list[int]:
+    """The special tokens a template writes right after an assistant reply, labelled with it (Llama-3's
+    <|eot_id|>, Qwen's <|im_end|>, Gemma's <end_of_turn>, LLaVA-1.5's </s>): what training teaches the model to
+    end a reply with, so generation must stop there. Empty when the template ends a reply with plain text."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hello"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _REPLY_PROBE}]}]
+    try:
+        batch = chat_labels(processor, [messages], [[Image.new("RGB", (32, 32))]])
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe has no end we can find
+        return []
+    ids = batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    special = set(processor.tokenizer.all_special_ids) | {
+        i for i, t in processor.tokenizer.added_tokens_decoder.items() if t.special}
+    tail: list[int] = []
+    for token in reversed(ids):
+        if token not in special:
+            break
+        tail.insert(0, token)
+    return tail
+
 
 def user_content(text: str, images: int = 0) -> list[dict[str, Any]]:
     """Template content of a user turn: `images` leading images, then `text` with its own `<image>` tags as

@@ -200,12 +200,11 @@ def test_last_answers_are_scored_with_every_metric_and_a_headline_chosen_by_leng
 
 
 def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_path, capsys, monkeypatch):
+    import pipeline.stages
     from pipeline.backbones import build_tiny_llava
     from pipeline.context import StageContext
     from pipeline.schema import ModelConfig, RunConfig
     from pipeline.stages import check_image_budget
-
-    import pipeline.stages
 
     monkeypatch.setattr(pipeline.stages, "sources", lambda *_, **__: [])  # no shards here: the 32 x 32 default image
     folder = tmp_path / "run" / "prepare" / "shards" / "conversations" / "train"

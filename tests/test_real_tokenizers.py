@@ -10,6 +10,7 @@ tokens the tokenizer's offsets put there.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import _real_tokenizers as rt
@@ -38,14 +39,6 @@ CANONICAL = [{"role": "system", "content": SYSTEM},
              {"role": "assistant", "content": REPLIES[2]}]
 # the hub's LLaVA-1.5 template writes "{reply} " and no '</s>': nothing to label as the end of the turn
 HUB_LLAVA15 = {c for c in CASES if c.startswith("llava_hub_template-")}
-NO_EOS_STOP = {"llava_next-real_llama3_tokenizer": (
-    "the product's stop tokens (pipeline.vlm._generation_ids) are the tokenizer's eos only: <|end_of_text|> "
-    "(128001) for this Llama-3 tokenizer, while every turn ends with <|eot_id|> (128009), the token the labels "
-    "train: generation runs on past the end of the turn")}
-SENTENCEPIECE_LATER_TURNS = (
-    "LLaVA-1.5's training path (LlavaCollator -> data.chat.ChatRows) tokenizes each later turn alone: "
-    "'</s>', '▁US', 'ER', ':' in training where evaluation tokenizes the joined text as '</s>', 'USER', ':' "
-    "(a non-legacy SentencePiece tokenizer adds no '▁' after a special token)")
 # the boundary after an earlier reply as the real SentencePiece tokenizer splits the joined text: what the
 # train / evaluation comparisons must meet (a tokenizer that split it otherwise would make them vacuous)
 BOUNDARY = {"llava-real_llama2_sentencepiece": ["</s>", "USER", ":"],
@@ -134,11 +127,21 @@ def _same_tokens(case_id: str, train: list[int], evaluated: list[int]) -> None:
 # ----------------------------------------------------------------------------- chat_labels / messages_prompt
 
 
-@pytest.mark.parametrize("case_id", _params("labels", marks=dict.fromkeys(
-    HUB_LLAVA15, "llava-hf's LLaVA-1.5 template ends a reply with ' ', not '</s>': chat_labels labels the reply "
-                 "alone, and a model trained through it never learns to stop")))
+def _through_the_door(case_id: str):
+    """The processor as every command gets it (`data.chat_template.ensure_chat_template`, called by the model door
+    and the demo): llava-hf's LLaVA-1.5 template, which ends a reply with ' ' and no '</s>' (a model trained through
+    it never learns to stop), is replaced by LLaVA-1.5's training conversation."""
+    from data.chat_template import end_of_turn_ids, ensure_chat_template
+
+    processor = copy.deepcopy(real_processor(case_id))
+    if case_id in HUB_LLAVA15:
+        assert end_of_turn_ids(processor) == []  # the trap, as the hub template has it
+    return ensure_chat_template(processor, case_id)
+
+
+@pytest.mark.parametrize("case_id", _params("labels"))
 def test_labels_are_each_reply_and_its_end_of_turn(case_id):
-    processor = real_processor(case_id)
+    processor = _through_the_door(case_id)
     batch = chat_labels(processor, _messages(processor), [_image()])
     _check_labels(case_id, batch["input_ids"][0], batch["labels"][0])
 
@@ -175,49 +178,40 @@ class _Recorder(torch.nn.Module):
 def _collated(case_id: str):
     from data.chat_collate import make_collator
 
-    collate = make_collator(real_processor(case_id), max_length=4096)
+    collate = make_collator(_through_the_door(case_id), max_length=4096)
     return collate, collate([{"task": "conversations", "messages": CANONICAL, "images": [_image()]}])
 
 
 @pytest.mark.parametrize("case_id", _params("collator_labels"))
 def test_training_collator_labels(case_id):
     """The collator training uses (`make_collator`) labels each reply and its end-of-turn token, with llava-hf's own
-    LLaVA-1.5 template too (it writes no '</s>'; today LlavaCollator trains LLaVA-1.5's format whatever the
-    template says, a collator rendering that template would train no stop)."""
+    LLaVA-1.5 template too (through the door, which gives it LLaVA-1.5's training conversation)."""
     _, batch = _collated(case_id)
     _check_labels(case_id, batch["input_ids"][0], batch["labels"][0])
 
 
 @pytest.mark.parametrize("case_id", _params("collator_eval_tokens"))
-def test_training_collator_and_evaluation_tokenize_alike(case_id, request):
+def test_training_collator_and_evaluation_tokenize_alike(case_id):
     """The training collator's row cut before the last reply is what the conversations evaluation feeds the model
     (`eval.harness.samples_and_references` -> `eval.generate.generate_predictions`)."""
-    from data.collate import LlavaCollator
     from eval.generate import generate_predictions
     from eval.harness import samples_and_references
 
     collate, batch = _collated(case_id)
-    if isinstance(collate, LlavaCollator) and dict(CASES[case_id].overrides).get("legacy") is False:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SENTENCEPIECE_LATER_TURNS))
     cut = _last_reply_start(batch["labels"][0])
     samples, _ = samples_and_references("conversations", [{"id": "c", "messages": CANONICAL, "images": [_image()]}])
     recorder = _Recorder()
-    generate_predictions(recorder, real_processor(case_id), samples, "conversations", batch_size=1)
+    generate_predictions(recorder, collate.processor, samples, "conversations", batch_size=1)
     _same_tokens(case_id, batch["input_ids"][0][:cut].tolist(), recorder.seen[0][0].tolist())
 
 
-@pytest.mark.parametrize("case_id", _params("generation_stops", [c for c in CASES if c not in HUB_LLAVA15],
-                                            NO_EOS_STOP))
+@pytest.mark.parametrize("case_id", _params("generation_stops", [c for c in CASES if c not in HUB_LLAVA15]))
 def test_generation_stops_at_the_end_of_turn(case_id):
     """A tiny model of the family, its stop tokens set as the product sets them, made to write the last reply and
     its end-of-turn token (then the reply again): generation stops at the end-of-turn token, the decoded answer
     (eval.generate.generate_batch) is the reply."""
     from eval.generate import generate_batch
-
-    try:
-        from pipeline.vlm import _generation_ids
-    except ImportError:  # issue 39 moves it to the model door
-        from pipeline.models.door import _generation_ids
+    from pipeline.models.door import _generation_ids
 
     processor, model = real_processor(case_id), real_model(case_id)
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):  # a checkpoint without its own stop tokens

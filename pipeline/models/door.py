@@ -62,10 +62,23 @@ def family_of(model: nn.Module) -> str:
 
 
 def _generation_ids(model: nn.Module, processor: Any) -> None:
-    tok = processor.tokenizer
+    """pad / bos / eos for generation where the checkpoint has none, and generation stopping at the end-of-turn
+    token the chat template ends every reply with (the one training labels: Llama-3's <|eot_id|> is not its
+    tokenizer's eos <|end_of_text|>), added to the eos ids."""
+    from data.chat_template import end_of_turn_ids
+
+    tok, config = processor.tokenizer, model.generation_config
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        if getattr(tok, key, None) is not None and getattr(model.generation_config, key, None) is None:
-            setattr(model.generation_config, key, getattr(tok, key))
+        if getattr(tok, key, None) is not None and getattr(config, key, None) is None:
+            setattr(config, key, getattr(tok, key))
+    eos = config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    ends = end_of_turn_ids(processor)
+    if ends and ends[0] not in eos:  # the first token after the reply ends it
+        config.eos_token_id = [*eos, ends[0]] if eos else ends[0]
+    if not ends:
+        log.warning("the chat template writes no special token after a reply: a model trained through it does not "
+                    "learn where to stop; give one with model.chat_template")
 
 
 def _world_texts() -> tuple[list[str], list[str]]:
