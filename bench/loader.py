@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     from data.prepare import prepare_coco
     from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
     from data.stream import ShardSource, TrainStream
-    from pipeline.tokenizer import build_tiny_processor
+    from pipeline.models.presets.words import build_tiny_processor
 
     old = old_stream_module(args.old_commit)
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,10 +11,10 @@ and 2 language layers and random weights; there the methods are PEFT LoRA and fu
 each precision in turn (bf16 = autocast over float32 master weights, as accelerate trains).
 
 `--preset qwen2_5_vl_skeleton` is Qwen2.5-VL-7B-Instruct at its real widths
-(`pipeline.family_skeletons`: ViT 1280 / 16 heads / 3420 with a fused qkv, merger 5120 -> 5120 -> 3584,
+(`pipeline.models.presets.skeletons`: ViT 1280 / 16 heads / 3420 with a fused qkv, merger 5120 -> 5120 -> 3584,
 Qwen2 3584 / 28 heads / 18944, vocabulary 152064) with 2 vision and 2 language layers, random weights,
 one 336 x 336 image (144 image tokens) per row. Its targets come from the tower table
-(`pipeline.families.layer_table` -> `pipeline.family_targets.structlora_targets`, `--targets` roles,
+(`pipeline.models.families.layer_table` -> `pipeline.models.targets.structlora_targets`, `--targets` roles,
 default q, v): the vision towers' fused qkv whole, the LM's q_proj and v_proj, and the merger's two
 linears; PEFT LoRA gets the same module names. The LoRA copy shares the base's frozen embedding and
 lm_head tensors (untouched by both methods; 2 x 2.2 GB saved), which are still counted in each
@@ -59,11 +59,12 @@ VOCAB = 320
 def build_base(seed: int = 0, preset: str = "tiny", vision_layers: int = 3, text_layers: int = 2):
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.backbones import skeleton_llava_config, tiny_llava_config
+    from pipeline.models.presets.skeletons import skeleton_llava_config
+    from pipeline.models.presets.tiny import tiny_llava_config
     from pipeline.schema import TinyPreset
 
     if preset == "qwen2_5_vl_skeleton":
-        from pipeline.family_skeletons import build_qwen2_5_vl_skeleton
+        from pipeline.models.presets.skeletons import build_qwen2_5_vl_skeleton
 
         return build_qwen2_5_vl_skeleton(vision_layers, text_layers, seed=seed)
     if preset == "skeleton":
@@ -78,7 +79,7 @@ def build_base(seed: int = 0, preset: str = "tiny", vision_layers: int = 3, text
 
 def make_batch(model, batch_size: int, text_tokens: int, image_side: int = 336) -> dict[str, torch.Tensor]:
     if model.config.model_type == "qwen2_5_vl":
-        from pipeline.family_skeletons import skeleton_inputs
+        from pipeline.models.presets.skeletons import skeleton_inputs
 
         return skeleton_inputs(model, batch_size, image_side=image_side, text_tokens=text_tokens)
     g = torch.Generator().manual_seed(0)
@@ -101,10 +102,10 @@ class Method:
     def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False,
                  precision: str = "fp32", copy_base: bool = True, device: str = "cpu",
                  shared_with: Method | None = None, found=None, share: tuple[torch.Tensor, ...] = ()):
-        """`found`: a `pipeline.family_targets.FamilyTargets` to adapt (default: LLaVA's towers.py targets);
+        """`found`: a `pipeline.models.targets.FamilyTargets` to adapt (default: LLaVA's towers.py targets);
         `share`: frozen base tensors the copy keeps instead of copying them."""
+        from pipeline.models.vit_targets import structlora_config_for, target_module_names
         from pipeline.schema import AdapterConfig, ModelConfig
-        from pipeline.towers import structlora_config_for, target_module_names
 
         self.name = name
         self.device = torch.device(device)
@@ -130,7 +131,7 @@ class Method:
 
             adapter.structlora = {"ablation": ablation}
             if found is not None:
-                from pipeline.family_targets import structlora_config
+                from pipeline.models.targets import structlora_config
 
                 config = structlora_config(found, adapter, max_steps=1000)
             else:
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="skeletons: vision layers (default: 3 CLIP layers, 2 Qwen2.5-VL blocks)")
     parser.add_argument("--text-layers", type=int, default=2, help="skeletons: language layers")
     parser.add_argument("--targets", default="q,v", help="qwen2_5_vl_skeleton: comma-separated roles or name "
-                                                         "suffixes (pipeline.families.resolve_targets)")
+                                                         "suffixes (pipeline.models.families.resolve_targets)")
     parser.add_argument("--image-side", type=int, default=336, help="qwen2_5_vl_skeleton: image side in pixels")
     parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--rounds", type=int, default=20)
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          args.image_side).items()}
     dev = {"device": args.device}
     if qwen:  # as the LLaVA skeleton, with targets from the tower table and the big frozen tensors shared
-        from pipeline.families import layer_table
-        from pipeline.family_targets import structlora_targets
+        from pipeline.models.families import layer_table
+        from pipeline.models.targets import structlora_targets
 
         found = structlora_targets(base, layer_table(base), targets=[t.strip() for t in args.targets.split(",")])
         print(f"adapted ({len(found.names)}): {', '.join(found.names)}", *found.notes, sep="\n", flush=True)

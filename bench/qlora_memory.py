@@ -1,6 +1,6 @@
 """Peak memory of LoRA and StructLoRA training on a float base vs an NF4 base (QLoRA), at LLaVA-1.5-7B's widths.
 
-The LLaVA-1.5-7B skeleton (pipeline.backbones.skeleton_llava_config: the real widths, vocabulary and image size,
+The LLaVA-1.5-7B skeleton (pipeline.models.presets.skeletons.skeleton_llava_config: the real widths, vocabulary and image size,
 a few layers) is built once and saved; then every (base, method) pair runs in a process of its own: load the base
 (float32 / bfloat16, or NF4 with double quant: the language model's linears, LLaVA's recipe), adapt the language
 and vision towers' q and v (rank 8), train `--steps` steps on one batch (an image + `--text-tokens` tokens), and
@@ -58,7 +58,7 @@ def build(path: Path, vision_layers: int, text_layers: int) -> None:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.backbones import skeleton_llava_config
+    from pipeline.models.presets.skeletons import skeleton_llava_config
 
     config = skeleton_llava_config(vision_layers, text_layers, image_token_id=32000, pad_token_id=0, bos_token_id=1,
                                    eos_token_id=2)
@@ -80,7 +80,7 @@ def one(path: Path, base: str, method: str, steps: int, text_tokens: int, device
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.quantize import layout, load_quantized
+    from pipeline.models.quantize import layout, load_quantized
 
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
@@ -101,8 +101,8 @@ def one(path: Path, base: str, method: str, steps: int, text_tokens: int, device
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
         params, handle = [p for p in model.parameters() if p.requires_grad], None
     else:
+        from pipeline.models.vit_targets import structlora_config_for
         from pipeline.schema import AdapterConfig, ModelConfig
-        from pipeline.towers import structlora_config_for
         from structlora import apply_structlora
 
         adapter = AdapterConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"])
@@ -157,7 +157,7 @@ def full_size_estimate(rows: list[dict], vision_layers: int, text_layers: int) -
     24 vision layers hold (the embeddings, lm_head and projector are in the skeleton at full size already)."""
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.backbones import skeleton_llava_config
+    from pipeline.models.presets.skeletons import skeleton_llava_config
 
     config = skeleton_llava_config(vision_layers, text_layers, image_token_id=32000, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2)

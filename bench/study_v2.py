@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pipeline.compare import run_compare
-    from pipeline.compare_plan import load_plan
+    from pipeline.compare.command import run_compare
+    from pipeline.compare.plan import load_plan
 
     command = "python bench/study_v2.py " + " ".join(argv if argv is not None else sys.argv[1:])
     here = os.getcwd()

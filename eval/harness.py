@@ -33,7 +33,7 @@ import torch
 
 from eval.generate import EvalSample
 from eval.long_context import context_length_of, plan_for_model
-from eval.ranks import on_main, timing_record  # noqa: F401 - on_main is also the stages' (pipeline.runner)
+from eval.ranks import on_main, timing_record  # noqa: F401 - on_main is also the stages' (pipeline.stages.runner)
 
 log = logging.getLogger("structlora.eval")
 

@@ -31,7 +31,7 @@ def _print_json(obj) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _call(
-        "pipeline.runner:run_config",
+        "pipeline.stages.runner:run_config",
         config_path=Path(args.config),
         overrides=args.set or [],
         stages=args.stages.split(",") if args.stages else None,
@@ -117,7 +117,7 @@ def _cmd_score_gqa(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    _print_json(_call("pipeline.merge:merge_run", run_dir=Path(args.run_dir), out=Path(args.out),
+    _print_json(_call("pipeline.stages.merge:merge_run", run_dir=Path(args.run_dir), out=Path(args.out),
                       overwrite=args.overwrite))
     return 0
 
@@ -175,7 +175,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    _call("pipeline.compare:compare_command", config=args.config, methods=args.methods, ranks=args.ranks,
+    _call("pipeline.compare.command:compare_command", config=args.config, methods=args.methods, ranks=args.ranks,
           seeds=args.seeds, lr_grid=args.lr_grid, tune_seeds=args.tune_seeds, metric=args.metric, out=args.out,
           jobs=args.jobs, threads=args.threads, launcher=args.launcher, report_only=args.report_only,
           partial=args.partial, plan_file=args.plan, quick=args.quick, phases=args.phases,

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from pipeline.backbones import DTYPES
 from pipeline.errors import UserError
+from pipeline.models.hub import DTYPES
 
 log = logging.getLogger("structlora.eval")
 
@@ -60,7 +60,7 @@ def resolve_model(spec: str, registry: Path | None = None, revision: str | None 
     Raises a one-line UserError for anything that cannot be loaded (a hub id without network
     included), before any model is loaded.
     """
-    from pipeline.backbones import resolve_pretrained
+    from pipeline.models.hub import resolve_pretrained
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -97,14 +97,14 @@ def load_model(source: str, dtype: torch.dtype | str, revision: str | None = Non
     """(model, processor) of a local directory or a cached / reachable hub id, through the door
     (`pipeline.models.door.open_model`: any image-text-to-text family, checked as every command checks it);
     `quantization` (nf4 | fp4 | int8, `double_quant` for 4-bit): its language model quantized as training
-    quantized it (pipeline.quantize); a checkpoint saved quantized by bitsandbytes loads so without it;
+    quantized it (pipeline.models.quantize); a checkpoint saved quantized by bitsandbytes loads so without it;
     `chat_template`: a Jinja file for a processor without one."""
     from pipeline.models.door import open_model
     from pipeline.schema import ModelConfig
 
     compute = None
     if quantization or dtype == "auto":
-        from pipeline.sharding import resolve_precision
+        from pipeline.stages.sharding import resolve_precision
 
         compute = dtype if isinstance(dtype, torch.dtype) else (  # auto: as QLoRA trains on the device
             torch.bfloat16 if resolve_precision("auto") == "bf16" else torch.float32)
@@ -181,7 +181,7 @@ def build_entries(models: Sequence[str], adapters: Sequence[str] = (), registry:
 
 def resolve_adapter(spec: str, revision: str | None = None) -> str:
     """A PEFT adapter folder (adapter_config.json) or a hub id PEFT can load."""
-    from pipeline.backbones import resolve_pretrained
+    from pipeline.models.hub import resolve_pretrained
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -219,7 +219,7 @@ def shards_of(data: Path) -> Path:
         from pipeline.config import load_config
         from pipeline.context import StageContext
         from pipeline.schema import RunConfig
-        from pipeline.stages import shards_root
+        from pipeline.stages.common import shards_root
 
         return shards_root(StageContext(cfg=load_config(RunConfig, config), run_dir=data))
     return data
@@ -232,7 +232,7 @@ def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: st
     images: the val split's, else the train split's, else the eval split's images not captioned),
     'neutral' (data/neutral_filler.txt) or a UTF-8 text file (one filler text per non-empty line)."""
     from eval.long_context import CAPTION_FILLER, NEUTRAL_FILLER
-    from pipeline.evaluate import caption_filler_pool, load_examples
+    from pipeline.stages.evaluate import caption_filler_pool, load_examples
 
     if distractor == "neutral":
         from data.long_context import NEUTRAL_FILE, neutral_filler
@@ -307,8 +307,8 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
         write_outputs,
     )
     from eval.long_context import DEFAULT_BUCKETS
-    from pipeline.evaluate import load_examples, load_split
-    from pipeline.runner import environment
+    from pipeline.stages.evaluate import load_examples, load_split
+    from pipeline.stages.runner import environment
 
     tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in TASKS]

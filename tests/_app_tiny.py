@@ -23,7 +23,7 @@ def save_tiny_llava(directory: Path, seed: int) -> Path:
     """A tiny LlavaForConditionalGeneration + processor saved with save_pretrained (no network)."""
     from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
     from data.shapes import world_vocabulary
-    from pipeline.backbones import build_tiny_llava
+    from pipeline.models.presets.tiny import build_tiny_llava
     from pipeline.schema import ModelConfig
 
     model, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, world_vocabulary(),

@@ -9,7 +9,7 @@ reason. The tokenizer is loaded as `AutoTokenizer` loads it from a hub folder: t
 (LlamaTokenizer, GemmaTokenizer, Qwen2Tokenizer, the generic fast one), its chat template with it.
 
 `real_processor(case_id)` builds each family's own processor class around one of them, offline, with the image processors
-of `pipeline.family_processors` (16 x 16 images, 4 x 4 patches), and `real_model(case)` a tiny random model of the
+of `pipeline.models.presets.processors` (16 x 16 images, 4 x 4 patches), and `real_model(case)` a tiny random model of the
 family whose vocabulary is the tokenizer's and whose image / special token ids are the real ones.
 
 Tokenizer -> family (CASES):
@@ -205,7 +205,7 @@ def real_processor(case_id: str) -> Any:
     """The family's own processor class around the case's real tokenizer and with the case's template, offline."""
     import transformers as tf
 
-    from pipeline.family_processors import PROCESSOR_CLASS, _image_parts, tiny_processor
+    from pipeline.models.presets.processors import PROCESSOR_CLASS, _image_parts, tiny_processor
 
     case = CASES[case_id]
     tok = _tokenizer(case)
@@ -228,12 +228,12 @@ def _ids(tok: Any, **tokens: str) -> dict[str, int]:
 
 @functools.cache
 def real_model(case_id: str) -> Any:
-    """A tiny random model of the case's family (`pipeline.families.tiny_config`) on the real tokenizer: its
+    """A tiny random model of the case's family (`pipeline.models.presets.tiny.tiny_config`) on the real tokenizer: its
     vocabulary len(tokenizer), its image / special token ids the tokenizer's, bos/eos/pad the tokenizer's."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from pipeline.families import tiny_config
+    from pipeline.models.presets.tiny import tiny_config
 
     case = CASES[case_id]
     tok = real_processor(case_id).tokenizer

@@ -37,9 +37,9 @@ def check_run(run: Path, family: str, all_linear: bool) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from pipeline.families import layer_table
+    from pipeline.models.families import layer_table
+    from pipeline.models.plan import plan_for
     from pipeline.schema import AdapterConfig
-    from pipeline.vlm import plan_for
 
     summary = json.loads((run / "train" / "final" / "summary.json").read_text())
     assert summary["trainable_parameters"] > 0 and summary["steps"] > 0

@@ -7,7 +7,7 @@ Every step has one global batch of world x grad_accum x micro_batch examples, dr
 seeded generator (random images, prompts and answers of different lengths, so that ranks and
 micro-batches hold different numbers of label tokens). A rank takes its contiguous slice,
 split into micro-batches; one process takes all of it at once. The pipeline's own pieces do
-the rest: the smoke config, `pipeline.stages.attach` (StructLoRA with the full coordinator and
+the rest: the smoke config, `pipeline.stages.common.attach` (StructLoRA with the full coordinator and
 a semantic-edge refresh at step 0 and every 2 steps) and the `TrainRecipe`.
 """
 
@@ -58,8 +58,8 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.context import StageContext
     from pipeline.schema import RunConfig
-    from pipeline.stages import attach, load_base
-    from pipeline.train import TrainRecipe
+    from pipeline.stages.common import attach, load_base
+    from pipeline.stages.recipe import TrainRecipe
 
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes

@@ -9,15 +9,10 @@ from PIL import Image
 
 from data.chat_template import chat_prompt
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-from pipeline.backbones import (
-    build_tiny_llava,
-    build_tiny_vit,
-    build_vit,
-    count_parameters,
-    resolve_pretrained,
-    save_vit,
-)
 from pipeline.errors import UserError
+from pipeline.models.hub import count_parameters, resolve_pretrained
+from pipeline.models.presets.tiny import build_tiny_llava
+from pipeline.models.vit import build_tiny_vit, build_vit, save_vit
 from pipeline.schema import ModelConfig, TinyPreset
 
 WORDS = "a an the red blue green yellow circle square triangle small large left right of is there how many shapes".split()

@@ -20,8 +20,8 @@ from data.chat_template import (
     to_template_messages,
 )
 from data.prompts import CAPTION_PROMPT, IMAGE_TOKEN
-from pipeline.families import FAMILIES
-from pipeline.family_processors import multimodal_ids, tiny_processor
+from pipeline.models.families import FAMILIES
+from pipeline.models.presets.processors import multimodal_ids, tiny_processor
 
 IMG = Image.new("RGB", (40, 30), (200, 10, 10))
 BLUE = Image.new("RGB", (30, 30), (10, 10, 200))
@@ -67,7 +67,7 @@ def test_llava_15_is_asked_in_its_own_conversation_format_through_its_template()
     import copy
 
     tiny = copy.deepcopy(processor)
-    tiny.chat_template = LLAVA15_CHAT_TEMPLATE  # the tiny default's (pipeline.tokenizer), with a system turn
+    tiny.chat_template = LLAVA15_CHAT_TEMPLATE  # the tiny default's (pipeline.models.presets.words), with a system turn
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{IMAGE_TOKEN}\nWhat?"},
                 {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And?"}]
     assert messages_prompt(tiny, messages) == "Be brief. USER: <image>\nWhat? ASSISTANT: A cat.</s>USER: And? ASSISTANT:"

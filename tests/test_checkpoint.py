@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import checkpoint as ckpt
+from pipeline.stages import checkpoint as ckpt
 
 
 def _writer(payload: bytes):

@@ -69,7 +69,7 @@ def test_every_prepare_command_can_write_the_layout_that_eval_data_reads(tmp_pat
     """`--data` (structlora eval) and data.source: shards read {task}/{split}/: `--split` writes it."""
     from test_shards_fixtures import make_coco, make_gqa, make_imagefolder, make_vqav2
 
-    from pipeline.evaluate import load_split
+    from pipeline.stages.evaluate import load_split
 
     out = tmp_path / "shards"
     captions, images = make_coco(tmp_path / "coco")

@@ -11,7 +11,7 @@ from data.chat_collate import ChatCollator
 from data.chat_template import IGNORE_INDEX, chat_prompt
 from data.collate import ClassificationCollator, preprocess_images, to_rgb
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-from pipeline.backbones import build_tiny_llava
+from pipeline.models.presets.tiny import build_tiny_llava
 from pipeline.schema import ModelConfig
 
 WORDS = "a red blue circle square is there how many shapes two yes left of".split()
@@ -162,7 +162,7 @@ def test_pad_to_square_pads_with_the_mean_colour_and_travels_with_the_processor(
 
     from transformers import AutoProcessor
 
-    from pipeline.backbones import with_image_fit
+    from pipeline.models.door import with_image_fit
 
     wide = Image.new("RGB", (128, 32), (255, 0, 0))
     padded = with_image_fit(copy.deepcopy(processor), "pad_to_square")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from _procs import ROOT, cpu_env
 
-from pipeline.compare_cells import comparable
+from pipeline.compare.cells import comparable
 
 SMALL = ["--set", "train.max_steps=12", "--set", "train.save_every=3", "--set", "train.eval_every=6",
          "--set", "train.val_batches=1", "--set", "eval.max_samples=4", "--set", "eval.tasks=[test_loss]"]
@@ -156,7 +156,7 @@ def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(unint
     specs = listing.read_text().splitlines()
     assert "#SBATCH --array=0-3" in script and "#SBATCH --gres=gpu:1" in script and len(specs) == 4
     assert str(listing.resolve()) in script and not (out / "results" / "cells").exists()
-    assert f'exec {sys.executable} -m pipeline.compare_cell "$SPEC"' in script
+    assert f'exec {sys.executable} -m pipeline.compare.cell "$SPEC"' in script
     assert sorted(json.loads(Path(s).read_text())["id"] for s in specs) == [
         "lr/lora.x1-r8-s0", "lr/lora.x2-r8-s0", "lr/structlora.x1-r8-s0", "lr/structlora.x2-r8-s0"]
     # the scheduler runs array task 0: the script itself, with the task's id
@@ -190,7 +190,7 @@ def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(unint
 def test_a_cell_under_accelerate_launch_trains_on_every_rank_and_records_once(uninterrupted, tmp_path):
     """--accelerate-config: the cell runs under `accelerate launch --config_file FILE` (here two gloo ranks on
     the CPU); the ranks train together, the main process writes the one result."""
-    from pipeline.compare_cells import launch_command, write_spec
+    from pipeline.compare.cells import launch_command, write_spec
 
     cell = json.loads((uninterrupted / "cells" / "grid" / "structlora-r8-s1" / "cell.json").read_text())
     cell["config"]["run_dir"] = str(tmp_path / "cell")
@@ -221,7 +221,7 @@ def test_a_stopped_comparison_stops_its_cells(uninterrupted, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     time.sleep(1)
-    alive = subprocess.run(["pgrep", "-f", f"pipeline.compare_cell {out}"], capture_output=True, text=True).stdout
+    alive = subprocess.run(["pgrep", "-f", f"pipeline.compare.cell {out}"], capture_output=True, text=True).stdout
     assert not alive.strip(), f"cells still running after the command stopped: {alive}"
 
 

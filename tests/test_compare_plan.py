@@ -19,8 +19,9 @@ from _procs import load_bench
 from safetensors.torch import load_file, save_file
 
 from eval import compare_stats, compare_tables
-from pipeline import compare, compare_plan
-from pipeline.compare_cell import machine_info
+from pipeline.compare import command as compare
+from pipeline.compare import plan as compare_plan
+from pipeline.compare.cell import machine_info
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

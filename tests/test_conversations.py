@@ -66,7 +66,7 @@ def test_every_good_record_once_and_every_bad_one_counted_by_reason(prepared, fm
 
 
 def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(prepared):
-    from pipeline.backbones import build_tiny_llava
+    from pipeline.models.presets.tiny import build_tiny_llava
     from pipeline.schema import ModelConfig
 
     words = "what colour is it and the shape a square red say yes which blue second you answer in one word".split()
@@ -90,7 +90,7 @@ def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(
 
 
 def test_a_long_conversation_is_split_between_turns_and_each_row_keeps_its_images(prepared):
-    from pipeline.backbones import build_tiny_llava
+    from pipeline.models.presets.tiny import build_tiny_llava
     from pipeline.schema import ModelConfig
 
     _, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, ["what", "colour", "red", "and", "the", "shape"], [])
@@ -200,13 +200,13 @@ def test_last_answers_are_scored_with_every_metric_and_a_headline_chosen_by_leng
 
 
 def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_path, capsys, monkeypatch):
-    import pipeline.stages
-    from pipeline.backbones import build_tiny_llava
+    import pipeline.stages.train
     from pipeline.context import StageContext
+    from pipeline.models.presets.tiny import build_tiny_llava
     from pipeline.schema import ModelConfig, RunConfig
-    from pipeline.stages import check_image_budget
+    from pipeline.stages.train import check_image_budget
 
-    monkeypatch.setattr(pipeline.stages, "sources", lambda *_, **__: [])  # no shards here: the 32 x 32 default image
+    monkeypatch.setattr(pipeline.stages.train, "sources", lambda *_, **__: [])  # no shards here: the 32 x 32 default image
     folder = tmp_path / "run" / "prepare" / "shards" / "conversations" / "train"
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({"max_images": 3}))

@@ -88,7 +88,7 @@ def test_a_damaged_shard_stops_with_its_name_or_is_left_out_and_listed(shards):
 
 @pytest.mark.parametrize("damage", [same_size_damage, truncate])
 def test_an_eval_split_reports_how_many_examples_it_lost_and_why(shards, damage):
-    from pipeline.evaluate import load_split
+    from pipeline.stages.evaluate import load_split
 
     folder = shards / "vqav2" / "test"
     whole, account = load_split(shards, "vqav2", "test")
@@ -106,7 +106,7 @@ def test_an_eval_split_reports_how_many_examples_it_lost_and_why(shards, damage)
 
 
 def test_a_cap_below_what_is_left_is_not_a_loss_but_the_damage_is_still_said(shards):
-    from pipeline.evaluate import load_split
+    from pipeline.stages.evaluate import load_split
 
     same_size_damage(_shard(shards / "gqa" / "test", 0))
     examples, account = load_split(shards, "gqa", "test", max_samples=5, on_damaged="skip")
@@ -190,7 +190,7 @@ def test_a_val_split_whose_every_shard_is_damaged_is_left_out_and_still_accounte
     from pipeline.context import StageContext
     from pipeline.errors import UserError
     from pipeline.schema import RunConfig
-    from pipeline.stages import sources
+    from pipeline.stages.common import sources
 
     run = tmp_path / "run"
     shutil.copytree(prepared, run / "prepare" / "shards")
@@ -214,7 +214,7 @@ def test_a_val_split_whose_every_shard_is_damaged_is_left_out_and_still_accounte
 def test_an_empty_eval_split_says_so(tmp_path):
     from data.shards import write_manifest
     from pipeline.errors import UserError
-    from pipeline.evaluate import load_split
+    from pipeline.stages.evaluate import load_split
 
     folder = tmp_path / "conversations" / "test"
     folder.mkdir(parents=True)

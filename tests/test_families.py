@@ -9,17 +9,8 @@ import time
 import pytest
 import torch
 
-from pipeline.families import (
-    FAMILIES,
-    ROLES,
-    LinearInfo,
-    build_tiny,
-    dead_linears,
-    layer_table,
-    resolve_targets,
-    tiny_inputs,
-    tower_paths,
-)
+from pipeline.models.families import FAMILIES, ROLES, LinearInfo, layer_table, resolve_targets, tower_paths
+from pipeline.models.presets.tiny import build_tiny, dead_linears, tiny_inputs
 
 # family -> (vision, connector, language) linear counts of the tiny build (2 layers per tower; lm_head excluded)
 COUNTS = {

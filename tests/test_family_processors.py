@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.families import FAMILIES, VOCAB, build_tiny, image_token_count
-from pipeline.family_processors import (
+from pipeline.models.families import FAMILIES
+from pipeline.models.presets.processors import (
     ASSISTANT_MARKER,
     PROCESSOR_CLASS,
     SUPPORTED,
@@ -21,6 +21,7 @@ from pipeline.family_processors import (
     render,
     tiny_processor,
 )
+from pipeline.models.presets.tiny import VOCAB, build_tiny, image_token_count
 
 # the end-of-turn marker each template writes after an assistant reply
 EOT = {"llava": "</s>", "llava_next": "</s>", "llava_onevision": "<|im_end|>", "qwen2_vl": "<|im_end|>",

@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL-7B skeleton of `pipeline.family_skeletons` (bench/overhead.py --preset qwen2_5_vl_skeleton).
+"""The Qwen2.5-VL-7B skeleton of `pipeline.models.presets.skeletons` (bench/overhead.py --preset qwen2_5_vl_skeleton).
 
 The fast tests check the config's widths against Qwen/Qwen2.5-VL-7B-Instruct's config.json on the meta
 device (no memory), the hand-built batch against Qwen's own image processor, and one training step of a
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from pipeline.family_skeletons import (
+from pipeline.models.presets.skeletons import (
     QWEN2_5_VL_7B_TEXT,
     QWEN2_5_VL_7B_VISION,
     QWEN2_5_VL_TOKENS,
@@ -105,8 +105,9 @@ def test_patchify_matches_qwen_image_processor():
 
 
 def test_small_skeleton_trains():
-    from pipeline.families import dead_linears, layer_table
-    from pipeline.family_targets import structlora_targets
+    from pipeline.models.families import layer_table
+    from pipeline.models.presets.tiny import dead_linears
+    from pipeline.models.targets import structlora_targets
 
     state = torch.random.get_rng_state()
     model = build_qwen2_5_vl_skeleton(config=_small_config(), seed=3)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.families import FAMILIES, build_tiny, dead_linears, layer_table, tiny_inputs
-from pipeline.family_targets import (
+from pipeline.models.families import FAMILIES, layer_table
+from pipeline.models.presets.tiny import build_tiny, dead_linears, tiny_inputs
+from pipeline.models.targets import (
     CONNECTOR_TOWER,
     LABELS,
     attach_structlora,
@@ -131,8 +132,8 @@ def test_role_lists_select_a_fused_qkv_and_the_whole_connector():
 
 def test_llava_graph_equals_the_towers_py_graph():
     """On LLaVA with the default adapter (q_proj, v_proj, projector) the table path builds towers.py's graph."""
+    from pipeline.models.vit_targets import structlora_config_for
     from pipeline.schema import ModelConfig
-    from pipeline.towers import structlora_config_for
     from structlora import apply_structlora
 
     model = build_tiny("llava")

@@ -14,7 +14,7 @@ from data.chat_template import IGNORE_INDEX
 from data.examples import collate_with_stats
 from data.long_context import LongContextMaker, fill_to, filler_text
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-from pipeline.backbones import build_tiny_llava
+from pipeline.models.presets.tiny import build_tiny_llava
 from pipeline.schema import ModelConfig
 
 COLOURS = "red blue green yellow purple orange".split()
@@ -116,7 +116,7 @@ def test_long_context_rows_land_on_their_targets_for_every_family(family):
     """The feature on every family: long-context rows through each family's own processor and chat template land
     within [min, max] tokens as that processor counts them (images expanded), the answer and its end-of-turn marker
     labelled whole, the filler never in the labels."""
-    from pipeline.family_processors import tiny_processor
+    from pipeline.models.presets.processors import tiny_processor
 
     processor = tiny_processor(family)
     maker = _maker(lo=120, hi=180)

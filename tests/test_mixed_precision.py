@@ -120,10 +120,10 @@ def test_fp16_autocast_with_grad_scaler_trains_and_skips_overflow():
 
 def test_recipe_refuses_fp16_on_cpu(tmp_path):
     from pipeline.errors import UserError
-    from pipeline.sharding import make_accelerator, resolve_precision
+    from pipeline.stages.sharding import make_accelerator, resolve_precision
 
     assert resolve_precision("auto") in ("fp32", "bf16")
-    from pipeline.sharding import plan_sharding
+    from pipeline.stages.sharding import plan_sharding
 
     acc = make_accelerator("fp32", 1)
     with pytest.raises(UserError, match="fp16 needs a GPU"):

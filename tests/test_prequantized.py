@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.quantize import check_saved, layout, load_quantized, saved_kind  # noqa: E402
+from pipeline.models.quantize import check_saved, layout, load_quantized, saved_kind  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from pipeline.backbones import build_tiny_llava  # noqa: E402
-from pipeline.dequantize import dequantize_model, dequantized_linear  # noqa: E402
-from pipeline.quantize import layout, load_quantized, neutralise_cpu_repack  # noqa: E402
+from pipeline.models.dequantize import dequantize_model, dequantized_linear  # noqa: E402
+from pipeline.models.presets.tiny import build_tiny_llava  # noqa: E402
+from pipeline.models.quantize import layout, load_quantized, neutralise_cpu_repack  # noqa: E402
 from pipeline.schema import ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,10 +159,10 @@ def _check_nf4_run(run: Path, check: dict, kind: str = "nf4") -> None:
 def _check_update_structure(run: Path) -> None:
     """`structlora compare --diagnostics` on a 4-bit cell: the update measured as the merge folds it (both models
     dequantized), so every delta is finite and the language model's moved; the gradient cosines run on it."""
+    from pipeline.compare.structure import update_structure
     from pipeline.config import load_config
     from pipeline.context import StageContext
     from pipeline.schema import RunConfig
-    from pipeline.update_structure import update_structure
 
     ctx = StageContext(cfg=load_config(RunConfig, run / "config.yaml"), run_dir=run)
     found = update_structure(ctx)
@@ -262,9 +262,14 @@ def test_a_bf16_compute_nf4_base_trains_under_autocast(saved_tiny):
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.methods import attach_method
+    from pipeline.models.vit_targets import (
+        full_module_names,
+        structlora_config_for,
+        target_module_names,
+        unused_modules,
+    )
     from pipeline.schema import AdapterConfig
-    from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
+    from pipeline.stages.methods import attach_method
 
     model = load_quantized(LlavaForConditionalGeneration, saved_tiny, "nf4", torch.bfloat16)
     assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.bfloat16}
@@ -302,9 +307,14 @@ def test_gradient_checkpointing_on_an_nf4_base_gives_the_same_gradients(saved_ti
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.methods import attach_method
+    from pipeline.models.vit_targets import (
+        full_module_names,
+        structlora_config_for,
+        target_module_names,
+        unused_modules,
+    )
     from pipeline.schema import AdapterConfig
-    from pipeline.towers import full_module_names, structlora_config_for, target_module_names, unused_modules
+    from pipeline.stages.methods import attach_method
 
     processor = AutoProcessor.from_pretrained(saved_tiny)
     batch = processor(images=[Image.new("RGB", (64, 64), (20, 30, 200))],
@@ -359,7 +369,7 @@ def test_a_bf16_run_quantizes_the_weights_the_float32_merge_quantizes(saved_tiny
 def test_the_merge_runs_where_the_float32_model_fits(saved_tiny, monkeypatch):
     """The fold and its check run in float32: on a GPU too small for that (a 7B model is ~28 GB in float32, more
     than the 24 GB card that trained it in 4-bit), on the CPU. A 4-bit weight counts at its unpacked size."""
-    from pipeline.merge import float32_bytes, merge_device
+    from pipeline.stages.merge import float32_bytes, merge_device
 
     model = _load(saved_tiny)
     plain = _load(saved_tiny)

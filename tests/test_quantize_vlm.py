@@ -17,12 +17,13 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.families import FAMILIES, build_tiny, tower_paths  # noqa: E402
-from pipeline.family_processors import tiny_processor  # noqa: E402
 from pipeline.models.door import open_model  # noqa: E402
-from pipeline.quantize import layout  # noqa: E402
+from pipeline.models.families import FAMILIES, tower_paths  # noqa: E402
+from pipeline.models.plan import plan_for  # noqa: E402
+from pipeline.models.presets.processors import tiny_processor  # noqa: E402
+from pipeline.models.presets.tiny import build_tiny  # noqa: E402
+from pipeline.models.quantize import layout  # noqa: E402
 from pipeline.schema import AdapterConfig, ModelConfig  # noqa: E402
-from pipeline.vlm import plan_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +84,8 @@ def test_the_plan_on_a_4bit_base_is_the_plan_on_the_float_base(saved, family):
 def test_a_4bit_qwen2_5_vl_trains(saved, method):
     """StructLoRA (its layer around bitsandbytes' Linear4bit) and PEFT's LoRA (its bnb layer) on a 4-bit
     Qwen2.5-VL: every trainable tensor gets a gradient and the loss falls over a few steps on one batch."""
-    from pipeline.methods import attach_method
-    from pipeline.vlm import probe_batch
+    from pipeline.models.plan import probe_batch
+    from pipeline.stages.methods import attach_method
 
     model, processor = _load(saved("qwen2_5_vl"))
     adapter = AdapterConfig(method=method, rank=4, alpha=8)
@@ -132,7 +133,7 @@ def test_a_preset_without_a_base_stage_is_saved_once_and_loaded_quantized(tmp_pa
     from pipeline.config import from_dict
     from pipeline.context import StageContext
     from pipeline.schema import RunConfig
-    from pipeline.stages import base_model_dir, load_base
+    from pipeline.stages.common import base_model_dir, load_base
 
     cfg = from_dict(RunConfig, {"model": {"arch": arch, "preset": preset, "quantization": "nf4"},
                                 "base": {"enabled": False}})
@@ -198,7 +199,7 @@ def _save_preset_on(rank: int, port: int, path: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    from pipeline.quantize import saved_preset
+    from pipeline.models.quantize import saved_preset
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 

@@ -11,10 +11,10 @@ from PIL import Image
 
 from data.chat_collate import ChatCollator
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
-from pipeline.backbones import build_tiny_llava
-from pipeline.methods import attach_method, regex_targets
+from pipeline.models.presets.tiny import build_tiny_llava
 from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
-from pipeline.train import TrainRecipe, cosine_with_warmup
+from pipeline.stages.methods import attach_method, regex_targets
+from pipeline.stages.recipe import TrainRecipe, cosine_with_warmup
 
 WORDS = "a red blue green circle square triangle left right".split()
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -109,7 +109,7 @@ def test_optimizer_state_written_by_every_rank_resumes_exactly(tmp_path, monkeyp
     """The DeepSpeed path of the checkpoint (every rank writes its optimizer partition through
     accelerate's save_state, the checkpoint carries it, resume loads it), run here on one process:
     DeepSpeed itself needs GPUs. Also with grad_accum 2 through accelerate's accumulate."""
-    from pipeline import train as train_module
+    from pipeline.stages import recipe as train_module
 
     full = _setup("lora", tmp_path / "full", max_steps=12, grad_accum=2)
     full.setup()

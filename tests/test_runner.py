@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline import runner
 from pipeline.errors import UserError
 from pipeline.schema import RunConfig
+from pipeline.stages import runner
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def _accelerator(kind: str, processes: int = 2, device: str = "cpu", ds_config: 
 
 def test_startup_checks():
     from pipeline.errors import UserError
-    from pipeline.sharding import plan_sharding
+    from pipeline.stages.sharding import plan_sharding
 
     params = [torch.nn.Parameter(torch.zeros(8, 4096)), torch.nn.Parameter(torch.zeros(8))]
     with pytest.raises(UserError, match="fp16 needs a GPU"):
@@ -107,7 +107,7 @@ def test_startup_checks():
 
 
 def test_deepspeed_micro_batch_comes_from_the_config():
-    from pipeline.sharding import configure_deepspeed
+    from pipeline.stages.sharding import configure_deepspeed
 
     acc = _accelerator("DEEPSPEED", device="cuda", ds_config={"train_micro_batch_size_per_gpu": "auto"})
     configure_deepspeed(acc, 8)  # accelerate reads it off a DataLoader; the recipe has none to show it
@@ -115,7 +115,7 @@ def test_deepspeed_micro_batch_comes_from_the_config():
 
 
 def test_fsdp_config_downgraded_by_accelerate_is_reported(monkeypatch):
-    from pipeline.sharding import plan_sharding
+    from pipeline.stages.sharding import plan_sharding
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     plan = plan_sharding(_accelerator("MULTI_CPU"), "auto", "structlora", [], "fp32")
@@ -128,7 +128,7 @@ def test_a_quantized_base_is_refused_where_its_weights_would_be_sharded(monkeypa
     state that way: refused before any stage runs (train.sharding=fsdp) and when the launcher asks for it; DDP and
     ZeRO-2 (whole 4-bit copy per rank) are QLoRA's way and go ahead."""
     from pipeline.errors import UserError
-    from pipeline.sharding import plan_sharding, preflight
+    from pipeline.stages.sharding import plan_sharding, preflight
 
     params = [torch.nn.Parameter(torch.zeros(8, 64))]
     with pytest.raises(UserError, match="train.sharding=fsdp with model.quantization"):

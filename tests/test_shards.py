@@ -216,7 +216,7 @@ def test_the_shapes_world_honours_prepare_workers_with_the_same_bytes(tmp_path, 
     from data.shapes import write_shapes_world
     from pipeline.context import StageContext
     from pipeline.schema import RunConfig
-    from pipeline.stages import stage_prepare
+    from pipeline.stages.prepare import stage_prepare
 
     write_shapes_world(tmp_path / "world", seed=1, num_images=40, size=32)
     one = prepare.prepare_shapes_shards(tmp_path / "world", tmp_path / "one", 3, workers=1)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_skeleton_has_the_real_7b_shapes():
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.backbones import skeleton_llava_config
+    from pipeline.models.presets.skeletons import skeleton_llava_config
 
     config = skeleton_llava_config(3, 2, image_token_id=5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
@@ -63,9 +63,9 @@ def test_skeleton_train_merge_export(tmp_path):
 
     from pipeline.config import load_config
     from pipeline.context import StageContext
-    from pipeline.merge import _check_batches, _logits
     from pipeline.schema import RunConfig
-    from pipeline.stages import load_base
+    from pipeline.stages.common import load_base
+    from pipeline.stages.merge import _check_batches, _logits
 
     ctx = StageContext(cfg=load_config(RunConfig, run / "config.yaml"), run_dir=run)
     base, processor = load_base(ctx)

@@ -62,7 +62,7 @@ def test_vit_classification_runs_every_stage(tmp_path, impl):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["metrics"]["classification"]["top1"] <= 100 and "classification" in metrics["base"]
     if impl == "timm":  # the merged model is a plain timm model (build metadata + safetensors)
-        from pipeline.backbones import TimmClassifier, TimmImageProcessor
+        from pipeline.models.vit import TimmClassifier, TimmImageProcessor
 
         model = TimmClassifier.from_pretrained(run / "merge" / "model")
         assert type(model.timm).__module__.startswith("timm.")

@@ -55,8 +55,8 @@ def test_the_paper_variant_shares_one_basis_per_width_across_every_side():
 
 
 def test_without_a_projector_node_the_bridge_joins_the_towers_directly():
+    from pipeline.models.vit_targets import tower_targets
     from pipeline.schema import AdapterConfig
-    from pipeline.towers import tower_targets
 
     model = tiny_llava()
     targets = tower_targets(model, AdapterConfig(projector="frozen"))

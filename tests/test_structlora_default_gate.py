@@ -10,8 +10,8 @@ import torch
 from _tiny_models import llava_batch, randomize_b, tiny_llava
 
 from pipeline.config import load_config
+from pipeline.models.vit_targets import structlora_config_for
 from pipeline.schema import RunConfig
-from pipeline.towers import structlora_config_for
 from structlora import apply_structlora
 
 ROOT = Path(__file__).resolve().parents[1]

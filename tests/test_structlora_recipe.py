@@ -8,10 +8,10 @@ import itertools
 import torch
 from PIL import Image
 
-from pipeline.methods import attach_method
+from pipeline.models.vit_targets import structlora_config_for, target_module_names
 from pipeline.schema import AdapterConfig, ModelConfig, TinyPreset, TrainConfig
-from pipeline.towers import structlora_config_for, target_module_names
-from pipeline.train import TrainRecipe
+from pipeline.stages.methods import attach_method
+from pipeline.stages.recipe import TrainRecipe
 from structlora import PAPER_GATE
 
 WORDS = "a red blue green circle square".split()
@@ -22,7 +22,7 @@ PRESET = TinyPreset(image_size=32, patch_size=8, vision_hidden=32, vision_layers
 
 def _setup(tmp_path, max_steps: int):
     from data.chat_collate import ChatCollator
-    from pipeline.backbones import build_tiny_llava
+    from pipeline.models.presets.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava(PRESET, WORDS)
     model_cfg = ModelConfig(preset="tiny", tiny=PRESET)

@@ -6,14 +6,14 @@ import pytest
 import torch
 from _tiny_models import llava_batch, tiny_llava
 
-from pipeline.schema import AdapterConfig, ModelConfig, TinyPreset
-from pipeline.towers import (
+from pipeline.models.vit_targets import (
     full_module_names,
     last_used_vision_layer,
     structlora_config_for,
     target_module_names,
     tower_targets,
 )
+from pipeline.schema import AdapterConfig, ModelConfig, TinyPreset
 from structlora import StructLoRALinear, apply_structlora
 
 MODEL_CFG = ModelConfig(preset="tiny")
@@ -78,8 +78,8 @@ def test_structlora_config_for_merges_the_adapter_section():
 
 
 def test_the_recipe_interface_covers_the_coordinator():
-    from pipeline.methods import attach_method
     from pipeline.schema import TrainConfig
+    from pipeline.stages.methods import attach_method
 
     model = tiny_llava()
     adapter = AdapterConfig(rank=4, alpha=8)
@@ -97,7 +97,7 @@ def test_the_recipe_interface_covers_the_coordinator():
 def test_timm_vit_adapts_the_q_and_v_slices_of_qkv(tmp_path):
     from peft import PeftModel
 
-    from pipeline.backbones import build_tiny_vit
+    from pipeline.models.vit import build_tiny_vit
 
     preset = TinyPreset(image_size=16, patch_size=8, vision_hidden=16, vision_layers=2, vision_heads=2, num_labels=3)
     model = build_tiny_vit(preset, impl="timm")
@@ -120,7 +120,7 @@ def test_timm_vit_adapts_the_q_and_v_slices_of_qkv(tmp_path):
 
 
 def test_transformers_vit_targets():
-    from pipeline.backbones import build_tiny_vit
+    from pipeline.models.vit import build_tiny_vit
 
     preset = TinyPreset(image_size=16, patch_size=8, vision_hidden=16, vision_layers=2, vision_heads=2, num_labels=3)
     model = build_tiny_vit(preset, impl="transformers")

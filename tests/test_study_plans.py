@@ -32,8 +32,8 @@ def test_the_frozen_base_is_committed_with_its_sha256(plan_file):
 
 
 def test_every_qlora_study_cell_that_trains_adapts_the_frozen_base(monkeypatch):
-    from pipeline.compare import lr_cells
-    from pipeline.compare_plan import grid_cells, load_plan
+    from pipeline.compare.command import lr_cells
+    from pipeline.compare.plan import grid_cells, load_plan
 
     monkeypatch.chdir(ROOT)  # plans name their files relative to the repository
     plan = load_plan(Path("bench") / "qlora.yaml", None)
@@ -52,8 +52,8 @@ def test_every_qlora_study_cell_that_trains_adapts_the_frozen_base(monkeypatch):
 def test_the_qlora_verdict_quotes_the_committed_cells(tmp_path, monkeypatch):
     """BENCHMARKS.md's QLoRA section is the study: report-only over the committed cells (matched by their whole
     config, the frozen base's sha256 included) rebuilds every table row that the section quotes."""
-    from pipeline.compare import run_compare
-    from pipeline.compare_plan import load_plan
+    from pipeline.compare.command import run_compare
+    from pipeline.compare.plan import load_plan
 
     monkeypatch.chdir(ROOT)
     results = ROOT / "bench" / "results" / "qlora"

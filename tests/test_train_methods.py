@@ -9,8 +9,10 @@ import pytest
 from pipeline.config import apply_overrides, from_dict, read_yaml
 from pipeline.context import StageContext
 from pipeline.schema import RunConfig
-from pipeline.stages import attach, batch_iterator, load_base, sources, stage_prepare, validation_batches
-from pipeline.train import TrainRecipe
+from pipeline.stages.batches import batch_iterator, validation_batches
+from pipeline.stages.common import attach, load_base, sources
+from pipeline.stages.prepare import stage_prepare
+from pipeline.stages.recipe import TrainRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["data.shapes.images=120", "data.shard_size=20", "base.enabled=false", "model.tiny.vision_layers=2",

@@ -32,7 +32,7 @@ def test_every_real_vlm_config_is_listed_here():
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_the_config_adapts_its_family(name):
     from pipeline.models.door import open_model
-    from pipeline.vlm import plan_for
+    from pipeline.models.plan import plan_for
 
     cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml")
     assert cfg.model.name_or_path and "/" in cfg.model.name_or_path and cfg.model.dtype == "bfloat16"

@@ -1,13 +1,13 @@
-"""What `pipeline.vlm.plan_for` adapts, trains fully and freezes on a family (model.arch: vlm)."""
+"""What `pipeline.models.plan.plan_for` adapts, trains fully and freezes on a family (model.arch: vlm)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.methods import attach_method
 from pipeline.models.door import open_model
+from pipeline.models.plan import plan_for
 from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
-from pipeline.vlm import plan_for
+from pipeline.stages.methods import attach_method
 
 
 def _family(family: str):

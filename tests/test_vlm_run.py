@@ -12,7 +12,7 @@ from _procs import cpu_env, free_port, run_command
 from _vlm_checks import check_run
 from PIL import Image
 
-from pipeline.families import FAMILIES
+from pipeline.models.families import FAMILIES
 
 QWEN = "qwen2_5_vl"
 FAST = ["train.max_steps=6", "train.save_every=3", "train.eval_every=3", "base.max_steps=10", "eval.max_samples=8"]

@@ -6,7 +6,7 @@
   model and its own processor class);
 - `cfg.name_or_path` (or `source=`, e.g. a run's base model): `AutoModelForImageTextToText` + `AutoProcessor`
   (LLaVA-1.5 loads as `LlavaForConditionalGeneration` through it, like every other family), optionally with the
-  language model quantized (`cfg.quantization`, pipeline.quantize; a checkpoint saved quantized loads as saved);
+  language model quantized (`cfg.quantization`, pipeline.models.quantize; a checkpoint saved quantized loads as saved);
 - `cfg.arch: vit`: the image classifier path (`pipeline.backbones`), the one other path.
 
 Every check happens here, once (`check_backbone`), with one-line errors: the family is known to the tower table,
@@ -44,13 +44,13 @@ def preset_family(preset: str | None) -> str | None:
 def family_of(model: nn.Module) -> str:
     """The family of a loaded VLM (its config's model_type), or a one-line error when the tower table does not
     know it."""
-    from pipeline.families import FAMILIES
+    from pipeline.models.families import FAMILIES
 
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind in FAMILIES:
         return kind
     try:  # a family outside the tested table may still have towers transformers' getters find
-        from pipeline.families import tower_paths
+        from pipeline.models.families import tower_paths
 
         tower_paths(model)
     except Exception as err:  # noqa: BLE001 - any failure: the towers cannot be found
@@ -93,17 +93,17 @@ def build_preset(cfg: ModelConfig, seed: int = 0):
     """(model, processor) of a preset, random weights from `seed`, built with no network."""
     layer = -2 if cfg.vision_feature_layer is None else cfg.vision_feature_layer
     if cfg.preset == "tiny":
-        from pipeline.backbones import build_tiny_llava
+        from pipeline.models.presets.tiny import build_tiny_llava
 
         model, processor = build_tiny_llava(cfg.tiny, *_world_texts(), vision_feature_layer=layer, seed=seed)
     elif cfg.preset == "llava15-7b-skeleton":
-        from pipeline.backbones import build_skeleton_llava
+        from pipeline.models.presets.skeletons import build_skeleton_llava
 
         model, processor = build_skeleton_llava(cfg.skeleton.vision_layers, cfg.skeleton.text_layers,
                                                 *_world_texts(), vision_feature_layer=layer, seed=seed)
     else:
-        from pipeline.families import build_tiny
-        from pipeline.family_processors import tiny_processor
+        from pipeline.models.presets.processors import tiny_processor
+        from pipeline.models.presets.tiny import build_tiny
 
         family = preset_family(cfg.preset)
         with torch.random.fork_rng(devices=[]):
@@ -121,8 +121,8 @@ def load_pretrained(source: str, cfg: ModelConfig, compute_dtype: torch.dtype | 
     (`structlora eval`, the demo's rule)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from pipeline.backbones import resolve_pretrained
-    from pipeline.quantize import check_saved, load_quantized, saved_kind
+    from pipeline.models.hub import resolve_pretrained
+    from pipeline.models.quantize import check_saved, load_quantized, saved_kind
 
     name = name or source
     dtype = DTYPES[cfg.dtype] if dtype is None else dtype
@@ -178,6 +178,30 @@ def _vision_feature_layer(model: nn.Module, cfg: ModelConfig, name: str) -> None
                         f"{has}: set them equal (or leave it unset to use the model's)")
 
 
+def with_image_fit(processor, fit: str):
+    """`processor` with an image transform that fits images as `fit` says (data.image_fit).
+
+    pad_to_square is transformers' LlavaImageProcessor with `do_pad` (LLaVA-1.5's expand2square:
+    pad with the mean colour to a square, then the processor's resize and crop, on torchvision),
+    built from the processor's own settings; it is saved with the processor, so evaluation, the
+    merged model and the demo fit images the way training did. center_crop turns padding off.
+    """
+    from transformers import LlavaImageProcessor
+
+    current = processor.image_processor
+    padding = bool(getattr(current, "do_pad", False)) and isinstance(current, LlavaImageProcessor)
+    if (fit == "pad_to_square") == padding:
+        return processor
+    if fit == "center_crop":
+        current.do_pad = False
+        return processor
+    settings = {k: v for k, v in current.to_dict().items()
+                if k in ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor",
+                         "do_normalize", "image_mean", "image_std", "do_convert_rgb", "resample")}
+    processor.image_processor = LlavaImageProcessor(**settings, do_pad=True)
+    return processor
+
+
 def _image_fit(processor: Any, fit: str | None, family: str):
     """The image fit (data.image_fit) on the processor, or a one-line error where the family's processor cannot
     honour it. pad_to_square is LLaVA-1.5's expand2square: transformers' LlavaImageProcessor with `do_pad`, saved
@@ -187,8 +211,6 @@ def _image_fit(processor: Any, fit: str | None, family: str):
     from transformers import LlavaProcessor
 
     if type(processor) is LlavaProcessor:
-        from pipeline.backbones import with_image_fit
-
         return with_image_fit(processor, fit)
     if fit == "pad_to_square":
         raise UserError(f"data.image_fit=pad_to_square: the {family} family's processor "
@@ -223,7 +245,7 @@ def open_model(cfg: ModelConfig, *, source: str | Path | None = None, compute_dt
             in errors. `dtype`: the weights' dtype when loading (default `cfg.dtype`; "auto" = the checkpoint's).
     """
     if cfg.arch == "vit":
-        raise ValueError("open_model opens VLMs; the ViT classifier is opened by pipeline.stages.load_vit_base")
+        raise ValueError("open_model opens VLMs; the ViT classifier is opened by pipeline.stages.common.load_vit_base")
     if source is not None:
         name = str(source)
         model, processor = load_pretrained(str(source), cfg, compute_dtype, name, as_saved, option, dtype)

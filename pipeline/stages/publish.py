@@ -47,7 +47,7 @@ def stage_publish(ctx: StageContext) -> dict[str, Any]:
     import datetime as dt
 
     from app.registry import register_model
-    from pipeline.stages import shards_root
+    from pipeline.stages.common import shards_root
 
     cfg = ctx.cfg
     if cfg.model.arch == "vit":

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.compare_cells import base_raw, cell_spec, deep_merge
+from pipeline.compare.cells import base_raw, cell_spec, deep_merge
 from pipeline.errors import UserError
 
 log = logging.getLogger("structlora.compare")

@@ -7,7 +7,7 @@ prepare/ and base/ link to the comparison's one shared prepared data and base mo
 leaves its result record (`results/cells/<id>.json`, written atomically), and a cell counts as done
 only when that record's config equals the spec's config (the run directory's path aside): a changed
 config never reuses a stale cell. A killed cell resumes from its last checkpoint, as `structlora run`
-does. `pipeline.compare_cell` runs one spec; this module decides which to run and how to launch them.
+does. `pipeline.compare.cell` runs one spec; this module decides which to run and how to launch them.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ SHARED_SECTIONS = ("data", "model", "base", "seed")
 
 def _shared_part(raw: dict[str, Any], section: str) -> Any:
     """A section as the shared prepare and base stages read it (without what only training reads)."""
-    from pipeline.runner import TRAIN_ONLY
+    from pipeline.stages.runner import TRAIN_ONLY
 
     value = raw.get(section)
     if isinstance(value, dict) and section in TRAIN_ONLY:
@@ -170,12 +170,12 @@ def write_spec(cell: dict[str, Any]) -> Path:
 
 
 def launch_command(spec: Path, accelerate_config: str | None = None) -> list[str]:
-    """How one cell is started: `python -m pipeline.compare_cell SPEC`, or under `accelerate launch
+    """How one cell is started: `python -m pipeline.compare.cell SPEC`, or under `accelerate launch
     --config_file FILE` (the user's multi-GPU / FSDP / DeepSpeed settings) when one is given."""
     if accelerate_config:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                "-m", "pipeline.compare_cell", str(spec)]
-    return [sys.executable, "-m", "pipeline.compare_cell", str(spec)]
+                "-m", "pipeline.compare.cell", str(spec)]
+    return [sys.executable, "-m", "pipeline.compare.cell", str(spec)]
 
 
 def _cell_env(cell: dict[str, Any]) -> dict[str, str]:
@@ -307,7 +307,7 @@ def write_slurm(cells: list[dict[str, Any]], out: Path, phase: str, accelerate_c
              "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0} TOKENIZERS_PARALLELISM=false",
              f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}",
              *[f"export {k}={shlex.quote(str(v))}" for k, v in (todo[0].get("env") or {}).items()],
-             f'exec {launcher} -m pipeline.compare_cell "$SPEC"', ""]
+             f'exec {launcher} -m pipeline.compare.cell "$SPEC"', ""]
     script = folder / f"{phase}.sbatch"
     script.write_text("\n".join(lines))
     script.chmod(0o755)

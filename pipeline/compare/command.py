@@ -4,7 +4,7 @@
                        [--tune-seeds 1] [--metric test_loss] [--jobs N] [--out DIR]
                        [--launcher local|slurm] [--report-only [--partial]] [--plan FILE]
 
-Phases, each a set of cells (pipeline.compare_cells), each cell an ordinary run directory:
+Phases, each a set of cells (pipeline.compare.cells), each cell an ordinary run directory:
 0. prepare + base once, in OUT/shared: every cell adapts that one base on that one prepared data;
 1. gate (plan files only): StructLoRA's gate variants on validation loss, coordinate descent;
 2. lr: every arm gets the same candidates (multiples of its configured rate), chosen on the final
@@ -27,8 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.compare_cells import base_raw, deep_merge, finished, refuse_replacing, run_cells, write_slurm
-from pipeline.compare_plan import (
+from pipeline.compare.cells import (
+    base_raw,
+    deep_merge,
+    finished,
+    refuse_replacing,
+    run_cells,
+    write_slurm,
+)
+from pipeline.compare.plan import (
     PHASES,
     arm_settings,
     freeze_base,
@@ -196,8 +203,8 @@ def lr_phase(plan, gate, runner: Runner) -> tuple[dict[str, float], list[dict[st
 def prepare_shared(plan: dict[str, Any]) -> Path:
     """prepare + base once, in the shared folder (skipped when done with the same config)."""
     from pipeline.config import from_dict, save_config
-    from pipeline.runner import run_stages
     from pipeline.schema import RunConfig
+    from pipeline.stages.runner import run_stages
 
     raw = base_raw(plan)
     cfg = from_dict(RunConfig, raw, source=plan["base_config"])
@@ -254,7 +261,7 @@ def base_identity(shared: Path) -> str:
     import hashlib
 
     from data.shards import file_sha256
-    from pipeline.runner import Manifest
+    from pipeline.stages.runner import Manifest
 
     files = sorted((shared / "base" / "model").glob("*.safetensors"))
     if files and sum(f.stat().st_size for f in files) < 2**31:
@@ -363,7 +370,7 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
     """`structlora compare`'s arguments -> a plan -> run_compare; prints where the report (or job array) is."""
     import os
 
-    from pipeline.compare_plan import load_plan, plan_from_flags
+    from pipeline.compare.plan import load_plan, plan_from_flags
 
     if not Path(config).is_file():
         raise UserError(f"{config}: config file not found")

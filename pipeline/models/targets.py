@@ -1,6 +1,6 @@
 """StructLoRA targets for any VLM family, from the tower table of `pipeline.families`.
 
-`pipeline.towers` describes LLaVA-1.5 to structlora with fixed regexes; this module produces the same
+`pipeline.models.vit_targets` describes LLaVA-1.5 to structlora with fixed regexes; this module produces the same
 description (a list of `structlora.TargetConfig` dicts) from `families.layer_table(model)`, so that one
 code path serves every family of `families.FAMILIES`. Not wired into the pipeline yet.
 
@@ -54,7 +54,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.families import (
+from pipeline.models.families import (
     TOWERS,
     LinearInfo,
     connector_groups,
@@ -284,14 +284,14 @@ def attach_structlora(model: nn.Module, table: Sequence[LinearInfo], rank: int =
                       targets: str | Sequence[str] = "all-linear", exclude: Sequence[str] = (),
                       towers: Sequence[str] = TOWERS, max_steps: int = 1, seed: int = 0,
                       options: dict[str, Any] | None = None):
-    """Adapt `model` in place with StructLoRA through `pipeline.methods.attach_method` (seeded as the
+    """Adapt `model` in place with StructLoRA through `pipeline.stages.methods.attach_method` (seeded as the
     pipeline seeds it) and return the handle, a `structlora.StructLoRAModel`.
 
     Args:
         alpha: default 2 * rank (DESIGN.md: r = 8, alpha = 16).
         options: `adapter.structlora` (gate, coordinator, ablation, ...).
     """
-    from pipeline.methods import attach_method
+    from pipeline.stages.methods import attach_method
 
     found = structlora_targets(model, table, targets, exclude, towers)
     adapter = AdapterConfig(method="structlora", rank=rank, alpha=float(alpha if alpha is not None else 2 * rank),

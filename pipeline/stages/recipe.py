@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint as ckpt
 from pipeline.errors import UserError
-from pipeline.methods import AdaptedModel
 from pipeline.schema import TrainConfig
+from pipeline.stages import checkpoint as ckpt
+from pipeline.stages.methods import AdaptedModel
 
 log = logging.getLogger("structlora.train")
 
@@ -83,7 +83,7 @@ class TrainRecipe:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        from pipeline.sharding import apply_fsdp2, make_accelerator, plan_sharding, resolve_precision
+        from pipeline.stages.sharding import apply_fsdp2, make_accelerator, plan_sharding, resolve_precision
 
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
@@ -95,7 +95,7 @@ class TrainRecipe:
                             f"train.grad_accum={cfg.grad_accum}")
         model = self.adapted.model
         trainable = [p for p in model.parameters() if p.requires_grad]
-        from pipeline.quantize import is_quantized_linear
+        from pipeline.models.quantize import is_quantized_linear
 
         self.sharding = plan_sharding(acc, cfg.sharding, self.adapted.method, trainable, self.precision,
                                       quantized=any(is_quantized_linear(m) for m in model.modules()))
@@ -111,7 +111,7 @@ class TrainRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(cfg.max_steps, cfg.warmup_ratio))
         if self.sharding.kind == "deepspeed":
-            from pipeline.sharding import configure_deepspeed
+            from pipeline.stages.sharding import configure_deepspeed
 
             configure_deepspeed(acc, cfg.batch_size)
         if self.sharding.own_wrapping:
@@ -237,7 +237,7 @@ class TrainRecipe:
                 totals["task"] = float(acc.reduce(torch.tensor([totals["task"]], device=acc.device), "mean"))
             totals["loss"] = sum(totals.values()) if finite else float("nan")
             if self.sharding.own_wrapping:
-                from pipeline.sharding import sync_replicated_gradients
+                from pipeline.stages.sharding import sync_replicated_gradients
 
                 sync_replicated_gradients(self.sharding.replicated, world)
             if cfg.max_grad_norm > 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.quantize import is_quantized_linear
+from pipeline.models.quantize import is_quantized_linear
 
 
 @torch.no_grad()

@@ -114,7 +114,7 @@ def vit_targets(model: nn.Module, adapter: AdapterConfig, kind: str) -> list[dic
         hidden = model.config.hidden_size
         return [t for k in adapter.targets
                 if (t := _layer_target(model, "vision", r"vit\.layers", k, hidden)) is not None]
-    prefix = r"timm\.blocks" if hasattr(model, "timm") else r"blocks"  # pipeline.backbones.TimmClassifier
+    prefix = r"timm\.blocks" if hasattr(model, "timm") else r"blocks"  # pipeline.models.vit.TimmClassifier
     hidden = (model.timm if hasattr(model, "timm") else model).embed_dim
     # transformers' names work on timm too (one config for both implementations): q/k/v_proj are the
     # row slices of timm's fused attn.qkv, o_proj / out_proj its attn.proj; `qkv` alone means q and v

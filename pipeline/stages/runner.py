@@ -138,10 +138,10 @@ def _now() -> str:
 
 
 def _stage_functions() -> dict[str, StageFn]:
-    from pipeline import evaluate, merge, publish_stage, stages
+    from pipeline.stages import base, evaluate, merge, prepare, publish, train
 
     found: dict[str, StageFn] = {}
-    for module in (stages, evaluate, merge, publish_stage):
+    for module in (prepare, base, train, evaluate, merge, publish):
         found.update({name: getattr(module, f"stage_{name}") for name in STAGES if hasattr(module, f"stage_{name}")})
     return found
 
@@ -178,11 +178,11 @@ def run_stages(cfg: RunConfig, run_dir: Path, stages: list[str] | None = None,
     functions = _stage_functions()
     wanted = [s for s in STAGES if (stages is None or s in stages)]
     if "train" in wanted:  # refuse now what the train stage could not honour, not after prepare and base
-        from pipeline.sharding import preflight
+        from pipeline.stages.sharding import preflight
 
         preflight(cfg.train.precision, cfg.train.sharding, cfg.adapter.method, cfg.model.quantization)
         if cfg.model.name_or_path and Path(cfg.model.name_or_path).expanduser().is_dir():  # not after prepare
-            from pipeline.quantize import check_saved
+            from pipeline.models.quantize import check_saved
 
             check_saved(Path(cfg.model.name_or_path).expanduser(), cfg.model.quantization, cfg.model.revision,
                         cfg.model.name_or_path)

@@ -25,7 +25,8 @@ RUN_INFO = "structlora_run.json"
 
 
 def _check_batches(ctx: StageContext, processor, n: int = 2) -> list[dict[str, torch.Tensor]]:
-    from pipeline.stages import sources, validation_batches
+    from pipeline.stages.batches import validation_batches
+    from pipeline.stages.common import sources
 
     cfg = ctx.cfg
     tasks = {t: 1.0 for t, w in cfg.data.tasks.items() if w > 0}
@@ -115,7 +116,7 @@ def merge_device(model: torch.nn.Module, headroom: float = 1.3) -> str:
 def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     """Fold, check, save. Folding and the check run in float32 (a bf16 fold differs from the bf16
     unmerged model by ~1e-2 on its own); the merged weights are cast to `model.dtype` when saved."""
-    from pipeline.stages import load_adapted_handle
+    from pipeline.stages.common import load_adapted_handle
 
     cfg = ctx.cfg
     out = Path(out)
@@ -136,8 +137,8 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
         if cfg.merge.export_peft else {"skipped": "merge.export_peft is false"}
     quantized, names = {}, []
     if cfg.model.quantization != "none":  # fold into the weights the quantized forward used, never requantize
-        from pipeline.dequantize import dequantize_model
-        from pipeline.quantize import is_quantized_linear
+        from pipeline.models.dequantize import dequantize_model
+        from pipeline.models.quantize import is_quantized_linear
 
         names = [n.removeprefix("base_model.model.").replace(".base_layer", "")
                  for n, m in adapted.model.named_modules() if is_quantized_linear(m)]
@@ -158,7 +159,7 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     if names:
         check["other_merges"] = _other_merges(ctx, merged, names, batches, reference)
     model_dir = tmp / "model"
-    from pipeline.backbones import DTYPES
+    from pipeline.models.hub import DTYPES
 
     dtype = DTYPES[cfg.model.dtype]
     merged.to(dtype)
@@ -173,7 +174,7 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     if cfg.model.arch == "vit":
         from transformers import AutoModelForImageClassification
 
-        from pipeline.backbones import TimmClassifier
+        from pipeline.models.vit import TimmClassifier
 
         model_class = TimmClassifier if cfg.model.vit_impl == "timm" else AutoModelForImageClassification
         reloaded = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -210,11 +211,11 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
 
 
 def _other_merges(ctx: StageContext, merged, names: list[str], batches, reference) -> dict[str, Any]:
-    """What the two merges this one avoids would give on a quantized base (pipeline.dequantize.other_merge_paths),
+    """What the two merges this one avoids would give on a quantized base (pipeline.models.dequantize.other_merge_paths),
     or why they were not measured (merge.quantization_paths)."""
-    from pipeline.backbones import count_parameters
-    from pipeline.dequantize import other_merge_paths
+    from pipeline.models.dequantize import other_merge_paths
     from pipeline.models.door import open_model
+    from pipeline.models.hub import count_parameters
 
     cfg, setting = ctx.cfg, ctx.cfg.merge.quantization_paths
     size = count_parameters(merged) if setting == "auto" else 0
@@ -222,8 +223,8 @@ def _other_merges(ctx: StageContext, merged, names: list[str], batches, referenc
         return {"skipped": f"merge.quantization_paths={setting}" + (f" and a {size / 1e9:.1f} B-parameter model: "
                            "set it to true to measure (a float copy of the base on the CPU)" if size else "")}
     source = cfg.model.name_or_path or str(ctx.run_dir / "base" / "model")
-    from pipeline.backbones import resolve_pretrained
-    from pipeline.quantize import saved_kind
+    from pipeline.models.hub import resolve_pretrained
+    from pipeline.models.quantize import saved_kind
 
     if saved_kind(resolve_pretrained(source, cfg.model.revision), cfg.model.revision):
         return {"skipped": f"{source} was saved quantized: there are no float weights to merge into"}

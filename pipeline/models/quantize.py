@@ -34,7 +34,7 @@ def compute_dtype(cfg) -> torch.dtype | None:
     None for an unquantized base."""
     if cfg.model.quantization == "none":
         return None
-    from pipeline.sharding import resolve_precision
+    from pipeline.stages.sharding import resolve_precision
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.train.precision), torch.float32)
 
@@ -67,7 +67,7 @@ def keep_float_for(model_class, source: str | Path, revision: str | None = None)
 
     from transformers import AutoConfig
 
-    from pipeline.families import _path_of, tower_paths
+    from pipeline.models.families import _path_of, tower_paths
 
     config = AutoConfig.from_pretrained(source, revision=revision)
     with torch.device("meta"):

@@ -1,6 +1,6 @@
 """Benchmark skeletons of VLM families: a model's real widths with a few layers and random weights.
 
-`pipeline.backbones.skeleton_llava_config` does this for LLaVA-1.5-7B; this module adds
+`pipeline.models.presets.skeletons.skeleton_llava_config` does this for LLaVA-1.5-7B; this module adds
 Qwen/Qwen2.5-VL-7B-Instruct, for `bench/overhead.py --preset qwen2_5_vl_skeleton`. Everything is built
 from transformers' config classes (no hub access, no tokenizer, no processor).
 
@@ -25,6 +25,7 @@ random text tokens; labels on the text only; `mm_token_type_ids` (1 on image pad
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -124,3 +125,48 @@ def skeleton_inputs(model: nn.Module, batch: int = 1, image_side: int = 336, tex
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "pixel_values": patchify(images, vision), "image_grid_thw": torch.tensor([[1, grid_h, grid_w]] * batch),
             "mm_token_type_ids": (ids == config.image_token_id).int()}
+
+
+SKELETON_IMAGE_SIZE, SKELETON_PATCH = 336, 14
+
+
+def skeleton_llava_config(vision_layers: int, text_layers: int, image_token_id: int, pad_token_id: int,
+                          bos_token_id: int, eos_token_id: int, vision_feature_layer: int = -2):
+    """LlavaConfig with llava-hf/llava-1.5-7b-hf's widths (CLIP ViT-L/14-336, projector, Vicuna-7B) and few layers."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                              num_attention_heads=16, image_size=SKELETON_IMAGE_SIZE, patch_size=SKELETON_PATCH,
+                              projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=text_layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                       eos_token_id=eos_token_id, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                       vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", image_seq_length=(SKELETON_IMAGE_SIZE // SKELETON_PATCH) ** 2,
+                       pad_token_id=pad_token_id)
+
+
+def build_skeleton_llava(vision_layers: int, text_layers: int, vocabulary: Iterable[str],
+                         extra_texts: Iterable[str] = (), vision_feature_layer: int = -2, seed: int = 0):
+    """(model, processor) of the llava15-7b-skeleton preset: real 7B widths, few layers, random weights.
+
+    The tokenizer is the word-level one of the shapes world (its ids fit in the 32064-entry
+    vocabulary); the image processor is CLIP's at 336 px, so each image is 576 tokens.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from pipeline.models.presets.words import build_tiny_processor
+
+    processor = build_tiny_processor(vocabulary, SKELETON_IMAGE_SIZE, SKELETON_PATCH, extra_texts)
+    tok = processor.tokenizer
+    config = skeleton_llava_config(vision_layers, text_layers, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, vision_feature_layer=vision_feature_layer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    return model, processor

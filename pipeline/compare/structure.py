@@ -45,9 +45,9 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     """(merged model, processor, {target module: W_merged - W_base}, StructLoRA's own diagnostics)."""
     import torch
 
-    from pipeline.dequantize import dequantize_model
-    from pipeline.stages import load_adapted_handle, load_base
-    from pipeline.towers import target_module_names
+    from pipeline.models.dequantize import dequantize_model
+    from pipeline.models.vit_targets import target_module_names
+    from pipeline.stages.common import load_adapted_handle, load_base
 
     # a quantized base (model.quantization) is measured as the merge folds it: dequantized, in float32
     base, _ = load_base(ctx)
@@ -78,7 +78,7 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
 def _batches(ctx, processor, split: str, per_task: int | None, batch_size: int, seed: int = 0):
     """Teacher-forced batches (labels on the answers) of every task's `split`, task by task."""
     from data.chat_collate import make_collator
-    from pipeline.evaluate import load_eval_examples
+    from pipeline.stages.evaluate import load_eval_examples
 
     for task in [t for t, w in ctx.cfg.data.tasks.items() if w > 0]:
         examples = load_eval_examples(ctx, task, split, per_task)
@@ -115,7 +115,7 @@ def gradient_cosines(ctx, model, processor, names: list[str], per_task: int = 48
 
 def update_structure(ctx) -> dict[str, Any]:
     """Every diagnostic of the cell's adapted model (loads it again: meant for small models)."""
-    from pipeline.towers import target_module_names
+    from pipeline.models.vit_targets import target_module_names
 
     merged, processor, deltas, method_diag = merged_model(ctx)
     out = {**chain_diagnostics(deltas), **method_diag}

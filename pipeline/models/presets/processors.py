@@ -3,7 +3,7 @@
 `tiny_processor(family)` builds the family's processor class from config values only (no hub access):
 - its image processor (and video processor where the processor class requires one) set up for the tiny
   models' 16 x 16 images with 4 x 4 patches, so that the image tokens the processor inserts are exactly
-  what the tiny model expects (`pipeline.families.image_token_count`);
+  what the tiny model expects (`pipeline.models.presets.tiny.image_token_count`);
 - a small byte-level BPE tokenizer (`tokenizers`, wrapped in `PreTrainedTokenizerFast`) whose 1000 ids fit
   the tiny models' vocabulary: the family's turn markers and bos/eos/pad first, its image / video / vision
   start-end / boi-eoi tokens at the very ids `tiny_config` gives them, read from the config;
@@ -29,7 +29,8 @@ from typing import Any
 
 # chat labels live in data.chat_template (the training collator uses them); re-exported here
 from data.chat_template import IGNORE_INDEX, chat_labels, multimodal_ids, render  # noqa: F401
-from pipeline.families import FAMILIES, IMAGE, PATCH, VOCAB, tiny_config
+from pipeline.models.families import FAMILIES
+from pipeline.models.presets.tiny import IMAGE, PATCH, VOCAB, tiny_config
 
 _GRID = IMAGE // PATCH  # 4 x 4 patches per 16 x 16 image
 _SPLIT = r"\w+|[^\w\s]|\s"  # words, single punctuation marks and single whitespace characters

@@ -56,7 +56,7 @@ def load_examples(root: Path, task: str, split: str, max_samples: int | None = N
 def load_eval_examples(ctx: StageContext, task: str, split: str, max_samples: int | None,
                        accounts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """``load_split`` on the run's shards, with the config's shard checks; the account goes into `accounts`."""
-    from pipeline.stages import shards_root
+    from pipeline.stages.common import shards_root
 
     data = ctx.cfg.data
     examples, account = load_split(shards_root(ctx), task, split, max_samples, data.allow_remote,
@@ -106,7 +106,7 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
     from eval.long_context import CAPTION_FILLER, NEUTRAL_FILLER
     from eval.plots import plot_diagnostics
     from eval.report import headline
-    from pipeline.stages import load_adapted, load_base
+    from pipeline.stages.common import load_adapted, load_base
 
     cfg, out = ctx.cfg, ctx.stage_dir(folder)
     split = split or cfg.eval.split

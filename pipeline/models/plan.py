@@ -122,7 +122,7 @@ def _owners(names: list[str]) -> list[str]:
 def full_modules(model: nn.Module, adapter: AdapterConfig, dead: list[str], targets: Sequence[str] = ()) -> list[str]:
     """Leaf modules with parameters of the parts configured `full` (lm_head with the language model), none dead
     and none adapted: a connector inside the vision module (Qwen-VL's merger) goes with `projector`, not `vision`."""
-    from pipeline.families import connector_parts, tower_paths
+    from pipeline.models.families import connector_parts, tower_paths
 
     paths = tower_paths(model)
     head = model.get_output_embeddings()
@@ -149,8 +149,8 @@ def full_modules(model: nn.Module, adapter: AdapterConfig, dead: list[str], targ
 
 def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps: int) -> VlmPlan:
     """The tower table, dead parameters and targets of `model` for `adapter` (see the module docstring)."""
-    from pipeline.families import layer_table
-    from pipeline.family_targets import adapter_towers, structlora_config, structlora_targets
+    from pipeline.models.families import layer_table
+    from pipeline.models.targets import adapter_towers, structlora_config, structlora_targets
 
     table = layer_table(model)
     dead = probed(model, processor)

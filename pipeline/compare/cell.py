@@ -1,4 +1,4 @@
-"""One cell of `structlora compare`, in its own process: `python -m pipeline.compare_cell SPEC`.
+"""One cell of `structlora compare`, in its own process: `python -m pipeline.compare.cell SPEC`.
 
 The cell is an ordinary run directory: its config.yaml, manifest.json and stages, run by the pipeline's
 own runner (train, then eval on the cell's split with the teacher-forced test loss always among the
@@ -10,7 +10,7 @@ result record is written atomically at the end, by the main process of a launch:
   `caption.CIDEr`, `vqav2.overall`, `gqa.accuracy`, `conversations.exact_match`, ...);
 - the validation-loss curve and final train loss, trainable parameters, step time, peak memory (RSS,
   and CUDA where there is one), where it ran (CPU, numerics fingerprint, code commit);
-- with `diagnostics`, the update-structure measures of pipeline.update_structure.
+- with `diagnostics`, the update-structure measures of pipeline.compare.structure.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def effective_config(cell: dict[str, Any]) -> dict[str, Any]:
 def link_shared(cell: dict[str, Any], run_dir: Path) -> None:
     """prepare/ and base/ as links to the shared folder, their manifest records copied into the cell's;
     a cell folder made for another shared folder (or another config) starts its training afresh."""
-    from pipeline.runner import Manifest
+    from pipeline.stages.runner import Manifest
 
     shared = Path(cell["shared"])
     records = Manifest(shared / "manifest.json")
@@ -154,7 +154,7 @@ def record(cell: dict[str, Any], ctx, machine: dict[str, Any]) -> dict[str, Any]
     import torch
 
     from data.shards import file_sha256
-    from pipeline.stages import final_dir
+    from pipeline.stages.common import final_dir
 
     scores, long_context = _scores(ctx.run_dir / "eval") if cell.get("evaluate", True) else ({}, {})
     weights = ctx.run_dir / "base" / "model" / "model.safetensors"
@@ -181,7 +181,7 @@ def record(cell: dict[str, Any], ctx, machine: dict[str, Any]) -> dict[str, Any]
     if cell.get("forgetting"):
         out["forgetting"] = {"split": cell["forgetting"], "scores": _scores(ctx.run_dir / "forgetting")[0]}
     if cell.get("diagnostics") and cell.get("kind") != "base":
-        from pipeline.update_structure import update_structure
+        from pipeline.compare.structure import update_structure
 
         out.update(update_structure(ctx))
     return out
@@ -193,7 +193,7 @@ def forgetting_eval(ctx, split: str, models: tuple[str, ...] | None) -> None:
     import dataclasses
 
     from pipeline.context import StageContext
-    from pipeline.evaluate import stage_eval
+    from pipeline.stages.evaluate import stage_eval
 
     cfg = ctx.cfg
     tasks = [t for t in cfg.eval.tasks if t != "long_context"]
@@ -220,9 +220,9 @@ def run_cell(spec: Path) -> dict[str, Any] | None:
 
     from pipeline.config import from_dict, save_config
     from pipeline.context import StageContext
-    from pipeline.evaluate import stage_eval
-    from pipeline.runner import run_stages
     from pipeline.schema import RunConfig
+    from pipeline.stages.evaluate import stage_eval
+    from pipeline.stages.runner import run_stages
 
     cfg = from_dict(RunConfig, effective_config(cell), source=str(spec))
     run_dir = Path(cfg.run_dir)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pipeline.compare_cell CELL_SPEC.json", file=sys.stderr)
+        print("usage: python -m pipeline.compare.cell CELL_SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_cell(Path(args[0]))
