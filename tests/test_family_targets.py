@@ -130,18 +130,24 @@ def test_role_lists_select_a_fused_qkv_and_the_whole_connector():
     assert only.counts == {"vision": 0, "connector": 0, "language": 2}
 
 
-def test_llava_graph_equals_the_towers_py_graph():
-    """On LLaVA with the default adapter (q_proj, v_proj, projector) the table path builds towers.py's graph."""
-    from pipeline.models.vit_targets import structlora_config_for
-    from pipeline.schema import ModelConfig
+def test_llava_graph_is_llava_15s_two_tower_graph():
+    """On LLaVA with the default adapter (q_proj, v_proj, projector): the vision layer LLaVA reads, the projector's
+    two linears as a chain between the towers, the language layers; depth edges along each tower and role, bridges
+    vision -> projector -> language, the sketch spaces shared along each residual stream."""
     from structlora import apply_structlora
 
     model = build_tiny("llava")
     model.train()
     dead = dead_linears(model, tiny_inputs(model, "llava"))
-    ours, _ = structlora_config_for_family(model, layer_table(model), AdapterConfig(), 10, exclude=dead)
-    theirs = structlora_config_for(model, ModelConfig(preset="tiny"), AdapterConfig(), 10)
-    graphs = [apply_structlora(copy.deepcopy(model), cfg) for cfg in (ours, theirs)]
-    a, b = ([(n.name, n.tower, n.in_space, n.out_space, n.out_features) for n in g.nodes] for g in graphs)
-    assert a == b and len(a) == 2 + 2 + 4
-    assert graphs[0].graph.edges == graphs[1].graph.edges
+    config, _ = structlora_config_for_family(model, layer_table(model), AdapterConfig(), 10, exclude=dead)
+    graph = apply_structlora(copy.deepcopy(model), config)
+    vision, language = "model.vision_tower.encoder.layers", "model.language_model.layers"
+    assert [(n.name, n.tower, n.in_space, n.out_space) for n in graph.nodes] == [
+        (f"{vision}.0.self_attn.v_proj", "vision", "vision", f"{vision}.0.self_attn.v_proj:out"),
+        (f"{vision}.0.self_attn.q_proj", "vision", "vision", f"{vision}.0.self_attn.q_proj:out"),
+        ("model.multi_modal_projector.linear_1", "projector", "vision", "projector"),
+        ("model.multi_modal_projector.linear_2", "projector", "projector", "language"),
+        *[(f"{language}.{i}.self_attn.{k}", "language", "language", f"{language}.{i}.self_attn.{k}:out")
+          for i in (0, 1) for k in ("q_proj", "v_proj")]]
+    assert graph.graph.edges == {"depth": [(2, 3), (4, 6), (5, 7)], "bridge": [(0, 2), (1, 2), (3, 4), (3, 5)],
+                                 "semantic": []}

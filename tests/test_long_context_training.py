@@ -14,6 +14,7 @@ from data.chat_template import IGNORE_INDEX
 from data.examples import collate_with_stats
 from data.long_context import LongContextMaker, fill_to, filler_text
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
+from pipeline.models.families import FAMILIES
 from pipeline.models.presets.tiny import build_tiny_llava
 from pipeline.schema import ModelConfig
 
@@ -111,7 +112,7 @@ def _family_ids(family):
     return f"long_context-{family}"
 
 
-@pytest.mark.parametrize("family", __import__("pipeline.families", fromlist=["FAMILIES"]).FAMILIES, ids=_family_ids)
+@pytest.mark.parametrize("family", FAMILIES, ids=_family_ids)
 def test_long_context_rows_land_on_their_targets_for_every_family(family):
     """The feature on every family: long-context rows through each family's own processor and chat template land
     within [min, max] tokens as that processor counts them (images expanded), the answer and its end-of-turn marker

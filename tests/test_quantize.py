@@ -259,26 +259,17 @@ def test_a_bf16_compute_nf4_base_trains_under_autocast(saved_tiny):
     bf16, the kept vision side is bf16, StructLoRA's layers sit on top; one step gives every trainable tensor a
     finite gradient, the adapter factors stay float32 and the loss falls over three steps."""
     import bitsandbytes as bnb
+    from _plans import attach_planned
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.models.vit_targets import (
-        full_module_names,
-        structlora_config_for,
-        target_module_names,
-        unused_modules,
-    )
     from pipeline.schema import AdapterConfig
-    from pipeline.stages.methods import attach_method
 
     model = load_quantized(LlavaForConditionalGeneration, saved_tiny, "nf4", torch.bfloat16)
     assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.bfloat16}
     assert model.model.vision_tower.dtype == torch.bfloat16
-    cfg, adapter = ModelConfig(preset="tiny"), AdapterConfig(method="structlora", rank=4, alpha=8)
-    adapted = attach_method(model, adapter, target_module_names(model, cfg, adapter), full_module_names(model, adapter),
-                            10, structlora_config=structlora_config_for(model, cfg, adapter, 10),
-                            frozen_modules=unused_modules(model))
     processor = AutoProcessor.from_pretrained(saved_tiny)
+    adapted = attach_planned(model, AdapterConfig(method="structlora", rank=4, alpha=8), processor=processor)
     batch = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))],
                       text=["USER: <image>\nDescribe the image. ASSISTANT: a red circle"], return_tensors="pt")
     batch["labels"] = batch["input_ids"].clone()
@@ -304,17 +295,11 @@ def test_gradient_checkpointing_on_an_nf4_base_gives_the_same_gradients(saved_ti
     frozen embeddings give the recomputed blocks no input that requires grad, so a reentrant checkpoint would
     leave the adapter without gradients; the non-reentrant one the trainer uses gives exactly the gradients of a
     run without it, on every trainable tensor."""
+    from _plans import attach_planned
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.models.vit_targets import (
-        full_module_names,
-        structlora_config_for,
-        target_module_names,
-        unused_modules,
-    )
     from pipeline.schema import AdapterConfig
-    from pipeline.stages.methods import attach_method
 
     processor = AutoProcessor.from_pretrained(saved_tiny)
     batch = processor(images=[Image.new("RGB", (64, 64), (20, 30, 200))],
@@ -323,11 +308,7 @@ def test_gradient_checkpointing_on_an_nf4_base_gives_the_same_gradients(saved_ti
     grads = []
     for checkpointing in (False, True):
         model = load_quantized(LlavaForConditionalGeneration, saved_tiny, "nf4", torch.float32)
-        cfg, adapter = ModelConfig(preset="tiny"), AdapterConfig(method="structlora", rank=4, alpha=8)
-        adapted = attach_method(model, adapter, target_module_names(model, cfg, adapter),
-                                full_module_names(model, adapter), 10,
-                                structlora_config=structlora_config_for(model, cfg, adapter, 10),
-                                frozen_modules=unused_modules(model))
+        adapted = attach_planned(model, AdapterConfig(method="structlora", rank=4, alpha=8), processor=processor)
         torch.manual_seed(0)
         for name, p in adapted.model.named_parameters():  # lora_B away from zero: every factor gets a gradient
             if p.requires_grad and "lora_B" in name:

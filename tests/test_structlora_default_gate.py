@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _plans import plan
 from _tiny_models import llava_batch, randomize_b, tiny_llava
 
 from pipeline.config import load_config
-from pipeline.models.vit_targets import structlora_config_for
 from pipeline.schema import RunConfig
 from structlora import apply_structlora
 
@@ -48,7 +48,7 @@ def pruned(tmp_path_factory):
     directions (the lower half stands for directions the task holds: their gradient is withheld)."""
     cfg = tiny_default()
     model = tiny_llava()
-    sm = apply_structlora(model, structlora_config_for(model, cfg.model, cfg.adapter, cfg.train.max_steps))
+    sm = apply_structlora(model, plan(model, cfg.adapter, cfg.train.max_steps).structlora_config)
     randomize_b(sm)
     gates = [g for layer in sm.layers.values() for g in layer.gates.values()]
     optimizer = torch.optim.Adam([g.logits for g in gates], lr=cfg.train.gate_lr)

@@ -8,8 +8,8 @@ import itertools
 import torch
 from PIL import Image
 
-from pipeline.models.vit_targets import structlora_config_for, target_module_names
-from pipeline.schema import AdapterConfig, ModelConfig, TinyPreset, TrainConfig
+from pipeline.models.plan import plan_for
+from pipeline.schema import AdapterConfig, TinyPreset, TrainConfig
 from pipeline.stages.methods import attach_method
 from pipeline.stages.recipe import TrainRecipe
 from structlora import PAPER_GATE
@@ -25,12 +25,11 @@ def _setup(tmp_path, max_steps: int):
     from pipeline.models.presets.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava(PRESET, WORDS)
-    model_cfg = ModelConfig(preset="tiny", tiny=PRESET)
     # sampled gates (as first built): a resume must also restore the random state of the gate draws
     adapter = AdapterConfig(rank=4, alpha=8, structlora={"gate": dict(PAPER_GATE),
                                                          "coordinator": {"refresh_every": 3, "theta_init_std": 0.01}})
-    adapted = attach_method(model, adapter, target_module_names(model, model_cfg, adapter), [], max_steps,
-                            structlora_config=structlora_config_for(model, model_cfg, adapter, max_steps))
+    found = plan_for(model, processor, adapter, max_steps)
+    adapted = attach_method(model, adapter, found.target_names, [], max_steps, structlora_config=found.structlora_config)
     collate = ChatCollator(processor, max_length=64)
     batches = [collate([{"image": Image.new("RGB", (32, 32), rgb), "task": "caption", "captions": [f"a {c} square"]}
                         for c, rgb in COLOURS.items()]) for _ in range(2)]

@@ -46,12 +46,11 @@ def merged_model(ctx) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     import torch
 
     from pipeline.models.dequantize import dequantize_model
-    from pipeline.models.vit_targets import target_module_names
-    from pipeline.stages.common import load_adapted_handle, load_base
+    from pipeline.stages.common import load_adapted_handle, load_base, planned_targets
 
     # a quantized base (model.quantization) is measured as the merge folds it: dequantized, in float32
-    base, _ = load_base(ctx)
-    names = target_module_names(base, ctx.cfg.model, ctx.cfg.adapter)
+    base, base_processor = load_base(ctx)
+    names = planned_targets(ctx, base, base_processor)[0]
     dequantize_model(base)
     before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
     del base
@@ -115,9 +114,7 @@ def gradient_cosines(ctx, model, processor, names: list[str], per_task: int = 48
 
 def update_structure(ctx) -> dict[str, Any]:
     """Every diagnostic of the cell's adapted model (loads it again: meant for small models)."""
-    from pipeline.models.vit_targets import target_module_names
-
     merged, processor, deltas, method_diag = merged_model(ctx)
     out = {**chain_diagnostics(deltas), **method_diag}
-    out.update(gradient_cosines(ctx, merged, processor, target_module_names(merged, ctx.cfg.model, ctx.cfg.adapter)))
+    out.update(gradient_cosines(ctx, merged, processor, list(deltas)))
     return out

@@ -7,7 +7,7 @@
 - `cfg.name_or_path` (or `source=`, e.g. a run's base model): `AutoModelForImageTextToText` + `AutoProcessor`
   (LLaVA-1.5 loads as `LlavaForConditionalGeneration` through it, like every other family), optionally with the
   language model quantized (`cfg.quantization`, pipeline.models.quantize; a checkpoint saved quantized loads as saved);
-- `cfg.arch: vit`: the image classifier path (`pipeline.backbones`), the one other path.
+- `cfg.arch: vit`: the image classifier path (`pipeline.models.vit`, `pipeline.stages.common.load_vit_base`), the one other path.
 
 Every check happens here, once (`check_backbone`), with one-line errors: the family is known to the tower table,
 the processor has a chat template (`model.chat_template: FILE` supplies one; a LLaVA processor saved without one

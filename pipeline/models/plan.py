@@ -147,13 +147,16 @@ def full_modules(model: nn.Module, adapter: AdapterConfig, dead: list[str], targ
     return out
 
 
-def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps: int) -> VlmPlan:
-    """The tower table, dead parameters and targets of `model` for `adapter` (see the module docstring)."""
+def plan_for(model: nn.Module, processor: Any, adapter: AdapterConfig, max_steps: int,
+             probe: dict[str, torch.Tensor] | None = None) -> VlmPlan:
+    """The tower table, dead parameters and targets of `model` for `adapter` (see the module docstring); the dead
+    parameters are found on a probe batch made by the training collator from `processor`, or on `probe` (a batch
+    the model takes, for a model built without a processor)."""
     from pipeline.models.families import layer_table
     from pipeline.models.targets import adapter_towers, structlora_config, structlora_targets
 
     table = layer_table(model)
-    dead = probed(model, processor)
+    dead = probed(model, processor) if probe is None else dead_parameters(model, probe)
     dead_linears = [n.rsplit(".", 1)[0] for n in dead if n.endswith(".weight")]
     towers = adapter_towers(adapter)
     notes: list[str] = []

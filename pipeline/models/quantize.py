@@ -58,7 +58,7 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype, double_quant: bool
 
 
 def keep_float_for(model_class, source: str | Path, revision: str | None = None) -> tuple[str, ...]:
-    """What to leave unquantized in any VLM family, found as `pipeline.families` finds the towers: the model is
+    """What to leave unquantized in any VLM family, found as `pipeline.models.families` finds the towers: the model is
     built on the meta device from its config (no weights read), and every linear outside the language tower
     (`get_decoder()`: the vision tower of `get_encoder(modality="image")`, the connector wherever it sits) and the
     output embeddings (`get_output_embeddings()`) are kept. Patterns are escaped full module paths, which

@@ -1,4 +1,4 @@
-"""StructLoRA targets for any VLM family, from the tower table of `pipeline.families`.
+"""StructLoRA targets for any VLM family, from the tower table of `pipeline.models.families`.
 
 `pipeline.models.vit_targets` describes LLaVA-1.5 to structlora with fixed regexes; this module produces the same
 description (a list of `structlora.TargetConfig` dicts) from `families.layer_table(model)`, so that one

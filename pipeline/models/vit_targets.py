@@ -1,20 +1,12 @@
-"""Tower descriptions: which linear layers of a backbone StructLoRA (and the baselines) adapt.
+"""What a ViT classifier adapts: its tower described to StructLoRA (VLMs, LLaVA-1.5 included, are described from
+their own tower table: `pipeline.models.targets`).
 
-structlora knows nothing of LLaVA; this module tells it, as timm's `group_matcher` does:
-one `TargetConfig` per (tower, module kind), a regex with a depth group, and the
-representation spaces each module reads and writes: a tower's residual stream where the module
-reads or writes it (q/k/v/fc1/gate/up read it, o/out/fc2/down write it), so that modules at
-different depths share those sketch coordinates; the other side is left to a basis of its own.
-
-LLaVA-1.5 (transformers 5.x names):
-- vision:    model.vision_tower.encoder.layers.{i}.self_attn.{q_proj,v_proj}, only up to the
-             CLIP layer that `vision_feature_layer` reads (-2: the last layer is never adapted:
-             it gets no gradient, which breaks DDP and AdaLoRA);
-- projector: model.multi_modal_projector.linear_1 (vision -> projector) and linear_2
-             (projector -> language), a two-node chain that bridges the towers;
-- language:  model.language_model.layers.{i}.self_attn.{q_proj,v_proj}.
-ViT: transformers `vit.layers.{i}.attention.{q_proj,v_proj}`; timm `blocks.{i}.attn.qkv`,
-adapted on its q and v row slices only.
+structlora knows nothing of the backbone; this module tells it, as timm's `group_matcher` does: one
+`TargetConfig` per module kind, a regex with a depth group, and the representation spaces each module reads and
+writes: the residual stream where the module reads or writes it (q/k/v/fc1 read it, o/out/fc2 write it), so
+that modules at different depths share those sketch coordinates; the other side is left to a basis of its own.
+transformers ViT: `vit.layers.{i}.attention.{q_proj,v_proj}`; timm: `blocks.{i}.attn.qkv`, adapted on its q and
+v row slices only.
 """
 
 from __future__ import annotations
@@ -24,38 +16,19 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.schema import AdapterConfig, ModelConfig
+from pipeline.schema import AdapterConfig
 
-VISION_LAYERS = r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers"
-LANGUAGE_LAYERS = r"model\.language_model\.(?:model\.)?layers"
-PROJECTOR = r"model\.multi_modal_projector"
-PROJECTOR_NAME = "model.multi_modal_projector"
 _STRUCTURAL_KEYS = ("rank", "alpha", "dropout", "targets")
 
 
 def backbone_kind(model: nn.Module) -> str:
-    """'llava', 'vit' (transformers) or 'timm_vit', from the module structure."""
+    """'vit' (transformers) or 'timm_vit', from the module structure."""
     names = {n for n, _ in model.named_children()}
-    if "model" in names and hasattr(model.model, "vision_tower"):
-        return "llava"
     if "vit" in names:
         return "vit"
     if "blocks" in names or ("timm" in names and hasattr(model.timm, "blocks")):
         return "timm_vit"
-    raise ValueError(f"unknown backbone {type(model).__name__}: expected LLaVA, a transformers ViT or a timm ViT")
-
-
-def last_used_vision_layer(num_layers: int, vision_feature_layer: int | list[int]) -> int:
-    """Index of the deepest CLIP layer whose output LLaVA reads.
-
-    hidden_states has num_layers + 1 entries (embeddings first), so hidden_states[k] is the
-    output of layer k - 1 for k >= 1, and of layer num_layers + k for k < 0.
-    """
-    layers = vision_feature_layer if isinstance(vision_feature_layer, list | tuple) else [vision_feature_layer]
-    used = [(num_layers + 1 + k if k < 0 else k) - 1 for k in layers]
-    if any(u < 0 or u >= num_layers for u in used):
-        raise ValueError(f"vision_feature_layer={vision_feature_layer} reads no CLIP layer of a {num_layers}-layer tower")
-    return max(used)
+    raise ValueError(f"unknown classifier {type(model).__name__}: expected a transformers ViT or a timm ViT")
 
 
 # Which side of a module lives in its tower's residual stream (the only sketch coordinates shared
@@ -80,31 +53,6 @@ def _layer_target(model: nn.Module, tower: str, prefix: str, kind: str, hidden: 
     return {"tower": tower, "pattern": pattern, "kind": kind, "max_depth": max_depth,
             "in_space": _space(example.in_features, tower, hidden, kind in READS_STREAM),
             "out_space": _space(example.out_features, tower, hidden, kind in WRITES_STREAM)}
-
-
-def llava_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, Any]]:
-    config = model.config
-    vision_hidden, text_hidden = config.vision_config.hidden_size, config.text_config.hidden_size
-    targets: list[dict[str, Any]] = []
-    if adapter.vision == "lora":
-        last = last_used_vision_layer(config.vision_config.num_hidden_layers, config.vision_feature_layer)
-        targets += [t for k in adapter.targets
-                    if (t := _layer_target(model, "vision", VISION_LAYERS, k, vision_hidden, last)) is not None]
-    if adapter.projector == "lora":  # linear_1: vision stream -> projector space; linear_2: -> language stream
-        first = model.get_submodule(f"{PROJECTOR_NAME}.linear_1")
-        second = model.get_submodule(f"{PROJECTOR_NAME}.linear_2")
-        common = {"tower": "projector", "kind": "linear"}
-        targets += [
-            {**common, "pattern": rf"^{PROJECTOR}\.linear_(1)$", "in_space": _space(first.in_features, "vision",
-                                                                                   vision_hidden),
-             "out_space": "projector"},
-            {**common, "pattern": rf"^{PROJECTOR}\.linear_(2)$", "in_space": "projector",
-             "out_space": _space(second.out_features, "language", text_hidden)},
-        ]
-    if adapter.language == "lora":
-        targets += [t for k in adapter.targets
-                    if (t := _layer_target(model, "language", LANGUAGE_LAYERS, k, text_hidden)) is not None]
-    return targets
 
 
 def vit_targets(model: nn.Module, adapter: AdapterConfig, kind: str) -> list[dict[str, Any]]:
@@ -139,8 +87,8 @@ TIMM_ALIASES = {"o_proj": "proj", "out_proj": "proj"}
 def tower_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, Any]]:
     """StructLoRA target dicts (TargetConfig fields) for the backbone and the adapter's parts."""
     kind = backbone_kind(model)
-    targets = llava_targets(model, adapter) if kind == "llava" else vit_targets(model, adapter, kind)
-    layered = adapter.vision == "lora" or (kind == "llava" and adapter.language == "lora")
+    targets = vit_targets(model, adapter, kind)
+    layered = adapter.vision == "lora"
     kinds = {t["kind"] for t in targets}
     if kind == "timm_vit" and "qkv" in kinds:
         kinds |= {"qkv", *TIMM_QKV_SLICES}
@@ -151,7 +99,7 @@ def tower_targets(model: nn.Module, adapter: AdapterConfig) -> list[dict[str, An
     return targets
 
 
-def target_module_names(model: nn.Module, model_cfg: ModelConfig, adapter: AdapterConfig) -> list[str]:
+def target_module_names(model: nn.Module, adapter: AdapterConfig) -> list[str]:
     """Full names of the linear layers to adapt (the same list for StructLoRA and the PEFT baselines)."""
     from structlora import TargetConfig
     from structlora.inject import find_targets
@@ -161,44 +109,12 @@ def target_module_names(model: nn.Module, model_cfg: ModelConfig, adapter: Adapt
 
 
 def full_module_names(model: nn.Module, adapter: AdapterConfig) -> list[str]:
-    """Submodules trained fully: parts configured `full` (and a ViT's new classification head).
-
-    A full vision tower stops at the last CLIP layer LLaVA reads: later layers get no gradient.
-    """
-    kind = backbone_kind(model)
-    if kind != "llava":
-        head = "classifier" if kind == "vit" else ("timm.head" if hasattr(model, "timm") else "head")
-        return [n for n, _ in model.named_children()] if adapter.vision == "full" else [head]
-    names: list[str] = []
-    if adapter.vision == "full":
-        tower = model.model.vision_tower
-        inner = "model.vision_tower.vision_model" if hasattr(tower, "vision_model") else "model.vision_tower"
-        body = model.get_submodule(inner)
-        last = last_used_vision_layer(len(body.encoder.layers), model.config.vision_feature_layer)
-        names += [f"{inner}.{n}" for n in ("embeddings", "pre_layrnorm") if hasattr(body, n)]
-        names += [f"{inner}.encoder.layers.{i}" for i in range(last + 1)]
-    if adapter.projector == "full":
-        names.append(PROJECTOR_NAME)
-    if adapter.language == "full":
-        names += ["model.language_model", "lm_head"]
-    return names
+    """Submodules trained fully: the whole classifier with `vision: full`, else the new classification head."""
+    head = "classifier" if backbone_kind(model) == "vit" else ("timm.head" if hasattr(model, "timm") else "head")
+    return [n for n, _ in model.named_children()] if adapter.vision == "full" else [head]
 
 
-def unused_modules(model: nn.Module) -> list[str]:
-    """Modules whose output the model never reads: CLIP layers past `vision_feature_layer` and the
-    tower's post-layernorm. They get no gradient, so even full fine-tuning must leave them frozen
-    (DDP raises "Expected to have finished reduction" otherwise)."""
-    if backbone_kind(model) != "llava":
-        return []
-    tower = model.model.vision_tower
-    inner = "model.vision_tower.vision_model" if hasattr(tower, "vision_model") else "model.vision_tower"
-    body = model.get_submodule(inner)
-    last = last_used_vision_layer(len(body.encoder.layers), model.config.vision_feature_layer)
-    names = [f"{inner}.encoder.layers.{i}" for i in range(last + 1, len(body.encoder.layers))]
-    return names + ([f"{inner}.post_layernorm"] if hasattr(body, "post_layernorm") else [])
-
-
-def structlora_config_for(model: nn.Module, model_cfg: ModelConfig, adapter: AdapterConfig, max_steps: int):
+def structlora_config_for(model: nn.Module, adapter: AdapterConfig, max_steps: int):
     """The StructLoRAConfig of a run: rank, alpha, dropout and towers from `adapter`, the rest from
     `adapter.structlora` (gate, coordinator, ablation); the gate anneals over `max_steps`."""
     from pipeline.config import from_dict

@@ -36,9 +36,7 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
         model = build_vit(cfg.model, num_classes(ctx), seed=cfg.seed)
         model, processor = vit_for_pipeline(model) if cfg.model.vit_impl == "timm" else (model, vit_image_processor(cfg))
         tasks = {"classification": 1.0}
-        from pipeline.models.vit_targets import unused_modules
-
-        frozen = unused_modules(model)
+        frozen = []
     else:
         from pipeline.models.door import open_model
         from pipeline.models.plan import plan_for

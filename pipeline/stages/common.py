@@ -164,32 +164,34 @@ def final_dir(ctx: StageContext) -> Path:
     return ctx.run_dir / "train" / "final"
 
 
-def attach(ctx: StageContext, model, processor=None):
-    """The config's method attached to `model` on the targets the towers describe (a VLM: the tower table of the
-    model itself, `pipeline.models.plan.plan_for`, which needs the processor for its probe; a ViT: pipeline.models.vit_targets)."""
-    from pipeline.models.vit_targets import (
-        full_module_names,
-        structlora_config_for,
-        target_module_names,
-        unused_modules,
-    )
-    from pipeline.stages.methods import attach_method
-
+def planned_targets(ctx: StageContext, model, processor=None):
+    """(target module names, full modules, frozen modules, StructLoRA config or None, notes) of the config's adapter
+    on `model`: a VLM's from its own tower table (`pipeline.models.plan.plan_for`, which probes with the processor);
+    a ViT's from `pipeline.models.vit_targets`."""
     cfg = ctx.cfg
     if cfg.model.arch != "vit":
         from pipeline.models.plan import plan_for
 
         plan = plan_for(model, processor, cfg.adapter, cfg.train.max_steps)
-        adapted = attach_method(model, cfg.adapter, plan.target_names, plan.full_modules, cfg.train.max_steps,
-                                structlora_config=plan.structlora_config, seed=cfg.train.seed,
-                                frozen_modules=plan.frozen_modules)
-        adapted.notes = plan.notes  # what the tower table found: in the train summary
-        return adapted
-    targets = target_module_names(model, cfg.model, cfg.adapter)
-    structlora_cfg = structlora_config_for(model, cfg.model, cfg.adapter, cfg.train.max_steps) \
+        return plan.target_names, plan.full_modules, plan.frozen_modules, plan.structlora_config, plan.notes
+    from pipeline.models.vit_targets import full_module_names, structlora_config_for, target_module_names
+
+    structlora_cfg = structlora_config_for(model, cfg.adapter, cfg.train.max_steps) \
         if cfg.adapter.method == "structlora" else None
-    return attach_method(model, cfg.adapter, targets, full_module_names(model, cfg.adapter), cfg.train.max_steps,
-                         structlora_config=structlora_cfg, seed=cfg.train.seed, frozen_modules=unused_modules(model))
+    return target_module_names(model, cfg.adapter), full_module_names(model, cfg.adapter), [], structlora_cfg, []
+
+
+def attach(ctx: StageContext, model, processor=None):
+    """The config's method attached to `model` on its planned targets (`planned_targets`)."""
+    from pipeline.stages.methods import attach_method
+
+    cfg = ctx.cfg
+    targets, full, frozen, structlora_cfg, notes = planned_targets(ctx, model, processor)
+    adapted = attach_method(model, cfg.adapter, targets, full, cfg.train.max_steps, structlora_config=structlora_cfg,
+                            seed=cfg.train.seed, frozen_modules=frozen)
+    if notes:
+        adapted.notes = notes  # what the tower table found: in the train summary
+    return adapted
 
 
 def load_adapted_handle(ctx: StageContext):

@@ -1,4 +1,4 @@
-"""Each VLM family's own processor, built offline for the tiny models of `pipeline.families`, and chat labels.
+"""Each VLM family's own processor, built offline for the tiny models of `pipeline.models.presets.tiny`, and chat labels.
 
 `tiny_processor(family)` builds the family's processor class from config values only (no hub access):
 - its image processor (and video processor where the processor class requires one) set up for the tiny
@@ -290,7 +290,7 @@ PROCESSOR_CLASS: dict[str, str] = {
 
 
 def tiny_processor(family: str) -> Any:
-    """`family`'s own processor class (PROCESSOR_CLASS), offline, for the tiny model of `pipeline.families`."""
+    """`family`'s own processor class (PROCESSOR_CLASS), offline, for the tiny model of `pipeline.models.presets.tiny`."""
     import transformers as tf
 
     if family not in _SPECS:
