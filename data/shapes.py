@@ -34,19 +34,7 @@ from pathlib import Path
 from data import prompts
 from data.errors import DataError
 from data.files import json_bytes, replace_directory, staging_dir
-from data.shapes_questions import (
-    BASE_GQA_KINDS,
-    BASE_VQA_KINDS,
-    GQA_EXTRA_WORDS,
-    GQA_TEMPLATES,
-    POSITION_SYNONYMS,
-    VQA_TEMPLATES,
-    YES_NO_VARIANTS,
-    annotator_answers,
-    gqa_items,
-    most_common_answer,
-    vqa_items,
-)
+from data.shapes_gqa import BASE_GQA_KINDS, GQA_EXTRA_WORDS, GQA_TEMPLATES, gqa_items
 from data.shapes_scene import (
     BACKGROUND_NAME,
     COLOURS,
@@ -73,6 +61,15 @@ from data.shapes_text import (
     scene_captions,
     template_tokens,
     tokens,
+)
+from data.shapes_vqa import (
+    BASE_VQA_KINDS,
+    POSITION_SYNONYMS,
+    VQA_TEMPLATES,
+    YES_NO_VARIANTS,
+    annotator_answers,
+    most_common_answer,
+    vqa_items,
 )
 
 SPLITS: tuple[str, ...] = ("base", "train", "val", "test")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
@@ -117,6 +117,16 @@ def sample_scene(rng: random.Random, image_id: int, split: str, num_objects: int
             dx=round(rng.uniform(-1, 1), 4), dy=round(rng.uniform(-1, 1), 4),
         ))
     return Scene(image_id=image_id, split=split, objects=tuple(objects))
+
+
+def absent_variant(scene: Scene, rng: random.Random, attrs: tuple[str, ...]) -> ShapeObject | None:
+    """An object description (on `attrs`) that matches nothing in the scene."""
+    for _ in range(30):
+        fake = replace(scene.objects[0], shape=rng.choice(SHAPES), colour=rng.choice(sorted(COLOURS)),
+                       size=rng.choice(SIZES))
+        if scene.count(**{a: fake.attribute(a) for a in attrs}) == 0:
+            return fake
+    return None
 
 
 # --- drawing ----------------------------------------------------------------------------------

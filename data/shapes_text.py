@@ -1,8 +1,8 @@
 """Captions of the shapes world and the helpers every text generator shares.
 
-Every sentence comes from a template constant in this module or in `data.shapes_questions`
-and every slot is filled from a closed word list, which is what lets `world_vocabulary()`
-list every token the world can emit without generating anything.
+Every sentence comes from a template constant in this module, in `data.shapes_vqa` or in
+`data.shapes_gqa`, and every slot is filled from a closed word list, which is what lets
+`world_vocabulary()` list every token the world can emit without generating anything.
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ def join_and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def plural(phrase: str) -> str:
+    words = phrase.split()
+    words[-1] = PLURALS.get(words[-1], words[-1] + "s")
+    return " ".join(words)
+
+
 def describe(obj: ShapeObject, attrs: tuple[str, ...] = ("size", "colour", "shape")) -> str:
     """'large red circle'; without 'shape' in attrs the noun is 'object' ('small red object')."""
     words = [obj.attribute(name) for name in ("size", "colour") if name in attrs]
@@ -101,6 +107,14 @@ def refer(obj: ShapeObject, scene: Scene, exclude: tuple[str, ...] = ()) -> str 
         if scene.count(**{name: obj.attribute(name) for name in attrs}) == 1:
             return describe(obj, attrs)
     return None
+
+
+def named_objects(scene: Scene, rng: random.Random, exclude: tuple[str, ...] = ()) -> list[tuple[ShapeObject, str]]:
+    """Objects that can be named uniquely (without `exclude`), with their names, in random order."""
+    named = [(o, refer(o, scene, exclude)) for o in scene.objects]
+    named = [(o, name) for o, name in named if name is not None]
+    rng.shuffle(named)
+    return named
 
 
 def fill(template: str, **slots: str) -> str:

@@ -25,6 +25,7 @@ from structlora.config import CoordinatorConfig
 from structlora.graph import LayerGraph, normalized_adjacency, semantic_edges
 
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x, "gelu": F.gelu}
+COORDINATOR_NAME = "structlora_coordinator"  # its attribute on the backbone that hosts it
 
 
 def projection(dim: int, p: int, seed: int, space: str) -> torch.Tensor:

@@ -22,15 +22,14 @@ import torch
 from torch import nn
 
 from structlora.config import StructLoRAConfig
-from structlora.coordinator import GraphCoordinator, SketchBasis
+from structlora.coordinator import COORDINATOR_NAME, GraphCoordinator, SketchBasis
 from structlora.gate import gate_penalty, temperature_at, uniform_noise
 from structlora.graph import LayerGraph
 from structlora.inject import inject_layers
-from structlora.layer import update_factors
+from structlora.merge import MergeMixin
 from structlora.plan import gate_masks, node_sketches, sketch_groups
 from structlora.variants import RankSelection, static_penalty
 
-COORDINATOR_NAME = "structlora_coordinator"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -47,8 +46,9 @@ def _in_backward() -> bool:
     return current is not None and current() != -1
 
 
-class StructLoRAModel(nn.Module):
-    """The backbone with StructLoRA layers, its layer graph and coordinator.
+class StructLoRAModel(MergeMixin, nn.Module):
+    """The backbone with StructLoRA layers, its layer graph and coordinator (merge and unload:
+    `structlora.merge.MergeMixin`).
 
     Args:
         model: any torch model whose target linear layers the config's regexes name.
@@ -294,76 +294,6 @@ class StructLoRAModel(nn.Module):
             sketches /= torch.distributed.get_world_size()
         self.coordinator.update_sketches(sketches)
         self._generation += 1
-
-    # --- merge ---------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold W0 + s B diag(m) A + P_out M P_in^T (eval gates, pruned) into every base weight."""
-        self._check_live()
-        if self.merged:
-            return
-        plans = self.compute_plans(training=False)
-        for name, layer in self.layers.items():
-            layer.merge(plans[name])
-        self.clear_plan()
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self._check_live()
-        if not self.merged:
-            return
-        plans = self.compute_plans(training=False)
-        for name, layer in self.layers.items():
-            layer.unmerge(plans[name])
-        self.merged = False
-
-    def merge_and_unload(self) -> nn.Module:
-        """The backbone with the update folded in and no StructLoRA module, hook or tensor left."""
-        self.merge()
-        return self._unload()
-
-    def unload(self) -> nn.Module:
-        """The backbone without the adapter (unmerged first if needed)."""
-        self.unmerge()
-        return self._unload()
-
-    def _unload(self) -> nn.Module:
-        self._check_live()
-        for handle in self._hooks:
-            handle.remove()
-        for name, layer in self.layers.items():
-            self.model.set_submodule(name, layer.base_layer)
-        if self._on_backbone and hasattr(self.model, COORDINATOR_NAME):
-            delattr(self.model, COORDINATOR_NAME)
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, False))
-        self.unloaded = True
-        return self.model
-
-    def _check_live(self) -> None:
-        if self.unloaded:
-            raise RuntimeError("this StructLoRA model was unloaded; apply_structlora again to adapt the backbone")
-
-    # --- per-node updates (diagnostics, export) ----------------------------------------------------
-
-    @torch.no_grad()
-    def node_factors(self, drop_pruned: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per node (B', A') with dW_node = B' A' (rows x in, scale folded), eval gates and M."""
-        return self._node_factors(self.compute_plans(training=False), drop_pruned)
-
-    def _node_factors(self, plans: dict, drop_pruned: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for node in self.nodes:
-            layer = self.layers[node.module]
-            updates = dict(zip(layer.slice_rows, layer.slice_updates(plans[node.module], drop_pruned)))
-            update = updates[node.slice]
-            update.rows = None
-            p_in = layer.projections(node.slice)[0] if update.delta is not None else None
-            A, B, scale = update_factors([update], node.out_features, p_in)
-            out.append((B.float() * scale, A.float()))
-        return out
 
     # --- persistence, export, diagnostics (kept in their own modules) ---------------------------
 

@@ -193,9 +193,9 @@ def test_training_collator_labels(case_id):
 @pytest.mark.parametrize("case_id", _params("collator_eval_tokens"))
 def test_training_collator_and_evaluation_tokenize_alike(case_id):
     """The training collator's row cut before the last reply is what the conversations evaluation feeds the model
-    (`eval.harness.samples_and_references` -> `eval.generate.generate_predictions`)."""
+    (`eval.generation_tasks.samples_and_references` -> `eval.generate.generate_predictions`)."""
     from eval.generate import generate_predictions
-    from eval.harness import samples_and_references
+    from eval.generation_tasks import samples_and_references
 
     collate, batch = _collated(case_id)
     cut = _last_reply_start(batch["labels"][0])

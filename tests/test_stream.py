@@ -188,18 +188,18 @@ def test_train_stream_over_unreadable_shards_fails_instead_of_hanging(tmp_path):
 
 
 def test_training_partition_only_splits_when_shares_are_fair():
-    from data.stream import _training_partition
+    from data.partition import training_partition
 
     uneven = [("a", 1000), ("b", 120)]
-    assert _training_partition(uneven, rank=0, world_size=1, worker=1, num_workers=2) == (["a", "b"], [1000, 120])
+    assert training_partition(uneven, rank=0, world_size=1, worker=1, num_workers=2) == (["a", "b"], [1000, 120])
     even = [(f"s{i}", 100) for i in range(8)]
-    shares = [_training_partition(even, r, 2, w, 2)[0] for r in range(2) for w in range(2)]
+    shares = [training_partition(even, r, 2, w, 2)[0] for r in range(2) for w in range(2)]
     assert sorted(u for share in shares for u in share) == sorted(u for u, _ in even)
     assert all(len(share) == 2 for share in shares)
 
 
 def test_training_fraction_is_a_stable_nested_subset():
-    from data.stream import in_fraction
+    from data.partition import in_fraction
 
     keys = [f"{i:012d}" for i in range(4000)]
     kept = {f: {k for k in keys if in_fraction(k, f)} for f in (0.1, 0.25, 0.5, 1.0)}
@@ -210,11 +210,11 @@ def test_training_fraction_is_a_stable_nested_subset():
 
 def test_a_fraction_that_keeps_nothing_fails_instead_of_looping():
     from data.errors import DataError
-    from data.stream import _kept
+    from data.partition import kept_in_fraction
 
     raw = ({"__key__": "same-key"} for _ in range(10**9))
     with pytest.raises(DataError, match="keeps no image"):
-        next(_kept(raw, 1e-9, "caption: train.data_fraction 1e-09", patience=1000))
+        next(kept_in_fraction(raw, 1e-9, "caption: train.data_fraction 1e-09", patience=1000))
 
 
 # --- epoch passes, packing, URLs (issue 15) -----------------------------------------------------------
@@ -261,7 +261,7 @@ def test_epoch_order_is_seeded_and_changes_with_the_epoch(shapes_shards):
 
 
 def test_remote_urls_are_refused_unless_enabled():
-    from data.stream import check_urls
+    from data.partition import check_urls
 
     for url in ("https://example.com/shard-000000.tar", "gs://bucket/shard.tar", "pipe:curl -s http://x/a.tar"):
         with pytest.raises(DataError, match="data.allow_remote"):
