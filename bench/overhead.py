@@ -102,10 +102,9 @@ class Method:
     def __init__(self, name: str, base, rank: int, ablation: str | None, refresh: bool = False,
                  precision: str = "fp32", copy_base: bool = True, device: str = "cpu",
                  shared_with: Method | None = None, found=None, share: tuple[torch.Tensor, ...] = ()):
-        """`found`: a `pipeline.models.targets.FamilyTargets` to adapt (default: LLaVA's towers.py targets);
-        `share`: frozen base tensors the copy keeps instead of copying them."""
-        from pipeline.models.vit_targets import structlora_config_for, target_module_names
-        from pipeline.schema import AdapterConfig, ModelConfig
+        """`found`: the `pipeline.models.targets.FamilyTargets` to adapt (the tower table's, as the pipeline finds
+        them); `share`: frozen base tensors the copy keeps instead of copying them."""
+        from pipeline.schema import AdapterConfig
 
         self.name = name
         self.device = torch.device(device)
@@ -121,21 +120,16 @@ class Method:
         if ablation is None:
             from peft import LoraConfig, get_peft_model
 
-            targets = found.names if found is not None else \
-                target_module_names(model, ModelConfig(preset="tiny"), adapter)
-            self.model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+            self.model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=found.names))
             self.handle = None
             params = [p for p in self.model.parameters() if p.requires_grad]
         else:
             from structlora import apply_structlora
 
             adapter.structlora = {"ablation": ablation}
-            if found is not None:
-                from pipeline.models.targets import structlora_config
+            from pipeline.models.targets import structlora_config
 
-                config = structlora_config(found, adapter, max_steps=1000)
-            else:
-                config = structlora_config_for(model, ModelConfig(preset="tiny"), adapter, max_steps=1000)
+            config = structlora_config(found, adapter, max_steps=1000)
             self.handle = apply_structlora(model, config)
             self.model = self.handle.model
             params = [p for group in self.handle.trainable_parameter_groups().values() for p in group]
@@ -270,11 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     batch = {k: v.to(args.device) for k, v in make_batch(base, args.batch_size, args.text_tokens,
                                                          args.image_side).items()}
     dev = {"device": args.device}
-    if qwen:  # as the LLaVA skeleton, with targets from the tower table and the big frozen tensors shared
-        from pipeline.models.families import layer_table
-        from pipeline.models.targets import structlora_targets
+    # the targets as the pipeline finds them: the tower table, without the layers the probe batch leaves dead
+    from pipeline.models.families import layer_table
+    from pipeline.models.plan import dead_parameters
+    from pipeline.models.targets import structlora_targets
 
-        found = structlora_targets(base, layer_table(base), targets=[t.strip() for t in args.targets.split(",")])
+    dead = [n.rsplit(".", 1)[0] for n in dead_parameters(base, batch) if n.endswith(".weight")]
+    found = structlora_targets(base, layer_table(base), targets=[t.strip() for t in args.targets.split(",")],
+                               exclude=dead)
+    if qwen:  # as the LLaVA skeleton, with the big frozen tensors shared
         print(f"adapted ({len(found.names)}): {', '.join(found.names)}", *found.notes, sep="\n", flush=True)
         share = (base.get_input_embeddings().weight, base.get_output_embeddings().weight)
         lora = Method("LoRA (PEFT)", base, args.rank, None, found=found, share=share, **dev)
@@ -283,18 +281,18 @@ def main(argv: list[str] | None = None) -> None:
                    Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, shared_with=full,
                           **dev)]
     elif args.preset == "skeleton":  # two copies of a 0.73 B model: the base itself becomes the second
-        lora = Method("LoRA (PEFT)", base, args.rank, None, **dev)  # a copy of the base, taken first
-        full = Method("StructLoRA, full", base, args.rank, "full", copy_base=False, **dev)
+        lora = Method("LoRA (PEFT)", base, args.rank, None, found=found, **dev)  # a copy of the base, taken first
+        full = Method("StructLoRA, full", base, args.rank, "full", copy_base=False, found=found, **dev)
         methods = [lora, full,
                    Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, shared_with=full,
                           **dev)]
     else:
         methods = [
-            Method("LoRA (PEFT)", base, args.rank, None, **dev),
-            Method("StructLoRA, ablation=lora", base, args.rank, "lora", **dev),
-            Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator", **dev),
-            Method("StructLoRA, full", base, args.rank, "full", **dev),
-            Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, **dev),
+            Method("LoRA (PEFT)", base, args.rank, None, found=found, **dev),
+            Method("StructLoRA, ablation=lora", base, args.rank, "lora", found=found, **dev),
+            Method("StructLoRA, no coordinator", base, args.rank, "no_coordinator", found=found, **dev),
+            Method("StructLoRA, full", base, args.rank, "full", found=found, **dev),
+            Method("StructLoRA, full, refresh step", base, args.rank, "full", refresh=True, found=found, **dev),
         ]
     seq = batch["input_ids"].shape[1]
     name = {"skeleton": "LLaVA-1.5-7B skeleton", "qwen2_5_vl_skeleton": f"Qwen2.5-VL-7B skeleton ({vision_layers} "

@@ -101,13 +101,16 @@ def one(path: Path, base: str, method: str, steps: int, text_tokens: int, device
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
         params, handle = [p for p in model.parameters() if p.requires_grad], None
     else:
-        from pipeline.models.vit_targets import structlora_config_for
-        from pipeline.schema import AdapterConfig, ModelConfig
+        from pipeline.models.families import layer_table
+        from pipeline.models.targets import structlora_config, structlora_targets
+        from pipeline.schema import AdapterConfig
         from structlora import apply_structlora
 
         adapter = AdapterConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"])
-        handle = apply_structlora(model, structlora_config_for(model, ModelConfig(preset="llava15-7b-skeleton"),
-                                                               adapter, max_steps=1000))
+        last = f".encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."  # LLaVA reads layer -2
+        found = structlora_targets(model, layer_table(model), adapter.targets,
+                                   exclude=[n for n in targets if "vision_tower" in n and last in n])
+        handle = apply_structlora(model, structlora_config(found, adapter, max_steps=1000))
         model = handle.model
         params = [p for group in handle.trainable_parameter_groups().values() for p in group]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
