@@ -30,11 +30,13 @@ from app.host import ModelHost
 from app.inference import (
     DECODINGS,
     Limits,
+    LoadedModel,
     check_decoding,
     check_max_new_tokens,
     check_question,
     load_image,
 )
+from app.prompting import read_style
 from app.registry import load_registry
 from app.sources import EXAMPLE_FOLDERS_IN_MODEL, EXAMPLE_FOLDERS_IN_RUN, ModelSource, metrics_rows
 from data.prompts import max_new_tokens as default_budget
@@ -149,9 +151,11 @@ def model_view(host: ModelHost) -> dict[str, Any]:
     source = host.source
     rows = metrics_rows(source.metrics() or source.info.get("metrics"))
     plots = [str(p) for p in source.plots()]
+    style = read_style(source.model_dir)  # how the model was trained to be asked (app.prompting)
     return {"header": header_markdown(source), "examples": [str(p) for p in source.example_images()],
             "has_base": host.has_base(), "rows": rows, "plots": plots,
-            "has_run": bool(rows or plots), "card": source.model_card() or "_No model card._"}
+            "has_run": bool(rows or plots), "card": source.model_card() or "_No model card._",
+            "caption_budget": style.caption_max_new_tokens, "answer_budget": style.answer_max_new_tokens}
 
 
 def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
@@ -177,7 +181,7 @@ def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
                                       visible=view["has_base"])
             with gr.Column(scale=1):
                 with gr.Tab("Caption"):
-                    caption_budget = gr.Slider(1, limits.max_new_tokens, value=default_budget("caption"), step=1,
+                    caption_budget = gr.Slider(1, limits.max_new_tokens, value=view["caption_budget"], step=1,
                                                label="Max new tokens")
                     caption_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Row():
@@ -188,7 +192,7 @@ def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
                 with gr.Tab("Question"):
                     question = gr.Textbox(label="Question", placeholder="what colour is the circle?",
                                           max_lines=3, elem_id="question-input")
-                    answer_budget = gr.Slider(1, limits.max_new_tokens, value=default_budget("vqav2"), step=1,
+                    answer_budget = gr.Slider(1, limits.max_new_tokens, value=view["answer_budget"], step=1,
                                               label="Max new tokens")
                     answer_button = gr.Button("Answer", variant="primary", elem_id="answer-button")
                     with gr.Row():
@@ -227,11 +231,12 @@ def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
             v = model_view(host)
             return (gr.update(value=v["examples"], visible=bool(v["examples"])), gr.update(visible=v["has_base"]),
                     gr.update(value="", visible=v["has_base"]), gr.update(value="", visible=v["has_base"]), "", "",
-                    gr.update(visible=v["has_run"]), gr.update(value=v["rows"] or None), v["plots"], v["card"])
+                    gr.update(visible=v["has_run"]), gr.update(value=v["rows"] or None), v["plots"], v["card"],
+                    v["caption_budget"], v["answer_budget"])
 
         choice.change(load_model, choice, header, api_name="load_model", **queued).success(
             refresh, None, [examples, compare, caption_base, answer_base, caption_out, answer_out, run_panel, table,
-                            plots, card], api_visibility="private")
+                            plots, card, caption_budget, answer_budget], api_visibility="private")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=GENERATION_CONCURRENCY)
     return demo
 
@@ -267,11 +272,12 @@ def allowed_paths(sources: list[ModelSource]) -> list[str]:
 
 def serve(model_dir: Path | None, registry: Path | None, host: str = "127.0.0.1", port: int | None = 7860,
           share: bool = False, limits: Limits = Limits(), block: bool = True,
-          model_host: ModelHost | None = None) -> tuple[gr.Blocks, str]:
-    """Build and start the app; returns (demo, local URL). With ``block=False`` it runs in a thread."""
+          model_host: ModelHost | None = None, chat_template: str | None = None) -> tuple[gr.Blocks, str]:
+    """Build and start the app; returns (demo, local URL). With ``block=False`` it runs in a thread.
+    `chat_template`: a Jinja file for models whose processor has none (every prompt goes through one)."""
     if model_host is None:
         sources = sources_from(model_dir, registry)
-        model_host = ModelHost(sources)
+        model_host = ModelHost(sources, loader=functools.partial(LoadedModel, chat_template=chat_template))
     demo = build_demo(model_host, limits)
     _, url, _ = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                             max_file_size=limits.max_upload_bytes, allowed_paths=allowed_paths(
@@ -281,8 +287,8 @@ def serve(model_dir: Path | None, registry: Path | None, host: str = "127.0.0.1"
 
 
 def launch(model_dir: Path | None, registry: Path | None, host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False) -> None:
-    """`structlora demo MODEL_DIR | --registry DIR`: serve until interrupted."""
+           share: bool = False, chat_template: str | None = None) -> None:
+    """`structlora demo MODEL_DIR | --registry DIR [--chat-template FILE]`: serve until interrupted."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {host}: the demo is reachable from other machines", file=sys.stderr)
-    serve(model_dir, registry, host=host, port=port, share=share, block=True)
+    serve(model_dir, registry, host=host, port=port, share=share, block=True, chat_template=chat_template)

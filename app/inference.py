@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import InputError
+from app.errors import DemoError, InputError
 from app.prompting import read_style
 from data.chat_template import (
     MissingChatTemplateError,
@@ -146,8 +146,8 @@ class LoadedModel:
         try:
             self.processor = ensure_chat_template(AutoProcessor.from_pretrained(model_dir), self.source,
                                                   chat_template)
-        except MissingChatTemplateError as err:
-            raise ValueError(str(err).replace("model.chat_template=FILE in a run, ", "")) from None
+        except MissingChatTemplateError as err:  # before the weights load: a one-line error at start
+            raise DemoError(str(err).replace("model.chat_template=FILE in a run, ", "")) from None
         self.style = read_style(model_dir)  # how it was trained to be asked (app.prompting)
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
         self.dtype = next(self.model.parameters()).dtype

@@ -95,8 +95,8 @@ def end_of_turn_ids(processor: Any) -> list[int]:
     except Exception:  # noqa: BLE001 - a template that cannot render the probe has no end we can find
         return []
     ids = batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
-    special = set(processor.tokenizer.all_special_ids) | {
-        i for i, t in processor.tokenizer.added_tokens_decoder.items() if t.special}
+    special = (set(processor.tokenizer.all_special_ids) | {
+        i for i, t in processor.tokenizer.added_tokens_decoder.items() if t.special}) - {processor.tokenizer.unk_token_id}
     tail: list[int] = []
     for token in reversed(ids):
         if token not in special:

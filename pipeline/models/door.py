@@ -109,6 +109,9 @@ def build_preset(cfg: ModelConfig, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             model = build_tiny(family, seed=seed)
         processor = tiny_processor(family)
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):  # a model built here: its tokenizer's ids
+            if getattr(processor.tokenizer, key, None) is not None:
+                setattr(model.generation_config, key, getattr(processor.tokenizer, key))
     for key, value in dict(cfg.processor_kwargs).items():  # a loaded processor gets them from from_pretrained
         setattr(processor.image_processor if hasattr(processor.image_processor, key) else processor, key, value)
     return model.to(DTYPES[cfg.dtype]), processor
