@@ -179,7 +179,7 @@ def test_structlora_eval_quantizes_as_the_run_did(saved):
     as fp4 is refused with the flag to give."""
     import bitsandbytes as bnb
 
-    from pipeline.cli import build_parser
+    from pipeline.cli_parser import build_parser
     from pipeline.eval_command import load_model
 
     model, _ = load_model(str(saved["float"]), torch.float32, quantization="fp4", double_quant=False)
@@ -189,10 +189,10 @@ def test_structlora_eval_quantizes_as_the_run_did(saved):
     assert all(m.weight.quant_state.nested for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     with pytest.raises(UserError, match=r"\(nf4\).*--quantization nf4"):
         load_model(str(saved["nf4"]), torch.float32, quantization="fp4")
-    from pipeline.cli import _eval_quantization
+    from pipeline.cli_handlers import eval_quantization
 
     parse = build_parser().parse_args
-    assert _eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit"])) == "nf4"
-    assert _eval_quantization(parse(["eval", "m", "--data", "d", "--quantization", "int8"])) == "int8"
+    assert eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit"])) == "nf4"
+    assert eval_quantization(parse(["eval", "m", "--data", "d", "--quantization", "int8"])) == "int8"
     with pytest.raises(UserError, match="--load-in-4bit means --quantization nf4"):
-        _eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit", "--quantization", "fp4"]))
+        eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit", "--quantization", "fp4"]))
