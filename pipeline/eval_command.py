@@ -100,7 +100,7 @@ def load_model(source: str, dtype: torch.dtype | str, revision: str | None = Non
     quantized it (pipeline.models.quantize); a checkpoint saved quantized by bitsandbytes loads so without it;
     `chat_template`: a Jinja file for a processor without one."""
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     compute = None
     if quantization or dtype == "auto":

@@ -127,7 +127,7 @@ def _saved_vlm_all_4bit(root: Path) -> Path:
     from transformers import AutoModelForImageTextToText
 
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     model, processor = open_model(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
     model.save_pretrained(root / "float")
@@ -142,7 +142,7 @@ def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
     """model.arch: vlm, e.g. Qwen2.5-VL saved 4-bit (vision tower included): refused as float, loaded as saved
     (its own skip list, not LLaVA's recipe) with nf4."""
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     path = _saved_vlm_all_4bit(tmp_path)
     with pytest.raises(UserError, match="set model.quantization=nf4"):

@@ -12,7 +12,8 @@ from PIL import Image
 from data.chat_collate import ChatCollator
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
 from pipeline.models.presets.tiny import build_tiny_llava
-from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
+from pipeline.schema import AdapterConfig, TrainConfig
+from pipeline.schema_model import ModelConfig
 from pipeline.stages.methods import attach_method, regex_targets
 from pipeline.stages.recipe import TrainRecipe, cosine_with_warmup
 
