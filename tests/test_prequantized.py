@@ -115,7 +115,7 @@ def test_structlora_eval_loads_a_saved_nf4_base_as_saved(saved):
     """`structlora eval` on it needs no --load-in-4bit, and gets the run's compute dtype, not the saved one."""
     import bitsandbytes as bnb
 
-    from pipeline.eval_command import load_model
+    from pipeline.eval_models import load_model
 
     model, _ = load_model(str(saved["nf4"]), torch.float32)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -180,7 +180,7 @@ def test_structlora_eval_quantizes_as_the_run_did(saved):
     import bitsandbytes as bnb
 
     from pipeline.cli_parser import build_parser
-    from pipeline.eval_command import load_model
+    from pipeline.eval_models import load_model
 
     model, _ = load_model(str(saved["float"]), torch.float32, quantization="fp4", double_quant=False)
     states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
