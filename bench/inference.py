@@ -60,7 +60,7 @@ def build_models(preset: str, workdir: Path, rank: int, device: torch.device, se
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig, TinyPreset
+    from pipeline.schema_model import ModelConfig, TinyPreset
 
     config = ModelConfig(preset="tiny", tiny=TinyPreset(**PRESETS[preset]))
     model, processor = open_model(config, seed=seed)

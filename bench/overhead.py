@@ -61,7 +61,7 @@ def build_base(seed: int = 0, preset: str = "tiny", vision_layers: int = 3, text
 
     from pipeline.models.presets.skeletons import skeleton_llava_config
     from pipeline.models.presets.tiny import tiny_llava_config
-    from pipeline.schema import TinyPreset
+    from pipeline.schema_model import TinyPreset
 
     if preset == "qwen2_5_vl_skeleton":
         from pipeline.models.presets.skeletons import build_qwen2_5_vl_skeleton

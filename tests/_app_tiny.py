@@ -24,7 +24,7 @@ def save_tiny_llava(directory: Path, seed: int) -> Path:
     from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
     from data.shapes import world_vocabulary
     from pipeline.models.presets.tiny import build_tiny_llava
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     model, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, world_vocabulary(),
                                    [CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT], seed=seed)

@@ -13,7 +13,7 @@ from pipeline.errors import UserError
 from pipeline.models.hub import count_parameters, resolve_pretrained
 from pipeline.models.presets.tiny import build_tiny_llava
 from pipeline.models.vit import build_tiny_vit, build_vit, save_vit
-from pipeline.schema import ModelConfig, TinyPreset
+from pipeline.schema_model import ModelConfig, TinyPreset
 
 WORDS = "a an the red blue green yellow circle square triangle small large left right of is there how many shapes".split()
 

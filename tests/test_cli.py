@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from pipeline.cli import main
+from pipeline.cli_parser import build_parser
 
 SUBCOMMANDS = [
     ["run"], ["prepare", "shapes"], ["prepare", "coco"], ["prepare", "vqav2"], ["prepare", "gqa"],

@@ -12,7 +12,7 @@ from data.chat_template import IGNORE_INDEX, chat_prompt
 from data.collate import ClassificationCollator, preprocess_images, to_rgb
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
 from pipeline.models.presets.tiny import build_tiny_llava
-from pipeline.schema import ModelConfig
+from pipeline.schema_model import ModelConfig
 
 WORDS = "a red blue circle square is there how many shapes two yes left of".split()
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from eval import compare_stats, compare_tables
 from pipeline.compare import command as compare
 from pipeline.compare import plan as compare_plan
+from pipeline.compare import tuning
 from pipeline.compare.cell import machine_info
 from pipeline.errors import UserError
 
@@ -214,9 +215,9 @@ def test_the_gate_is_the_sparsest_within_one_standard_error_of_the_best():
     results = {"dense_best": cells([1.40, 1.50], 1.0),        # the lowest mean loss, keeps every direction
                "sparse_tied": cells([1.41, 1.49], 0.6),       # +0.00 on average: as good, sparser -> chosen
                "sparse_worse": cells([1.50, 1.60], 0.3)}      # +0.10 on both seeds (SE 0): worse
-    assert compare.pick(dict.fromkeys(results), results) == "sparse_tied"
+    assert tuning.pick(dict.fromkeys(results), results) == "sparse_tied"
     results["sparse_tied"] = cells([1.45, 1.55], 0.6)         # +0.05 on both seeds: no longer as good
-    assert compare.pick(dict.fromkeys(results), results) == "dense_best"
+    assert tuning.pick(dict.fromkeys(results), results) == "dense_best"
 
 
 def _study_spec(tmp_path) -> dict:
@@ -246,7 +247,7 @@ def _gate_search(tmp_path, max_stages: int, landscape):
                         "val_losses": [[1200, loss + 0.001 * c["seed"] * (1 + kept)]]})
         return out
 
-    gate, rows = compare.gate_phase(spec, runner)
+    gate, rows = tuning.gate_phase(spec, runner)
     return spec, gate, rows, ran
 
 
@@ -288,7 +289,7 @@ def test_a_partial_learning_rate_phase_chooses_only_for_finished_arms(tmp_path):
                  "val_losses": [[1200, 1.5 - 0.1 * (c["config"]["train"]["lr"] > 5e-3)]]}
                 for c in cells if c["name"].startswith("lora.")]
 
-    chosen, rows = compare.lr_phase(spec, {}, runner)
+    chosen, rows = tuning.lr_phase(spec, {}, runner)
     assert chosen == {"lora": 2.0}
     table = "\n".join(compare_tables.lr_table(rows, chosen, spec, gate_cells=4))
     lora_cells = sum(1 for r in rows if r["arm"] == "lora")
@@ -360,7 +361,7 @@ def test_flags_make_a_plan_and_bad_flags_say_what_is_wrong(tmp_path, capsys):
                                         tmp_path, threads=1, forgetting="base")
     assert plan["reference"] == "lora" and plan["seeds"] == [0, 1, 2] and plan["lr"]["rank"] == 4
     assert plan["phases"] == ["lr", "grid"] and plan["score_base"] and plan["results"] == str(tmp_path / "results")
-    scales, rows = compare.lr_phase(plan, None, lambda cells: pytest.fail("one lr candidate: no cell runs"))
+    scales, rows = tuning.lr_phase(plan, None, lambda cells: pytest.fail("one lr candidate: no cell runs"))
     assert scales == {"lora": 1.0, "structlora": 1.0} and rows == []
     cells = compare_plan.grid_cells(plan, None, scales)
     grid, base = cells[:-1], cells[-1]
@@ -398,14 +399,14 @@ def test_a_diverged_candidate_loses_and_an_arm_with_only_diverged_ones_stops_the
                         "val_losses": [[0, float("inf")]] if bad else [[10, 1.0 + 0.1 * ("x1" in c["name"])]]})
         return out
 
-    chosen, rows = compare.lr_phase(plan, None, runner)
+    chosen, rows = tuning.lr_phase(plan, None, runner)
     assert chosen == {"lora": 2.0, "full": 1.0} and len(rows) == 6
 
     def diverging(cells):
         return [{**r, "val_losses": [[0, float("inf")]]} if r["id"].startswith("lr/full") else r for r in runner(cells)]
 
     with pytest.raises(UserError, match="every candidate of arm 'full' diverged"):
-        compare.lr_phase(plan, None, diverging)
+        tuning.lr_phase(plan, None, diverging)
 
 
 def test_what_would_fail_after_training_is_refused_before(tmp_path):

@@ -67,7 +67,7 @@ def test_every_good_record_once_and_every_bad_one_counted_by_reason(prepared, fm
 
 def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(prepared):
     from pipeline.models.presets.tiny import build_tiny_llava
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     words = "what colour is it and the shape a square red say yes which blue second you answer in one word".split()
     _, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, words, [])
@@ -91,7 +91,7 @@ def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(
 
 def test_a_long_conversation_is_split_between_turns_and_each_row_keeps_its_images(prepared):
     from pipeline.models.presets.tiny import build_tiny_llava
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     _, processor = build_tiny_llava(ModelConfig(preset="tiny").tiny, ["what", "colour", "red", "and", "the", "shape"], [])
     sample = _all(prepared["llava"][0])["good1"]
@@ -203,7 +203,8 @@ def test_training_warns_before_it_starts_when_the_most_images_cannot_fit(tmp_pat
     import pipeline.stages.train
     from pipeline.context import StageContext
     from pipeline.models.presets.tiny import build_tiny_llava
-    from pipeline.schema import ModelConfig, RunConfig
+    from pipeline.schema import RunConfig
+    from pipeline.schema_model import ModelConfig
     from pipeline.stages.train import check_image_budget
 
     monkeypatch.setattr(pipeline.stages.train, "sources", lambda *_, **__: [])  # no shards here: the 32 x 32 default image

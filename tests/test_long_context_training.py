@@ -16,7 +16,7 @@ from data.long_context import LongContextMaker, fill_to, filler_text
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
 from pipeline.models.families import FAMILIES
 from pipeline.models.presets.tiny import build_tiny_llava
-from pipeline.schema import ModelConfig
+from pipeline.schema_model import ModelConfig
 
 COLOURS = "red blue green yellow purple orange".split()
 SHAPES = "circle square triangle star".split()

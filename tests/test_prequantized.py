@@ -115,7 +115,7 @@ def test_structlora_eval_loads_a_saved_nf4_base_as_saved(saved):
     """`structlora eval` on it needs no --load-in-4bit, and gets the run's compute dtype, not the saved one."""
     import bitsandbytes as bnb
 
-    from pipeline.eval_command import load_model
+    from pipeline.eval_models import load_model
 
     model, _ = load_model(str(saved["nf4"]), torch.float32)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -127,7 +127,7 @@ def _saved_vlm_all_4bit(root: Path) -> Path:
     from transformers import AutoModelForImageTextToText
 
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     model, processor = open_model(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
     model.save_pretrained(root / "float")
@@ -142,7 +142,7 @@ def test_a_saved_nf4_vlm_family_loads_as_saved(tmp_path):
     """model.arch: vlm, e.g. Qwen2.5-VL saved 4-bit (vision tower included): refused as float, loaded as saved
     (its own skip list, not LLaVA's recipe) with nf4."""
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     path = _saved_vlm_all_4bit(tmp_path)
     with pytest.raises(UserError, match="set model.quantization=nf4"):
@@ -179,8 +179,8 @@ def test_structlora_eval_quantizes_as_the_run_did(saved):
     as fp4 is refused with the flag to give."""
     import bitsandbytes as bnb
 
-    from pipeline.cli import build_parser
-    from pipeline.eval_command import load_model
+    from pipeline.cli_parser import build_parser
+    from pipeline.eval_models import load_model
 
     model, _ = load_model(str(saved["float"]), torch.float32, quantization="fp4", double_quant=False)
     states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -189,10 +189,10 @@ def test_structlora_eval_quantizes_as_the_run_did(saved):
     assert all(m.weight.quant_state.nested for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     with pytest.raises(UserError, match=r"\(nf4\).*--quantization nf4"):
         load_model(str(saved["nf4"]), torch.float32, quantization="fp4")
-    from pipeline.cli import _eval_quantization
+    from pipeline.cli_handlers import eval_quantization
 
     parse = build_parser().parse_args
-    assert _eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit"])) == "nf4"
-    assert _eval_quantization(parse(["eval", "m", "--data", "d", "--quantization", "int8"])) == "int8"
+    assert eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit"])) == "nf4"
+    assert eval_quantization(parse(["eval", "m", "--data", "d", "--quantization", "int8"])) == "int8"
     with pytest.raises(UserError, match="--load-in-4bit means --quantization nf4"):
-        _eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit", "--quantization", "fp4"]))
+        eval_quantization(parse(["eval", "m", "--data", "d", "--load-in-4bit", "--quantization", "fp4"]))

@@ -17,7 +17,7 @@ pytest.importorskip("bitsandbytes")
 from pipeline.models.dequantize import dequantize_model, dequantized_linear  # noqa: E402
 from pipeline.models.presets.tiny import build_tiny_llava  # noqa: E402
 from pipeline.models.quantize import layout, load_quantized, neutralise_cpu_repack  # noqa: E402
-from pipeline.schema import ModelConfig  # noqa: E402
+from pipeline.schema_model import ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a red blue green circle square triangle one two the of is".split()

@@ -23,7 +23,8 @@ from pipeline.models.plan import plan_for  # noqa: E402
 from pipeline.models.presets.processors import tiny_processor  # noqa: E402
 from pipeline.models.presets.tiny import build_tiny  # noqa: E402
 from pipeline.models.quantize import layout  # noqa: E402
-from pipeline.schema import AdapterConfig, ModelConfig  # noqa: E402
+from pipeline.schema import AdapterConfig  # noqa: E402
+from pipeline.schema_model import ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

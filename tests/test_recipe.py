@@ -12,9 +12,11 @@ from PIL import Image
 from data.chat_collate import ChatCollator
 from data.prompts import CAPTION_PROMPT, SHORT_ANSWER_POSTPROMPT
 from pipeline.models.presets.tiny import build_tiny_llava
-from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
+from pipeline.schema import AdapterConfig, TrainConfig
+from pipeline.schema_model import ModelConfig
 from pipeline.stages.methods import attach_method, regex_targets
-from pipeline.stages.recipe import TrainRecipe, cosine_with_warmup
+from pipeline.stages.optimization import cosine_with_warmup
+from pipeline.stages.recipe import TrainRecipe
 
 WORDS = "a red blue green circle square triangle left right".split()
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -110,6 +112,7 @@ def test_optimizer_state_written_by_every_rank_resumes_exactly(tmp_path, monkeyp
     accelerate's save_state, the checkpoint carries it, resume loads it), run here on one process:
     DeepSpeed itself needs GPUs. Also with grad_accum 2 through accelerate's accumulate."""
     from pipeline.stages import recipe as train_module
+    from pipeline.stages.train_state import ACCELERATE_STATE
 
     full = _setup("lora", tmp_path / "full", max_steps=12, grad_accum=2)
     full.setup()
@@ -127,7 +130,7 @@ def test_optimizer_state_written_by_every_rank_resumes_exactly(tmp_path, monkeyp
     part.setup()
     part.train(until=10)  # the newest checkpoint is step 8
     saved = tmp_path / "part" / "checkpoints" / "step-0000008"
-    assert (saved / train_module.ACCELERATE_STATE).is_dir()
+    assert (saved / ACCELERATE_STATE).is_dir()
     assert torch.load(saved / "training_state.pt", weights_only=False)["optimizer"] is None
     resumed = _setup("lora", tmp_path / "part", max_steps=12, grad_accum=2)
     resumed.setup()

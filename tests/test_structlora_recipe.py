@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from pipeline.models.plan import plan_for
-from pipeline.schema import AdapterConfig, TinyPreset, TrainConfig
+from pipeline.schema import AdapterConfig, TrainConfig
+from pipeline.schema_model import TinyPreset
 from pipeline.stages.methods import attach_method
 from pipeline.stages.recipe import TrainRecipe
 from structlora import PAPER_GATE

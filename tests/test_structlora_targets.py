@@ -9,7 +9,8 @@ from _plans import attach_planned, plan
 from _tiny_models import llava_batch, tiny_llava
 
 from pipeline.models.vit_targets import full_module_names, structlora_config_for, target_module_names
-from pipeline.schema import AdapterConfig, TinyPreset
+from pipeline.schema import AdapterConfig
+from pipeline.schema_model import TinyPreset
 from structlora import StructLoRALinear, apply_structlora
 
 

@@ -32,8 +32,8 @@ def test_the_frozen_base_is_committed_with_its_sha256(plan_file):
 
 
 def test_every_qlora_study_cell_that_trains_adapts_the_frozen_base(monkeypatch):
-    from pipeline.compare.command import lr_cells
     from pipeline.compare.plan import grid_cells, load_plan
+    from pipeline.compare.tuning import lr_cells
 
     monkeypatch.chdir(ROOT)  # plans name their files relative to the repository
     plan = load_plan(Path("bench") / "qlora.yaml", None)

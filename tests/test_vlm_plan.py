@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.models.door import open_model
 from pipeline.models.plan import plan_for
-from pipeline.schema import AdapterConfig, ModelConfig, TrainConfig
+from pipeline.schema import AdapterConfig, TrainConfig
+from pipeline.schema_model import ModelConfig
 from pipeline.stages.methods import attach_method
 
 

@@ -44,7 +44,7 @@ def test_qwen2_5_vl_runs_every_stage(qwen_run):
 
 def _save_tiny(family: str, out):
     from pipeline.models.door import open_model
-    from pipeline.schema import ModelConfig
+    from pipeline.schema_model import ModelConfig
 
     model, processor = open_model(ModelConfig(arch="vlm", preset=f"tiny-{family}"), seed=1)
     model.save_pretrained(out)

@@ -26,7 +26,7 @@ from torch import nn
 
 from data.chat_template import LLAVA15_CHAT_TEMPLATE
 from pipeline.errors import UserError
-from pipeline.schema import ModelConfig
+from pipeline.schema_model import ModelConfig
 
 log = logging.getLogger("structlora.models")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.models.hub import DTYPES, resolve_pretrained
-from pipeline.schema import ModelConfig, TinyPreset
+from pipeline.schema_model import ModelConfig, TinyPreset
 
 _TIMM_META = "structlora_timm.json"
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipeline.context import StageContext
 from pipeline.errors import UserError
-from pipeline.schema import ModelConfig, RunConfig, TrainConfig
+from pipeline.schema import RunConfig, TrainConfig
+from pipeline.schema_model import ModelConfig
 
 log = logging.getLogger("structlora.stages")
 

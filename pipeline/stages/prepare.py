@@ -31,7 +31,7 @@ def stage_prepare(ctx: StageContext) -> dict[str, Any]:
             from data.shapes_conversations import write_shapes_conversations
 
             files = write_shapes_conversations(out / "world", out / "conversation_files", cfg.shapes.conversations)
-            from pipeline.schema import ConversationsConfig
+            from pipeline.schema_data import ConversationsConfig
 
             result["conversations"] = _prepare_conversations(
                 {split: f["file"] for split, f in files.items()}, ConversationsConfig(format=cfg.shapes.conversations),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.models.families import FAMILIES, _under, tower_paths
-from pipeline.schema import TinyPreset
+from pipeline.schema_model import TinyPreset
 
 
 def tiny_llava_config(preset: TinyPreset, vocab_size: int, image_token_id: int, pad_token_id: int,
