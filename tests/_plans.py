@@ -22,3 +22,20 @@ def attach_planned(model, adapter: AdapterConfig, max_steps: int = 10, probe=Non
     found = plan(model, adapter, max_steps, probe, processor)
     return attach_method(model, adapter, found.target_names, found.full_modules, max_steps,
                          structlora_config=found.structlora_config, seed=seed, frozen_modules=found.frozen_modules)
+
+
+def llava_targets(model, adapter: AdapterConfig | None = None, probe=None) -> list[dict]:
+    """StructLoRA target dicts of a tiny LLaVA as the pipeline describes it (the tower table, the layers the probe
+    batch leaves dead left out): what `structlora.apply_structlora` takes."""
+    from pipeline.models.families import layer_table
+    from pipeline.models.plan import dead_parameters
+    from pipeline.models.targets import adapter_towers, structlora_targets
+
+    if probe is None:
+        from _tiny_models import llava_batch
+
+        probe = llava_batch()
+    adapter = adapter or AdapterConfig()
+    dead = [n.rsplit(".", 1)[0] for n in dead_parameters(model, probe) if n.endswith(".weight")]
+    return structlora_targets(model, layer_table(model), adapter.targets, exclude=dead,
+                              towers=adapter_towers(adapter)).targets

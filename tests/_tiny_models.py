@@ -140,9 +140,10 @@ def llava_batch(seed: int = 0, batch: int = 2, text_tokens: int = 6) -> dict[str
 
 
 def llava_config(model, gate: bool | dict = True, coordinator: bool | dict = True, **extra) -> dict:
-    """A StructLoRA config dict for tiny_llava from the pipeline's tower descriptions."""
-    from pipeline.models.vit_targets import tower_targets
+    """A StructLoRA config dict for tiny_llava from the pipeline's tower descriptions (`tests/_plans.py`)."""
+    from _plans import llava_targets
+
     from pipeline.schema import AdapterConfig
 
-    return {"rank": 4, "alpha": 8.0, "targets": tower_targets(model, AdapterConfig(rank=4, alpha=8.0)),
+    return {"rank": 4, "alpha": 8.0, "targets": llava_targets(model, AdapterConfig(rank=4, alpha=8.0)),
             "gate": _section(gate), "coordinator": _section(coordinator), **extra}

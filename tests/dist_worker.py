@@ -77,8 +77,8 @@ def main() -> None:
     cfg = load_config(RunConfig, ROOT / "configs" / "smoke.yaml", overrides)
     work = Path(tempfile.mkdtemp(prefix=f"dist-worker-{rank}-"))
     ctx = StageContext(cfg=cfg, run_dir=work)
-    model, _ = load_base(ctx)
-    adapted = attach(ctx, model)
+    model, processor = load_base(ctx)
+    adapted = attach(ctx, model, processor)
 
     def batches():
         per_rank = accum * micro

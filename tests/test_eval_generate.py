@@ -35,9 +35,12 @@ def samples():
     return [EvalSample(100 + i, image, questions[i]) for i, image in enumerate(tiny_images(5))]
 
 
-def test_prompts_come_from_data_prompts():
-    assert build_prompt("caption") == f"USER: <image>\n{CAPTION_PROMPT} ASSISTANT:"
-    assert build_prompt("gqa", "is it red?") == f"USER: <image>\nis it red?\n{SHORT_ANSWER_POSTPROMPT} ASSISTANT:"
+def test_prompts_come_from_data_prompts_through_the_chat_template(tiny):
+    """The task wording of data.prompts, in LLaVA-1.5's conversation (the tiny LLaVA's chat template)."""
+    processor = tiny[1]
+    assert build_prompt("caption", None, processor) == f"USER: <image>\n{CAPTION_PROMPT} ASSISTANT:"
+    assert build_prompt("gqa", "is it red?", processor) == \
+        f"USER: <image>\nis it red?\n{SHORT_ANSWER_POSTPROMPT} ASSISTANT:"
 
 
 def test_postprocess_answer():

@@ -55,11 +55,12 @@ def test_the_paper_variant_shares_one_basis_per_width_across_every_side():
 
 
 def test_without_a_projector_node_the_bridge_joins_the_towers_directly():
-    from pipeline.models.vit_targets import tower_targets
+    from _plans import llava_targets
+
     from pipeline.schema import AdapterConfig
 
     model = tiny_llava()
-    targets = tower_targets(model, AdapterConfig(projector="frozen"))
+    targets = llava_targets(model, AdapterConfig(projector="frozen"))
     sm = apply_structlora(model, {"targets": targets})
     assert sorted(sm.graph.named_edges()["bridge"]) == sorted(
         (f"{VISION}.1.self_attn.{a}", f"{LM}.0.self_attn.{b}") for a in ("q_proj", "v_proj") for b in ("q_proj", "v_proj"))

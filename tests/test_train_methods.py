@@ -35,7 +35,7 @@ def test_validation_loss_falls(method, prepared, tmp_path):
     ctx = prepared
     ctx.cfg.adapter.method = method
     model, processor = load_base(ctx)
-    adapted = attach(ctx, model)
+    adapted = attach(ctx, model, processor)
     train_src = sources(ctx, "train", ctx.cfg.data.tasks)
     val = validation_batches(ctx.cfg, sources(ctx, "val", ctx.cfg.data.tasks), processor, 8, max_batches=2)
     recipe = TrainRecipe(adapted, ctx.cfg.train, tmp_path,

@@ -165,7 +165,7 @@ def final_dir(ctx: StageContext) -> Path:
     return ctx.run_dir / "train" / "final"
 
 
-def planned_targets(ctx: StageContext, model, processor=None):
+def planned_targets(ctx: StageContext, model, processor):
     """(target module names, full modules, frozen modules, StructLoRA config or None, notes) of the config's adapter
     on `model`: a VLM's from its own tower table (`pipeline.models.plan.plan_for`, which probes with the processor);
     a ViT's from `pipeline.models.vit_targets`."""
@@ -182,7 +182,7 @@ def planned_targets(ctx: StageContext, model, processor=None):
     return target_module_names(model, cfg.adapter), full_module_names(model, cfg.adapter), [], structlora_cfg, []
 
 
-def attach(ctx: StageContext, model, processor=None):
+def attach(ctx: StageContext, model, processor):
     """The config's method attached to `model` on its planned targets (`planned_targets`)."""
     from pipeline.stages.methods import attach_method
 
