@@ -124,3 +124,24 @@ def test_arch_llava_and_arch_vlm_are_one_path():
     b, _ = open_model(ModelConfig(arch="vlm", preset="tiny-llava"))
     assert type(a) is type(b) and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                                            b.state_dict().values()))
+
+
+def test_processor_kwargs_reach_the_processor_and_travel_with_it(tmp_path):
+    """`model.processor_kwargs` (Qwen-VL's min_pixels / max_pixels) go to AutoProcessor.from_pretrained: the image
+    costs what they say, and the processor saved with the model (so every later command) keeps them."""
+    from PIL import Image
+
+    from data.chat_collate import ChatCollator
+
+    model, processor = open_model(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    image = Image.new("RGB", (64, 64))
+    assert ChatCollator(processor).image_tokens(image) == 4  # the preset: one 16 x 16 image's worth of pixels
+    loaded, wider = open_model(ModelConfig(arch="vlm", name_or_path=str(tmp_path / "base"),
+                                           processor_kwargs={"min_pixels": 256, "max_pixels": 1024}))
+    assert ChatCollator(wider).image_tokens(image) == 16
+    loaded.save_pretrained(tmp_path / "saved")
+    wider.save_pretrained(tmp_path / "saved")
+    _, again = open_model(ModelConfig(arch="vlm", name_or_path=str(tmp_path / "saved")))
+    assert ChatCollator(again).image_tokens(image) == 16
