@@ -412,8 +412,8 @@ def _permission_message(err: OSError) -> str:
     path = err.filename
     uid, gid = os.getuid(), os.getgid()
     reason = "read-only file system" if err.errno == errno.EROFS else "permission denied"
-    msg = f"{reason}: {path if path else err} (running as uid {uid}, gid {gid}"
-    folder = Path(os.fsdecode(path)) if path else None
+    folder = Path(os.fsdecode(path)).absolute() if path else None
+    msg = f"{reason}: {folder if folder else err} (running as uid {uid}, gid {gid}"
     while folder is not None and not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if folder is not None and folder.exists():
