@@ -16,9 +16,10 @@
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
-# pycocoevalcap's PTB tokenizer and METEOR need a Java runtime
+# pycocoevalcap's PTB tokenizer and METEOR need a Java runtime; tini as PID 1 passes `docker stop`'s SIGTERM on
+# (Python as PID 1 ignores it) and reaps the processes that data loaders and launchers leave
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends default-jre-headless make \
+    && apt-get install -y --no-install-recommends default-jre-headless make tini \
     && rm -rf /var/lib/apt/lists/*
 
 # Every cache under /work/.cache, writable by any uid (docker run --user), so that nothing needs a home folder.
@@ -56,5 +57,5 @@ RUN mkdir -p /work/runs /work/.cache && chown -R structlora:structlora /work \
 USER structlora
 VOLUME ["/work/runs"]
 EXPOSE 7860
-ENTRYPOINT ["structlora"]
+ENTRYPOINT ["tini", "--", "structlora"]
 CMD ["--help"]

@@ -53,6 +53,8 @@ PODMAN=(podman --storage-driver "$STORAGE_DRIVER")
 BUILDAH=(buildah --storage-driver "$STORAGE_DRIVER")
 
 STEPS=()
+STAGE_TIMES=
+START=$SECONDS
 timed() {  # timed NAME COMMAND...: run, record the wall time
   local name=$1 t0
   shift
@@ -118,10 +120,16 @@ done
 # shellcheck disable=SC2206
 [ -n "${BUILD_VOLUMES:-}" ] && VOLUMES+=($BUILD_VOLUMES)
 build_image() {
+  local previous
+  previous=$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
   say "build: $IMAGE from $BASE (${BUILD_ARGS[*]}${VOLUMES:+; mounts: ${VOLUMES[*]}})"
   "${BUILDAH[@]}" bud --isolation "${BUILDAH_ISOLATION:-chroot}" "${BUILD_ARGS[@]}" "${VOLUMES[@]}" \
     -f Dockerfile -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; die "image build (log: $WORK/build.log)"; }
   grep -E '^STEP [0-9]+/' "$WORK/build.log" | sed 's/^/  /'
+  # the image this check built last time, now untagged: several GB with vfs storage
+  if [ -n "$previous" ] && [ "$previous" != "$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+    "${PODMAN[@]}" rmi "$previous" >/dev/null 2>&1 || true
+  fi
 }
 timed build build_image
 SIZE_BYTES=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
@@ -141,7 +149,8 @@ else
   for candidate in "${CANDIDATES[@]}"; do
     read -r -a PODMAN_GLOBAL <<<"${candidate%%|*}"
     read -r -a RUN_OPTS <<<"${candidate#*|}"
-    if "${PODMAN[@]}" "${PODMAN_GLOBAL[@]}" run --rm "${RUN_OPTS[@]}" --entrypoint /bin/true "$IMAGE" >/dev/null 2>&1; then
+    # on the base image: a container of the built one is a full copy of it with vfs storage (minutes)
+    if "${PODMAN[@]}" "${PODMAN_GLOBAL[@]}" run --rm "${RUN_OPTS[@]}" "$BASE" /bin/true >/dev/null 2>&1; then
       found=1
       break
     fi
@@ -151,8 +160,7 @@ fi
 say "podman run options here: ${PODMAN_GLOBAL[*]:-(none)} | ${RUN_OPTS[*]:-(none)}"
 ctr() { "${PODMAN[@]}" "${PODMAN_GLOBAL[@]}" run --rm "${RUN_OPTS[@]}" "$@"; }
 
-IMAGE_UID=$(ctr --entrypoint id "$IMAGE" -u)
-IMAGE_USER=$(ctr --entrypoint id "$IMAGE" -un)
+read -r IMAGE_UID IMAGE_USER < <(ctr --entrypoint sh "$IMAGE" -c 'echo "$(id -u) $(id -un)"')
 [ "$IMAGE_UID" != 0 ] || die "the image runs as root: its USER should be a non-root user"
 RUNS=$WORK/runs
 rm -rf "$RUNS" && mkdir -p "$RUNS" && chown "$IMAGE_UID:$IMAGE_UID" "$RUNS"
@@ -165,6 +173,17 @@ run_smoke() {
   grep -E '^\[[a-z]+\]' "$WORK/run.log" | sed 's/^/  /' | head -20 || true
   [ -f "$RUNS/smoke/merge/model/config.json" ] || die "no merged model in $RUNS/smoke/merge/model"
   [ "$(stat -c %u "$RUNS/smoke/manifest.json")" = "$IMAGE_UID" ] || die "run files not owned by uid $IMAGE_UID"
+  STAGE_TIMES=$("$HOST_PYTHON" - "$RUNS/smoke/manifest.json" <<'EOF'
+import json, sys
+from datetime import datetime
+stages = json.load(open(sys.argv[1]))["stages"]
+order = ["prepare", "base", "train", "eval", "merge", "publish"]
+def seconds(s):
+    return (datetime.fromisoformat(s["finished"]) - datetime.fromisoformat(s["started"])).total_seconds()
+print(", ".join(f"{name} {seconds(stages[name]):.0f} s" for name in order if name in stages))
+EOF
+)
+  echo "  stages (manifest.json): $STAGE_TIMES"
 }
 timed run run_smoke
 
@@ -209,6 +228,11 @@ caption = Client(url, verbose=False).predict(handle_file(image), 12, "greedy", a
 assert isinstance(caption, str) and caption.strip(), repr(caption)
 print(f"  /caption of {image.rsplit('/', 1)[-1]}: {caption!r} ({time.time() - t:.1f} s)")
 EOF
+  # docker stop / podman stop send SIGTERM, then SIGKILL after the timeout: the demo must stop on the SIGTERM
+  local t0=$SECONDS
+  "${PODMAN[@]}" "${PODMAN_GLOBAL[@]}" stop -t 30 "$DEMO" >/dev/null 2>&1
+  [ $((SECONDS - t0)) -lt 30 ] || die "the demo ignored SIGTERM (podman stop waited 30 s and killed it)"
+  echo "  stopped by SIGTERM in $((SECONDS - t0)) s"
   "${PODMAN[@]}" "${PODMAN_GLOBAL[@]}" rm -f "$DEMO" >/dev/null
 }
 timed demo demo_smoke
@@ -239,5 +263,8 @@ timed volume volume_check
   echo "| step | seconds |"
   echo "| --- | ---: |"
   for s in "${STEPS[@]}"; do echo "| ${s%%|*} | ${s#*|} |"; done
+  echo "| total (with podman's run-option probe) | $((SECONDS - START)) |"
+  echo
+  echo "structlora run configs/smoke.yaml inside, per stage: $STAGE_TIMES"
 } | tee "$WORK/summary.md"
 say "passed (summary: $WORK/summary.md)"

@@ -43,7 +43,7 @@ host_cas=(/usr/local/share/ca-certificates/*.crt)
 if [ ${#host_cas[@]} -gt 0 ]; then
   cp "${host_cas[@]}" "$ROOTFS/usr/local/share/ca-certificates/"
 fi
-chroot "$ROOTFS" update-ca-certificates >/dev/null
+chroot "$ROOTFS" update-ca-certificates >/dev/null 2>&1
 # pip verifies TLS with its own bundled certifi, not the system store: point it at the system bundle.
 printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$ROOTFS/etc/pip.conf"
 
@@ -53,7 +53,10 @@ chroot "$ROOTFS" apt-get clean
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/*.bin
 
 echo "[standin] importing as $IMAGE"
+previous=$(podman "${STORAGE[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 tar -C "$ROOTFS" --numeric-owner -cf - . \
-  | podman "${STORAGE[@]}" import --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$IMAGE" >/dev/null
+  | podman "${STORAGE[@]}" import -q --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$IMAGE" >/dev/null
 rm -rf "$ROOTFS"
-echo "[standin] $IMAGE: $(podman "${STORAGE[@]}" run --rm --network host "$IMAGE" python --version 2>&1 || true)"
+# the stand-in this replaces, unless an image still builds on it
+[ -z "$previous" ] || podman "${STORAGE[@]}" rmi "$previous" >/dev/null 2>&1 || true
+echo "[standin] $IMAGE: $(podman "${STORAGE[@]}" image inspect --format '{{.Size}}' "$IMAGE") bytes"
