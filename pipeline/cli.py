@@ -7,16 +7,13 @@ package that owns the work, imported lazily so that `structlora --help` stays fa
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
-import os
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, permission_message
 
 
 def _call(target: str, **kwargs):
@@ -407,28 +404,6 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def _permission_message(err: OSError) -> str:
-    """One line for a file the running user may not write: the path, who runs, who owns the folder, what to do."""
-    path = err.filename
-    uid, gid = os.getuid(), os.getgid()
-    reason = "read-only file system" if err.errno == errno.EROFS else "permission denied"
-    folder = Path(os.fsdecode(path)).absolute() if path else None
-    msg = f"{reason}: {folder if folder else err} (running as uid {uid}, gid {gid}"
-    while folder is not None and not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if folder is not None and folder.exists():
-        info = folder.stat()
-        msg += f"; {folder} belongs to uid {info.st_uid}, gid {info.st_gid}, mode {stat.filemode(info.st_mode)}"
-    msg += ")"
-    if os.environ.get("STRUCTLORA_CONTAINER"):
-        msg += (". In the container image, run as the owner of the mounted folder: "
-                "docker run --user $(id -u):$(id -g) -v $PWD/runs:/work/runs ... (the image runs under any uid), "
-                f"or make the host folder writable by uid {uid}")
-    else:
-        msg += f". Make it writable by uid {uid}, or choose a folder that is (--run-dir, --out)"
-    return msg
-
-
 def _close_process_group() -> None:
     """Under torchrun / accelerate launch: tear the process group down before the interpreter exits (a gloo
     group left running can abort a finished rank at exit, 'terminate called without an active exception')."""
@@ -447,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, _user_facing_errors()):
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
-            print(f"error: {_permission_message(err)}", file=sys.stderr)
+        message = permission_message(err)
+        if message:
+            print(f"error: {message}", file=sys.stderr)
             return 2
         raise
 
