@@ -7,6 +7,13 @@ Differences from ``COCOEvalCap``, and why:
 
 - One PTB tokenizer run for references and candidates together (one Java start, not two);
   tokenisation is line by line, so the result is identical.
+- The PTB tokenizer runs from a temporary directory. pycocoevalcap's ``PTBTokenizer`` writes its
+  input into a temporary file inside its own package folder, next to the Stanford CoreNLP jar,
+  which fails wherever that folder is not writable by the running user (a system-wide install
+  in a container image run as a non-root user, a shared or admin-owned environment). The same
+  Java command runs on the same jar with the same input file, written into a fresh temporary
+  directory, and its output is processed the same way; nothing is written into a package
+  folder. METEOR writes nothing (it only reads its jar and paraphrase table).
 - Carriage returns and other Unicode line breaks in a caption are replaced by spaces before
   tokenising (pycocoevalcap only replaces '\\n'; the Java tokenizer would split such a caption
   into two lines and shift every later caption onto the wrong image). The tokenised result is
@@ -20,8 +27,11 @@ Differences from ``COCOEvalCap``, and why:
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,22 +58,53 @@ def _one_line(text: str) -> str:
     return _LINE_BREAKS.sub(" ", text.replace("\n", " "))
 
 
+def _run_ptb_tokenizer(java: str, lines: list[str]) -> list[str]:
+    """pycocoevalcap's ``PTBTokenizer.tokenize`` on one-line captions, without writing into its package folder.
+
+    The same command (``java -cp stanford-corenlp-3.4.1.jar edu.stanford.nlp.process.PTBTokenizer
+    -preserveLines -lowerCase FILE``, the jar pycocoevalcap ships), the same input file (the
+    captions joined by '\\n', UTF-8) and the same post-processing (split the output on '\\n',
+    drop pycocoevalcap's punctuation tokens); only the input file and Java's working directory
+    are a fresh temporary directory instead of the jar's folder.
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    if not os.path.isfile(jar):
+        raise RuntimeError(f"pycocoevalcap's Stanford CoreNLP jar is missing: {jar}")
+    with tempfile.TemporaryDirectory(prefix="structlora-ptb-") as tmp:
+        with open(os.path.join(tmp, "captions.txt"), "wb") as f:
+            f.write("\n".join(lines).encode())
+        cmd = [java, "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+               "captions.txt"]
+        proc = subprocess.run(cmd, cwd=tmp, stdin=subprocess.DEVNULL, capture_output=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"PTB tokenizer (Java) failed with exit code {proc.returncode}: {tail}")
+    out = proc.stdout.decode().split("\n")
+    if any(line.strip() for line in out[len(lines):]):
+        raise RuntimeError(f"PTB tokenizer returned {len(out)} lines for {len(lines)} captions")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in out[:len(lines)]]
+
+
 def ptb_tokenize(captions: Mapping[Any, Sequence[str]]) -> dict[Any, list[str]]:
     """PTB-tokenise ``{key: [caption, ...]}`` in one Java run, as pycocoevalcap does.
 
-    Returns the same keys with lists of the same length (empty lists stay empty).
+    Returns the same keys with lists of the same length (empty lists stay empty). The result is
+    pycocoevalcap's ``PTBTokenizer().tokenize``'s, caption for caption; unlike it, this never
+    writes into the pycocoevalcap package folder (module docstring).
     """
-    require_java()
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    request = {key: [{"caption": _one_line(c)} for c in caps] for key, caps in captions.items() if caps}
-    tokenized = PTBTokenizer().tokenize(request) if request else {}
-    out: dict[Any, list[str]] = {}
-    for key, caps in captions.items():
-        got = tokenized.get(key, [])
-        if len(got) != len(caps):
-            raise RuntimeError(f"PTB tokenizer returned {len(got)} captions for {key!r}, expected {len(caps)}")
-        out[key] = list(got)
+    java = require_java()
+    keys = [key for key, caps in captions.items() for _ in caps]
+    lines = [_one_line(c) for caps in captions.values() for c in caps]
+    tokenized = _run_ptb_tokenizer(java, lines) if lines else []
+    if len(tokenized) != len(lines):
+        raise RuntimeError(f"PTB tokenizer returned {len(tokenized)} lines for {len(lines)} captions")
+    out: dict[Any, list[str]] = {key: [] for key in captions}
+    for key, tokens in zip(keys, tokenized):
+        out[key].append(tokens)
     return out
 
 

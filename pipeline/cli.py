@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from pipeline.cli_parser import build_parser
-from pipeline.errors import UserError
+from pipeline.errors import UserError, permission_message
 
 
 def _user_facing_errors() -> tuple[type[BaseException], ...]:
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - user-facing errors become one line; anything else re-raises
         if isinstance(err, _user_facing_errors()):
             print(f"error: {err}", file=sys.stderr)
+            return 2
+        message = permission_message(err)
+        if message:
+            print(f"error: {message}", file=sys.stderr)
             return 2
         raise
 

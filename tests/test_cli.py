@@ -101,3 +101,43 @@ def test_every_prepare_command_can_write_the_layout_that_eval_data_reads(tmp_pat
     for task in ("caption", "vqav2", "gqa", "classification"):
         assert load_split(tmp_path / "shapes_shards", task, "test")[0]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("in_container", [False, True], ids=["host", "container"])
+def test_a_run_folder_the_user_cannot_write_is_one_clear_line(tmp_path, monkeypatch, capsys, in_container):
+    # What a non-root container user meets on a host volume owned by another uid (issue 43). Root writes
+    # anywhere, so the refusal is simulated at the point the run folder is created.
+    blocked = tmp_path / "runs"
+    blocked.mkdir()
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.is_relative_to(blocked):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    if in_container:
+        monkeypatch.setenv("STRUCTLORA_CONTAINER", "1")
+    else:
+        monkeypatch.delenv("STRUCTLORA_CONTAINER", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    code = main(["run", str(root / "configs" / "smoke.yaml"), "--run-dir", str(blocked / "smoke")])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith(f"error: permission denied: {blocked / 'smoke'} (running as uid {os.getuid()}")
+    assert f"{blocked} belongs to uid {os.getuid()}" in line
+    assert ("docker run --user $(id -u):$(id -g)" in line) == in_container
+
+
+def test_other_os_errors_still_raise(monkeypatch):
+    import argparse
+
+    def boom(args):
+        raise FileNotFoundError(2, "No such file or directory", "/nowhere")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: argparse.Namespace(handler=boom))
+    with pytest.raises(FileNotFoundError):
+        main(["run", "x.yaml"])
