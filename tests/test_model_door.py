@@ -57,7 +57,7 @@ def test_structlora_eval_refuses_it_in_one_line_before_loading_and_takes_chat_te
     assert proc.returncode != 0
     assert "no chat template" in proc.stderr and "--chat-template FILE" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    from pipeline.eval_command import load_model
+    from pipeline.eval_models import load_model
 
     model, processor = load_model(str(model_dir), torch.float32, chat_template=str(template))
     assert processor.chat_template == template.read_text()
