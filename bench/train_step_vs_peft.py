@@ -165,11 +165,13 @@ def breakdown(arm: PipelineArm, repeats: int = 20) -> list[str]:
     recipe.accelerator.backward(terms["loss"])
     params = [p for g in recipe.optimizer.param_groups for p in g["params"]]
 
-    def timed(fn) -> float:
-        start = time.perf_counter()
+    def timed(fn) -> float:  # median of single calls: a stall from another job on the machine does not count
+        times = []
         for _ in range(repeats):
+            start = time.perf_counter()
             fn()
-        return 1e3 * (time.perf_counter() - start) / repeats
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
 
     rows = [("label count (`_num_items`)", timed(lambda: recipe._num_items([batch]))),
             ("gradient clipping (`clip_grad_norm_`, max_grad_norm 1.0)",
@@ -179,7 +181,7 @@ def breakdown(arm: PipelineArm, repeats: int = 20) -> list[str]:
             ("scheduler step (LambdaLR)", timed(lambda: recipe.scheduler.step()))]
     recipe.optimizer.zero_grad(set_to_none=True)
     n = sum(p.numel() for p in params)
-    return [f"| {name} | {ms:.3f} |" for name, ms in rows] + [f"({n:,} trainable values in {len(params)} tensors)"]
+    return [f"| {name} | {ms:.3f} |" for name, ms in rows] + [f"({n:,} trainable values in {len(params)} tensors; median of {repeats} calls each)"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=["tiny", "skeleton", "qwen2_5_vl_skeleton"], default="skeleton")
     parser.add_argument("--vision-layers", type=int, default=None, help="default: 3 (LLaVA: 2 used), 2 (Qwen2.5-VL)")
     parser.add_argument("--text-layers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=12, help="0: no timed rounds (e.g. --breakdown alone)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=32)
@@ -238,22 +240,23 @@ def main(argv: list[str] | None = None) -> None:
                     arm.step()
                     _sync(args.device)
                     times[arm.name].append(time.perf_counter() - start)
-            ratios = [a / b for a, b in zip(times[pipeline.name], times[plain.name])]
+            ratios = [a / b for a, b in zip(times[pipeline.name], times[plain.name])] or [float("nan")]
             memory = {} if args.no_memory else {a.name: (peak_step_bytes(a, args.device), resident_bytes(a))
                                                    for a in arms}
             seq = batch["input_ids"].shape[1]
             print(f"\n{name}, {precision}, batch {args.batch_size} x {seq} tokens, rank {args.rank}, "
                   f"{len(plan.target_names)} adapted linears, {args.rounds} rounds, {where}\n")
-            print("| arm | step time (ms, median) | min-max (ms) | time ratio to plain (median, spread) | "
-                  "peak step memory (MiB) | total memory (MiB) |")
-            print("| --- | ---: | ---: | ---: | ---: | ---: |")
-            for arm in arms:
-                ts = times[arm.name]
-                ratio = spread(ratios) if arm is pipeline else "1"
-                mem = memory.get(arm.name)
-                cells = (f"{mem[0] / 2**20:.1f} | {(mem[0] + mem[1]) / 2**20:.1f}" if mem else " | ")
-                print(f"| {arm.name} | {1e3 * statistics.median(ts):.1f} | {1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} | "
-                      f"{ratio} | {cells} |")
+            if args.rounds:
+                print("| arm | step time (ms, median) | min-max (ms) | time ratio to plain (median, spread) | "
+                      "peak step memory (MiB) | total memory (MiB) |")
+                print("| --- | ---: | ---: | ---: | ---: | ---: |")
+                for arm in arms:
+                    ts = times[arm.name] or [float("nan")]
+                    ratio = spread(ratios) if arm is pipeline else "1"
+                    mem = memory.get(arm.name)
+                    cells = (f"{mem[0] / 2**20:.1f} | {(mem[0] + mem[1]) / 2**20:.1f}" if mem else " | ")
+                    print(f"| {arm.name} | {1e3 * statistics.median(ts):.1f} | {1e3 * min(ts):.0f}-{1e3 * max(ts):.0f} | "
+                          f"{ratio} | {cells} |")
             if args.raw:
                 for arm in arms:
                     print(f"{arm.name}: {', '.join(f'{1e3 * t:.0f}' for t in times[arm.name])} ms")
