@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError("structlora demo: give a MODEL_DIR or --registry DIR")
     _call("app.demo:launch", model_dir=Path(args.model_dir) if args.model_dir else None,
           registry=Path(args.registry) if args.registry else None, host=args.host, port=args.port,
-          share=args.share)
+          share=args.share, chat_template=args.chat_template)
     return 0
 
 

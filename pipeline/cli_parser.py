@@ -244,4 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    p.add_argument("--chat-template", help="a Jinja chat template file for models whose processor has none; "
+                                           "without one such a model is refused at start")
     return parser

@@ -145,3 +145,13 @@ def test_processor_kwargs_reach_the_processor_and_travel_with_it(tmp_path):
     wider.save_pretrained(tmp_path / "saved")
     _, again = open_model(ModelConfig(arch="vlm", name_or_path=str(tmp_path / "saved")))
     assert ChatCollator(again).image_tokens(image) == 16
+
+
+def test_structlora_demo_passes_chat_template_to_the_demo(monkeypatch):
+    import app.demo
+    from pipeline.cli import main
+
+    seen = {}
+    monkeypatch.setattr(app.demo, "launch", lambda **kwargs: seen.update(kwargs))
+    assert main(["demo", "some/model", "--chat-template", "t.jinja"]) == 0
+    assert seen["chat_template"] == "t.jinja" and str(seen["model_dir"]) == "some/model"
