@@ -2,6 +2,7 @@
 
     python bench/loader_vlm.py [--images 600] [--batches 20] [--batch-size 16] [--rounds 3] [--workers 0,2]
                                [--models llava,qwen2_5_vl,smolvlm] [--tokenizers real|tiny]
+    python bench/loader_vlm.py --breakdown   # ms per sample of decode, image processor (1 / 2 threads), collator
 
 Real-size JPEGs (bench/loader.py's `make_coco_jpegs`: gradients, shapes, noise, quality 90) are prepared into
 caption shards once (`data.prepare.prepare_coco`, 100 per shard): COCO's 640 x 480 for LLaVA-1.5 and SmolVLM,
