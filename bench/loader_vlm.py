@@ -2,6 +2,7 @@
 
     python bench/loader_vlm.py [--images 600] [--batches 20] [--batch-size 16] [--rounds 3] [--workers 0,2]
                                [--models llava,qwen2_5_vl,smolvlm] [--tokenizers real|tiny]
+    python bench/loader_vlm.py --breakdown   # ms per sample of decode, image processor (1 / 2 threads), collator
 
 Real-size JPEGs (bench/loader.py's `make_coco_jpegs`: gradients, shapes, noise, quality 90) are prepared into
 caption shards once (`data.prepare.prepare_coco`, 100 per shard): COCO's 640 x 480 for LLaVA-1.5 and SmolVLM,
@@ -180,6 +181,51 @@ def smolvlm_processor(tokenizers: str):
 PROCESSORS = {"llava": llava_processor, "qwen2_5_vl": qwen2_5_vl_processor, "smolvlm": smolvlm_processor}
 
 
+def breakdown(models: list[str], tokenizers: str, batch_size: int, repeats: int = 3) -> None:
+    """Milliseconds per sample of one batch's pieces (median of `repeats`): JPEG decode, the image processor with
+    torch's 1 and 2 intra-op threads, and the whole collator (template, tokens, labels, images) with 1 thread."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from data.chat_collate import ChatCollator
+
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+
+    def ms(fn, batch: list, n: int) -> float:
+        torch.set_num_threads(n)
+        values = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(batch)
+            values.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(values) / len(batch)
+
+    print("| model | JPEG decode | image processor, 1 thread | image processor, 2 threads | collator, 1 thread "
+          "(ms / sample) |\n| --- | ---: | ---: | ---: | ---: |")
+    for m in models:
+        w, h = IMAGE_SIZE[m]
+        raw = []
+        for _ in range(batch_size):
+            buffer = io.BytesIO()
+            Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(buffer, "JPEG", quality=90)
+            raw.append(buffer.getvalue())
+        processor = PROCESSORS[m](tokenizers)
+        collate = ChatCollator(processor, max_length=2048)
+        images = [Image.open(io.BytesIO(r)).convert("RGB") for r in raw]
+        samples = [{"task": "caption", "image": im, "captions": ["a picture with shapes number 0"]} for im in images]
+        collate(samples)  # the image cost asked once
+
+        decode = ms(lambda raw: [Image.open(io.BytesIO(r)).convert("RGB") for r in raw], raw, 1)
+        one, two = ms(processor.image_processor, images, 1), ms(processor.image_processor, images, 2)
+        whole = ms(collate, samples, 1)
+        print(f"| {MODEL_NAMES[m]} | {decode:.1f} | {one:.1f} | {two:.1f} | {whole:.1f} |", flush=True)
+    torch.set_num_threads(threads)
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 
@@ -192,7 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="0,2")
     parser.add_argument("--models", default="llava,qwen2_5_vl,smolvlm")
     parser.add_argument("--tokenizers", choices=["real", "tiny"], default="real")
+    parser.add_argument("--breakdown", action="store_true", help="only time, per family, the pieces of one batch in "
+                                                                 "this process: JPEG decode, image processor, collator")
     args = parser.parse_args(argv)
+    if args.breakdown:
+        return breakdown([m.strip() for m in args.models.split(",") if m.strip()], args.tokenizers, args.batch_size)
     from PIL import Image
 
     from data.chat_collate import ChatCollator
