@@ -236,8 +236,6 @@ def render_text(processor: Any, conversation: Sequence[dict[str, Any]], add_gene
                           add_generation_prompt, json.dumps(processor.tokenizer.special_tokens_map, sort_keys=True))
 
 
-_render_one = render_text
-
 
 def _prefix_spans(processor: Any, conversation: Sequence[dict[str, Any]], text: str) -> list[tuple[int, int]]:
     """Reply spans of a template without `{% generation %}` blocks (most hub templates: Qwen2.5-VL's, SmolVLM's...):
@@ -247,9 +245,9 @@ def _prefix_spans(processor: Any, conversation: Sequence[dict[str, Any]], text: 
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
-        earlier = _render_one(processor, conversation[:i], add_generation_prompt=False)
-        before = _render_one(processor, conversation[:i], add_generation_prompt=True)
-        upto = _render_one(processor, conversation[:i + 1], add_generation_prompt=False).rstrip()
+        earlier = render_text(processor, conversation[:i], add_generation_prompt=False)
+        before = render_text(processor, conversation[:i], add_generation_prompt=True)
+        upto = render_text(processor, conversation[:i + 1], add_generation_prompt=False).rstrip()
         if not (upto.startswith(earlier) and text.startswith(upto)):
             raise ValueError("the chat template does not render a conversation as the sum of its turns (it rewrites "
                              "earlier turns), so replies cannot be told apart: give the processor a template with "
@@ -275,7 +273,7 @@ def render(processor: Any, conversations: Sequence[Sequence[dict[str, Any]]], ad
 
     has_blocks = bool(GENERATION_BLOCK.search(processor.chat_template or ""))
     if spans == "turns" or not has_blocks:
-        texts = [_render_one(processor, c, add_generation_prompt) for c in conversations]
+        texts = [render_text(processor, c, add_generation_prompt) for c in conversations]
         try:
             return texts, [_prefix_spans(processor, c, t) for c, t in zip(conversations, texts)]
         except ValueError:

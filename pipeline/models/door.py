@@ -26,10 +26,10 @@ from torch import nn
 
 from data.chat_template import LLAVA15_CHAT_TEMPLATE
 from pipeline.errors import UserError
+from pipeline.models.hub import DTYPES
 from pipeline.schema_model import ModelConfig
 
 log = logging.getLogger("structlora.models")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_PREFIX = "tiny-"
 __all__ = ["LLAVA15_CHAT_TEMPLATE", "open_model", "check_backbone", "family_of"]
 
@@ -61,16 +61,23 @@ def family_of(model: nn.Module) -> str:
     return str(kind)
 
 
+def _tokenizer_ids(model: nn.Module, processor: Any, override: bool) -> None:
+    """pad / eos / bos of the generation config from the tokenizer: all of them for a model built here
+    (`override`), only the missing ones for a checkpoint (its own generation config wins)."""
+    tok, config = processor.tokenizer, model.generation_config
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if getattr(tok, key, None) is not None and (override or getattr(config, key, None) is None):
+            setattr(config, key, getattr(tok, key))
+
+
 def _generation_ids(model: nn.Module, processor: Any) -> None:
     """pad / bos / eos for generation where the checkpoint has none, and generation stopping at the end-of-turn
     token the chat template ends every reply with (the one training labels: Llama-3's <|eot_id|> is not its
     tokenizer's eos <|end_of_text|>), added to the eos ids."""
     from data.chat_template import end_of_turn_ids
 
-    tok, config = processor.tokenizer, model.generation_config
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        if getattr(tok, key, None) is not None and getattr(config, key, None) is None:
-            setattr(config, key, getattr(tok, key))
+    _tokenizer_ids(model, processor, override=False)
+    config = model.generation_config
     eos = config.eos_token_id
     eos = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
     ends = end_of_turn_ids(processor)
@@ -109,9 +116,7 @@ def build_preset(cfg: ModelConfig, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             model = build_tiny(family, seed=seed)
         processor = tiny_processor(family)
-        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):  # a model built here: its tokenizer's ids
-            if getattr(processor.tokenizer, key, None) is not None:
-                setattr(model.generation_config, key, getattr(processor.tokenizer, key))
+        _tokenizer_ids(model, processor, override=True)  # a model built here: its tokenizer's ids
     for key, value in dict(cfg.processor_kwargs).items():  # a loaded processor gets them from from_pretrained
         setattr(processor.image_processor if hasattr(processor.image_processor, key) else processor, key, value)
     return model.to(DTYPES[cfg.dtype]), processor
