@@ -143,13 +143,17 @@ class LoadedModel:
 
         self.source = str(model_dir)
         self.device = device or default_device()
+        from pipeline.models.hub import LOADING  # one load at a time (the demo loads in threads)
+
         try:
-            self.processor = ensure_chat_template(AutoProcessor.from_pretrained(model_dir), self.source,
-                                                  chat_template)
+            with LOADING:
+                processor = AutoProcessor.from_pretrained(model_dir)
+            self.processor = ensure_chat_template(processor, self.source, chat_template)
         except MissingChatTemplateError as err:  # before the weights load: a one-line error at start
             raise DemoError(str(err).replace("model.chat_template=FILE in a run, ", "")) from None
         self.style = read_style(model_dir)  # how it was trained to be asked (app.prompting)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
+        with LOADING:
+            self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
         self.dtype = next(self.model.parameters()).dtype
         # generate() is not meant to run twice at once on one model; the queue already serialises
         # requests, this guards direct callers (tests, benchmarks) too.

@@ -73,9 +73,11 @@ def direct_generate(model_dir: Path, image_path: Path, prompt: str, max_new_toke
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from data.collate import to_rgb
+    from pipeline.models.hub import LOADING  # beside a served demo: one load at a time in the process
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    with LOADING:
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
     with Image.open(image_path) as raw:
         image = to_rgb(raw.copy())
     text = f"USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5's conversation, written out (not our renderer)

@@ -155,3 +155,41 @@ def test_structlora_demo_passes_chat_template_to_the_demo(monkeypatch):
     monkeypatch.setattr(app.demo, "launch", lambda **kwargs: seen.update(kwargs))
     assert main(["demo", "some/model", "--chat-template", "t.jinja"]) == 0
     assert seen["chat_template"] == "t.jinja" and str(seen["model_dir"]) == "some/model"
+
+
+def test_models_loaded_in_threads_at_once_leave_weight_tying_working(tmp_path):
+    """transformers swaps PreTrainedModel.tie_weights for a no-op on the class while a checkpoint loads; two loads at
+    once in threads (the demo's handlers, a test beside a served demo) left it swapped for the rest of the process,
+    and a Gemma 3 built later had its lm_head untied (CI, 2026-12-07). Every load through the door and the demo
+    holds pipeline.models.hub.LOADING."""
+    import threading
+
+    from transformers.modeling_utils import PreTrainedModel
+
+    from app.inference import LoadedModel
+    from pipeline.models.presets.tiny import build_tiny
+
+    original = PreTrainedModel.tie_weights
+    model, processor = open_model(ModelConfig(arch="vlm", preset="tiny-qwen2_5_vl"))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    errors = []
+
+    def load(door: bool) -> None:
+        try:
+            for _ in range(4):
+                if door:
+                    open_model(ModelConfig(arch="vlm", name_or_path=str(tmp_path)))
+                else:
+                    LoadedModel(tmp_path)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=load, args=(k % 2 == 0,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and PreTrainedModel.tie_weights is original
+    gemma = build_tiny("gemma3")
+    assert gemma.get_output_embeddings().weight is gemma.get_input_embeddings().weight

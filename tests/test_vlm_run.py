@@ -75,8 +75,11 @@ def _direct(model_dir, image, prompt: str, budget: int) -> str:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    from pipeline.models.hub import LOADING  # beside a served demo: one load at a time in the process
+
+    with LOADING:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
     batch = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt")

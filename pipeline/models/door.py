@@ -26,7 +26,7 @@ from torch import nn
 
 from data.chat_template import LLAVA15_CHAT_TEMPLATE
 from pipeline.errors import UserError
-from pipeline.models.hub import DTYPES
+from pipeline.models.hub import DTYPES, LOADING
 from pipeline.schema_model import ModelConfig
 
 log = logging.getLogger("structlora.models")
@@ -127,6 +127,12 @@ def load_pretrained(source: str, cfg: ModelConfig, compute_dtype: torch.dtype | 
     """(model, processor) of a hub id or local directory through `AutoModelForImageTextToText`, quantized as
     `cfg.quantization` says; `as_saved`: a checkpoint saved quantized loads as saved without being asked
     (`structlora eval`, the demo's rule)."""
+    with LOADING:  # one load at a time in the process (pipeline.models.hub.LOADING says why)
+        return _load_pretrained(source, cfg, compute_dtype, name, as_saved, option, dtype)
+
+
+def _load_pretrained(source: str, cfg: ModelConfig, compute_dtype: torch.dtype | None, name: str | None,
+                     as_saved: bool, option: str, dtype: torch.dtype | str | None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pipeline.models.hub import resolve_pretrained
