@@ -66,7 +66,7 @@ def cmd_prepare_conversations(args: argparse.Namespace) -> int:
                       file=Path(args.file) if args.file else None, splits=splits or None, fmt=args.format,
                       images=Path(args.images) if args.images else None, val_fraction=args.val_fraction,
                       test_fraction=args.test_fraction, shard_size=args.shard_size, workers=args.workers,
-                      strict=args.strict, tags=args.tags))
+                      strict=args.strict, tags=args.tags, dedupe=args.dedupe))
     return 0
 
 
