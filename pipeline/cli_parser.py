@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "duplicate; a reused id with other content is kept under ID#<8 hex>; id: a repeated id is a "
                         "duplicate; off: keep every record")
     p.add_argument("--tags", help="field / role names, e.g. role=from,content=value,user=human,assistant=gpt")
+    p.add_argument("--config", help="a run config: also write the data card for its model (samples' length in its "
+                                    "tokens, how many exceed data.max_length, suggested max_length / max_new_tokens) "
+                                    "to OUT/conversations/data_card.{json,md,png}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a field")
 
     p = add(prep_sub, "coco", "COCO captions JSON + image folder -> shards", cmd_prepare_coco)
     p.add_argument("--captions", required=True, help="captions_*.json")
