@@ -141,3 +141,19 @@ def test_strict_stops_at_the_third_record_before_any_shard(tmp_path, dedupe):
     assert proc.returncode != 0
     assert "record 2" in proc.stderr and "missing image" in proc.stderr and "nowhere.jpg" in proc.stderr
     assert not list(out.rglob("*.tar")), "no shard written"
+
+
+def test_the_readme_example_of_a_reused_id(tmp_path):
+    """README, "Many conversations per image": both records kept, the second under a derived id; a third, word
+    for word the first, a duplicate."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("**Many conversations per image"):]
+    records = json.loads(block[block.index("```json") + 7:block.index("```", block.index("```json") + 7)])
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    Image.new("RGB", (32, 24), (200, 20, 20)).save(tmp_path / records[0]["image"])
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([*records, records[0]]))
+    summary = prepare_conversations(tmp_path / "out", file=path, shard_size=8, workers=1)
+    ids = sorted(_found(tmp_path / "out"))
+    assert ids[0] == "000000033471" and ids[1].startswith("000000033471#") and len(ids[1]) == len(ids[0]) + 9
+    assert summary["ids_reused"] == 1 and summary["skipped_by_reason"] == {"duplicate record": 1}
