@@ -78,3 +78,27 @@ def test_chunks_change_nothing_and_keep_the_gradient():
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(grad_chunked, grad_whole, atol=1e-7)
     assert chunked_cross_entropy(logits[:0], targets[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"], ids=lambda f: f"prefill_last_logits-{f}")
+def test_generation_computes_the_head_at_the_last_position_only(family):
+    """Greedy generation through the project's eval path: on prefill and every decoding step the head sees one
+    position per row (transformers' logits_to_keep=1), never the whole prompt."""
+    from eval.generate import generate_batch
+    from pipeline.models.door import open_model
+    from pipeline.schema_model import ModelConfig
+
+    model, processor = open_model(ModelConfig(arch="vlm", preset=f"tiny-{family}"))
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    from PIL import Image
+
+    from data.chat_template import render_text, to_template_messages
+
+    prompt = render_text(processor, to_template_messages([{"role": "user", "content": "<image>\nwhat is it?"}]),
+                         add_generation_prompt=True)
+    try:
+        generate_batch(model, processor, [Image.new("RGB", (16, 16)), Image.new("RGB", (16, 16))], [prompt] * 2, 3)
+    finally:
+        handle.remove()
+    assert seen and all(shape[:2] == (2, 1) for shape in seen), seen
