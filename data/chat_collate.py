@@ -143,6 +143,17 @@ class ChatCollator:
             self.overlong_examples += 1
         return [row(a, b) for a, b in ranges]
 
+    def measure(self, sample: dict[str, Any]) -> tuple[int, int, int]:
+        """(tokens of the whole sample as one row, the tokens its images add to the text, rows it becomes under
+        `max_length`: 1 fits, more is split between turns, 0 is dropped): the data card's numbers."""
+        system, pairs, images = self._pairs(sample)
+        canonical = [{"role": "system", "content": system}] if system else []
+        for user, answer in pairs:
+            canonical += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        text = render_text(self.processor, fold_system(self.processor, to_template_messages(canonical)))
+        added = self._images_cost(text, images) if images else 0
+        return self._text_tokens(text) + added, added, len(self._rows(system, pairs, images))
+
     def sample_rows(self, sample: dict[str, Any]) -> list[Row]:
         """Rows of one sample (no long-context rewrite); no row means it is lost (counted)."""
         return self._rows(*self._pairs(sample))

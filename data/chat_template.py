@@ -337,6 +337,8 @@ def chat_labels(processor: Any, messages: Sequence[Any], images: Sequence[Any],
     keep = assistant & enc["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(multimodal_ids(processor))))
     out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     out["labels"] = ids.masked_fill(~keep, IGNORE_INDEX)
+    if "pixel_attention_mask" in out:  # Idefics3 / SmolVLM: int64 per pixel (15 MB per 13-tile sample); a mask,
+        out["pixel_attention_mask"] = out["pixel_attention_mask"].bool()  # as the model's own default: 8x smaller
     from transformers import PaliGemmaProcessor
 
     if isinstance(processor, PaliGemmaProcessor):

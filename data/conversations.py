@@ -38,8 +38,8 @@ from data.prompts import IMAGE_TOKEN
 
 FORMATS = ("llava", "sharegpt", "messages")
 REASONS = ("not json", "not an object", "no messages", "unknown role", "roles do not alternate", "empty answer",
-           "no assistant turn", "image tags != images", "missing image", "undecodable image", "duplicate id",
-           "bad field")
+           "no assistant turn", "image tags != images", "missing image", "undecodable image", "duplicate record",
+           "duplicate id", "bad field")
 USER_NAMES = {"user", "human"}
 ASSISTANT_NAMES = {"assistant", "gpt", "bot", "model"}
 SYSTEM_NAMES = {"system"}
@@ -276,7 +276,3 @@ def split_of(sample_id: str, val_fraction: float, test_fraction: float) -> str:
     u = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
-
-def id_digest(sample_id: str) -> int:
-    """8 bytes of the id's hash: duplicate ids are found with a set of these (flat memory per record)."""
-    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "big")

@@ -4,14 +4,14 @@
     out/conversations/{train,val,test}/manifest.json          as every other source's
     out/conversations/prepare_summary.json                    records kept per split, skipped per reason
 
-The file is streamed once (`data.conversations`): each record is checked and normalised, given its
-split by a hash of its id (so a grown file keeps its old samples where they were; a file per split
-can be given instead), and queued; every `shard_size` records of a split become one shard, written by
-a pool of `workers` processes that open and fully decode every image (a missing or broken image is
-found now, not at step 22 of training). Shard i of a split holds records [i * shard_size, (i + 1) *
-shard_size) of that split in file order (fewer where images fail), so the bytes are the same for any
-worker count. Memory stays flat in the file size: a few shards' records in flight and 8 bytes per id
-(duplicate ids). Like the other sources, each split is built in `.{split}.partial` next to its
+The file is streamed twice. The first pass (`data.conversation_plan`) checks and normalises every record,
+reads and fully decodes every image once (a missing or broken image is found now, not at step 22 of training)
+and decides: duplicates by content, reused ids kept under derived ids, and splits by image, so that no image
+is in two splits (a file per split can be given instead). `strict` stops there, before a shard is written.
+The second pass queues the kept records; every `shard_size` records of a split become one shard, written by a
+pool of `workers` processes. Shard i of a split holds records [i * shard_size, (i + 1) * shard_size) of that
+split in file order, so the bytes are the same for any worker count. Memory stays flat in the file size: a few
+shards' records in flight, 8 bytes per record and per image. Like the other sources, each split is built in `.{split}.partial` next to its
 folder: a killed prepare re-run on the same file keeps the shards it had finished (verified by their
 sha256) and writes the rest, to the same bytes.
 """
@@ -19,6 +19,7 @@ sha256) and writes the rest, to the same bytes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing as mp
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -27,19 +28,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data.conversations import (
-    Conversation,
-    RecordProblem,
-    Tags,
-    detect_format,
-    id_digest,
-    normalize,
-    raw_records,
-    split_of,
-)
+from data.conversation_plan import DEDUPE, plan_records, planned
+from data.conversations import Conversation, Tags, detect_format
+from data.data_card import SplitCard
 from data.errors import DataError
 from data.files import json_bytes, replace_directory, write_json_atomic
-from data.images import ImageDecodeError, decode_image, sniff_extension
+from data.images import sniff_extension
 from data.prepare import (
     PARTIAL_JOURNAL,
     PARTIAL_PLAN,
@@ -48,12 +42,13 @@ from data.prepare import (
     journal_entry,
     resume_partial,
 )
-from data.records import Problems, sample_key
+from data.records import sample_key
 from data.shards import MANIFEST_NAME, ShardWriter, file_sha256, write_manifest
 
 TASK = "conversations"
 SPLITS = ("train", "val", "test")
 SUMMARY_NAME = "prepare_summary.json"
+log = logging.getLogger("structlora.data")
 
 
 def shard_key(sample_id: str) -> str:
@@ -62,8 +57,8 @@ def shard_key(sample_id: str) -> str:
 
 
 def _write_shard(staging: Path, index: int, items: list[tuple[str, dict[str, Any], list[str], str]]) -> dict:
-    """Write one shard (a worker's unit of work): every image read and fully decoded first; a sample with
-    a missing or undecodable image is left out and reported. Returns the journal entry."""
+    """Write one shard (a worker's unit of work); the first pass decoded every image, so only an image removed
+    since then leaves its sample out (reported). Returns the journal entry."""
     writer = ShardWriter(staging, shard_size=max(1, len(items)), start=index)
     problems: list[dict[str, Any]] = []
     try:
@@ -72,13 +67,9 @@ def _write_shard(staging: Path, index: int, items: list[tuple[str, dict[str, Any
             try:
                 for i, path in enumerate(images):
                     data = Path(path).read_bytes()
-                    decode_image(data)  # the whole image, as training will
                     members[f"img{i}.{sniff_extension(data)}"] = data
             except OSError as err:
                 problems.append({"where": where, "reason": f"missing image: {err.filename or path}: {err.strerror}"})
-                continue
-            except ImageDecodeError as err:
-                problems.append({"where": where, "reason": f"undecodable image: {path}: {err}"})
                 continue
             writer.write(key, {**members, "json": json_bytes(payload, indent=None)})
         shards = writer.close()
@@ -102,8 +93,12 @@ def _inputs(file: Path | None, splits: dict[str, Path] | None) -> list[tuple[Pat
 def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str, Path] | None = None,
                           fmt: str = "auto", images: Path | None = None, val_fraction: float = 0.05,
                           test_fraction: float = 0.05, shard_size: int = 1000, workers: int | None = None,
-                          strict: bool = False, tags: Tags | str | None = None) -> dict[str, Any]:
-    """Prepare `file` (or one file per split) into `out/conversations/{split}/`; returns the summary."""
+                          strict: bool = False, tags: Tags | str | None = None,
+                          dedupe: str = "content") -> dict[str, Any]:
+    """Prepare `file` (or one file per split) into `out/conversations/{split}/`; returns the summary.
+
+    `dedupe`: content (a record repeating an earlier one's messages and images is a duplicate; a reused id with
+    other content is kept under a derived id), id (a repeated id is a duplicate) or off."""
     inputs = _inputs(file, splits)
     if shard_size < 1:
         raise DataError(f"shard size must be at least 1, got {shard_size}")
@@ -112,6 +107,8 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
                         "and leave some records for training")
     if fmt not in ("auto", "llava", "sharegpt", "messages"):
         raise DataError(f"--format {fmt!r}: choose auto, llava, sharegpt or messages")
+    if dedupe not in DEDUPE:
+        raise DataError(f"--dedupe {dedupe!r}: choose {', '.join(DEDUPE)}")
     tags = tags if isinstance(tags, Tags) else Tags.parse(tags)
     images_dir = Path(images).expanduser().resolve() if images else None
     if images_dir is not None and not images_dir.is_dir():
@@ -122,17 +119,18 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
     plan = {"task": TASK, "shard_size": shard_size, "format": {str(p): f for p, f in formats.items()},
             "files": [{"path": str(p.resolve()), "split": s, "sha256": file_sha256(p)} for p, s in inputs],
             "images": str(images_dir) if images_dir else None, "val_fraction": val_fraction,
-            "test_fraction": test_fraction, "tags": tags.__dict__}
+            "test_fraction": test_fraction, "tags": tags.__dict__, "dedupe": dedupe, "split_by": "image"}
+    plan_of = plan_records(inputs, formats, tags, images_dir, strict=strict, dedupe=dedupe, threads=workers + 1)
+    problems = plan_of.problems
     root = Path(out) / TASK
     root.mkdir(parents=True, exist_ok=True)
     staging = {s: root / f".{s}.partial" for s in SPLITS}
     done = {s: resume_partial(staging[s], {**plan, "split": s}) for s in SPLITS}
     resumed = sum(len(d) for d in done.values())
-    problems = Problems(source="prepare conversations")
+    cards = {s: SplitCard() for s in SPLITS}
     chunks: dict[str, list[Conversation]] = {s: [] for s in SPLITS}
     next_index = dict.fromkeys(SPLITS, 0)
     most_images = dict.fromkeys(SPLITS, 0)  # the most images one sample has: training checks it fits max_length
-    seen: set[int] = set()
     journals = {s: open(staging[s] / PARTIAL_JOURNAL, "a") for s in SPLITS}
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context) if workers > 1 else None
@@ -164,25 +162,12 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
 
     try:
         with tqdm(desc="prepare conversations", unit="record", disable=None) as bar:
-            for path, forced in inputs:
-                for where, raw in raw_records(path):
-                    bar.update(1)
-                    where = f"{path.name}: {where}"
-                    try:
-                        conv = normalize(raw, formats[path], tags, images_dir, path, where)
-                        digest = id_digest(conv.id)
-                        if digest in seen:
-                            raise RecordProblem("duplicate id", f"id {conv.id!r} appears again")
-                    except RecordProblem as problem:
-                        if strict:
-                            raise DataError(f"{where}: {problem} (--strict)") from None
-                        problems.add(where, str(problem))
-                        continue
-                    seen.add(digest)
-                    split = forced or split_of(conv.id, val_fraction, test_fraction)
-                    chunks[split].append(conv)
-                    if len(chunks[split]) >= shard_size:
-                        flush(split)
+            for split, conv in planned(inputs, formats, tags, images_dir, plan_of, val_fraction, test_fraction):
+                bar.update(1)
+                cards[split].add(conv, [plan_of.images[p] for p in conv.images])
+                chunks[split].append(conv)
+                if len(chunks[split]) >= shard_size:
+                    flush(split)
             for split in SPLITS:
                 if chunks[split]:
                     flush(split)
@@ -213,11 +198,19 @@ def prepare_conversations(out: Path, file: Path | None = None, splits: dict[str,
         for name in (PARTIAL_PLAN, PARTIAL_JOURNAL):
             (staging[split] / name).unlink()
         replace_directory(staging[split], root / split, MANIFEST_NAME)
-        per_split[split] = {"records": sum(s["samples"] for s in shards), "shards": len(shards)}
+        lost = sum(len(e["problems"]) for e in entries)  # images removed between the two passes
+        per_split[split] = {"records": sum(s["samples"] for s in shards), "shards": len(shards),
+                            **cards[split].summary(lost)}
     report = problems.summary()
+    shared = SplitCard.shared_images([cards[s] for s in SPLITS])
     summary = {"out": str(root), "task": TASK, "format": plan["format"], "splits": per_split,
                "kept": sum(v["records"] for v in per_split.values()), "skipped": report["skipped"],
                "skipped_by_reason": report["skipped_by_reason"], "problems": report["problems"],
+               "dedupe": dedupe, "ids_reused": plan_of.ids_reused, "duplicates": plan_of.duplicates,
+               "split_by": "image" if file is not None else "files", "images_in_several_splits": shared,
                "workers": workers, "resumed_shards": resumed, "seconds": round(time.perf_counter() - start, 2)}
+    if shared:
+        log.warning("prepare conversations: %d images are in more than one of the files given per split: the held-out "
+                    "score includes images the model trained on (give one --file to split by image)", shared)
     write_json_atomic(root / SUMMARY_NAME, summary)
     return {**summary, "problems": report["problems"][:20]}

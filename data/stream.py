@@ -261,6 +261,8 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Example]:
         worker, num_workers = worker_slot()
         self.stats = StreamStats()
+        if not self.source.urls:  # an empty split (a small file grouped by image may leave one empty)
+            return
         examples = iter(self.pipeline(worker, num_workers, Guard(self.stats)))
         yield from attach_stats(examples, self.stats, f"{self.rank}/{worker}")
 

@@ -155,7 +155,9 @@ def data_section(data: Mapping[str, Any] | None) -> list[str]:
         lines += [f"- {stage} ({a['split']}): {a['made']['long_context_examples']} long-context training examples "
                   f"built (data.long_context; {a['made'].get('long_context_no_pool', 0)} drawn before the filler "
                   "pool had another image's caption, kept short)" for stage, a in made]
-    return lines
+    from data.data_card import render_card
+
+    return lines + render_card(data.get("card"))
 
 
 def _delta(a: float | None, b: float | None) -> str:

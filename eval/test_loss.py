@@ -1,9 +1,9 @@
 """Teacher-forced test loss: the mean token loss of the reference answers, per task (no generation).
 
-Each evaluation example goes through the training collator (`data.chat_collate.make_collator`: LlavaCollator or the chat-template collator, the same
-prompt, labels on the answer tokens and their end token only, the same truncation rule; a caption
-example trains on one of its references, picked by a fixed seed) and the model's logits give the
-cross-entropy of every labelled token. Per task:
+Each evaluation example goes through the training collator (`data.chat_collate.make_collator`: the same
+prompt through the chat template, labels on the answer tokens and their end token only, the same truncation
+rule; a caption example trains on one of its references, picked by a fixed seed) and the model's logits at the
+labelled positions only (`eval.token_loss`) give the cross-entropy of every labelled token. Per task:
 
 - ``loss``: the token-weighted mean over the split (every answer token counts once: the method
   study's primary metric and `structlora compare`'s);
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from data.chat_collate import make_collator
-from data.chat_template import IGNORE_INDEX
+from eval.token_loss import token_losses
 
 ID_FIELD = {"caption": "image_id", "vqav2": "question_id", "gqa": "question_id", "conversations": "id"}
 
@@ -48,15 +48,13 @@ def example_losses(model: Any, processor: Any, task: str, examples: Sequence[Map
         labels = batch.pop("labels").to(param.device)
         inputs = {k: (v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
                   for k, v in batch.items()}
-        logits = model(**inputs).logits.float()
-        shifted, targets = logits[:, :-1], labels[:, 1:]  # the model predicts token t + 1 at t
-        losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-        counted = targets != IGNORE_INDEX
+        losses, rows = token_losses(model, inputs, labels)  # the labelled positions only (eval.token_loss)
+        sums = torch.zeros(labels.shape[0], dtype=torch.float64).index_add_(0, rows.cpu(), losses.double().cpu())
+        counts = torch.bincount(rows.cpu(), minlength=labels.shape[0])
         for row, sample in enumerate(collate.last_rows):
             key = item_id(task, chunk[sample])
             total, tokens = out.get(key, (0.0, 0))
-            out[key] = (total + float(losses[row][counted[row]].sum()), tokens + int(counted[row].sum()))
+            out[key] = (total + float(sums[row]), tokens + int(counts[row]))
     return out
 
 

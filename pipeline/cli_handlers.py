@@ -66,7 +66,18 @@ def cmd_prepare_conversations(args: argparse.Namespace) -> int:
                       file=Path(args.file) if args.file else None, splits=splits or None, fmt=args.format,
                       images=Path(args.images) if args.images else None, val_fraction=args.val_fraction,
                       test_fraction=args.test_fraction, shard_size=args.shard_size, workers=args.workers,
-                      strict=args.strict, tags=args.tags))
+                      strict=args.strict, tags=args.tags, dedupe=args.dedupe))
+    if args.config:  # the data card for the model a run would train
+        from data.data_card import render_card, token_card, write_card
+        from pipeline.config import load_config
+        from pipeline.models.door import open_processor
+        from pipeline.schema import RunConfig
+
+        cfg = load_config(RunConfig, Path(args.config), args.set)
+        processor, context = open_processor(cfg.model, cfg.data.image_fit)
+        card = token_card(Path(args.out) / "conversations", processor, cfg.data.max_length, context)
+        paths = write_card(card, Path(args.out) / "conversations")
+        print("\n".join(render_card(card)[1:]) + f"\n\n({paths['md']})", file=sys.stderr)
     return 0
 
 

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(prep_sub, "conversations", "your own conversation file (LLaVA, ShareGPT or messages format) -> "
             "shards in OUT/conversations/{train,val,test}/", cmd_prepare_conversations)
-    p.add_argument("--file", help="the conversation file (JSON array or JSONL), split by a hash of each id")
+    p.add_argument("--file", help="the conversation file (JSON array or JSONL), split by image: records that share "
+                                  "an image stay in one split")
     p.add_argument("--train", help="instead of --file: the training file (and --val, --test)")
     p.add_argument("--val", help="the validation file")
     p.add_argument("--test", help="the test file")
@@ -128,8 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="conversations per shard")
     p.add_argument("--workers", type=int, default=None, help="processes writing shards (default: one per core, at "
                                                              "most 8); a killed prepare resumes")
-    p.add_argument("--strict", action="store_true", help="a bad record is an error (default: counted and skipped)")
+    p.add_argument("--strict", action="store_true", help="the first bad record is an error, before any shard is "
+                                                         "written (default: counted and skipped)")
+    p.add_argument("--dedupe", default="content", choices=["content", "id", "off"],
+                   help="content (default): a record repeating an earlier one word for word and image for image is a "
+                        "duplicate; a reused id with other content is kept under ID#<8 hex>; id: a repeated id is a "
+                        "duplicate; off: keep every record")
     p.add_argument("--tags", help="field / role names, e.g. role=from,content=value,user=human,assistant=gpt")
+    p.add_argument("--config", help="a run config: also write the data card for its model (samples' length in its "
+                                    "tokens, how many exceed data.max_length, suggested max_length / max_new_tokens) "
+                                    "to OUT/conversations/data_card.{json,md,png}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a field")
 
     p = add(prep_sub, "coco", "COCO captions JSON + image folder -> shards", cmd_prepare_coco)
     p.add_argument("--captions", required=True, help="captions_*.json")

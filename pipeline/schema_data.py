@@ -39,9 +39,15 @@ class ConversationsConfig:
     format: Literal["auto", "llava", "sharegpt", "messages"] = _f(
         "auto", "llava (JSON array, conversations + image), sharegpt (LLaMA-Factory: messages + images), messages "
         "(ms-swift JSONL); auto = from the first records")
-    val_fraction: float = _f(0.05, "share of a single file's records for val (by a hash of the id)")
-    test_fraction: float = _f(0.05, "share of a single file's records for test (by a hash of the id)")
-    strict: bool = _f(False, "a bad record stops prepare (default: counted by reason and skipped)")
+    val_fraction: float = _f(0.05, "share of a single file's images for val (records that share an image stay "
+                                   "in one split; text-only records by a hash of their id)")
+    test_fraction: float = _f(0.05, "share of a single file's images for test (as val_fraction)")
+    strict: bool = _f(False, "the first bad record stops prepare, before any shard is written (default: counted "
+                             "by reason and skipped)")
+    dedupe: Literal["content", "id", "off"] = _f(
+        "content", "content: a record repeating an earlier one's messages and images is a duplicate, a reused id "
+        "with other content is kept under a derived id (ID#<8 hex>) and counted as `id reused`; id: a repeated id "
+        "is a duplicate; off: every record is kept")
     tags: str | None = _f(None, "field and role names, e.g. 'role=from,content=value,user=human,assistant=gpt' "
                                 "(LLaMA-Factory's dataset_info tags); default: both spellings recognised")
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from PIL import Image
 
 GOOD = ["good1", "text1", "multi1", "abs1", "sys1"]
+REUSED = ["good1"]  # a second record under id good1 with other content: kept under a derived id, good1#<8 hex>
 # reason -> number of records skipped for it, in every format (plus the format's own container problem)
 BAD = {"missing image": 1, "image tags != images": 2, "roles do not alternate": 1, "unknown role": 1,
-       "empty answer": 1, "no assistant turn": 1, "duplicate id": 1, "undecodable image": 1}
+       "empty answer": 1, "no assistant turn": 1, "duplicate record": 1, "undecodable image": 1}
 
 
 def _images(folder: Path) -> None:
@@ -45,6 +46,7 @@ def records(root: Path) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
         ("empty1", [("user", "say something"), ("assistant", "  ")], []),
         ("noasst", [("user", "<image>\nanything?")], ["imgs/red.png"]),
         ("good1", [("user", "a repeat"), ("assistant", "of an id")], []),
+        ("text1", [("user", "say yes"), ("assistant", "yes")], []),  # word for word: a duplicate
         ("broken1", [("user", "<image>\nwhat?"), ("assistant", "x")], ["imgs/broken.png"]),
         ("systag", [("system", "<image> look"), ("user", "what?"), ("assistant", "x")], ["imgs/red.png"]),
     ]

@@ -199,3 +199,18 @@ def test_a_llava_processor_with_another_template_uses_it_and_a_processor_without
     qwen.chat_template = None
     with pytest.raises(MissingChatTemplateError, match="qwen: its processor has no chat template"):
         ensure_chat_template(qwen, "qwen")
+
+
+def test_idefics3_pixel_mask_travels_as_bool_and_the_loss_is_unchanged():
+    """SmolVLM's processor gives an int64 mask per pixel; the batch carries it as bool (8x smaller to move from a
+    loader worker) and the model's loss is the same as with the processor's own int64 mask."""
+    from pipeline.models.presets.tiny import build_tiny
+
+    processor = _processor("idefics3")
+    batch = ChatCollator(processor, max_length=4096)([PACKED])
+    assert batch["pixel_attention_mask"].dtype == torch.bool
+    model = build_tiny("idefics3").eval()
+    with torch.no_grad():
+        as_bool = model(**batch).loss
+        as_long = model(**{**batch, "pixel_attention_mask": batch["pixel_attention_mask"].long()}).loss
+    assert torch.equal(as_bool, as_long)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _conversation_files import BAD, GOOD, write
+from _conversation_files import BAD, GOOD, REUSED, write
 
 from data.chat_collate import ChatCollator
 from data.chat_template import IGNORE_INDEX
@@ -53,16 +53,23 @@ def prepared(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 def test_every_good_record_once_and_every_bad_one_counted_by_reason(prepared, fmt):
     shards, summary = prepared[fmt]
     found = _all(shards)
-    assert sorted(found) == sorted(GOOD)
+    reused = sorted(i for i in found if "#" in i)
+    assert sorted(set(found) - set(reused)) == sorted(GOOD)
+    assert [i.split("#")[0] for i in reused] == REUSED and summary["ids_reused"] == len(REUSED)
+    assert found[reused[0]]["messages"][0]["content"] == "a repeat", "the reused id's own conversation"
     container = {"messages": {"not json": 1}}.get(fmt, {"not an object": 1})
     assert summary["skipped_by_reason"] == {**BAD, **container}
-    assert summary["kept"] == len(GOOD)
+    assert summary["kept"] == len(GOOD) + len(REUSED) and summary["duplicates"] == 1
     written = json.loads((shards / "conversations" / "prepare_summary.json").read_text())
     assert written["skipped_by_reason"] == summary["skipped_by_reason"]
     assert any("line 4" in p["where"] or "record 3" in p["where"] for p in written["problems"]), "the record is named"
     assert [len(found[i]["images"]) for i in ("good1", "text1", "multi1", "abs1")] == [1, 0, 2, 1]
-    for i in found:
-        assert found[i]["split"] == split_of(i, 0.2, 0.2), "the split is a hash of the id"
+    for i in found:  # red.png and blue.jpg (under two paths) share records: one group, one split
+        if not found[i]["images"]:
+            assert found[i]["split"] == split_of(i, 0.2, 0.2), "a text-only record splits by its id"
+    assert len({found[i]["split"] for i in found if found[i]["images"]}) == 1
+    assert summary["images_in_several_splits"] == 0
+    assert sum(s["images"] for s in summary["splits"].values()) == 2, "images are counted by content"
 
 
 def test_the_same_conversation_gives_the_same_tokens_and_labels_in_every_format(prepared):
@@ -143,15 +150,20 @@ def test_a_grown_file_keeps_old_samples_in_their_split(tmp_path):
     assert all(after[i]["split"] == before[i]["split"] for i in before)
 
 
-def _many(path: Path, n: int) -> None:
+def _many(path: Path, n: int, images: int = 200) -> None:
+    """n records over `images` distinct noise images (one image per 30 records: groups that spread over the splits)."""
+    import numpy as np
     from PIL import Image
 
-    Image.new("RGB", (256, 256), (10, 200, 10)).save(path.parent / "green.png")
+    rng = np.random.default_rng(0)
+    for k in range(images):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path.parent / f"noise{k}.png")
     with open(path, "w") as handle:
         for i in range(n):
             two = i % 400 == 0  # a few samples with two images, early: the resumed shards hold them
-            handle.write(json.dumps({"id": f"r{i}", "images": ["green.png"] * (2 if two else 1), "messages": [
-                {"role": "user", "content": "<image>\n" * (2 if two else 1) + f"number {i}?"},
+            names = [f"noise{i % images}.png", f"noise{(i + 1) % images}.png"][: 2 if two else 1]
+            handle.write(json.dumps({"id": f"r{i}", "images": names, "messages": [
+                {"role": "user", "content": "<image>\n" * len(names) + f"number {i}?"},
                 {"role": "assistant", "content": str(i)}]}) + "\n")
 
 

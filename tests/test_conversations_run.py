@@ -40,6 +40,12 @@ def test_your_own_files_through_data_sources_run_every_stage_and_score(tmp_path)
     assert metrics["data"]["eval"]["conversations"]["scored"] == 12
     report = (run / "eval" / "report.md").read_text()
     assert "| conversations.exact_match |" in report and "the headline is exact_match" in report
+    card = metrics["data"]["card"]  # the data card of the train stage, for this model, in the run's report
+    assert "## Your data (data card)" in report and (run / "train" / "data_card.png").is_file()
+    for split, counted in prepared["splits"].items():
+        if counted["records"]:
+            assert card["splits"][split]["records"] == counted["records"]
+            assert card["splits"][split]["measured"] == min(counted["records"], 1000)
     rows = [json.loads(line) for line in (run / "eval" / "adapted" / "conversations_samples.jsonl").open()]
     assert len(rows) == 12 and set(rows[0]) == {"id", "prompt", "reference", "prediction", "scores"}
     assert rows[0]["prompt"].rstrip().endswith("ASSISTANT:") and "</s>USER:" in rows[0]["prompt"]

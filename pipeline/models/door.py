@@ -270,3 +270,24 @@ def open_model(cfg: ModelConfig, *, source: str | Path | None = None, compute_dt
         name = str(cfg.name_or_path)
         model, processor = load_pretrained(name, cfg, compute_dtype, name, as_saved, option, dtype)
     return check_backbone(model, processor, cfg, name, image_fit)
+
+
+def open_processor(cfg: ModelConfig, image_fit: str | None = None) -> tuple[Any, int | None]:
+    """(processor, the language model's context length) of a backbone, checked as the door checks them, without
+    loading weights from a hub (a preset is built: they are small); for the data card of `structlora prepare
+    conversations --config`."""
+    if cfg.preset is not None:
+        model, processor = open_model(cfg, image_fit=image_fit)
+        config = model.config
+    else:
+        from transformers import AutoConfig, AutoProcessor
+
+        from pipeline.models.hub import resolve_pretrained
+
+        where = resolve_pretrained(cfg.name_or_path, cfg.revision)
+        processor = AutoProcessor.from_pretrained(where, revision=cfg.revision, **dict(cfg.processor_kwargs))
+        config = AutoConfig.from_pretrained(where, revision=cfg.revision)
+        _chat_template(processor, cfg, cfg.name_or_path)
+        processor = _image_fit(processor, image_fit, getattr(config, "model_type", ""))
+    text = getattr(config, "text_config", None) or config
+    return processor, getattr(text, "max_position_embeddings", None)

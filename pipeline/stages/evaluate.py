@@ -179,6 +179,9 @@ def _training_data(ctx: StageContext) -> dict[str, Any]:
             data = json.loads(path.read_text()).get("data")
             if data:
                 found[stage] = data
+    card = ctx.run_dir / "train" / "data_card.json"
+    if card.is_file():
+        found["card"] = json.loads(card.read_text())
     return found
 
 

@@ -59,11 +59,15 @@ def _prepare_conversations(paths: dict[str, str], conv, shards: Path, shard_size
                                     splits=splits or None, fmt=conv.format,
                                     images=Path(paths["images"]) if paths.get("images") else None,
                                     val_fraction=conv.val_fraction, test_fraction=conv.test_fraction,
-                                    shard_size=shard_size, workers=workers, strict=conv.strict, tags=conv.tags)
-    if summary["skipped"]:
-        print(f"[prepare] conversations: {summary['kept']} records kept, {summary['skipped']} skipped "
-              f"({summary['skipped_by_reason']}; {shards / 'conversations' / 'prepare_summary.json'})")
-    return {k: summary[k] for k in ("splits", "kept", "skipped", "skipped_by_reason", "format")}
+                                    shard_size=shard_size, workers=workers, strict=conv.strict, tags=conv.tags,
+                                    dedupe=conv.dedupe)
+    splits = ", ".join(f"{s} {v['records']} records / {v['images']} images" for s, v in summary["splits"].items())
+    print(f"[prepare] conversations: {summary['kept']} records kept ({splits}; split by {summary['split_by']}, "
+          f"{summary['images_in_several_splits']} images in several splits), {summary['ids_reused']} ids reused "
+          f"(kept under derived ids), {summary['skipped']} skipped {summary['skipped_by_reason'] or ''} "
+          f"({shards / 'conversations' / 'prepare_summary.json'})")
+    return {k: summary[k] for k in ("splits", "kept", "skipped", "skipped_by_reason", "format", "dedupe", "ids_reused",
+                                    "duplicates", "split_by", "images_in_several_splits")}
 
 
 def _prepare_source(kind: str, paths: dict[str, str], conv, shards: Path, shard_size: int, workers: int | None,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eval.token_loss import task_loss
 from pipeline.errors import UserError
 from pipeline.schema import TrainConfig
 from pipeline.stages import checkpoint as ckpt
@@ -139,14 +140,24 @@ class TrainRecipe(TrainStateMixin):
         add up to the mean over the global batch however it is split, as in one process.
         """
         inputs = self._to_device(batch)
-        if num_items is not None:
-            inputs["num_items_in_batch"] = num_items
+        labels = inputs.get("labels")
         with self.accelerator.autocast():
-            outputs = self.model(**inputs)
-        terms = {"task": outputs.loss}
+            if labels is not None and labels.dim() == 2:  # causal LM: logits at the labelled positions only
+                inputs.pop("labels")
+                task = task_loss(self.model, inputs, labels, num_items)
+            else:  # per-example labels (classification)
+                task = self.model(**inputs).loss
+        terms = {"task": task}
         terms.update(self.adapted.regularization())
         terms["loss"] = sum(terms.values())
         return terms
+
+    def _batch_loss(self, inputs: Batch) -> torch.Tensor:
+        """The mean task loss of one batch (validation)."""
+        labels = inputs.get("labels")
+        if labels is None or labels.dim() < 2:
+            return self.model(**inputs).loss
+        return task_loss(self.model, {k: v for k, v in inputs.items() if k != "labels"}, labels)
 
     def _num_items(self, micro_batches: list[Batch]) -> torch.Tensor | None:
         """Label tokens the loss counts (after the causal shift) in this step, summed over ranks;
@@ -239,7 +250,7 @@ class TrainRecipe(TrainStateMixin):
     def validate(self) -> float:
         """Mean task loss over the fixed validation batches (eval mode: deterministic gates)."""
         self.model.eval()
-        losses = [float(self.model(**self._to_device(batch)).loss) for batch in self.val_batches]
+        losses = [float(self._batch_loss(self._to_device(batch))) for batch in self.val_batches]
         self.model.train()
         value = float(np.mean(losses)) if losses else float("nan")
         gathered = self.accelerator.gather_for_metrics(torch.tensor([value]))

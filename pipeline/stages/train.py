@@ -37,6 +37,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     val_lost: list = []
     val_src = sources(ctx, "val", cfg.data.tasks, val_lost)
     image_tokens = check_image_budget(ctx, processor)
+    if rank == 0:
+        conversation_card(ctx, model, processor)
     # auto: text-only conversation rows can leave the vision adapters without gradients on a rank
     unused = cfg.train.find_unused_parameters
     train_cfg = dataclasses.replace(cfg.train, find_unused_parameters=cfg.data.tasks.get("conversations", 0) > 0
@@ -102,3 +104,25 @@ def check_image_budget(ctx: StageContext, processor) -> dict[str, int]:
         log.warning(line)
         print(f"warning: {line}")
     return counts
+
+
+def conversation_card(ctx: StageContext, model, processor) -> dict[str, Any] | None:
+    """The data card of the conversations in the training mix, for this model (data.data_card): written to the
+    train stage's folder (data_card.json / .md / .png), carried by the run's report, one line printed."""
+    root = shards_root(ctx) / "conversations"
+    if ctx.cfg.data.tasks.get("conversations", 0) <= 0 or ctx.cfg.model.arch == "vit" or not root.is_dir():
+        return None
+    from data.data_card import token_card, write_card
+    from eval.long_context import context_length_of
+
+    card = token_card(root, processor, ctx.cfg.data.max_length, context_length_of(model))
+    write_card(card, ctx.stage_dir("train"))
+    train = card["splits"].get("train")
+    if train:
+        hint = card.get("suggested", {})
+        print(f"[train] data card: train samples p50 {train['tokens']['p50']:g} / p95 {train['tokens']['p95']:g} / "
+              f"max {train['tokens']['max']:g} tokens ({train['measured']} of {train['records']} measured), "
+              f"{train['over_max_length']} over data.max_length={ctx.cfg.data.max_length} ({train['split_into_rows']} "
+              f"split, {train['dropped']} dropped); suggested max_length {hint.get('max_length')}, max_new_tokens "
+              f"{hint.get('max_new_tokens')} ({ctx.stage_dir('train') / 'data_card.md'})")
+    return card
