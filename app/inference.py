@@ -143,7 +143,7 @@ class LoadedModel:
 
         self.source = str(model_dir)
         self.device = device or default_device()
-        from pipeline.models.hub import LOADING  # one load at a time (the demo loads in threads)
+        from data.loading import LOADING  # one load at a time (the demo loads in threads)
 
         try:
             with LOADING:

@@ -73,7 +73,7 @@ def direct_generate(model_dir: Path, image_path: Path, prompt: str, max_new_toke
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from data.collate import to_rgb
-    from pipeline.models.hub import LOADING  # beside a served demo: one load at a time in the process
+    from data.loading import LOADING  # beside a served demo: one load at a time in the process
 
     with LOADING:
         model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()

@@ -75,7 +75,7 @@ def _direct(model_dir, image, prompt: str, budget: int) -> str:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from pipeline.models.hub import LOADING  # beside a served demo: one load at a time in the process
+    from data.loading import LOADING  # beside a served demo: one load at a time in the process
 
     with LOADING:
         model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()

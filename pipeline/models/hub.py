@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from data.loading import LOADING  # noqa: F401 - re-exported: the door and the stages take it from here
 from pipeline.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Held around every model load (`from_pretrained`) in this process. transformers swaps `PreTrainedModel.tie_weights`
-# and `init_weights` for no-ops on the class while a checkpoint loads (initialization.no_tie_weights /
-# no_init_weights) and puts back what it found: two loads at once in two threads (the demo's handlers, a test beside
-# a served demo) can leave them swapped for the rest of the process, so every model built or loaded later has its
-# embeddings untied (Gemma 3's lm_head trained apart from its embedding). transformers#44940 (open) makes it
-# thread-local; until then, one load at a time.
-LOADING = threading.RLock()
 
 
 def _hub_offline() -> bool:
