@@ -161,7 +161,7 @@ def test_models_loaded_in_threads_at_once_leave_weight_tying_working(tmp_path):
     """transformers swaps PreTrainedModel.tie_weights for a no-op on the class while a checkpoint loads; two loads at
     once in threads (the demo's handlers, a test beside a served demo) left it swapped for the rest of the process,
     and a Gemma 3 built later had its lm_head untied (CI, 2026-12-07). Every load through the door and the demo
-    holds pipeline.models.hub.LOADING."""
+    holds data.loading.LOADING."""
     import threading
 
     from transformers.modeling_utils import PreTrainedModel

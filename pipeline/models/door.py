@@ -127,7 +127,7 @@ def load_pretrained(source: str, cfg: ModelConfig, compute_dtype: torch.dtype | 
     """(model, processor) of a hub id or local directory through `AutoModelForImageTextToText`, quantized as
     `cfg.quantization` says; `as_saved`: a checkpoint saved quantized loads as saved without being asked
     (`structlora eval`, the demo's rule)."""
-    with LOADING:  # one load at a time in the process (pipeline.models.hub.LOADING says why)
+    with LOADING:  # one load at a time in the process (data.loading says why)
         return _load_pretrained(source, cfg, compute_dtype, name, as_saved, option, dtype)
 
 
