@@ -57,11 +57,11 @@ def parse_budgets(text: str, field: str = "--max-new-tokens") -> dict[str, int |
 
 def resolve_budget(task: str, settings: Mapping[str, Any] | None, processor: Any, model: Any = None,
                    answers_dir: Path | None = None) -> dict[str, Any]:
-    """{"max_new_tokens", "setting": "default" | "given" | "auto", and for auto "auto": the measurement} of `task`
-    for one model. `answers_dir` is the prepared training split of the conversations (for `auto`); the cap is
-    the model's context when it is below data.answer_budget's."""
+    """{"max_new_tokens", "setting": "default" (the task's own) | "given" | "auto", and for auto "auto": the
+    measurement} of `task` for one model. `answers_dir` is the prepared training split of the conversations (for
+    `auto`); the cap is the model's context when it is below data.answer_budget's."""
     value = (settings or {}).get(task)
-    if value is None:
+    if value is None or value == default_budget(task):  # (the config spells the defaults out)
         return {"max_new_tokens": default_budget(task), "setting": "default"}
     if value != AUTO:
         return {"max_new_tokens": int(value), "setting": "given"}
