@@ -76,6 +76,20 @@ def test_an_answer_that_takes_every_new_token_without_ending_its_turn_hit_the_bu
                                                     max_new_tokens=5)[0]  # the official format unless asked
 
 
+def test_two_ranks_shards_say_which_answers_hit_the_budget(tmp_path):
+    from eval.generate import merge_prediction_shards, run_generation, shard_budget_hits
+
+    processor = tiny_processor()
+    model = tiny_llava(processor)
+    samples = [EvalSample(f"q{i}", image, "what color is it ?") for i, image in enumerate(tiny_images(3))]
+    for rank in (0, 1):
+        run_generation(model, processor, samples, "gqa", tmp_path, rank=rank, world_size=2, max_new_tokens=2)
+    assert json.loads((tmp_path / "predictions.rank1.jsonl").read_text())["hit_budget"] is True
+    records = merge_prediction_shards(tmp_path, "gqa", world_size=2)
+    assert all(set(r) == {"questionId", "prediction"} for r in records)  # the official file has no extra field
+    assert shard_budget_hits(tmp_path, "gqa", world_size=2) == {"q0": True, "q1": True, "q2": True}
+
+
 def _conversation(sample_id: str, answer: str, image) -> dict:
     return {"task": "conversations", "id": sample_id, "images": [image], "num_images": 1,
             "messages": [{"role": "user", "content": "<image>\nwhat is there?"},

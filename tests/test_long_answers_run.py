@@ -2,7 +2,7 @@
 the pipeline: trained, evaluated with `eval.max_new_tokens: {conversations: auto}` (no answer hits the budget, the
 report says how it was measured), adapted > base on corpus CIDEr with the paired interval above 0, the merged
 model's demo budget the same; then `structlora eval --max-new-tokens conversations=8`: answers cut, and counted.
-About 7 minutes on 2 busy CPU cores."""
+About 70 s on 2 idle CPU cores (minutes on busy ones)."""
 
 from __future__ import annotations
 
