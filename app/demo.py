@@ -146,7 +146,7 @@ def header_markdown(source: ModelSource) -> str:
     return f"# StructLoRA-VLM demo: {source.name}\n" + " · ".join(details)
 
 
-def model_view(host: ModelHost) -> dict[str, Any]:
+def model_view(host: ModelHost, limits: Limits = Limits()) -> dict[str, Any]:
     """Values of the model-dependent parts of the page for the served model."""
     source = host.source
     rows = metrics_rows(source.metrics() or source.info.get("metrics"))
@@ -155,13 +155,15 @@ def model_view(host: ModelHost) -> dict[str, Any]:
     return {"header": header_markdown(source), "examples": [str(p) for p in source.example_images()],
             "has_base": host.has_base(), "rows": rows, "plots": plots,
             "has_run": bool(rows or plots), "card": source.model_card() or "_No model card._",
-            "caption_budget": style.caption_max_new_tokens, "answer_budget": style.answer_max_new_tokens}
+            # the budgets the evaluation used (structlora_inference.json), within the sliders' range
+            "caption_budget": min(style.caption_max_new_tokens, limits.max_new_tokens),
+            "answer_budget": min(style.answer_max_new_tokens, limits.max_new_tokens)}
 
 
 def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
     """The Blocks app for `host` (not launched)."""
     handlers = DemoHandlers(host, limits)
-    view = model_view(host)
+    view = model_view(host, limits)
     # preprocess=False: the handlers check their inputs themselves (see `uploaded_path`)
     queued = {"concurrency_id": "model", "concurrency_limit": GENERATION_CONCURRENCY, "preprocess": False}
     with gr.Blocks(title="StructLoRA-VLM demo", analytics_enabled=False) as demo:
@@ -228,7 +230,7 @@ def build_demo(host: ModelHost, limits: Limits = Limits()) -> gr.Blocks:
             return header_markdown(host.source)
 
         def refresh() -> tuple[Any, ...]:
-            v = model_view(host)
+            v = model_view(host, limits)
             return (gr.update(value=v["examples"], visible=bool(v["examples"])), gr.update(visible=v["has_base"]),
                     gr.update(value="", visible=v["has_base"]), gr.update(value="", visible=v["has_base"]), "", "",
                     gr.update(visible=v["has_run"]), gr.update(value=v["rows"] or None), v["plots"], v["card"],

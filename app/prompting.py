@@ -6,7 +6,9 @@ The merge stage writes `structlora_inference.json` beside the merged weights (`w
   wording ("{question}\\nAnswer the question using a single word or phrase.", `data.prompts.question_prompt`);
 - `questions: chat`: a model trained on your own conversations gets the question as you typed it, through the
   chat template, with no suffix;
-- the budgets are the evaluation's (`data.prompts.max_new_tokens` per task), the sliders' starting values.
+- the budgets are the evaluation's (`eval.max_new_tokens` per task as the merge resolved it: for conversations
+  `auto` is measured on the training answers, `data.answer_budget`; else `data.prompts.max_new_tokens`), the
+  sliders' starting values; `budgets` in the file says where each came from.
 A model directory without the file (a hub model, a merge made before the file existed) is asked the
 benchmarks' way. Every prompt goes through the processor's chat template either way (`data.chat_template`).
 """
@@ -43,19 +45,34 @@ class PromptStyle:
         return CAPTION_PROMPT
 
 
-def style_for_tasks(tasks: Mapping[str, float]) -> PromptStyle:
+def chat_style(tasks: Mapping[str, float]) -> bool:
+    """Whether a model trained on `tasks` (data.tasks: name -> weight) is asked the chat way: it learnt your own
+    conversations and no benchmark question task."""
+    trained = [t for t, w in tasks.items() if w > 0]
+    return "conversations" in trained and not any(t in QUESTION_TASKS for t in trained)
+
+
+def style_for_tasks(tasks: Mapping[str, float], budgets: Mapping[str, int] | None = None) -> PromptStyle:
     """The style of a model trained on `tasks` (data.tasks: name -> weight): chat wording when it learnt your own
-    conversations and no benchmark question task, the benchmarks' short answers otherwise."""
+    conversations and no benchmark question task, the benchmarks' short answers otherwise. `budgets` (task ->
+    new tokens, the evaluation's) set the caption and answer budgets; a task not in it keeps its default."""
     trained = tuple(sorted(t for t, w in tasks.items() if w > 0))
-    chat = "conversations" in trained and not any(t in QUESTION_TASKS for t in trained)
+    chat = chat_style(tasks)
+    budgets = dict(budgets or {})
+    answers = "conversations" if chat else "vqav2"
     return PromptStyle(questions="chat" if chat else "short_answer",
-                       answer_max_new_tokens=task_budget("conversations" if chat else "vqav2"),
+                       caption_max_new_tokens=int(budgets.get("caption", task_budget("caption"))),
+                       answer_max_new_tokens=int(budgets.get(answers, task_budget(answers))),
                        trained_tasks=trained)
 
 
-def write_style(model_dir: str | Path, style: PromptStyle) -> Path:
+def write_style(model_dir: str | Path, style: PromptStyle, budgets: Mapping[str, object] | None = None) -> Path:
+    """`structlora_inference.json`: the style, and `budgets` (where each budget came from) when given."""
     path = Path(model_dir) / INFERENCE_FILE
-    path.write_text(json.dumps({**asdict(style), "trained_tasks": list(style.trained_tasks)}, indent=2))
+    record = {**asdict(style), "trained_tasks": list(style.trained_tasks)}
+    if budgets:
+        record["budgets"] = dict(budgets)
+    path.write_text(json.dumps(record, indent=2))
     return path
 
 

@@ -146,17 +146,20 @@ def token_card(root: Path, processor: Any, max_length: int, context: int | None 
         card["suggested"] = {"max_length": min(fits, context) if context else fits,
                              "max_length_reason": "p99 of the train samples' tokens, rounded up to 64"
                                                   + (f", at most the model's context ({context})" if context else ""),
-                             **suggest_new_tokens(answers_train)}
+                             **_new_tokens(answers_train, context)}
     return card
 
 
-def suggest_new_tokens(answer_tokens: Sequence[int]) -> dict[str, Any]:
-    """Suggested eval.max_new_tokens: the p99 answer (end-of-turn token included) plus a margin of 1/8, rounded up
-    to 8."""
-    high = percentile(answer_tokens, 99)
-    return {"max_new_tokens": int(math.ceil(high * 1.125 / 8) * 8) if answer_tokens else None,
-            "max_new_tokens_reason": "p99 of the train answers' tokens (with the end-of-turn token) + 1/8, "
-                                     "rounded up to 8"}
+def _new_tokens(answer_tokens: Sequence[int], context: int | None) -> dict[str, Any]:
+    """Suggested eval.max_new_tokens: `eval.max_new_tokens: {conversations: auto}`'s own rule
+    (data.answer_budget), on the same train answers."""
+    from data.answer_budget import CAP, budget_from_lengths, describe_budget
+
+    if not answer_tokens:
+        return {"max_new_tokens": None, "max_new_tokens_reason": "no train answers measured"}
+    budget, stats = budget_from_lengths(answer_tokens, cap=min(CAP, context) if context else CAP)
+    return {"max_new_tokens": budget,
+            "max_new_tokens_reason": f"what `auto` gives: {describe_budget(stats).split(': ', 1)[1]}"}
 
 
 def render_card(card: dict[str, Any] | None) -> list[str]:

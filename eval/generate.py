@@ -7,7 +7,9 @@ Generation is apart from scoring (lmms-eval / LLaVA style): this module turns
 adapter-wrapped one alike), and never imports the method's package.
 
 Decoding follows LLaVA-1.5's evaluation: greedy (``do_sample=False``), KV cache on, task prompts
-from ``data.prompts`` through the processor's chat template (caption: 64 new tokens, short answers: 16), output stripped. Batches
+from ``data.prompts`` through the processor's chat template, output stripped. The budget is the task's
+(``eval.budget``: data.prompts' 64 new tokens for captions and conversations, 16 for short answers, unless
+configured), and every answer says whether it hit it (all new tokens taken, no end-of-turn token). Batches
 are left-padded so every prompt ends where generation starts; the attention mask keeps
 padding out, so a batch gives the same tokens as one-by-one decoding (tested).
 
@@ -42,6 +44,7 @@ from eval.predictions import (
 from eval.vqa_eval import evalai_answer
 
 SHARD_PATTERN = "predictions.rank{rank}.jsonl"
+BUDGET_KEY = "hit_budget"  # in rank shards: the answer took every new token without ending its turn
 _SHARD_RE = re.compile(r"^predictions\.rank(\d+)\.jsonl$")
 
 
@@ -90,10 +93,21 @@ def _pad_token_id(model: Any, processor: Any) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _stop_ids(model: Any, processor: Any) -> set[int]:
+    """The token ids that end an answer: the generation config's eos (the door adds the chat template's end of
+    turn there), else the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(processor, "tokenizer", processor), "eos_token_id", None)
+    return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None}
+
+
 @torch.inference_mode()
-def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str],
-                   max_new_tokens: int) -> list[str]:
-    """Greedy, KV-cached generation for one batch of (image, rendered prompt); returns decoded texts.
+def generate_batch_hits(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str],
+                        max_new_tokens: int) -> tuple[list[str], list[bool]]:
+    """Greedy, KV-cached generation for one batch of (image, rendered prompt): (decoded texts, whether each
+    hit the budget: all `max_new_tokens` new tokens taken and no end-of-turn / eos token among them, so the
+    answer was cut off rather than finished).
 
     Left padding is asked of the processor for this call only (the processor is not changed).
     Nothing is truncated, so image tokens are always all there.
@@ -110,13 +124,23 @@ def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: S
     output = model.generate(**batch, do_sample=False, use_cache=True, max_new_tokens=max_new_tokens,
                             num_beams=1, pad_token_id=_pad_token_id(model, processor))
     new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+    stops = _stop_ids(model, processor)
+    full = new_tokens.shape[1] >= max_new_tokens
+    hits = [bool(full and not any(int(t) in stops for t in row)) for row in new_tokens.tolist()]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True), hits
+
+
+def generate_batch(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str],
+                   max_new_tokens: int) -> list[str]:
+    """The decoded texts of `generate_batch_hits`."""
+    return generate_batch_hits(model, processor, images, prompts, max_new_tokens)[0]
 
 
 def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSample], task: str,
                          batch_size: int = 8, max_new_tokens: int | None = None,
                          prompt_fn: Callable[[EvalSample], str] | None = None,
-                         progress: bool = False, desc: str | None = None) -> list[dict[str, Any]]:
+                         progress: bool = False, desc: str | None = None,
+                         mark_budget: bool = False) -> list[dict[str, Any]]:
     """Official-format prediction records for `samples` (in their order).
 
     Args:
@@ -126,6 +150,8 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
         prompt_fn: rendered prompt of a sample (default: ``sample_prompt(task, sample, processor)``);
             the long-context evaluation passes its extended prompts through here.
         desc: the progress bar's label (default ``generate {task}``).
+        mark_budget: each record also says whether its answer hit the budget (``"hit_budget"``: cut off at
+            `max_new_tokens` without the end-of-turn token); not an official field, for rank shards only.
     """
     if task not in PREDICTION_KEYS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(PREDICTION_KEYS)}")
@@ -141,8 +167,11 @@ def generate_predictions(model: Any, processor: Any, samples: Iterable[EvalSampl
         starts = range(0, len(items), batch_size)
         for start in tqdm(starts, desc=desc or f"generate {task}", disable=not progress, unit="batch"):
             chunk = items[start:start + batch_size]
-            texts = generate_batch(model, processor, [s.image for s in chunk], [make_prompt(s) for s in chunk], budget)
-            records.extend(prediction_record(task, s.sample_id, postprocess_answer(task, t)) for s, t in zip(chunk, texts))
+            texts, hits = generate_batch_hits(model, processor, [s.image for s in chunk],
+                                              [make_prompt(s) for s in chunk], budget)
+            for sample, text, hit in zip(chunk, texts, hits):
+                record = prediction_record(task, sample.sample_id, postprocess_answer(task, text))
+                records.append({**record, BUDGET_KEY: hit} if mark_budget else record)
     finally:
         if was_training:
             model.train()
@@ -173,11 +202,12 @@ def run_generation(model: Any, processor: Any, samples: Sequence[EvalSample], ta
                    max_new_tokens: int | None = None, progress: bool = False, desc: str | None = None) -> Path:
     """Generate this rank's share of `samples` and write its shard; returns the shard path.
 
-    Every rank calls this; after a barrier, one rank calls ``merge_prediction_shards``.
+    Every rank calls this; after a barrier, one rank calls ``merge_prediction_shards`` (the official file) and
+    ``shard_budget_hits`` (which answers hit the budget: the shards say it per record).
     """
     mine = shard_samples(samples, rank, world_size)
     records = generate_predictions(model, processor, mine, task, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=progress, desc=desc)
+                                   max_new_tokens=max_new_tokens, progress=progress, desc=desc, mark_budget=True)
     return write_prediction_shard(records, out_dir, rank)
 
 
@@ -233,3 +263,16 @@ def merge_prediction_shards(shards: Path | Sequence[Path], task: str, out_path: 
     if out_path is not None:
         write_json_atomic(records, Path(out_path))
     return records
+
+
+def shard_budget_hits(shards: Path, task: str, world_size: int | None = None) -> dict[str, bool]:
+    """str(id) -> whether its answer hit the budget, from the rank shards of a folder (the first rank's record of
+    an id wins, as in ``merge_prediction_shards``); records without the field are left out."""
+    from eval.predictions import id_key
+
+    hits: dict[str, bool] = {}
+    for path in find_shards(Path(shards), world_size):
+        for record in read_records(path) if path.stat().st_size else []:
+            if isinstance(record, dict) and BUDGET_KEY in record and id_key(task) in record:
+                hits.setdefault(str(record[id_key(task)]), bool(record[BUDGET_KEY]))
+    return hits

@@ -65,20 +65,25 @@ def score_predictions(task: str, refs: Any, predictions: Sequence[Mapping[str, A
 def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[str, Any]], out_dir: Path,
                        batch_size: int, accelerator, label: str = "",
                        timing: dict[str, Any] | None = None, notes: list[str] | None = None,
-                       conversation_metric: str = "auto") -> dict[str, Any] | None:
+                       conversation_metric: str = "auto", budget: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Generate this rank's share, merge and validate on rank 0, score. Returns the scores on rank 0, else None.
 
     `timing`, when given, receives the generation's wall time over all ranks (up to the barrier);
     `notes` (main process) receives why a results file is not in its official format, if it is not.
+    `budget` is the task's generation budget (``eval.budget.resolve_budget``; default: the task's own); the
+    scores' ``budget`` block says it and how many answers hit it.
     """
-    from eval.generate import merge_prediction_shards, run_generation, sample_prompt
+    from eval.budget import budget_block, resolve_budget
+    from eval.generate import merge_prediction_shards, run_generation, sample_prompt, shard_budget_hits
 
+    budget = dict(budget or resolve_budget(task, None, processor))
     samples, refs = samples_and_references(task, examples)
     shards = out_dir / f"{task}_shards"
     start = time.perf_counter()
     run_generation(model, processor, samples, task, shards, rank=accelerator.process_index,
                    world_size=accelerator.num_processes, batch_size=batch_size,
-                   progress=accelerator.is_main_process, desc=f"{label}{task}")
+                   max_new_tokens=budget["max_new_tokens"], progress=accelerator.is_main_process,
+                   desc=f"{label}{task}")
     accelerator.wait_for_everyone()
     if timing is not None:
         timing.update(timing_record(len(samples), time.perf_counter() - start))
@@ -86,14 +91,17 @@ def generate_and_score(model, processor, task: str, examples: Sequence[Mapping[s
     def merge_and_score() -> dict[str, Any]:
         path = out_dir / f"{task}_predictions.json"
         predictions = merge_prediction_shards(shards, task, path, world_size=accelerator.num_processes)
+        hits = shard_budget_hits(shards, task, world_size=accelerator.num_processes)
         check = results_file_check(predictions, task, path, notes)
-        scores = {**score_predictions(task, refs, predictions, conversation_metric), "results_file": check}
+        scores = {**score_predictions(task, refs, predictions, conversation_metric), "results_file": check,
+                  "budget": budget_block(budget, hits, [str(s.sample_id) for s in samples])}
         if task == "conversations":  # per sample: what was asked, what was expected, what came, how it scored
             from eval.predictions import write_jsonl_atomic
 
             answers = {str(p["id"]): p["prediction"] for p in predictions}
             write_jsonl_atomic(({"id": s.sample_id, "prompt": sample_prompt(task, s, processor), "reference": refs[str(s.sample_id)],
                                  "prediction": answers.get(str(s.sample_id), ""),
+                                 "hit_budget": hits.get(str(s.sample_id), False),
                                  "scores": scores["per_sample"][str(s.sample_id)]} for s in samples),
                                out_dir / f"{task}_samples.jsonl")
         return scores

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from eval.budget import check_budgets, resolve_budget
 from eval.generate import EvalSample
 from eval.generation_tasks import generate_and_score, results_file_check
 from eval.long_context import context_length_of, plan_for_model
@@ -191,7 +192,8 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
                     batch_size: int = 8,
                     long_context: LongContextSettings | Sequence[LongContextSettings] | None = None,
                     say: Callable[[str], None] = print, conversation_metric: str = "auto",
-                    loss_max_length: int = 4096) -> EvalResults:
+                    loss_max_length: int = 4096, max_new_tokens: Mapping[str, int | str] | None = None,
+                    answers_dir: Path | None = None) -> EvalResults:
     """Score every model of `models` on the same `examples` (the same list on every rank).
 
     Args:
@@ -199,6 +201,9 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
             ``examples["caption"]``, once per `long_context` settings: several filler kinds side by side).
         conversation_metric: the conversations task's headline (``eval.conversation_metrics``).
         loss_max_length: the token limit of the rows `test_loss` scores (the training collator's rule).
+        max_new_tokens: generation budget per task (``eval.budget``: tokens, or `auto` for conversations; a task
+            not named keeps data.prompts' budget); `auto` is measured per model, in its own tokens, on the
+            training answers of `answers_dir` (a prepared conversations split).
         examples: task -> decoded examples (``load_eval_examples``).
         say: where the main process prints what a user should see (skipped buckets).
     """
@@ -209,6 +214,12 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a name: {names}")
     check_inputs(tasks, examples, long_context)
+    max_new_tokens = check_budgets(max_new_tokens or {}, "max_new_tokens")
+    if "conversations" in tasks and max_new_tokens.get("conversations") == "auto" and answers_dir is None:
+        from eval.errors import EvalInputError
+
+        raise EvalInputError("max_new_tokens conversations=auto: no training split of the conversations to measure "
+                             "its answers on")
     main = accelerator.is_main_process
     results = EvalResults(sources={m.name: m.source for m in models})
     plans: dict[str, tuple[list[int], dict[int, str]]] = {}  # settings key -> the first model's buckets, skips
@@ -220,9 +231,10 @@ def evaluate_models(models: Sequence[ModelEntry], tasks: Sequence[str],
         scores: dict[str, Any] = {}
         timings = results.timings.setdefault(entry.name, {}) if main else {}
         for task in (t for t in tasks if t in GENERATION_TASKS):
+            budget = resolve_budget(task, max_new_tokens, processor, model, answers_dir)
             result = generate_and_score(model, processor, task, examples[task], folder, batch_size, accelerator,
                                         label, timings.setdefault(task, {}), results.notes if main else None,
-                                        conversation_metric)
+                                        conversation_metric, budget)
             if result is not None:
                 scores[task] = result
                 if task == "conversations" and entry.name == models[0].name:

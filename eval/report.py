@@ -16,17 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from eval.predictions import write_json_atomic, write_text_atomic
+from eval.report_data import data_headline, data_section  # noqa: F401 - data_section is also the tests'
 
 SCHEMA_VERSION = 2
 # Tables with one entry per item or per fine-grained type: kept out of the report table.
 DETAIL_KEYS = frozenset({"perQuestion", "per_image", "per_sample", "per_item", "missing_ids", "perQuestionType",
-                         "perSemanticType", "perStructuralType", "results_file"})
+                         "perSemanticType", "perStructuralType", "results_file", "budget", "bleu_counts"})
 INVALID_MARK = " (invalid file)"
 # Bookkeeping numbers that are not scores.
 _NOT_SCORES = frozenset({"num_questions", "num_predictions", "num_images", "num_binary", "num_open", "missing",
                          "duplicates", "ignored_unbalanced", "num_samples", "coverage", "prompt_tokens",
                          "num_examples", "context_length", "schema", "headline_value", "tokens", "dropped"})
-_LARGE_KEYS = frozenset({"perQuestion", "per_image", "per_sample", "per_item"})
+_LARGE_KEYS = frozenset({"perQuestion", "per_image", "per_sample", "per_item", "bleu_counts"})
+# what a row of the table is, where its name alone does not say (conversations: corpus statistics)
+ROW_LABELS = {"conversations.bleu4": "conversations.bleu4 (corpus BLEU-4 x100)",
+              "conversations.cider": "conversations.cider (corpus CIDEr-D)"}
+METRIC_NOTES = ("Captions: pycocoevalcap raw values (CIDEr 1.162 = 116.2 in papers). VQAv2: official vqaEval accuracy, "
+                "percent. GQA: exact match on balanced questions after LLaVA's conversion, percent. Conversations: "
+                "exact_match, token_f1 and anls are means over the answers (x100); bleu4 is pycocoevalcap's corpus "
+                "Bleu_4 x100 and cider its corpus CIDEr (CIDEr-D, raw); per-answer values (bleu4_sentence, "
+                "cider_sentence) are in each model's conversations_samples.jsonl.")
 
 
 def _is_number(value: Any) -> bool:
@@ -93,73 +102,6 @@ def _cell(flat: Mapping[str, float], key: str, invalid: Sequence[str]) -> str:
     return text + INVALID_MARK if text and any(key.startswith(p) for p in invalid) else text
 
 
-def data_headline(data: Mapping[str, Any] | None) -> list[str]:
-    """The report's first lines: how many examples of each scored split were scored, and any loss, with why."""
-    from data.accounting import describe_loss, describe_train_loss
-
-    if not data:
-        return []
-    lines = []
-    evals = data.get("eval") or {}
-    lost = [describe_loss(a) for a in evals.values() if a.get("lost_anything")]
-    if lost:
-        lines += [f"**Data lost, scores cover only what was read.** {'; '.join(lost)}."]
-    elif evals:
-        counts = ", ".join(f"{t} {a['scored']} of {a['wanted']}" for t, a in evals.items())
-        lines.append(f"Scored every wanted example ({counts}, {next(iter(evals.values()))['split']} split); "
-                     "nothing skipped.")
-    for stage in ("base", "train"):
-        for account in (data.get(stage) or {}).values():
-            line = describe_train_loss(account)
-            if line:
-                lines.append(f"**Training data lost ({stage} stage):** {line}.")
-    return [x for line in lines for x in (line, "")]  # one paragraph each
-
-
-def data_section(data: Mapping[str, Any] | None) -> list[str]:
-    """'## Data': per scored task what its split holds, what was scored and lost by reason; per training
-    stream the totals and every epoch that lost something."""
-    from data.accounting import KINDS, LABELS
-
-    if not data:
-        return []
-    lines = ["", "## Data", ""]
-    evals = data.get("eval") or {}
-    if evals:
-        kinds = ["shards_left_out", "damaged_shards_read", "corrupt_images", "bad_records"]
-        lines += ["| task | split | examples held | wanted | scored | lost | " + " | ".join(LABELS[k] for k in kinds)
-                  + " | skipped at prepare |", "|---|---|" + "---:|" * (5 + len(kinds))]
-        for task, a in evals.items():
-            cells = [str(a["skipped"].get(k, 0)) for k in kinds]
-            lines.append(f"| {task} | {a['split']} | {a['holds']} | {a['wanted']} | {a['scored']} | {a['lost']} | "
-                         + " | ".join(cells) + f" | {a.get('skipped_at_prepare', 0)} |")
-        left = [s for a in evals.values() for s in a["shards_left_out"]]
-        lines += [""] if left else []
-        for a in evals.values():
-            lines += [f"- {a['task']}: left out {s['shard']} ({s['reason']}; {s['images']} images, {s['units']} "
-                      "captions / questions)" for s in a["shards_left_out"]]
-    streams = [(stage, role, a) for stage in ("base", "train") for role, a in (data.get(stage) or {}).items()]
-    if streams:
-        kinds = ["shards_left_out", *KINDS]
-        lines += ["", "Training streams (counts summed over ranks; per epoch in the stage's summary.json):", "",
-                  "| stage | split | epoch | " + " | ".join(LABELS[k] for k in kinds) + " |",
-                  "|---|---|---|" + "---:|" * len(kinds)]
-        for stage, _, a in streams:
-            rows = [("total", a["total"])] + [(str(r["epoch"]), {"shards_left_out": a["total"]["shards_left_out"], **r})
-                                              for r in a["per_epoch"] if any(r.get(k) for k in KINDS)]
-            for epoch, row in rows:
-                lines.append(f"| {stage} | {a['split']} | {epoch} | " + " | ".join(str(row.get(k, 0)) for k in kinds)
-                             + " |")
-        made = [(stage, a) for stage, _, a in streams if (a.get("made") or {}).get("long_context_examples")]
-        lines += [""] if made else []
-        lines += [f"- {stage} ({a['split']}): {a['made']['long_context_examples']} long-context training examples "
-                  f"built (data.long_context; {a['made'].get('long_context_no_pool', 0)} drawn before the filler "
-                  "pool had another image's caption, kept short)" for stage, a in made]
-    from data.data_card import render_card
-
-    return lines + render_card(data.get("card"))
-
-
 def _delta(a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return ""
@@ -177,6 +119,7 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
     per model against `reference`; scores from a results file that fails its official schema are marked
     "(invalid file)"), the paired-bootstrap differences when given, coverage notes, `notes`, the data
     accounting, plots."""
+    from eval.budget import budget_lines
     from eval.compare import format_difference
 
     flat = {name: flatten_scores(tasks) for name, tasks in models.items()}
@@ -189,7 +132,7 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
         lines += [f"- **{name}**: `{sources[name]}`" for name in names if name in sources] + [""]
     if len(names) == 1:
         lines += ["| metric | value |", "|---|---:|"]
-        lines += [f"| {key} | {_cell(flat[names[0]], key, invalid[names[0]])} |" for key in rows]
+        lines += [f"| {ROW_LABELS.get(key, key)} | {_cell(flat[names[0]], key, invalid[names[0]])} |" for key in rows]
     else:
         ordered = ([reference] if reference in models else []) + [n for n in names if n != reference]
         deltas = ["delta"] if len(others) == 1 else [f"{n} - {reference}" for n in others]
@@ -197,7 +140,7 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
         for key in rows:
             cells = [_cell(flat[n], key, invalid[n]) for n in ordered]
             cells += [_delta(flat[n].get(key), flat[reference].get(key)) for n in others]
-            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ROW_LABELS.get(key, key)} | " + " | ".join(cells) + " |")
     if not rows:
         lines.append("| (no metrics) | |")
     if differences and others:
@@ -212,7 +155,13 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
             for key in keys:
                 count = next((differences[n][key]["items"] for n in others if key in differences.get(n, {})), 0)
                 cells = [format_difference(differences.get(n, {}).get(key, {})) for n in others]
-                lines.append(f"| {key} | {count} | " + " | ".join(cells) + " |")
+                lines.append(f"| {ROW_LABELS.get(key, key)} | {count} | " + " | ".join(cells) + " |")
+            if any(r.get("statistic") == "corpus" for n in others for r in differences.get(n, {}).values()):
+                lines += ["", "Corpus BLEU-4: the difference of the two corpus values; each resample draws answers "
+                              "and recomputes both from their n-gram counts (not a mean of sentence BLEUs)."]
+    budgets = budget_lines(models)
+    if budgets:
+        lines += ["", "## Generation budget", "", *[f"- {line}" for line in budgets]]
     coverage = [line for name in names for line in _coverage_lines(models[name], name)]
     if coverage:
         lines += ["", "## Coverage", "", *coverage]
@@ -226,8 +175,7 @@ def render_comparison(models: Mapping[str, Mapping[str, Any]], reference: str | 
         for name, per in timings.items():
             cells = [f"{per[t]['samples_per_second']:.3f}" if per.get(t, {}).get("seconds") else "" for t in tasks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Captions: pycocoevalcap raw values (CIDEr 1.162 = 116.2 in papers). VQAv2: official "
-              "vqaEval accuracy, percent. GQA: exact match on balanced questions after LLaVA's conversion, percent."]
+    lines += ["", METRIC_NOTES]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({path})" for name, path in plots.items()]

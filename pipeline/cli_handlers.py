@@ -153,6 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         verify_shards=not args.no_verify_shards, timeout_minutes=args.timeout_minutes,
         conversation_metric=args.conversation_metric, quantization=eval_quantization(args),
         double_quant=not args.no_double_quant, chat_template=args.chat_template,
+        max_new_tokens=args.max_new_tokens,
     )
     if result:  # the main process: show the report
         print(Path(result["report"]).read_text(encoding="utf-8"))

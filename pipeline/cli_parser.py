@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "exact_match", "token_f1", "anls", "bleu4", "cider"],
                    help="headline of the conversations task (auto: exact match for short answers, CIDEr for "
                         "sentences); every metric is reported")
+    p.add_argument("--max-new-tokens", metavar="TASK=N,...",
+                   help="generation budgets, e.g. conversations=auto,caption=32 (auto, for conversations: measured "
+                        "on the --data's conversations train split in each model's tokens); a task not named keeps "
+                        "its default (64 caption and conversations, 16 short answers)")
     p.add_argument("--adapter", action="append", metavar="[NAME=]PEFT_DIR",
                    help="also score the first MODEL with this PEFT adapter (folder or hub id) on top, unmerged "
                         "(repeatable); the first MODEL must be the adapter's base, not a run's merged model")

@@ -70,6 +70,23 @@ def filler_texts(distractor: str, root: Path, exclude: list[Any], eval_split: st
     return pool, f"{CAPTION_FILLER} ({eval_split} split, images not captioned)"
 
 
+def eval_budgets(given: str | dict[str, Any] | None, root: Path, tasks: Sequence[str]) -> tuple[dict[str, Any], Path | None]:
+    """(budgets per task, the conversations' train split when conversations=auto) of --max-new-tokens."""
+    from eval.budget import check_budgets, parse_budgets
+
+    try:
+        budgets = parse_budgets(given) if isinstance(given, str) else check_budgets(given or {}, "--max-new-tokens")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if budgets.get("conversations") != "auto" or "conversations" not in tasks:
+        return budgets, None
+    split = Path(root) / "conversations" / "train"
+    if not (split / "manifest.json").is_file():
+        raise UserError(f"--max-new-tokens conversations=auto measures the training answers: {split}/manifest.json "
+                        "is not there; give a number of tokens")
+    return budgets, split
+
+
 def make_eval_accelerator(timeout_minutes: int):
     """The Accelerator of ``structlora eval``, its process group (under torchrun / accelerate launch) made
     with the collective timeout `structlora run` uses: the default (10 minutes for NCCL) would kill the
@@ -102,13 +119,14 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
              damaged_shards: str = "error", verify_shards: bool = True,
              timeout_minutes: int = 240, conversation_metric: str = "auto",
              quantization: str | None = None, double_quant: bool = True,
-             chat_template: str | None = None) -> dict[str, Any]:
+             chat_template: str | None = None, max_new_tokens: str | dict[str, Any] | None = None) -> dict[str, Any]:
     """Score `models` (and the first one with each of `adapters`) on `data`; returns the output paths.
 
     `damaged_shards`: a shard that fails its manifest check (size, and sha256 with `verify_shards`)
     stops the command ("error") or is left out and its examples reported as lost ("skip").
     `timeout_minutes`: the collective timeout of the process group, as `structlora run`'s
-    `distributed_timeout_minutes`: rank 0 scores alone (Java METEOR on a large split) while the others wait."""
+    `distributed_timeout_minutes`: rank 0 scores alone (Java METEOR on a large split) while the others wait.
+    `max_new_tokens`: generation budgets ('conversations=auto,caption=32' or a mapping; `eval.budget`)."""
 
     from eval.harness import (
         GENERATION_TASKS,
@@ -132,6 +150,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     if reference is not None and reference not in names:
         raise UserError(f"--reference {reference}: not one of the models ({', '.join(names)})")
     root = shards_of(data)
+    budgets, answers_dir = eval_budgets(max_new_tokens, root, tasks)
     accelerator = make_eval_accelerator(timeout_minutes)
     checks = {"verify": verify_shards, "on_damaged": damaged_shards}
     accounts: dict[str, Any] = {}
@@ -153,7 +172,8 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
     gen_tasks = [t for t in tasks if t in GENERATION_TASKS or t in ("long_context", "test_loss")]
     out_dir = _out_dir(out, accelerator)
     results = evaluate_models(entries, gen_tasks, examples, out_dir, accelerator, batch_size, long_context,
-                              conversation_metric=conversation_metric)
+                              conversation_metric=conversation_metric, max_new_tokens=budgets,
+                              answers_dir=answers_dir)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
@@ -167,6 +187,7 @@ def run_eval(models: Sequence[str], data: Path, tasks: Sequence[str] = ("caption
                 "reference": reference or names[0], "dtype": str(resolve_dtype(dtype)).replace("torch.", ""),
                 "damaged_shards": damaged_shards, "verify_shards": verify_shards,
                 "timeout_minutes": timeout_minutes, "conversation_metric": conversation_metric,
+                "max_new_tokens": budgets,
                 "notes": results.notes,
                 "world_size": accelerator.num_processes, "environment": environment()}
     (out_dir / "eval_config.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from eval.budget import check_budgets, default_budgets
 from pipeline.schema_data import DataConfig
 from pipeline.schema_fields import option as _f
 from pipeline.schema_model import ModelConfig
@@ -111,6 +112,12 @@ class EvalConfig:
     conversation_metric: Literal["auto", "exact_match", "token_f1", "anls", "bleu4", "cider"] = _f(
         "auto", "headline of the conversations task: auto = exact match for short answers (median reference <= 3 "
         "words), CIDEr for sentences; every metric is reported either way")
+    max_new_tokens: dict[str, int | Literal["auto"]] = _f(
+        help="generation budget per task in new tokens (caption, vqav2, gqa, conversations; a task not named keeps "
+             "its default: 64 for caption and conversations, 16 for short answers). conversations: auto = measured "
+             "on the training split's answers in the model's own tokens (p99 + a margin, capped at 1024 or the "
+             "model's context; data.answer_budget), stated in the report, which also counts the answers that hit "
+             "their budget; the merged model's demo budget is the same", factory=default_budgets)
     split: str = _f("test", "split scored")
     max_samples: int | None = _f(None, "cap per task (None = all)")
     batch_size: int = _f(16, "generation batch size")
@@ -122,6 +129,9 @@ class EvalConfig:
                     "alone, not from copying captions); both = captions as `long_context` and neutral beside it as "
                     "`long_context_neutral`, same images and lengths")
     compare_base: bool = _f(True, "also score the base model")
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = check_budgets(self.max_new_tokens, "max_new_tokens")
 
 
 @dataclass

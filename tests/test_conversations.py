@@ -260,7 +260,9 @@ def test_generation_takes_text_only_and_multi_image_conversations_in_one_batch(t
                               examples, tmp_path, acc, batch_size=3, say=lambda _: None)
     block = results.scores["m"]["conversations"]
     assert block["num_samples"] == 3 and block["missing"] == 0 and block["results_file"]["valid"]
-    assert set(block["per_sample"]["m"]) == {"exact_match", "token_f1", "anls", "bleu4", "cider"}
+    assert set(block["per_sample"]["m"]) == {"exact_match", "token_f1", "anls", "bleu4_sentence", "cider_sentence"}
     rows = [json.loads(line) for line in (tmp_path / "m" / "conversations_samples.jsonl").open()]
+    assert block["budget"]["max_new_tokens"] == 64 and block["budget"]["setting"] == "default"
+    assert block["budget"]["answers"] == 3 and block["budget"]["hit"] == sum(r["hit_budget"] for r in rows)
     assert [r["id"] for r in rows] == ["t", "m", "o"] and rows[1]["reference"] == "the second"
     assert rows[0]["prompt"].startswith("be brief USER: what? ASSISTANT: a square</s>USER: is it red? ASSISTANT:")

@@ -36,6 +36,7 @@ def test_your_own_files_through_data_sources_run_every_stage_and_score(tmp_path)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     block = metrics["models"]["adapted"]["conversations"]
     assert block["headline"] == "exact_match" and block["num_samples"] == 12 and block["results_file"]["valid"]
+    assert block["budget"]["setting"] == "default" and block["budget"]["max_new_tokens"] == 64
     assert "conversations.exact_match" in metrics["differences"]["adapted"]
     assert metrics["data"]["eval"]["conversations"]["scored"] == 12
     report = (run / "eval" / "report.md").read_text()
@@ -47,7 +48,7 @@ def test_your_own_files_through_data_sources_run_every_stage_and_score(tmp_path)
             assert card["splits"][split]["records"] == counted["records"]
             assert card["splits"][split]["measured"] == min(counted["records"], 1000)
     rows = [json.loads(line) for line in (run / "eval" / "adapted" / "conversations_samples.jsonl").open()]
-    assert len(rows) == 12 and set(rows[0]) == {"id", "prompt", "reference", "prediction", "scores"}
+    assert len(rows) == 12 and set(rows[0]) == {"id", "prompt", "reference", "prediction", "hit_budget", "scores"}
     assert rows[0]["prompt"].rstrip().endswith("ASSISTANT:") and "</s>USER:" in rows[0]["prompt"]
     prompts = json.loads((run / "examples" / "prompts.json").read_text())  # the demo's examples, from test
     assert prompts and all((run / "examples" / name).is_file() for name in prompts)

@@ -117,8 +117,8 @@ def test_hash_depends_on_upstream_slices():
 
 
 def test_keys_added_later_leave_the_hashes_of_older_runs_alone(monkeypatch):
-    """A run written before model.quantization / double_quant, merge.quantization_paths and data.long_context.per
-    existed hashes as it did (an upgrade re-runs nothing), as long as they hold the value that behaves as before."""
+    """A run written before model.quantization / double_quant, merge.quantization_paths, data.long_context.per and
+    eval.max_new_tokens existed hashes as it did (an upgrade re-runs nothing), as long as they hold the value that behaves as before."""
     cfg = RunConfig()
     now = {s: runner.config_hash(cfg, s) for s in runner.STAGES}
     original = runner.to_dict
@@ -126,7 +126,7 @@ def test_keys_added_later_leave_the_hashes_of_older_runs_alone(monkeypatch):
     def as_before(c):
         d = original(c)
         d["model"].pop("quantization"), d["model"].pop("double_quant"), d["merge"].pop("quantization_paths")
-        d["data"]["long_context"].pop("per")
+        d["data"]["long_context"].pop("per"), d["eval"].pop("max_new_tokens")
         return d
 
     monkeypatch.setattr(runner, "to_dict", as_before)
@@ -134,3 +134,6 @@ def test_keys_added_later_leave_the_hashes_of_older_runs_alone(monkeypatch):
     monkeypatch.setattr(runner, "to_dict", original)
     cfg.model.quantization = "nf4"
     assert runner.config_hash(cfg, "base") == now["base"] and runner.config_hash(cfg, "train") != now["train"]
+    cfg = RunConfig()
+    cfg.eval.max_new_tokens = {**cfg.eval.max_new_tokens, "conversations": "auto"}  # re-runs eval and what follows
+    assert runner.config_hash(cfg, "train") == now["train"] and runner.config_hash(cfg, "eval") != now["eval"]

@@ -157,7 +157,8 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
     names = models or (("adapted", "base") if cfg.eval.compare_base else ("adapted",))
     models = [entries[name] for name in names]
     results = evaluate_models(models, tasks, examples, out, acc, cfg.eval.batch_size, long_context,
-                              conversation_metric=cfg.eval.conversation_metric, loss_max_length=cfg.data.max_length)
+                              conversation_metric=cfg.eval.conversation_metric, loss_max_length=cfg.data.max_length,
+                              max_new_tokens=cfg.eval.max_new_tokens, answers_dir=answers_split(ctx, tasks))
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return {}
@@ -168,6 +169,21 @@ def stage_eval(ctx: StageContext, models: tuple[str, ...] | None = None, folder:
                           data={"eval": accounts, **_training_data(ctx)})
     acc.wait_for_everyone()
     return {"metrics": str(paths["metrics"]), "report": str(paths["report"]), "headline": headline(results.scores)}
+
+
+def answers_split(ctx: StageContext, tasks: list[str] | None = None) -> Path | None:
+    """The prepared training split of the conversations when `eval.max_new_tokens.conversations` is auto (and
+    the conversations are evaluated, when `tasks` is given): its answers set the budget. None otherwise."""
+    from pipeline.errors import UserError
+    from pipeline.stages.common import shards_root
+
+    if ctx.cfg.eval.max_new_tokens.get("conversations") != "auto" or (tasks is not None and "conversations" not in tasks):
+        return None
+    path = shards_root(ctx) / "conversations" / "train"
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"eval.max_new_tokens.conversations: auto measures the training answers, and there is no "
+                        f"prepared training split of the conversations ({path}/manifest.json); give a number")
+    return path
 
 
 def _training_data(ctx: StageContext) -> dict[str, Any]:

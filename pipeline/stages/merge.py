@@ -113,6 +113,20 @@ def merge_device(model: torch.nn.Module, headroom: float = 1.3) -> str:
     return "cpu"
 
 
+def demo_budgets(ctx: StageContext, processor, model) -> dict[str, dict[str, Any]]:
+    """The evaluation's budgets (`eval.max_new_tokens`, resolved as the eval stage resolves them, conversations'
+    `auto` measured on the training answers with this processor) of the tasks the demo asks: caption, short
+    answers, and your conversations when the model learnt them."""
+    from app.prompting import chat_style
+    from eval.budget import resolve_budget
+    from pipeline.stages.evaluate import answers_split
+
+    cfg = ctx.cfg
+    tasks = ["caption", "vqav2"] + (["conversations"] if chat_style(cfg.data.tasks) else [])
+    return {t: resolve_budget(t, cfg.eval.max_new_tokens, processor, model,
+                              answers_split(ctx) if t == "conversations" else None) for t in tasks}
+
+
 def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     """Fold, check, save. Folding and the check run in float32 (a bf16 fold differs from the bf16
     unmerged model by ~1e-2 on its own); the merged weights are cast to `model.dtype` when saved."""
@@ -198,7 +212,9 @@ def merge_to(ctx: StageContext, out: Path) -> dict[str, Any]:
     if cfg.model.arch != "vit":  # how the demo asks it: the task wording and budgets it was trained with
         from app.prompting import style_for_tasks, write_style
 
-        write_style(model_dir, style_for_tasks(cfg.data.tasks))
+        budgets = demo_budgets(ctx, processor, reloaded)
+        write_style(model_dir, style_for_tasks(cfg.data.tasks, {t: b["max_new_tokens"] for t, b in budgets.items()}),
+                    budgets)
     base_dir = ctx.run_dir / "base" / "model"
     info = {"base_model": str(base_dir.resolve()) if base_dir.is_dir() else cfg.model.name_or_path,
             "run_dir": str(Path(ctx.run_dir).resolve()), "method": cfg.adapter.method}

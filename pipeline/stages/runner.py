@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from eval.budget import default_budgets
 from pipeline.config import load_config, save_config, to_dict
 from pipeline.context import StageContext
 from pipeline.errors import UserError
@@ -48,7 +49,7 @@ TRAIN_ONLY = {"data": ("long_context",), "model": ("quantization", "double_quant
 # run made before them is not re-run by an upgrade): (section, key[, subkey]) -> that value. `double_quant` means
 # nothing without quantization, so it goes with it.
 NEUTRAL_NEW_KEYS = {("model", "quantization"): "none", ("merge", "quantization_paths"): "auto",
-                    ("data", "long_context", "per"): "example"}
+                    ("data", "long_context", "per"): "example", ("eval", "max_new_tokens"): default_budgets()}
 
 StageFn = Callable[[StageContext], dict[str, Any]]
 
