@@ -93,12 +93,12 @@ def default_families(plan) -> list[dict[str, Any]]:
 def declared_families(spec: Any, source: str) -> list[dict[str, Any]] | None:
     """A plan's `families` ({name: selector}, in order; a family named `primary` first) as a list, checked;
     None when the plan declares none."""
-    from pipeline.errors import UserError
+    from eval.errors import EvalInputError
 
     if spec is None:
         return None
     if not isinstance(spec, dict) or not spec or next(iter(spec)) != "primary":
-        raise UserError(f"{source}: families: a mapping of name -> selector whose first family is `primary`, e.g. "
+        raise EvalInputError(f"{source}: families: a mapping of name -> selector whose first family is `primary`, e.g. "
                         "{primary: {group: grid, metrics: [test_loss]}, secondary: {group: grid}}")
     out = []
     for name, where in spec.items():
@@ -107,7 +107,7 @@ def declared_families(spec: Any, source: str) -> list[dict[str, Any]] | None:
         groups = where.get("group", "grid")
         groups = [groups] if isinstance(groups, str) else list(groups)
         if bad or name == "none" or any(g not in GROUPS for g in groups):
-            raise UserError(f"{source}: family {name!r}: selectors are {', '.join(SELECTORS)}; groups "
+            raise EvalInputError(f"{source}: family {name!r}: selectors are {', '.join(SELECTORS)}; groups "
                             f"{', '.join(GROUPS)}; `none` is reserved for tests outside every family")
         out.append({**where, "name": str(name), "group": groups})
     return out

@@ -128,8 +128,12 @@ def check_statistics(spec: dict[str, Any], source: str) -> None:
     the grid's: a grid cell trained with a tuning seed inherits the selection made on that seed's validation
     loss (its arm's rate was chosen because that seed did well), unless the plan says `reuse_tune_seeds`."""
     from eval.compare_tests import declared_families, reused_tuning_seeds
+    from eval.errors import EvalInputError
 
-    spec["families"] = declared_families(spec.get("families"), source)
+    try:
+        spec["families"] = declared_families(spec.get("families"), source)
+    except EvalInputError as err:
+        raise UserError(str(err)) from None
     primary = spec.get("primary_arms")
     if isinstance(primary, str):
         primary = [a.strip() for a in primary.split(",") if a.strip()]
