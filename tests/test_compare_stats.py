@@ -193,3 +193,45 @@ def test_benchmarks_shows_the_old_interval_beside_the_new_one():
         assert diff.strip() == f"{statistics.fmean(diffs):+.4f}"
         assert old == f"[{lo:+.4f}, {hi:+.4f}]" and new == f"[{tlo:+.4f}, {thi:+.4f}]"
         assert ratio == f"{(thi - tlo) / (hi - lo):.1f}"
+
+
+SENSITIVITY = {"the verdict (one per study, REML)": ([], "reml", False),
+               "one per study and rank (`--per-rank`)": ([], "reml", True),
+               "DerSimonian-Laird tau² (`--tau2 dl`)": ([], "dl", False),
+               "with the 4-bit pair (`bench/results/qlora:qlora,qlora_structlora`)":
+                   (["bench/results/qlora:qlora,qlora_structlora"], "reml", False),
+               "with the first study (`bench/results/study`)": (["bench/results/study"], "reml", False),
+               "with the 4-bit pair": (["bench/results/qlora:qlora,qlora_structlora"], "reml", False)}
+
+
+def test_the_sensitivity_rows_of_benchmarks_are_the_pools_they_name(tmp_path, monkeypatch, capsys):
+    from eval.compare_pool import pool
+
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    rows = [line[:-2].split(" | ") for line in text.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:]
+            in SENSITIVITY and line.count("|") == 12]
+    assert len(rows) == 7
+    for row in rows:
+        extra, method, per_rank = SENSITIVITY[row[0][2:]]
+        metric = "test_loss" if row[1] == "test loss" else "caption.CIDEr"
+        m, r = pool(POOLED + extra, ("lora", "structlora"), metric, tmp_path, method, per_rank)["sections"][0]
+        p, d = r["pooled"], m.digits
+        assert row[2:11] == [str(p["k"]), str(sum(e["pairs"] for e in r["entries"])), f"{p['mu']:+.{d}f}",
+                             f"[{p['lo']:+.{d}f}, {p['hi']:+.{d}f}]", f"{p['p']:.2g}", f"{p['tau']:.{d}f}",
+                             f"{100 * p['I2']:.0f}%", f"{p['mdd']:.{d}f}", f"[{p['wald_lo']:+.{d}f}, {p['wald_hi']:+.{d}f}]"]
+    capsys.readouterr()
+
+
+def test_compare_pool_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["compare", "--pool", "bench/results/qlora", "bench/results/long_context", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "StructLoRA minus LoRA, test loss, pooled over 2 comparisons (10 seed pairs, 2 base models)" in out
+    assert "pooled    " in out and "<" in out and (tmp_path / "forest.png").stat().st_size > 0
+    assert main(["compare", "--pool", str(tmp_path / "nothing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["compare", "--methods", "lora,structlora"]) == 2
+    assert "give a CONFIG" in capsys.readouterr().err
