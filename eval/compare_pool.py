@@ -119,7 +119,7 @@ def verdict_line(arm: str, ref: str, label: str, result: dict[str, Any], digits:
             f"({sum(e['pairs'] for e in used)} seed pairs, {len(bases)} base model{'s' if len(bases) > 1 else ''}): "
             f"{p['mu']:+.{digits}f}, 95% interval "
             f"[{p['lo']:+.{digits}f}, {p['hi']:+.{digits}f}] (random effects, {p['method'].upper()}, Hartung-Knapp), "
-            f"p {p['p']:.2g}; heterogeneity tau {p['tau']:.{digits}f}, I² {100 * p['I2']:.0f}% (Q {p['Q']:.2f}, "
+            f"p {p['p']:.2g} ({result.get('family', 'no')} family); heterogeneity tau {p['tau']:.{digits}f}, I² {100 * p['I2']:.0f}% (Q {p['Q']:.2f}, "
             f"{p['Q_df']} df, p {p['Q_p']:.2g}); detectable with 80% power: {p['mdd']:.{digits}f}.")
 
 
