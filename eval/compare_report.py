@@ -1,10 +1,11 @@
 """The report of `structlora compare`: report.md, report.json, cells.csv, tests.csv, learning_curves.png.
 
 Sections: the gate search (plan files with one), the learning rate per arm (with each arm's tuning
-budget), the test split per arm and rank, the effects against the reference (paired by seed, bootstrap
-interval, paired t, Holm over the family) with the power the seeds give, ablations against StructLoRA,
-long-context captioning per context length, update structure (with diagnostics), low data, the cost of
-each arm, and the learning curves. Primary metric first: the teacher-forced test loss unless --metric.
+budget), the test families (declared in the plan, or the defaults), the test split per arm and rank, the
+effects against the reference (paired by seed, t interval, paired t, Holm within each family) with the power
+the seeds give, the primary family without the tuning seeds (where the grid reused them), ablations against
+StructLoRA, long-context captioning per context length, update structure (with diagnostics), low data, the
+cost of each arm, and the learning curves. Primary metric first: the teacher-forced test loss unless --metric.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from eval.compare_stats import holm
+from eval.compare_stats import INTERVAL
 from eval.compare_tables import (
-    ablation_comparisons,
     cells_of,
-    comparisons,
     cost_table,
     diagnostics_table,
     effects_table,
@@ -35,6 +34,16 @@ from eval.compare_tables import (
     lr_table,
     power_lines,
     report_metrics,
+)
+from eval.compare_tests import (
+    ablation_comparisons,
+    assign,
+    comparisons,
+    families_of,
+    family_lines,
+    long_context_comparisons,
+    reused_tuning_seeds,
+    without_seeds,
 )
 
 
@@ -145,14 +154,12 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     tests = comparisons(arms, ref, grid, "grid", metrics) + [
         {**c, "fraction": f} for f in low["fractions"]
         for c in comparisons(low["arms"], ref, cells_of(lowdata, fraction=f), "lowdata", metrics)]
-    for c, adjusted in zip(tests, holm([c["p"] for c in tests])):
-        c["holm"] = adjusted
     ablations = ablation_comparisons(plan, grid, metrics)
     forgotten = comparisons(arms, ref, forgetting_view(grid), "forgetting", metrics)
-    for c, adjusted in zip(forgotten, holm([c["p"] for c in forgotten])):
-        c["holm"] = adjusted
-    for c, adjusted in zip(ablations, holm([c["p"] for c in ablations])):
-        c["holm"] = adjusted
+    lc_tests = long_context_comparisons(arms, ref, grid, plan.get("long_context_pairs"))
+    assign(tests + ablations + forgotten + lc_tests, families_of(plan))
+    reused = reused_tuning_seeds(plan) if grid else []
+    sensitivity = without_seeds(plan, grid, metrics, reused) if reused else []
     first = (gate_rows or lr_rows or grid or [{}])[0]
     primary = metrics[0].label if metrics else plan.get("metric", "test_loss")
     lower = metrics[0].lower_better if metrics else True
@@ -163,7 +170,16 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
              "", _commits_line(gate_rows + lr_rows + grid + list(lowdata)),
              *(["", _machines_line(grid + list(lowdata), bool(plan.get("lowdata")))] if grid or lowdata else []),
              *(["", f"**Partial report: {len(missing)} cells are not finished yet** (e.g. `{missing[0]}`): the "
-                "phases after the unfinished one are not shown."] if missing else [])]
+                "phases after the unfinished one are not shown."] if missing else []),
+             "", f"Statistics: every comparison is paired by seed. Interval: the {INTERVAL} of the mean paired "
+                 "difference (Student t, n - 1 degrees of freedom: the paired t-test's own, so it excludes 0 exactly "
+                 "when the unadjusted p is below 0.05; it assumes roughly normal differences between seeds). It is "
+                 "a per-test interval, not adjusted for multiplicity; the Holm p is.",
+             *(["", *family_lines(plan, tests + ablations + forgotten + lc_tests)] if grid or lowdata else []),
+             *(["", f"Tuning seeds: the grid's seeds {reused} were also tuning seeds (the plan reuses them, "
+                    "`reuse_tune_seeds`), so those seeds' grid cells inherit the selection made on their validation "
+                    "loss; section \"Without the tuning seeds\" repeats the primary family without them."]
+               if reused else [])]
     if gate_rows:
         g = plan["gate"]
         lines += ["", f"### 1. The gate (StructLoRA, rank {g['rank']}, validation loss over seeds {g['seeds']})", "",
@@ -184,19 +200,25 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
         power_arm = "structlora" if "structlora" in others else others[0]
         lines += ["", f"### 3. Test split (mean ± std over seeds {plan['seeds']})", "",
                   *grid_table(arms, grid, metrics, base),
-                  "", f"### Effects against {ref} (paired by seed; Holm over all {len(tests)} tests)", "",
+                  "", f"### Effects against {ref} (paired by seed; Holm within each test's family)", "",
                   *effects_table([c for c in tests if c["group"] == "grid"], ref),
                   "", "### Power", "", *power_lines(tests, metrics, power_arm, ref)]
+        if reused:
+            rest = [s for s in plan["seeds"] if s not in reused]
+            lines += ["", "### Without the tuning seeds", "", f"The primary family over seeds {rest} only (seeds "
+                      f"{reused} also tuned the learning rate{' and the gate' if plan.get('gate') else ''}): a "
+                      "sensitivity check outside every family, not corrected.", "",
+                      *(effects_table(sensitivity, ref) if sensitivity else ["(fewer than 2 seeds left)"])]
         if ablations:
-            lines += ["", f"### Ablations against structlora (paired by seed; Holm over these {len(ablations)} tests, "
-                      "a family of their own)", "", *effects_table(ablations, "structlora")]
+            lines += ["", "### Ablations against structlora (paired by seed; Holm within each test's family)", "",
+                      *effects_table(ablations, "structlora")]
         if forgotten or any(r.get("forgetting") for r in grid):
             split = next(r["forgetting"]["split"] for r in grid if r.get("forgetting"))
             lines += ["", f"### Forgetting: the `{split}` split (what the base model learned), before and after "
                       "adaptation", "", *forgetting_table(arms, grid, metrics, base), "",
-                      f"Against {ref} on the `{split}` split (paired by seed; Holm over these {len(forgotten)} tests, "
-                      "a family of their own):", "", *effects_table(forgotten, ref)]
-        lc = long_context_tables(arms, ref, grid, plan.get("long_context_pairs"))
+                      f"Against {ref} on the `{split}` split (paired by seed; Holm within each test's family):", "",
+                      *effects_table(forgotten, ref)]
+        lc = long_context_tables(lc_tests)
         if lc:
             lines += ["", "### Long-context captioning (CIDEr per context length)", "", *lc]
             if base is not None and base.get("long_context_cider"):
@@ -222,14 +244,15 @@ def write_report(plan, gate_rows, gate, lr_rows, scales, grid, lowdata, command:
     if curves is not None:
         lines += ["", f"![learning curves]({Path(os.path.relpath(curves, root)).as_posix()})"]
     _csv(gate_rows + lr_rows + grid + list(lowdata), out / "cells.csv")
-    _csv(tests + ablations + forgotten, out / "tests.csv")
+    _csv(tests + ablations + forgotten + lc_tests, out / "tests.csv")
     lines += ["", f"CSV: `{Path(os.path.relpath(out / 'cells.csv', root)).as_posix()}` (every cell), "
               f"`{Path(os.path.relpath(out / 'tests.csv', root)).as_posix()}` (every test)."]
     body = "\n".join(lines)
     (out / f"{name}.md").write_text(f"# {title}\n\n{body}\n")
     summary = {"command": command, "reference": ref, "arms": arms, "primary_metric": plan.get("metric", "test_loss"),
                "metrics": [m.key for m in metrics], "gate": gate, "lr_scales": scales, "missing": missing or [],
-               "tests": tests, "ablations": ablations, "forgetting": forgotten,
+               "interval": INTERVAL, "families": families_of(plan), "tests": tests, "ablations": ablations,
+               "forgetting": forgotten, "long_context": lc_tests, "without_tuning_seeds": sensitivity,
                "base": {k: (base or {}).get(k) for k in ("scores", "forgetting", "long_context_cider")} if base else None,
                "cells": [{k: r.get(k) for k in ("id", "name", "rank", "seed", "fraction", "scores", "val_losses",
                                                  "trainable_parameters", "step_seconds", "peak_rss_mb")}

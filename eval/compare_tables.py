@@ -1,9 +1,10 @@
 """The tables of a `structlora compare` report (eval.compare_report writes them out).
 
-Every comparison is paired by seed against the reference arm: the mean difference, its bootstrap 95%
-interval (seeds resampled), a paired two-sided t-test, the Holm-adjusted p over the whole family of
-comparisons, and the minimum detectable difference (MDD): the true difference a paired t-test over these
-seeds would find at alpha 0.05 with 80% power, given the observed spread of the paired differences.
+Every comparison is paired by seed (eval.compare_tests): the mean difference, its 95% t interval (the paired
+t-test's own), the paired two-sided t-test's p, the test's family and its Holm-adjusted p within that family,
+and the minimum detectable difference (MDD): the true difference a paired t-test over these seeds would find
+with 80% power at the family's Holm level for its smallest p (0.05 / m), given the observed spread of the
+paired differences.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import statistics
 from typing import Any, NamedTuple
 
-from eval.compare_stats import bootstrap_ci, compare, holm, normalized_scores, paired_p
+from eval.compare_stats import INTERVAL, normalized_scores
 
 
 class Metric(NamedTuple):
@@ -74,69 +75,42 @@ def by_seed(results: list[dict[str, Any]], key: str, scale: float) -> dict[int, 
     return {r["seed"]: value(r, key, scale) for r in results}
 
 
-def comparisons(arms: list[str], reference: str, results, group: str, metrics: list[Metric]) -> list[dict[str, Any]]:
-    """Every arm against the reference, per rank (a rank-free arm, full fine-tuning, at the largest rank)."""
-    out = []
-    ranks = sorted({r["rank"] for r in results if r["rank"]})
-    for arm in arms:
-        if arm == reference:
-            continue
-        for rank in ranks:
-            arm_rows = cells_of(results, name=arm, rank=rank) or (cells_of(results, name=arm, rank=0)
-                                                                  if rank == ranks[-1] else [])
-            # a rank-free reference (full fine-tuning) is every rank's
-            ref_rows = cells_of(results, name=reference, rank=rank) or cells_of(results, name=reference, rank=0)
-            if not arm_rows or not ref_rows:
-                continue
-            for m in metrics:
-                c = compare(by_seed(arm_rows, m.key, m.scale), by_seed(ref_rows, m.key, m.scale))
-                if c["n"]:
-                    out.append({"group": group, "arm": arm, "rank": rank, "metric": m.label, "key": m.key,
-                                "lower_better": m.lower_better, "digits": m.digits, **c})
-    return out
-
-
-def ablation_comparisons(plan, grid, metrics: list[Metric]) -> list[dict[str, Any]]:
-    """What each part of StructLoRA does: the paper variant and the ablations against StructLoRA itself (the
-    tests against the reference cannot say this), per rank where both ran."""
-    arms = [a for a in ("structlora_paper", *plan.get("ablation_arms", [])) if a in plan["arms"]]
-    if "structlora" not in plan["arms"] or not arms:
-        return []
-    return [{**c, "reference": "structlora"} for c in comparisons(arms, "structlora", grid, "ablation", metrics)]
-
-
 def effects_table(rows: list[dict[str, Any]], ref: str) -> list[str]:
-    """The tests, one per line; with fewer than 5 seeds a note: the percentile bootstrap of so few differences
-    is about their range (it can exclude 0 where the paired t-test is far from significant)."""
-    few = [c["n"] for c in rows if c["n"] < 5]
-    note = [] if not few else ["", f"With {min(few)} seed(s) per test the bootstrap interval is about the range of "
-                               "the paired differences; read the p values and the minimum detectable difference."]
-    return _effects_rows(rows, ref) + note
-
-
-def _effects_rows(rows: list[dict[str, Any]], ref: str) -> list[str]:
-    lines = [f"| rank | arm | metric | difference vs {ref} | 95% bootstrap CI | p | Holm p | verdict | "
-             "min. detectable |", "|---:|---|---|---:|---|---:|---:|---|---:|"]
+    """The tests, one per line, each with its family and its Holm p within that family."""
+    lines = [f"| rank | arm | metric | difference vs {ref} | {INTERVAL} | p | family | Holm p | verdict | "
+             "min. detectable (80%, family's Holm level) |", "|---:|---|---|---:|---|---:|---|---:|---|---:|"]
     for c in rows:
-        verdict = ""
-        if not math.isnan(c["holm"]) and c["holm"] < 0.05:
-            verdict = "**better**" if (c["diff"] < 0) == c["lower_better"] else "**worse**"
         d = c["digits"]
         lines.append(f"| {c['rank']} | {c['arm']} | {c['metric']} | {c['diff']:+.{d}f} | "
-                     f"[{c['lo']:+.{d}f}, {c['hi']:+.{d}f}] | {c['p']:.3g} | {c['holm']:.3g} | {verdict} | "
-                     f"{c['mdd']:.{d}f} |")
+                     f"[{c['lo']:+.{d}f}, {c['hi']:+.{d}f}] | {c['p']:.3g} | {family_cell(c)} | {holm_cell(c)} | "
+                     f"{verdict(c)} | {c['mdd']:.{d}f} |")
     return lines
 
 
+def family_cell(c: dict[str, Any]) -> str:
+    return c.get("family", "none") if c.get("family", "none") != "none" else "none (exploratory)"
+
+
+def holm_cell(c: dict[str, Any]) -> str:
+    return "not corrected" if c.get("family", "none") == "none" else f"{c['holm']:.3g}"
+
+
+def verdict(c: dict[str, Any]) -> str:
+    if c.get("family", "none") == "none" or math.isnan(c["holm"]) or c["holm"] >= 0.05:
+        return ""
+    return "**better**" if (c["diff"] < 0) == c["lower_better"] else "**worse**"
+
+
 def power_lines(rows: list[dict[str, Any]], metrics: list[Metric], arm: str, reference: str) -> list[str]:
-    lines = [f"| metric | seeds | smallest difference detectable ({PRETTY.get(arm, arm)} vs "
-             f"{PRETTY.get(reference, reference)}, median over ranks) |", "|---|---:|---:|"]
+    lines = [f"| metric | seeds | family | smallest difference detectable ({PRETTY.get(arm, arm)} vs "
+             f"{PRETTY.get(reference, reference)}, 80% power at the family's Holm level, median over ranks) |",
+             "|---|---:|---|---:|"]
     for m in metrics:
         mine = [c for c in rows if c["arm"] == arm and c["key"] == m.key and c["group"] == "grid"]
         mdds = [c["mdd"] for c in mine if math.isfinite(c["mdd"])]
         ns = [c["n"] for c in mine]
         if mdds:
-            lines.append(f"| {m.label} | {max(ns)} | {statistics.median(mdds):.4g} |")
+            lines.append(f"| {m.label} | {max(ns)} | {mine[0]['family']} | {statistics.median(mdds):.4g} |")
     return lines
 
 
@@ -231,31 +205,18 @@ def cost_table(arms, grid) -> list[str]:
     return lines
 
 
-def long_context_tables(arms: list[str], reference: str, grid, pairs: list[list[str]] | None = None) -> list[str]:
-    """CIDEr per context length, each arm with long-context scores against the reference (or each [arm, against]
-    of `pairs`, the plan's `long_context_pairs`): paired by seed, the percentile bootstrap interval, the paired
-    t-test's p and its Holm adjustment over the buckets of the rank (a family of their own)."""
+def long_context_tables(tests: list[dict[str, Any]]) -> list[str]:
+    """CIDEr per context length (eval.compare_tests.long_context_comparisons), a table per pair of arms: the
+    arms' mean ± std over seeds, the paired difference, its t interval, p, family and Holm p within the family."""
     lines: list[str] = []
-    for a, b in pairs or [(x, reference) for x in arms if x != reference]:
-        if not any(r.get("long_context_cider") for r in cells_of(grid, name=a)):
-            continue
+    for a, b in dict.fromkeys((c["arm"], c["against"]) for c in tests):
         lines += [*([""] if lines else []),
-                  f"| rank | context tokens | {b} CIDEr x100 | {a} CIDEr x100 | difference | 95% bootstrap CI | p | "
-                  "p (Holm) |", "|---:|---:|---|---|---:|---|---:|---:|"]
-        for rank in sorted({r["rank"] for r in grid if r["rank"]}):
-            ra, rb = cells_of(grid, name=a, rank=rank), cells_of(grid, name=b, rank=rank)
-            buckets = sorted({k for r in ra + rb for k in r.get("long_context_cider", {})}, key=int)
-            rows = []
-            for k in buckets:
-                va = {r["seed"]: 100 * r["long_context_cider"][k] for r in ra if k in r.get("long_context_cider", {})}
-                vb = {r["seed"]: 100 * r["long_context_cider"][k] for r in rb if k in r.get("long_context_cider", {})}
-                diffs = [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
-                rows.append((k, va, vb, diffs, paired_p(diffs)))
-            for (k, va, vb, diffs, p), adjusted in zip(rows, holm([row[-1] for row in rows])):
-                lo, hi = bootstrap_ci(diffs)
-                lines.append(f"| {rank} | {k} | {fmt(list(vb.values()), 1)} | {fmt(list(va.values()), 1)} | "
-                             f"{statistics.fmean(diffs) if diffs else math.nan:+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
-                             f"{p:.3g} | {adjusted:.3g} |")
+                  f"| rank | context tokens | {b} CIDEr x100 | {a} CIDEr x100 | difference | {INTERVAL} | p | "
+                  "family | Holm p |", "|---:|---:|---|---|---:|---|---:|---|---:|"]
+        for c in (c for c in tests if (c["arm"], c["against"]) == (a, b)):
+            lines.append(f"| {c['rank']} | {c['bucket']} | {fmt(c['against_values'], 1)} | {fmt(c['arm_values'], 1)} | "
+                         f"{c['diff']:+.1f} | [{c['lo']:+.1f}, {c['hi']:+.1f}] | {c['p']:.3g} | {family_cell(c)} | "
+                         f"{holm_cell(c)} |")
     return lines
 
 

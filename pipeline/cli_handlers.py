@@ -177,5 +177,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
           partial=args.partial, plan_file=args.plan, quick=args.quick, phases=args.phases,
           accelerate_config=args.accelerate_config, sbatch=args.sbatch, overrides=args.set or [],
           diagnostics=args.diagnostics, forgetting=args.forgetting_split, results=args.results,
-          rerun_other_base=args.rerun_other_base, command="structlora " + " ".join(sys.argv[1:]))
+          rerun_other_base=args.rerun_other_base, primary_arms=args.primary_arms,
+          reuse_tune_seeds=args.reuse_tune_seeds, pool=args.pool, per_rank=args.per_rank, tau2=args.tau2,
+          command="structlora " + " ".join(sys.argv[1:]))
     return 0

@@ -61,14 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
 
     p = add(sub, "compare", "compare methods fairly on a config: the same lr candidates per arm, paired seeds, "
-            "bootstrap intervals, Holm, power", cmd_compare)
-    p.add_argument("config", help="YAML config every cell shares (data, model, base), e.g. configs/tiny.yaml")
+            "t intervals, Holm within declared families, power; --pool: a meta-analysis of comparisons", cmd_compare)
+    p.add_argument("config", nargs="?", help="YAML config every cell shares (data, model, base), e.g. configs/tiny.yaml")
     p.add_argument("--methods", help="comma-separated arms, the first is the reference, e.g. lora,structlora,dora")
     p.add_argument("--ranks", default="8", help="comma-separated adapter ranks of the grid (default 8)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm and rank (default 3)")
     p.add_argument("--lr-grid", default="0.5,1,2", help="multiples of each arm's configured lr, chosen on validation "
                    "loss (default 0.5,1,2; one value: no search)")
-    p.add_argument("--tune-seeds", type=int, default=1, help="seeds per lr candidate (default 1)")
+    p.add_argument("--tune-seeds", type=int, default=1, help="seeds per lr candidate (default 1; seeds 1000, 1001, ...: "
+                   "never grid seeds)")
+    p.add_argument("--reuse-tune-seeds", action="store_true", help="tune on the grid's first seeds (0, 1, ...), as "
+                   "before issue 42: those grid cells inherit the lr selection (the report repeats the primary family "
+                   "without them)")
+    p.add_argument("--primary-arms", metavar="ARMS", help="the primary family: these arms' primary metric against the "
+                   "reference at each rank (default: every arm but the ablations); every other test is secondary")
+    p.add_argument("--pool", nargs="+", metavar="DIR", help="no CONFIG, nothing trains: pool these results folders "
+                   "(DIR or DIR:REF,ARM) by a random-effects meta-analysis of --methods REF,ARM (default lora,structlora), "
+                   "with a forest plot, into --out (default runs/pool)")
+    p.add_argument("--per-rank", action="store_true", help="with --pool: one comparison per folder and rank (they "
+                   "share seeds and base: not independent) instead of one per folder (each seed averaged over its ranks)")
+    p.add_argument("--tau2", choices=["reml", "dl"], default="reml", help="with --pool: the between-comparison "
+                   "variance's estimator, REML (default) or DerSimonian-Laird")
     p.add_argument("--metric", default="test_loss", help="primary metric: test_loss (default), caption.CIDEr, "
                    "vqav2.overall, gqa.accuracy, conversations.exact_match, ...")
     p.add_argument("--out", help="folder of the cells' run directories (default runs/compare-CONFIG)")

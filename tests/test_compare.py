@@ -72,8 +72,8 @@ def test_the_comparison_runs_every_phase_as_run_directories(uninterrupted):
     out = uninterrupted
     cells = results(out)
     assert sorted(cells) == ["base/base.json", "grid/lora-r8-s0.json", "grid/lora-r8-s1.json", "grid/structlora-r8-s0.json",
-                             "grid/structlora-r8-s1.json", "lr/lora.x1-r8-s0.json", "lr/lora.x2-r8-s0.json",
-                             "lr/structlora.x1-r8-s0.json", "lr/structlora.x2-r8-s0.json"]
+                             "grid/structlora-r8-s1.json", "lr/lora.x1-r8-s1000.json", "lr/lora.x2-r8-s1000.json",
+                             "lr/structlora.x1-r8-s1000.json", "lr/structlora.x2-r8-s1000.json"]
     base = cells.pop("base/base.json")  # the base model, scored as the grid cells are: nothing trained
     assert base["scores"].keys() == cells["grid/lora-r8-s0.json"]["scores"].keys() and "steps" not in base
     assert base["forgetting"]["split"] == "base" and "test_loss.caption" in base["forgetting"]["scores"]
@@ -94,7 +94,7 @@ def test_the_comparison_runs_every_phase_as_run_directories(uninterrupted):
     assert set(chosen) == {"lora", "structlora"} and set(chosen.values()) <= {1.0, 2.0}
     for name, cell in cells.items():  # the grid trains each arm at the rate its lr cells chose
         if name.startswith("grid/"):
-            lr = cells[f"lr/{cell['name']}.x{chosen[cell['name']]:g}-r8-s0.json"]["config"]["train"]["lr"]
+            lr = cells[f"lr/{cell['name']}.x{chosen[cell['name']]:g}-r8-s1000.json"]["config"]["train"]["lr"]
             assert cell["config"]["train"]["lr"] == lr
     text = (out / "results" / "report.md").read_text()
     for heading in ("### 2. Learning rate per arm", "### 3. Test split", "### Effects against lora", "### Power",
@@ -158,7 +158,7 @@ def test_slurm_writes_an_array_per_phase_and_report_only_gathers_the_cells(unint
     assert str(listing.resolve()) in script and not (out / "results" / "cells").exists()
     assert f'exec {sys.executable} -m pipeline.compare.cell "$SPEC"' in script
     assert sorted(json.loads(Path(s).read_text())["id"] for s in specs) == [
-        "lr/lora.x1-r8-s0", "lr/lora.x2-r8-s0", "lr/structlora.x1-r8-s0", "lr/structlora.x2-r8-s0"]
+        "lr/lora.x1-r8-s1000", "lr/lora.x2-r8-s1000", "lr/structlora.x1-r8-s1000", "lr/structlora.x2-r8-s1000"]
     # the scheduler runs array task 0: the script itself, with the task's id
     env = dict(cpu_env(), SLURM_ARRAY_TASK_ID="0", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     subprocess.run(["bash", str(out / "slurm" / "lr.sbatch")], env=env, check=True, capture_output=True, timeout=600)

@@ -1,6 +1,6 @@
 """Plans of `structlora compare` (bench/study_v2.yaml, run by bench/study_v2.py --quick): every phase (gate and
 lr searches on val loss, the grid on the test split with long-context captioning and update diagnostics, the
-low-data arm), the statistics (bootstrap intervals, Holm, minimum detectable difference), CSVs, the
+low-data arm), the statistics (t intervals, Holm within families, minimum detectable difference), CSVs, the
 learning-curve plot and the BENCHMARKS.md section, on a CI-sized grid; the frozen base; the committed study
 v2 cells reported again give study v2's tables."""
 
@@ -18,7 +18,7 @@ import yaml
 from _procs import load_bench
 from safetensors.torch import load_file, save_file
 
-from eval import compare_stats, compare_tables
+from eval import compare_stats, compare_tables, compare_tests
 from pipeline.compare import command as compare
 from pipeline.compare import plan as compare_plan
 from pipeline.compare import tuning
@@ -66,8 +66,10 @@ def test_quick_study_runs_every_phase_and_writes_the_report(quick_study):
     assert all(c["fraction"] == 0.5 for c in groups["lowdata"])
     with (tmp / "results" / "tests.csv").open() as f:
         tests = list(csv.DictReader(f))
-    assert {t["metric"] for t in tests} == {"test loss", "CIDEr x100", "VQA acc", "GQA acc"}
-    assert {t["group"] for t in tests} == {"grid", "lowdata"} and all("holm" in t for t in tests)
+    scored = [t for t in tests if t["group"] != "long_context"]  # the long-context buckets are tests too
+    assert {t["metric"] for t in scored} == {"test loss", "CIDEr x100", "VQA acc", "GQA acc"}
+    assert {t["group"] for t in tests} == {"grid", "lowdata", "long_context"}
+    assert all(t["family"] and "holm" in t for t in tests)
     assert (tmp / "results" / "learning_curves.png").stat().st_size > 0
     text = bench_md.read_text()
     for heading in ("## Method study v2", "### 1. The gate", "### 2. Learning rate per arm", "### 3. Test split",
@@ -159,8 +161,8 @@ def test_an_unfinished_study_is_not_reported_unless_partial(tmp_path):
 def test_statistics():
     report = compare_stats
     assert report.holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
-    lo, hi = report.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert 1.0 <= lo < 3.0 < hi <= 5.0
+    lo, hi = report.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # 3 -/+ t(0.975, 4) * sd / sqrt(5)
+    assert (lo, hi) == pytest.approx((3 - 2.7764 * 2.5**0.5 / 5**0.5, 3 + 2.7764 * 2.5**0.5 / 5**0.5), rel=1e-4)
     # paired t, alpha 0.05 two-sided, power 0.8, n = 5: (t_0.975,4 + t_0.8,4) * sd / sqrt(5)
     assert report.min_detectable(1.0, 5) == pytest.approx((2.7764 + 0.9410) / 5**0.5, rel=1e-3)
     assert math.isnan(report.min_detectable(0.0, 5)) and math.isnan(report.paired_p([1.0, 1.0]))
@@ -186,7 +188,7 @@ def test_the_low_data_table_shows_whether_the_model_overfits():
 
 
 def test_ablations_are_compared_with_structlora_in_a_family_of_their_own():
-    report = compare_tables
+    report = compare_tests
     spec = {"arms": {"lora": {}, "structlora": {}, "structlora_paper": {}, "no_ib": {}},
             "ablation_arms": ["no_ib", "no_coordinator"]}
 
@@ -197,13 +199,15 @@ def test_ablations_are_compared_with_structlora_in_a_family_of_their_own():
     grid += [cell("structlora", r, s, 1.0 + 0.01 * s) for r in (4, 16) for s in range(3)]
     grid += [cell("structlora_paper", r, s, 1.5 + 0.02 * s) for r in (4, 16) for s in range(3)]
     grid += [cell("no_ib", 16, s, 0.9 + 0.01 * s + 0.001 * (s == 1)) for s in range(3)]
-    metrics = [report.metric_of("test_loss")]
+    metrics = [compare_tables.metric_of("test_loss")]
     rows = report.ablation_comparisons(spec, grid, metrics)
     assert {(c["arm"], c["rank"]) for c in rows} == {("structlora_paper", 4), ("structlora_paper", 16), ("no_ib", 16)}
     assert all(c["reference"] == "structlora" and c["group"] == "ablation" and c["metric"] == "test loss" for c in rows)
     by = {(c["arm"], c["rank"]): c for c in rows}
     assert by[("structlora_paper", 4)]["diff"] == pytest.approx(0.51)
     assert by[("no_ib", 16)]["diff"] == pytest.approx(-0.1 + 0.001 / 3)
+    report.assign(rows, report.default_families({**spec, "reference": "lora"}))
+    assert {c["family"] for c in rows} == {"ablations"} and all(c["family_size"] == 3 for c in rows)
     assert report.ablation_comparisons({**spec, "arms": {"lora": {}, "structlora": {}}, "ablation_arms": []}, grid,
                                        metrics) == []
 
@@ -330,22 +334,18 @@ def test_the_committed_study_v2_cells_give_study_v2s_tables_again(tmp_path):
     plan["results"] = str(tmp_path)
     out = compare.run_compare(plan, report_only=True, command="test", report={"name": "study", "title": "t"})
     assert out["missing"] == []
-    lines = (results / "study.md").read_text().splitlines()
-    power = lines.index("### Power")  # its medians mixed the low-data tests in; the command's take the grid's only
-    end = next(i for i in range(power + 1, len(lines)) if lines[i].startswith("###"))
-    old = [x for x in lines[:power] + lines[end:] if x.startswith(("|", "###", "Tuning", "Chosen"))]
+    old = [x for x in (results / "study.md").read_text().splitlines()
+           if x.startswith(("|", "###", "Tuning", "Chosen", "- **"))]
     new = Path(out["report"]).read_text().splitlines()
     position = 0
-    for line in old:  # every line, in order (the report adds the cost table after them; the long-context
-        # table has gained a Holm column at its end since: its rows start as they did)
-        found = next((i for i in range(position, len(new)) if new[i] == line or (
-            "context tokens" in "".join(new[max(0, i - 20):i + 1]) and new[i].startswith(line))), None)
+    for line in old:  # every table line of the committed report, in order
+        found = next((i for i in range(position, len(new)) if new[i] == line), None)
         assert found is not None, line
         position = found + 1
     assert len(old) > 150
     tests = json.loads((tmp_path / "study.json").read_text())["tests"]
     grid_mdds = [c["mdd"] for c in tests if (c["group"], c["arm"], c["key"]) == ("grid", "structlora", "test_loss")]
-    assert f"| test loss | 5 | {statistics.median(grid_mdds):.4g} |" in new
+    assert f"| test loss | 5 | primary | {statistics.median(grid_mdds):.4g} |" in new
     changed = compare_plan.load_plan(ROOT / "bench" / "study_v2.yaml", tmp_path / "work")
     changed["base_config"] = str(ROOT / "configs" / "tiny.yaml")  # today's tiny.yaml: other configs, no cell reused
     changed["results"] = str(tmp_path)

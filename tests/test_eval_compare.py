@@ -129,9 +129,10 @@ def test_on_main_in_one_process_and_inputs_are_checked_before_loading():
         check_inputs(["long_context"], {"caption": [{}]}, settings)
 
 
-def test_long_context_tables_pair_arms_by_seed_with_holm_over_the_buckets():
+def test_long_context_tables_pair_arms_by_seed_with_holm_within_the_declared_family():
     from eval.compare_stats import holm, paired_p
     from eval.compare_tables import long_context_tables
+    from eval.compare_tests import assign, default_families, long_context_comparisons
 
     def cell(name, seed, cider):
         return {"name": name, "seed": seed, "rank": 8, "group": "grid", "long_context_cider": cider}
@@ -140,18 +141,22 @@ def test_long_context_tables_pair_arms_by_seed_with_holm_over_the_buckets():
     grid += [cell("structlora", s, {"96": 0.31 + 0.01 * s + 0.003 * (s % 2), "384": 0.20 + 0.01 * s})
              for s in range(5)]
     grid += [cell("lora_short", s, {"96": 0.25, "384": 0.05 + 0.001 * s}) for s in range(5)]
-    lines = long_context_tables(["lora", "structlora", "lora_short"], "lora", grid,
-                                pairs=[["structlora", "lora"], ["lora", "lora_short"]])
-    assert lines[0].endswith("| p | p (Holm) |") and "| lora CIDEr x100 | structlora CIDEr x100 |" in lines[0]
+    arms = ["lora", "structlora", "lora_short"]
+    tests = long_context_comparisons(arms, "lora", grid, pairs=[["structlora", "lora"], ["lora", "lora_short"]])
+    assign(tests, default_families({"arms": arms, "reference": "lora"}))
+    lines = long_context_tables(tests)
+    assert lines[0].endswith("| p | family | Holm p |") and "| lora CIDEr x100 | structlora CIDEr x100 |" in lines[0]
     assert any("| lora_short CIDEr x100 | lora CIDEr x100 |" in line for line in lines)
     rows = [line for line in lines if line.startswith("| 8 |")]
     assert len(rows) == 4
     d96 = [100 * (0.31 + 0.01 * s + 0.003 * (s % 2) - 0.30 - 0.01 * s) for s in range(5)]
     d384 = [100 * (0.20 + 0.01 * s - 0.10 - 0.02 * s) for s in range(5)]
-    adjusted = holm([paired_p(d96), paired_p(d384)])
+    # one family, `long_context`, over both pairs' buckets (4 tests), not a family per pair or rank
+    adjusted = holm([paired_p(d96), paired_p(d384), *(c["p"] for c in tests[2:])])
+    assert [r.split("|")[-3].strip() for r in rows[:2]] == ["long_context"] * 2
     assert rows[0].split("|")[-2].strip() == f"{adjusted[0]:.3g}" and rows[1].split("|")[-2].strip() == \
         f"{adjusted[1]:.3g}"
     assert rows[0].split("|")[2].strip() == "96" and rows[1].split("|")[2].strip() == "384"
     # without pairs: every arm against the reference (the study plans that name none)
-    default = long_context_tables(["lora", "structlora", "lora_short"], "lora", grid)
+    default = long_context_tables(long_context_comparisons(arms, "lora", grid))
     assert sum(line.startswith("| rank |") for line in default) == 2

@@ -1,21 +1,24 @@
 """`structlora compare`: does a method help on this model and this data? A fair, powered comparison.
 
     structlora compare CONFIG --methods lora,structlora [--ranks 8] [--seeds 3] [--lr-grid 0.5,1,2]
-                       [--tune-seeds 1] [--metric test_loss] [--jobs N] [--out DIR]
-                       [--launcher local|slurm] [--report-only [--partial]] [--plan FILE]
+                       [--tune-seeds 1] [--reuse-tune-seeds] [--metric test_loss] [--primary-arms ARMS]
+                       [--jobs N] [--out DIR] [--launcher local|slurm] [--report-only [--partial]] [--plan FILE]
+    structlora compare --pool DIR[:REF,ARM] [DIR...] [--methods REF,ARM] [--metric test_loss] [--out DIR]
 
 Phases, each a set of cells (pipeline.compare.cells), each cell an ordinary run directory (the
 tuning phases, 1 and 2, are pipeline.compare.tuning):
 0. prepare + base once, in OUT/shared: every cell adapts that one base on that one prepared data;
 1. gate (plan files only): StructLoRA's gate variants on validation loss, coordinate descent;
 2. lr: every arm gets the same candidates (multiples of its configured rate), chosen on the final
-   validation loss averaged over the tuning seeds; never on the test split;
+   validation loss averaged over the tuning seeds (disjoint from the grid's unless --reuse-tune-seeds);
+   never on the test split;
 3. grid: every arm x rank x seed at its chosen rate, scored on the test split (the teacher-forced test
    loss always; the config's eval tasks);
 4. lowdata (plan files only): a share of the training images for the same steps.
-Then the report (eval.compare_report): paired differences against the reference arm with bootstrap
-intervals, paired t-tests, Holm over the family, the minimum detectable difference, learning curves and
-cost per arm. Every phase skips its finished cells, so an interrupted comparison continues cell by cell.
+Then the report (eval.compare_report): paired differences against the reference arm with t intervals,
+paired t-tests, Holm within each declared family (eval.compare_tests), the minimum detectable difference at
+the family's Holm level, learning curves and cost per arm. --pool pools finished comparisons of one arm pair
+by a random-effects meta-analysis (eval.compare_pool). Every phase skips its finished cells, so an interrupted comparison continues cell by cell.
 """
 
 from __future__ import annotations
@@ -207,12 +210,30 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
                     partial: bool = False, plan_file: str | None = None, quick: bool = False,
                     phases: str | None = None, accelerate_config: str | None = None, sbatch: list[str] | None = None,
                     overrides: list[str] | None = None, diagnostics: bool = False, forgetting: str | None = None,
-                    results: str | None = None, command: str = "", rerun_other_base: bool = False) -> dict[str, Any]:
-    """`structlora compare`'s arguments -> a plan -> run_compare; prints where the report (or job array) is."""
+                    results: str | None = None, command: str = "", rerun_other_base: bool = False,
+                    primary_arms: str | None = None, reuse_tune_seeds: bool = False, pool: list[str] | None = None,
+                    per_rank: bool = False, tau2: str = "reml") -> dict[str, Any]:
+    """`structlora compare`'s arguments -> a plan -> run_compare; prints where the report (or job array) is.
+    With `pool`: the pooled meta-analysis of those results folders (no CONFIG, nothing trains)."""
     import os
 
     from pipeline.compare.plan import load_plan, plan_from_flags
 
+    if pool:
+        from eval.compare_pool import pool as pool_folders
+
+        pair = [m.strip() for m in (methods or "lora,structlora").split(",") if m.strip()]
+        if len(pair) != 2 or config:
+            raise UserError("--pool DIR [DIR...]: no CONFIG; --methods names one pair, REF,ARM (default lora,structlora)")
+        missing = [d for d in pool if not Path(d.partition(":")[0]).is_dir()]
+        if missing:
+            raise UserError(f"--pool: {', '.join(missing)}: not a folder (a comparison's results folder)")
+        result = pool_folders(pool, (pair[0], pair[1]), metric, Path(out or "runs/pool"), tau2, per_rank,
+                              command=command or "structlora compare --pool")
+        print(f"report: {result['report']}")
+        return result
+    if not config:
+        raise UserError("structlora compare: give a CONFIG (or --pool DIR [DIR...])")
     if not Path(config).is_file():
         raise UserError(f"{config}: config file not found")
     if threads is None:  # cells side by side share the cores; a Slurm task uses what it was given
@@ -226,6 +247,12 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
         plan["forgetting"] = forgetting or plan.get("forgetting")
         if results:
             plan["results"] = results
+        if primary_arms or reuse_tune_seeds:
+            from pipeline.compare.plan import check_statistics
+
+            plan["primary_arms"] = primary_arms or plan["primary_arms"]
+            plan["reuse_tune_seeds"] = reuse_tune_seeds or plan["reuse_tune_seeds"]
+            check_statistics(plan, plan_file)
     else:
         if not methods:
             raise UserError("--methods: name the methods to compare, e.g. --methods lora,structlora (or give --plan FILE)")
@@ -233,7 +260,9 @@ def compare_command(config: str, methods: str | None = None, ranks: str = "8", s
         plan = plan_from_flags(Path(config), [m.strip() for m in methods.split(",") if m.strip()],
                                _numbers(ranks, int, "--ranks"), seeds, _numbers(lr_grid, float, "--lr-grid"), tune_seeds,
                                metric, out_dir, threads, overrides, diagnostics, forgetting,
-                               Path(results) if results else None)
+                               Path(results) if results else None,
+                               [a.strip() for a in primary_arms.split(",") if a.strip()] if primary_arms else None,
+                               reuse_tune_seeds)
     if metric != "test_loss" or not plan_file:
         plan["metric"] = metric
     result = run_compare(plan, jobs=jobs, launcher=launcher, report_only=report_only, partial=partial,

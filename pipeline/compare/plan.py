@@ -11,6 +11,10 @@ arms, a low-data phase, a frozen base). Both become the same dictionary:
     gate (optional)             StructLoRA's gate search on validation loss, before the lr phase
     lr                          {rank, seeds, scales, arms, inherit}: every arm gets the same candidates
     ranks, seeds                the grid, scored on the test split
+    reuse_tune_seeds            allow tuning seeds (gate, lr) among the grid's seeds (default: refused; the
+                                command line's tuning seeds are 1000, 1001, ...: disjoint from the grid's)
+    families, primary_arms      the test families, declared before the data (eval.compare_tests; default:
+                                the primary metric of every arm against the reference at each rank, ...)
     ablation_arms, long_context_arms, lowdata, frozen_base, diagnostics (optional)
     score_base                  score the base model as the grid cells are scored (a row of its own)
     forgetting                  a split the base learned from, scored before and after adaptation
@@ -34,13 +38,14 @@ from pipeline.errors import UserError
 log = logging.getLogger("structlora.compare")
 
 PHASES = ("gate", "lr", "grid", "lowdata")
+TUNE_SEED_BASE = 1000  # the command line's tuning seeds: 1000, 1001, ... (the grid's are 0, 1, ...)
 METHODS = ("structlora", "lora", "dora", "adalora", "vera", "full")
 
 
 def plan_from_flags(config: Path, methods: list[str], ranks: list[int], seeds: int, lr_grid: list[float],
                     tune_seeds: int, metric: str, out: Path, threads: int, overrides: list[str] | None = None,
-                    diagnostics: bool = False, forgetting: str | None = None, results: Path | None = None
-                    ) -> dict[str, Any]:
+                    diagnostics: bool = False, forgetting: str | None = None, results: Path | None = None,
+                    primary_arms: list[str] | None = None, reuse_tune_seeds: bool = False) -> dict[str, Any]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods) or len(methods) < 2:
         raise UserError(f"--methods {','.join(methods)}: name two or more different methods from {', '.join(METHODS)}")
@@ -49,13 +54,16 @@ def plan_from_flags(config: Path, methods: list[str], ranks: list[int], seeds: i
     if not ranks or any(r < 1 for r in ranks) or seeds < 2 or tune_seeds < 1 or not lr_grid or min(lr_grid) <= 0:
         raise UserError("--ranks, --lr-grid: positive numbers; --seeds: at least 2 (differences are paired by "
                         "seed, an interval needs two); --tune-seeds: at least 1")
+    first = 0 if reuse_tune_seeds else TUNE_SEED_BASE  # the lr search's seeds, disjoint from the grid's by default
     return normalize({
         "base_config": str(config), "overrides": list(overrides or []), "work_dir": str(out),
         "results": str(results or Path(out) / "results"), "threads": threads, "budget": {},
         "arms": {m: {"adapter": {"method": m}} for m in methods}, "reference": methods[0],
-        "lr": {"rank": ranks[0], "seeds": list(range(tune_seeds)), "scales": list(lr_grid), "arms": list(methods)},
+        "lr": {"rank": ranks[0], "seeds": list(range(first, first + tune_seeds)), "scales": list(lr_grid),
+               "arms": list(methods)},
         "ranks": list(ranks), "seeds": list(range(seeds)), "metric": metric, "diagnostics": diagnostics,
-        "score_base": True, "forgetting": forgetting}, "command line")
+        "score_base": True, "forgetting": forgetting, "primary_arms": primary_arms,
+        "reuse_tune_seeds": reuse_tune_seeds}, "command line")
 
 
 def load_plan(path: Path, out: Path | None, quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -110,8 +118,36 @@ def normalize(spec: dict[str, Any], source: str) -> dict[str, Any]:
         spec["lowdata"]["arms"] = [a for a in spec["lowdata"]["arms"] if a in arms]
     spec.setdefault("score_base", False)
     spec.setdefault("forgetting", None)
+    check_statistics(spec, source)
     spec["phases"] = [p for p in PHASES if p in ("lr", "grid") or spec.get(p)]
     return spec
+
+
+def check_statistics(spec: dict[str, Any], source: str) -> None:
+    """The plan's test families (declared before the data), its primary arms, and tuning seeds kept apart from
+    the grid's: a grid cell trained with a tuning seed inherits the selection made on that seed's validation
+    loss (its arm's rate was chosen because that seed did well), unless the plan says `reuse_tune_seeds`."""
+    from eval.compare_tests import declared_families, reused_tuning_seeds
+    from eval.errors import EvalInputError
+
+    try:
+        spec["families"] = declared_families(spec.get("families"), source)
+    except EvalInputError as err:
+        raise UserError(str(err)) from None
+    primary = spec.get("primary_arms")
+    if isinstance(primary, str):
+        primary = [a.strip() for a in primary.split(",") if a.strip()]
+    if primary is not None and (not primary or any(a not in spec["arms"] or a == spec["reference"] for a in primary)):
+        raise UserError(f"{source}: primary arms {primary}: name arms other than the reference "
+                        f"'{spec['reference']}' among {list(spec['arms'])}")
+    spec["primary_arms"] = primary
+    spec["reuse_tune_seeds"] = bool(spec.get("reuse_tune_seeds"))
+    shared = reused_tuning_seeds(spec)
+    if shared and not spec["reuse_tune_seeds"]:
+        raise UserError(f"{source}: seeds {shared} are both tuning seeds (gate / lr) and grid seeds: their grid "
+                        "cells would inherit the selection made on them. Use other tuning seeds, or allow it with "
+                        "`reuse_tune_seeds: true` (--reuse-tune-seeds); the report then repeats the primary family "
+                        "without them")
 
 
 def make_cell(plan: dict[str, Any], group: str, name: str, settings: dict[str, Any], seed: int, split: str,
