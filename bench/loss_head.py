@@ -45,7 +45,10 @@ inputs) is not in it, nor Python objects or allocator caches:
 Real depth, by arithmetic from those measurements (not measured): step time + (real - skeleton trained layers) x the
 median forward + backward time of one layer, per tower; step peak + (real - skeleton) x the median saved
 activations of one layer, per tower (the head's transient sits on top of all layers' saved activations in both
-arms). Real depths: LLaVA-1.5-7B 24 CLIP layers (23 used) / 32 Llama; Qwen2.5-VL-7B 32 / 28; Gemma-3-4B 27 / 34.
+arms). The arms differ in the head + loss only, so the labelled step is also given as the full one less the
+measured head + loss saving (the difference of two step medians of a few rounds on shared cores is noisier); and
+the forward alone (what an evaluation runs) as the full forward + layers' forward times, less the head's forward
+saving. Real depths: LLaVA-1.5-7B 24 CLIP layers (23 used) / 32 Llama; Qwen2.5-VL-7B 32 / 28; Gemma-3-4B 27 / 34.
 
 Test loss (`eval.test_loss.example_losses`, batch 8, the collator and chat template of a run): a tiny Gemma 3
 (text 64 wide, 2 + 2 layers: `pipeline.models.presets.tiny.tiny_config("gemma3")`) with the real Gemma 3
@@ -285,8 +288,10 @@ def train_step(model, optimizer, clock: Clock, arm: str, inputs, labels) -> dict
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     end = time.perf_counter()
-    head = (backward - clock.head_start) + (clock.grad_in["head"] - backward)
-    return {"step": end - start, "head": head, "layers": clock.layer_times(), "loss": float(loss)}
+    head_forward = backward - clock.head_start
+    return {"step": end - start, "forward": backward - start, "head": head_forward + clock.grad_in["head"] - backward,
+            "head_forward": head_forward, "layers": clock.layer_times(),
+            "layers_forward": {k: clock.forward[k] for k in clock.layer_times()}, "loss": float(loss.detach())}
 
 
 def _head_loss(clock: Clock, arm: str, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -375,15 +380,16 @@ def run_skeleton(key: str, cases: list[str], rounds: int, shrink: bool) -> list[
 
 # ----------------------------------------------------------------------------- tables
 
-def per_layer(row: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """{tower: (median forward + backward seconds of one trained layer, median bytes one saves for its backward)},
-    over the layers timed at both ends in every round of both arms."""
+def per_layer(row: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """{tower: (median forward + backward seconds of one trained layer, median bytes one saves for its backward,
+    median forward seconds)}, over the layers timed at both ends in every round of both arms."""
     out = {}
     steps = [step for arm in ARMS for step in row["timings"][arm]]
     for tower in ("vision", "language"):
         keys = sorted({k for step in steps for k in step["layers"] if k[0] == tower})
         times = [step["layers"][k] for step in steps for k in keys if k in step["layers"]]
-        out[tower] = (median(times), median([float(row["saved"]["full"].get(k, 0)) for k in keys]))
+        forward = [step["layers_forward"][k] for step in steps for k in keys if k in step["layers_forward"]]
+        out[tower] = (median(times), median([float(row["saved"]["full"].get(k, 0)) for k in keys]), median(forward))
     return out
 
 
@@ -392,9 +398,17 @@ def real_depth(row: dict[str, Any]) -> dict[str, Any]:
     layers = per_layer(row)
     extra_time = (vision_real - vision_skel) * layers["vision"][0] + (text_real - text_skel) * layers["language"][0]
     extra_mem = (vision_real - vision_skel) * layers["vision"][1] + (text_real - text_skel) * layers["language"][1]
-    steps = {arm: median([s["step"] for s in row["timings"][arm]]) for arm in ARMS}
-    heads = {arm: median([s["head"] for s in row["timings"][arm]]) for arm in ARMS}
-    return {"layers": layers, "step": {a: steps[a] + extra_time for a in ARMS}, "head": heads,
+    extra_fwd = (vision_real - vision_skel) * layers["vision"][2] + (text_real - text_skel) * layers["language"][2]
+
+    def med(arm: str, key: str) -> float:
+        return median([s[key] for s in row["timings"][arm]])
+
+    steps, heads = {a: med(a, "step") + extra_time for a in ARMS}, {a: med(a, "head") for a in ARMS}
+    # the arms differ in the head + loss only: the labelled step = the full one less the measured saving
+    saved_step = steps["full"] - (heads["full"] - heads["labelled"])
+    forward = med("full", "forward") + extra_fwd
+    return {"layers": layers, "step": steps, "head": heads, "step_by_saving": saved_step,
+            "forward": forward, "forward_saving": med("full", "head_forward") - med("labelled", "head_forward"),
             "peak": {a: row["step_peak"][a] + extra_mem for a in ARMS}, "depth": (vision_real, text_real)}
 
 
@@ -434,18 +448,22 @@ def print_tables(rows: list[dict[str, Any]], rounds: int) -> None:
               f"{100 * p['labelled'] / row['step_peak']['labelled']:.0f}% |")
     print("\n### At the real depth, by arithmetic (measured per-layer cost x the real layer count; not measured)\n")
     print("| model | case | layers (vision / text) | one layer fwd+bwd (s, vision / text) | one layer saves "
-          "(MiB, vision / text) | step full (s) | step labelled (s) | labelled / full | head + loss share, full | "
-          "share, labelled | step peak full (MiB) | labelled (MiB) | loss peak share of step peak, full |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "(MiB, vision / text) | step full (s) | step labelled (s) | labelled / full | labelled: full less the "
+          "head + loss saving (s) | labelled / full, so | head + loss share, full | share, labelled | forward only "
+          "(eval): full (s) | labelled / full | step peak full (MiB) | labelled (MiB) | loss peak share of step "
+          "peak, full |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+          "---: | ---: |")
     for row in rows:
         r = real_depth(row)
-        (tv, sv), (tt, st) = r["layers"]["vision"], r["layers"]["language"]
-        s, h, pk = r["step"], r["head"], r["peak"]
+        (tv, sv, _), (tt, st, _) = r["layers"]["vision"], r["layers"]["language"]
+        s, h, pk, by = r["step"], r["head"], r["peak"], r["step_by_saving"]
         print(f"| {row['title']} | {row['case']} | {r['depth'][0]} / {r['depth'][1]} | {tv:.2f} / {tt:.2f} | "
               f"{sv / MiB:.0f} / {st / MiB:.0f} | {s['full']:.0f} | {s['labelled']:.0f} | "
-              f"{s['labelled'] / s['full']:.3f} | {100 * h['full'] / s['full']:.1f}% | "
-              f"{100 * h['labelled'] / s['labelled']:.2f}% | {pk['full'] / MiB:.0f} | {pk['labelled'] / MiB:.0f} | "
-              f"{100 * row['loss_peak']['full'] / pk['full']:.0f}% |")
+              f"{s['labelled'] / s['full']:.3f} | {by:.0f} | {by / s['full']:.3f} | {100 * h['full'] / s['full']:.1f}% | "
+              f"{100 * h['labelled'] / by:.2f}% | {r['forward']:.0f} | "
+              f"{(r['forward'] - r['forward_saving']) / r['forward']:.3f} | {pk['full'] / MiB:.0f} | "
+              f"{pk['labelled'] / MiB:.0f} | {100 * row['loss_peak']['full'] / pk['full']:.0f}% |")
     print(flush=True)
 
 
@@ -615,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-loss-batch-size", type=int, default=8)
     parser.add_argument("--no-test-loss", action="store_true")
     parser.add_argument("--shrink", action="store_true", help="every width cut: a check of the code paths only")
+    parser.add_argument("--json", type=Path, default=None, help="write every round's raw numbers here")
     args = parser.parse_args(argv)
     print(f"{cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}; float32"
           + ("" if fast_bf16_cpu() else " (no AVX512-BF16 / AMX: bf16 not measured)")
@@ -625,6 +644,15 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     if rows:
         print_tables(rows, args.rounds)
+        if args.json is not None:
+            import json
+
+            def plain(value: Any) -> Any:
+                if isinstance(value, dict):
+                    return {(":".join(map(str, k)) if isinstance(k, tuple) else k): plain(v) for k, v in value.items()}
+                return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+            args.json.write_text(json.dumps(plain(rows), indent=1))
     if not args.no_test_loss:
         run_test_loss(args.test_loss_examples, args.test_loss_vqa_examples, args.test_loss_rounds,
                       args.test_loss_batch_size)
