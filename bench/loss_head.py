@@ -3,7 +3,8 @@
 
     HF_HUB_OFFLINE=1 python bench/loss_head.py [--skeletons llava,qwen2_5_vl,gemma3] [--cases vqa,multiturn]
                                                [--rounds 3] [--test-loss-examples 100] [--test-loss-vqa-examples 48]
-                                               [--test-loss-rounds 2]
+                                               [--test-loss-rounds 2] [--json PATH]
+    HF_HUB_OFFLINE=1 python bench/loss_head.py --chunk-check
                                                [--no-test-loss] [--shrink]
 
 Skeletons (`pipeline.models.presets.skeletons`: real widths and vocabularies, few layers, random weights, float32,
@@ -64,6 +65,12 @@ bf16 needs a CPU with AVX512-BF16 / AMX or a GPU; on this machine's AVX2 it woul
 slower, so everything here is float32 (under bf16 autocast the full arm would also hold the bf16 logits beside
 their float32 copy). `--shrink` cuts every width (vision 32, text 64; vocabularies, images and depths kept): a
 quick check of this script's code paths, numbers meaningless.
+
+`--chunk-check` alone: `eval.token_loss.chunked_cross_entropy`'s chunks are slices `logits[i:i + rows]`, and the
+backward of each slice writes a zero-filled gradient of the whole (n, vocab) logits, added to the others: n labelled
+rows in k chunks cost k whole-size fills and additions. It times and profiles that against the same chunks taken
+with `logits.split(rows)` (one gradient assembled once), at token_loss's chunk size and at 2^22 elements, with a
+vocabulary of 262,208 (Gemma 3) and the head included (hidden 64).
 """
 
 from __future__ import annotations
@@ -622,6 +629,45 @@ def run_test_loss(n: int, n_vqa: int, rounds: int, batch_size: int) -> None:
     print("\n" + "\n".join(lines) + "\n", flush=True)
 
 
+def chunk_check(vocab: int = 262208, hidden: int = 64, rows: tuple[int, ...] = (124, 1200)) -> None:
+    """`eval.token_loss.chunked_cross_entropy` (chunks as slices `logits[i:i + rows]`) against the same chunks taken
+    with `logits.split(rows)`, at its chunk size and at 2^22 elements: the loss computation's live-tensor peak
+    (head included, from (n, hidden) states) and time (best of 3), n labelled rows."""
+    from torch.utils.checkpoint import checkpoint
+
+    from eval.token_loss import CHUNK_ELEMENTS, _cross_entropy
+
+    def split(logits, targets, chunk_elements):
+        rows = max(1, chunk_elements // logits.shape[-1])
+        return torch.cat([checkpoint(_cross_entropy, part, target, use_reentrant=False)
+                          for part, target in zip(logits.split(rows), targets.split(rows))])
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, hidden, generator=gen) * 0.02
+    print(f"\n### Chunks as slices vs split: vocabulary {vocab:,}, hidden {hidden}, float32\n")
+    print("| labelled rows n | chunk (elements, rows) | chunks taken as | loss peak (MiB) | x (n x vocab float32) | "
+          "time (ms, best of 3) |\n| ---: | --- | --- | ---: | ---: | ---: |")
+    for n in rows:
+        states = torch.randn(n, hidden, generator=gen)
+        targets = torch.randint(0, vocab, (n,), generator=gen)
+        for chunk in (CHUNK_ELEMENTS, 1 << 22):
+            for name, fn in (("slices (token_loss)", chunked_cross_entropy), ("split", split)):
+                x = states.clone().requires_grad_(True)
+
+                def run(fn=fn, x=x, targets=targets, chunk=chunk):
+                    fn(torch.nn.functional.linear(x, weight), targets, chunk).sum().backward()
+
+                peak, _ = live_peak(run)
+                times = []
+                for _ in range(3):
+                    x.grad = None
+                    start = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - start)
+                print(f"| {n} | 2^{chunk.bit_length() - 1}, {max(1, chunk // vocab)} | {name} | {peak / MiB:.0f} | "
+                      f"{peak / (n * vocab * 4):.2f} | {1e3 * min(times):.0f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skeletons", default="llava,qwen2_5_vl,gemma3")
@@ -634,10 +680,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-test-loss", action="store_true")
     parser.add_argument("--shrink", action="store_true", help="every width cut: a check of the code paths only")
     parser.add_argument("--json", type=Path, default=None, help="write every round's raw numbers here")
+    parser.add_argument("--chunk-check", action="store_true", help="only: chunks as slices vs split (chunk_check)")
     args = parser.parse_args(argv)
     print(f"{cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}; float32"
           + ("" if fast_bf16_cpu() else " (no AVX512-BF16 / AMX: bf16 not measured)")
           + ("; --shrink: widths cut, numbers meaningless" if args.shrink else ""), flush=True)
+    if args.chunk_check:
+        chunk_check()
+        return
     rows = []
     for key in [k.strip() for k in args.skeletons.split(",") if k.strip()]:
         rows += run_skeleton(key, [c.strip() for c in args.cases.split(",") if c.strip()], args.rounds, args.shrink)
