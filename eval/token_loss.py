@@ -9,9 +9,11 @@ position, upcast to float32 for the loss, is most of a step's memory and much of
   with a boolean (batch, length) mask (every family's head runs `slice_logits_to_keep` before `lm_head`, and the
   family's own post-processing, e.g. Gemma's final-logit soft-capping, still applies); the logits come back
   flattened, one row per labelled token, in the model's dtype;
-- cross-entropy runs over those rows in chunks (`CHUNK_ELEMENTS` float32 logits at a time), each chunk's float32
-  upcast recomputed in the backward (`torch.utils.checkpoint`), so the float32 logits of a batch never exist at
-  once (torchtune's chunked loss, without its need for the model to return chunks);
+- cross-entropy runs over those rows in chunks (`CHUNK_ELEMENTS` logits at a time, `Tensor.split`), each chunk's
+  float32 upcast and softmax recomputed in the backward (`torch.utils.checkpoint`), so the float32 upcast of the
+  labelled logits never exists whole (torchtune's chunked loss, without its need for the model to return chunks).
+  The labelled logits themselves (in the model's dtype: float32 in fp32 training) and their gradient do; only a
+  fused linear cross-entropy (Liger, Cut Cross-Entropy: not wired in, no GPU to check them) would avoid those;
 - the reduction is transformers' (`ForCausalLMLoss`): the summed token loss divided by `num_items` (the label
   tokens of the whole optimizer step, over micro-batches and ranks) when given, else by this batch's label tokens.
 
@@ -28,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data.chat_template import IGNORE_INDEX
 
-CHUNK_ELEMENTS = 1 << 25  # float32 logits per chunk: 128 MiB (e.g. 128 rows of Gemma 3's 262,208-entry vocabulary)
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32 (16 rows of Gemma 3's 262,208-entry vocabulary)
 
 
 def labelled_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -50,8 +52,9 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         return logits.new_zeros(0, dtype=torch.float32)
     rows = max(1, chunk_elements // max(1, logits.shape[-1]))
     grad = torch.is_grad_enabled() and logits.requires_grad
-    parts = [checkpoint(_cross_entropy, logits[i:i + rows], targets[i:i + rows], use_reentrant=False) if grad
-             else _cross_entropy(logits[i:i + rows], targets[i:i + rows]) for i in range(0, logits.shape[0], rows)]
+    # split, not slices: a slice's backward fills a zero gradient the size of the whole logits, once per chunk
+    parts = [checkpoint(_cross_entropy, chunk, target, use_reentrant=False) if grad else _cross_entropy(chunk, target)
+             for chunk, target in zip(logits.split(rows), targets.split(rows))]
     return torch.cat(parts)
 
 
@@ -74,7 +77,8 @@ def token_losses(model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tu
 def task_loss(model: Any, inputs: dict[str, Any], labels: torch.Tensor,
               num_items: torch.Tensor | int | None = None) -> torch.Tensor:
     """The causal-LM task loss of a batch from its labelled positions only: summed token loss / `num_items` (the
-    step's label tokens over micro-batches and ranks) when given, else the mean over this batch's label tokens."""
+    step's label tokens over micro-batches and ranks) when given, else the mean over this batch's label tokens (a
+    batch without any label gives 0, where transformers' mean gives NaN)."""
     losses, _ = token_losses(model, inputs, labels)
     denominator = num_items if num_items is not None else max(1, losses.numel())
     return losses.sum() / denominator

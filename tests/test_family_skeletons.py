@@ -1,4 +1,5 @@
-"""The Qwen2.5-VL-7B skeleton of `pipeline.models.presets.skeletons` (bench/overhead.py --preset qwen2_5_vl_skeleton).
+"""The Qwen2.5-VL-7B and Gemma-3-4B skeletons of `pipeline.models.presets.skeletons` (bench/overhead.py --preset
+qwen2_5_vl_skeleton, bench/loss_head.py).
 
 The fast tests check the config's widths against Qwen/Qwen2.5-VL-7B-Instruct's config.json on the meta
 device (no memory), the hand-built batch against Qwen's own image processor, and one training step of a
@@ -14,11 +15,17 @@ import pytest
 import torch
 
 from pipeline.models.presets.skeletons import (
+    GEMMA3_4B_TEXT,
+    GEMMA3_4B_TOKENS,
+    GEMMA3_4B_VISION,
     QWEN2_5_VL_7B_TEXT,
     QWEN2_5_VL_7B_VISION,
     QWEN2_5_VL_TOKENS,
+    build_gemma3_skeleton,
     build_qwen2_5_vl_skeleton,
     full_attention_blocks,
+    gemma3_4b_skeleton_config,
+    gemma3_skeleton_inputs,
     patchify,
     qwen2_5_vl_7b_skeleton_config,
     skeleton_inputs,
@@ -124,6 +131,61 @@ def test_small_skeleton_trains():
     found = structlora_targets(model, layer_table(model), targets=["q", "v"])
     assert found.counts == {"vision": 2, "connector": 2, "language": 4}
     assert "model.visual.blocks.0.attn.qkv" in found.names
+
+
+def _gemma3_small_config():
+    """The Gemma 3 skeleton's config with every width shrunk (896 px / 14 px patches, 256 image tokens and the
+    262,208-entry vocabulary kept)."""
+    import transformers as tf
+
+    vision = tf.SiglipVisionConfig(**{**GEMMA3_4B_VISION, "hidden_size": 32, "intermediate_size": 64,
+                                      "num_attention_heads": 2}, num_hidden_layers=2)
+    text = tf.Gemma3TextConfig(**{**GEMMA3_4B_TEXT, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                  "query_pre_attn_scalar": 16}, num_hidden_layers=2)
+    return tf.Gemma3Config(vision_config=vision, text_config=text, **GEMMA3_4B_TOKENS)
+
+
+def test_gemma3_skeleton_has_gemma_3_4b_widths():
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = gemma3_4b_skeleton_config(2, 3)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size) == (2560, 10240, 3,
+                                                                                                   262208)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.query_pre_attn_scalar) == (
+        8, 4, 256, 256)
+    assert text.sliding_window == 1024 and text.final_logit_softcapping is None and config.tie_word_embeddings
+    assert text.rope_parameters["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert text.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert gemma3_4b_skeleton_config(1, 6).text_config.layer_types[-1] == "full_attention"  # every 6th is global
+    assert (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) == (1152, 4304, 16)
+    assert (vision.image_size, vision.patch_size, vision.num_hidden_layers, vision.vision_use_head) == (896, 14, 2,
+                                                                                                       False)
+    assert (config.mm_tokens_per_image, config.image_token_index) == (256, 262144)
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(gemma3_4b_skeleton_config())
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes["model.language_model.embed_tokens.weight"] == (262208, 2560)  # tied with the lm_head
+    assert shapes["model.language_model.layers.1.self_attn.q_proj.weight"] == (8 * 256, 2560)
+    assert shapes["model.language_model.layers.1.self_attn.k_proj.weight"] == (4 * 256, 2560)
+    assert shapes["model.vision_tower.encoder.layers.1.mlp.fc1.weight"] == (4304, 1152)
+    assert shapes["model.multi_modal_projector.mm_input_projection_weight"] == (1152, 2560)
+    assert 0.89e9 < sum(p.numel() for p in model.parameters()) < 0.91e9
+
+
+def test_small_gemma3_skeleton_trains_with_the_processor_layout():
+    model = build_gemma3_skeleton(config=_gemma3_small_config(), seed=1).train()
+    batch = gemma3_skeleton_inputs(model, batch=2, text_tokens=6)
+    ids = batch["input_ids"]
+    assert ids.shape == (2, 1 + 1 + 256 + 1 + 6) and (ids[:, 0] == 2).all() and (ids[:, 1] == 255999).all()
+    assert (ids[:, 2:258] == 262144).all() and (ids[:, 258] == 256000).all() and (ids[:, 259:] < 255999).all()
+    assert (batch["labels"][:, :259] == -100).all() and (batch["labels"][:, 259:] == ids[:, 259:]).all()
+    assert batch["token_type_ids"].sum().item() == 2 * 256 and batch["pixel_values"].shape == (2, 3, 896, 896)
+    loss = model(**batch).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.slow

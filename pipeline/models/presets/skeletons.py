@@ -1,8 +1,9 @@
 """Benchmark skeletons of VLM families: a model's real widths with a few layers and random weights.
 
-`pipeline.models.presets.skeletons.skeleton_llava_config` does this for LLaVA-1.5-7B; this module adds
-Qwen/Qwen2.5-VL-7B-Instruct, for `bench/overhead.py --preset qwen2_5_vl_skeleton`. Everything is built
-from transformers' config classes (no hub access, no tokenizer, no processor).
+`skeleton_llava_config` does this for LLaVA-1.5-7B, `qwen2_5_vl_7b_skeleton_config` for
+Qwen/Qwen2.5-VL-7B-Instruct (`bench/overhead.py --preset qwen2_5_vl_skeleton`) and `gemma3_4b_skeleton_config`
+for google/gemma-3-4b-it (`bench/loss_head.py`). Everything is built from transformers' config classes (no hub
+access; no tokenizer or processor, except LLaVA's word-level one).
 
 Widths (Qwen2.5-VL-7B-Instruct's config.json):
 - vision: hidden 1280, MLP 3420 (SwiGLU), 16 heads, fused `qkv`, 14 x 14 patches with temporal patch 2
@@ -170,3 +171,72 @@ def build_skeleton_llava(vision_layers: int, text_layers: int, vocabulary: Itera
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tok, key))
     return model, processor
+
+
+# google/gemma-3-4b-it, config.json: its text_config sets hidden 2560, MLP 10240, 34 layers, sliding window 1024 and
+# linear RoPE scaling (factor 8) on the global layers; the rest is Gemma3TextConfig's defaults, which are that
+# checkpoint's (8 query / 4 key-value heads of 256, query_pre_attn_scalar 256, vocabulary 262,208, GeLU-tanh,
+# RMSNorm eps 1e-6, RoPE theta 1e6 global / 1e4 local, a global layer every 6th, tied lm_head, no soft-capping).
+GEMMA3_4B_TEXT: dict[str, Any] = {
+    "vocab_size": 262208, "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6, "sliding_window": 1024, "max_position_embeddings": 131072, "final_logit_softcapping": None,
+    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+}
+# its vision_config: SigLIP-So400m/14 at 896 px (64 x 64 = 4096 patches), 27 layers, no pooling head
+GEMMA3_4B_VISION: dict[str, Any] = {
+    "hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16, "patch_size": 14, "image_size": 896,
+    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False,
+}
+GEMMA3_4B_TOKENS: dict[str, int] = {"mm_tokens_per_image": 256, "boi_token_index": 255999, "eoi_token_index": 256000,
+                                    "image_token_index": 262144}  # 4096 patches average-pooled 4 x 4 -> 256 tokens
+GEMMA3_4B_DEPTH = {"vision": 27, "text": 34}
+GEMMA3_ORDINARY = 255999  # <start_of_image>: ids from here on are image / special tokens
+
+
+def gemma3_4b_skeleton_config(vision_layers: int = 2, text_layers: int = 2):
+    """A `transformers.Gemma3Config` with gemma-3-4b-it's widths and vocabulary and the given layer counts."""
+    import transformers as tf
+
+    if vision_layers < 1 or text_layers < 1:
+        raise ValueError(f"need at least one layer per tower, got vision {vision_layers}, text {text_layers}")
+    vision = tf.SiglipVisionConfig(num_hidden_layers=vision_layers, **GEMMA3_4B_VISION)
+    text = tf.Gemma3TextConfig(num_hidden_layers=text_layers, **GEMMA3_4B_TEXT)
+    return tf.Gemma3Config(vision_config=vision, text_config=text, eos_token_id=[1, 106], **GEMMA3_4B_TOKENS)
+
+
+def build_gemma3_skeleton(vision_layers: int = 2, text_layers: int = 2, seed: int = 0, config: Any = None) -> nn.Module:
+    """`Gemma3ForConditionalGeneration` of `gemma3_4b_skeleton_config` (or `config`): random weights under a forked
+    RNG seeded with `seed`, float32, eval mode. The projector's `mm_input_projection_weight` (zeros at init, which
+    would cut the vision tower off the loss) is drawn from normal(0, 0.02), as `presets.tiny.build_tiny` does."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    config = config if config is not None else gemma3_4b_skeleton_config(vision_layers, text_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, config.initializer_range)
+    return model.float().eval()
+
+
+def gemma3_skeleton_inputs(model: nn.Module, batch: int = 1, text_tokens: int = 32, seed: int = 0
+                           ) -> dict[str, torch.Tensor]:
+    """A Gemma 3 training batch built by hand, as Gemma3Processor lays one image out: `<bos>`, `<start_of_image>`,
+    mm_tokens_per_image image tokens, `<end_of_image>`, then `text_tokens` random ordinary tokens; labels are the
+    text tokens; `token_type_ids` 1 on the image tokens (their bidirectional attention block)."""
+    config = model.config
+    vision = config.vision_config
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, min(config.text_config.vocab_size, GEMMA3_ORDINARY), (batch, text_tokens), generator=gen)
+    n_image = config.mm_tokens_per_image
+    ids = torch.cat([torch.full((batch, 1), config.text_config.bos_token_id),
+                     torch.full((batch, 1), config.boi_token_index), torch.full((batch, n_image), config.image_token_index),
+                     torch.full((batch, 1), config.eoi_token_index), text], dim=1)
+    labels = ids.clone()
+    labels[:, : n_image + 3] = -100
+    pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels,
+            "token_type_ids": (ids == config.image_token_index).long()}
