@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import statistics
 import sys
 import time
@@ -91,7 +90,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.overhead import make_batch  # noqa: E402
-from bench.train_step_vs_peft import cpu_model, fast_bf16_cpu, spread  # noqa: E402
+from bench.train_step_vs_peft import cpu_model, fast_bf16_cpu  # noqa: E402
 from data.chat_template import IGNORE_INDEX  # noqa: E402
 from eval.token_loss import chunked_cross_entropy, labelled_mask, task_loss  # noqa: E402
 
@@ -380,295 +379,17 @@ def run_skeleton(key: str, cases: list[str], rounds: int, shrink: bool) -> list[
                   flush=True)
         row["timings"] = timings
         results.append(row)
+        from bench.loss_head_tables import print_rows
+
         print_rows([row])
         gc.collect()
     return results
 
 
-# ----------------------------------------------------------------------------- tables
-
-def per_layer(row: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
-    """{tower: (median forward + backward seconds of one trained layer, median bytes one saves for its backward,
-    median forward seconds)}, over the layers timed at both ends in every round of both arms."""
-    out = {}
-    steps = [step for arm in ARMS for step in row["timings"][arm]]
-    for tower in ("vision", "language"):
-        keys = sorted({k for step in steps for k in step["layers"] if k[0] == tower})
-        times = [step["layers"][k] for step in steps for k in keys if k in step["layers"]]
-        forward = [step["layers_forward"][k] for step in steps for k in keys if k in step["layers_forward"]]
-        out[tower] = (median(times), median([float(row["saved"]["full"].get(k, 0)) for k in keys]), median(forward))
-    return out
-
-
-def real_depth(row: dict[str, Any]) -> dict[str, Any]:
-    _, vision_skel, vision_real, text_skel, text_real = SKELETONS[row["key"]]
-    layers = per_layer(row)
-    extra_time = (vision_real - vision_skel) * layers["vision"][0] + (text_real - text_skel) * layers["language"][0]
-    extra_mem = (vision_real - vision_skel) * layers["vision"][1] + (text_real - text_skel) * layers["language"][1]
-    extra_fwd = (vision_real - vision_skel) * layers["vision"][2] + (text_real - text_skel) * layers["language"][2]
-
-    def med(arm: str, key: str) -> float:
-        return median([s[key] for s in row["timings"][arm]])
-
-    steps, heads = {a: med(a, "step") + extra_time for a in ARMS}, {a: med(a, "head") for a in ARMS}
-    # the arms differ in the head + loss only: the labelled step = the full one less the measured saving
-    saved_step = steps["full"] - (heads["full"] - heads["labelled"])
-    forward = med("full", "forward") + extra_fwd
-    return {"layers": layers, "step": steps, "head": heads, "step_by_saving": saved_step,
-            "forward": forward, "forward_saving": med("full", "head_forward") - med("labelled", "head_forward"),
-            "peak": {a: row["step_peak"][a] + extra_mem for a in ARMS}, "depth": (vision_real, text_real)}
-
-
-def print_rows(rows: list[dict[str, Any]]) -> None:
-    print("\n| skeleton | case | tokens (image / labelled / row) | arm | step (s, median) | min-max (s) | "
-          "labelled / full (median, spread) | head + loss (s, median) | head + loss share of step | "
-          "step peak (MiB) | resident (MiB) |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for row in rows:
-        t = row["timings"]
-        ratios = [a["step"] / b["step"] for a, b in zip(t["labelled"], t["full"])]
-        for arm in ARMS:
-            steps = [s["step"] for s in t[arm]]
-            shares = [s["head"] / s["step"] for s in t[arm]]
-            print(f"| {row['title']} | {row['case']} | {row['image']} / {row['labelled']} / {row['total']} | {arm} | "
-                  f"{median(steps):.2f} | {min(steps):.1f}-{max(steps):.1f} | "
-                  f"{spread(ratios) if arm == 'labelled' else '1'} | {median([s['head'] for s in t[arm]]):.3f} | "
-                  f"{100 * median(shares):.1f}% | {row['step_peak'][arm] / MiB:.0f} | {row['resident'] / MiB:.0f} |")
-    print(flush=True)
-
-
-def print_tables(rows: list[dict[str, Any]], rounds: int) -> None:
-    print(f"\n### Train step, full vs labelled-only ({rounds} interleaved rounds per case, batch 1, float32)")
-    print_rows(rows)
-    print("\n### Loss computation alone (head + cross-entropy + backward, same hidden states): live-tensor peak\n")
-    print("| skeleton | case | vocabulary x positions (full) | full (MiB) | labelled (MiB) | full / labelled | "
-          ">= 4x | full (s, 1 call) | labelled (s, 1 call) | full: share of the step peak | labelled: share |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
-    vocab = {"llava": 32064, "qwen2_5_vl": 152064, "gemma3": 262208}
-    for row in rows:
-        p = row["loss_peak"]
-        ratio = p["full"] / max(1, p["labelled"])
-        print(f"| {row['title']} | {row['case']} | {vocab[row['key']]:,} x {row['total']} | {p['full'] / MiB:.1f} | "
-              f"{p['labelled'] / MiB:.1f} | {ratio:.1f}x | {'yes' if ratio >= 4 else 'no'} | "
-              f"{row['loss_seconds']['full']:.2f} | {row['loss_seconds']['labelled']:.3f} | "
-              f"{100 * p['full'] / row['step_peak']['full']:.0f}% | "
-              f"{100 * p['labelled'] / row['step_peak']['labelled']:.0f}% |")
-    print("\n### At the real depth, by arithmetic (measured per-layer cost x the real layer count; not measured)\n")
-    print("| model | case | layers (vision / text) | one layer fwd+bwd (s, vision / text) | one layer saves "
-          "(MiB, vision / text) | step full (s) | step labelled (s) | labelled / full | labelled: full less the "
-          "head + loss saving (s) | labelled / full, so | head + loss share, full | share, labelled | forward only "
-          "(eval): full (s) | labelled / full | step peak full (MiB) | labelled (MiB) | loss peak share of step "
-          "peak, full |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-          "---: | ---: |")
-    for row in rows:
-        r = real_depth(row)
-        (tv, sv, _), (tt, st, _) = r["layers"]["vision"], r["layers"]["language"]
-        s, h, pk, by = r["step"], r["head"], r["peak"], r["step_by_saving"]
-        print(f"| {row['title']} | {row['case']} | {r['depth'][0]} / {r['depth'][1]} | {tv:.2f} / {tt:.2f} | "
-              f"{sv / MiB:.0f} / {st / MiB:.0f} | {s['full']:.0f} | {s['labelled']:.0f} | "
-              f"{s['labelled'] / s['full']:.3f} | {by:.0f} | {by / s['full']:.3f} | {100 * h['full'] / s['full']:.1f}% | "
-              f"{100 * h['labelled'] / by:.2f}% | {r['forward']:.0f} | "
-              f"{(r['forward'] - r['forward_saving']) / r['forward']:.3f} | {pk['full'] / MiB:.0f} | "
-              f"{pk['labelled'] / MiB:.0f} | {100 * row['loss_peak']['full'] / pk['full']:.0f}% |")
-    print(flush=True)
-
-
-# ----------------------------------------------------------------------------- the test loss stage
-
-WORDS = ("the a of and to in is on with for at by from this that it its red blue green yellow white black small "
-         "large round square left right top bottom near far behind front man woman child dog cat bird car bus "
-         "train table chair window door street tree sky water field wall sign picture person people holding "
-         "wearing standing sitting walking looking two three four many some color shape number building "
-         "road light dark open closed inside outside between under over next each other one side middle background "
-         "foreground shows appears seems there are has have can see kind what where which how why who").split()
-
-
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def test_examples(n: int, n_vqa: int, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
-    """`n` conversations (1 to 4 turns, questions of 10-14 words, answers of 24-28 words) and `n_vqa` VQA examples
-    (questions of 8-12 words, one-word answers), one random 64 x 64 image each."""
-    import numpy as np
-    from PIL import Image
-
-    from data.prompts import IMAGE_TOKEN
-
-    rng = random.Random(seed)
-    gen = np.random.default_rng(seed)
-
-    def image():
-        return Image.fromarray(gen.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-
-    conversations = []
-    for i in range(n):
-        messages = []
-        for turn in range(1 + i % 4):
-            question = _words(rng, rng.randint(10, 14)) + "?"
-            messages += [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if turn == 0 else "") + question},
-                         {"role": "assistant", "content": _words(rng, rng.randint(24, 28)) + "."}]
-        conversations.append({"task": "conversations", "id": f"c{i}", "messages": messages, "images": [image()]})
-    vqa = [{"task": "vqav2", "question_id": i, "image": image(), "question": _words(rng, rng.randint(8, 12)) + "?",
-            "answer": rng.choice(WORDS)} for i in range(n_vqa)]
-    return {"conversations": conversations, "vqav2": vqa}
-
-
-def tiny_gemma3_large_vocab():
-    """(model, processor): the tiny Gemma 3 with the real Gemma 3 tokenizer, vocabulary 262,208, 256 image tokens."""
-    import transformers as tf
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _real_tokenizers import real_tokenizer
-
-    from pipeline.models.presets.tiny import tiny_config
-
-    tok = real_tokenizer("gemma3")
-    processor = tf.Gemma3Processor(tokenizer=tok, chat_template=tok.chat_template, image_seq_length=256,
-                                   image_processor=tf.Gemma3ImageProcessor(size={"height": 64, "width": 64}))
-    config = tiny_config("gemma3")
-    config.vision_config.image_size = 64  # 16 x 16 patches of 4: 256 tokens, pooled by 1
-    config.mm_tokens_per_image = 256
-    config.text_config.vocab_size = 262208
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(config.text_config, key, getattr(tok, key))
-    for key, token in (("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
-                       ("image_token_index", "<image_soft_token>")):
-        setattr(config, key, tok.convert_tokens_to_ids(token))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = tf.Gemma3ForConditionalGeneration(config).float().eval()
-        with torch.no_grad():
-            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
-    return model, processor
-
-
-@torch.no_grad()
-def example_losses_full(model, processor, task, examples, batch_size=8, max_length=4096, seed=0):
-    """`eval.test_loss.example_losses` before issue 41 (git show 544c325~1:eval/test_loss.py): the logits of every
-    position in float32, cross-entropy everywhere, the labelled ones summed."""
-    from data.chat_collate import make_collator
-    from eval.test_loss import item_id
-
-    collate = make_collator(processor, max_length=max_length, seed=seed)
-    param = next(model.parameters())
-    out: dict[str, tuple[float, int]] = {}
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        try:
-            batch = collate(chunk)
-        except ValueError:
-            continue
-        labels = batch.pop("labels").to(param.device)
-        inputs = {k: (v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
-                  for k, v in batch.items()}
-        logits = model(**inputs).logits.float()
-        shifted, targets = logits[:, :-1], labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-        counted = targets != IGNORE_INDEX
-        for row, sample in enumerate(collate.last_rows):
-            key = item_id(task, chunk[sample])
-            total, tokens = out.get(key, (0.0, 0))
-            out[key] = (total + float(losses[row][counted[row]].sum()), tokens + int(counted[row].sum()))
-    return out
-
-
-def run_test_loss(n: int, n_vqa: int, rounds: int, batch_size: int) -> None:
-    from data.chat_collate import make_collator
-    from eval.test_loss import example_losses
-
-    start = time.perf_counter()
-    model, processor = tiny_gemma3_large_vocab()
-    sets = test_examples(n, n_vqa)
-    print(f"\n### Test loss stage: tiny Gemma 3, real tokenizer, vocabulary {model.config.text_config.vocab_size:,}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters (lm_head {model.lm_head.weight.numel() / 1e6:.1f} M, "
-          f"tied), batch {batch_size}, {rounds} interleaved passes per arm (built in {time.perf_counter() - start:.0f} s)\n",
-          flush=True)
-    arms = {"full": example_losses_full, "labelled": example_losses}
-    lines = ["| examples | rows x positions (padded) | labelled positions | arm | pass (s, median) | min-max (s) | "
-             "labelled / full time (median, spread) | faster (full / labelled) | >= 5x | peak (MiB) | "
-             "full / labelled memory |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for task, examples in sets.items():
-        collate = make_collator(processor, max_length=4096, seed=0)
-        positions = labelled = rows = 0
-        for i in range(0, len(examples), batch_size):
-            b = collate(examples[i:i + batch_size])
-            rows += b["labels"].shape[0]
-            positions += b["labels"].numel()
-            labelled += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-        peak, scores = {}, {}
-        for arm, fn in arms.items():  # a profiled pass of each arm over the first 2 batches (the warm-up): its peak
-            peak[arm], _ = live_peak(partial(fn, model, processor, task, examples[:2 * batch_size],
-                                             batch_size=batch_size))
-        times: dict[str, list[float]] = {arm: [] for arm in arms}
-        names = list(arms)
-        for r in range(rounds):
-            for arm in (names if r % 2 == 0 else names[::-1]):
-                t0 = time.perf_counter()
-                scores[arm] = arms[arm](model, processor, task, examples, batch_size=batch_size)
-                times[arm].append(time.perf_counter() - t0)
-            print(f"  {task} pass {r + 1}: " + ", ".join(f"{a} {times[a][-1]:.1f} s" for a in names), flush=True)
-        worst = max(abs(scores["full"][k][0] - scores["labelled"][k][0]) / max(1.0, abs(scores["full"][k][0]))
-                    for k in scores["full"])
-        same_tokens = scores["full"].keys() == scores["labelled"].keys() and all(
-            scores["full"][k][1] == scores["labelled"][k][1] for k in scores["full"])
-        ratios = [a / b for a, b in zip(times["labelled"], times["full"])]
-        faster = median([b / a for a, b in zip(times["labelled"], times["full"])])
-        print(f"  {task}: the {len(scores['full'])} items' summed losses of the two arms agree to {worst:.1e} "
-              f"(relative), items and token counts {'equal' if same_tokens else 'DIFFER'}", flush=True)
-        for arm in arms:
-            ts = times[arm]
-            lines.append(f"| {len(examples)} {task} | {rows} x {positions // rows} | {labelled} "
-                         f"({100 * labelled / positions:.1f}%) | {arm} | {median(ts):.2f} | {min(ts):.1f}-{max(ts):.1f} | "
-                         + (f"{spread(ratios)} | {faster:.1f}x | {'yes' if faster >= 5 else 'no'} | "
-                            if arm == "labelled" else "1 | | | ")
-                         + f"{peak[arm] / MiB:.0f} | "
-                         + (f"{peak['full'] / max(1, peak['labelled']):.1f}x |" if arm == "labelled" else " |"))
-    print("\n" + "\n".join(lines) + "\n", flush=True)
-
-
-def chunk_check(vocab: int = 262208, hidden: int = 64, rows: tuple[int, ...] = (124, 1200)) -> None:
-    """`eval.token_loss.chunked_cross_entropy` (chunks as slices `logits[i:i + rows]`) against the same chunks taken
-    with `logits.split(rows)`, at its chunk size and at 2^22 elements: the loss computation's live-tensor peak
-    (head included, from (n, hidden) states) and time (best of 3), n labelled rows."""
-    from torch.utils.checkpoint import checkpoint
-
-    from eval.token_loss import CHUNK_ELEMENTS, _cross_entropy
-
-    def split(logits, targets, chunk_elements):
-        rows = max(1, chunk_elements // logits.shape[-1])
-        return torch.cat([checkpoint(_cross_entropy, part, target, use_reentrant=False)
-                          for part, target in zip(logits.split(rows), targets.split(rows))])
-
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(vocab, hidden, generator=gen) * 0.02
-    print(f"\n### Chunks as slices vs split: vocabulary {vocab:,}, hidden {hidden}, float32\n")
-    print("| labelled rows n | chunk (elements, rows) | chunks taken as | loss peak (MiB) | x (n x vocab float32) | "
-          "time (ms, best of 3) |\n| ---: | --- | --- | ---: | ---: | ---: |")
-    for n in rows:
-        states = torch.randn(n, hidden, generator=gen)
-        targets = torch.randint(0, vocab, (n,), generator=gen)
-        for chunk in (CHUNK_ELEMENTS, 1 << 22):
-            for name, fn in (("slices (token_loss)", chunked_cross_entropy), ("split", split)):
-                x = states.clone().requires_grad_(True)
-
-                def run(fn=fn, x=x, targets=targets, chunk=chunk):
-                    fn(torch.nn.functional.linear(x, weight), targets, chunk).sum().backward()
-
-                peak, _ = live_peak(run)
-                times = []
-                for _ in range(3):
-                    x.grad = None
-                    start = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - start)
-                print(f"| {n} | 2^{chunk.bit_length() - 1}, {max(1, chunk // vocab)} | {name} | {peak / MiB:.0f} | "
-                      f"{peak / (n * vocab * 4):.2f} | {1e3 * min(times):.0f} |", flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
+    from bench.loss_head_eval import chunk_check, run_test_loss
+    from bench.loss_head_tables import print_tables
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skeletons", default="llava,qwen2_5_vl,gemma3")
     parser.add_argument("--cases", default="vqa,multiturn")
