@@ -139,25 +139,19 @@ class TrainRecipe(TrainStateMixin):
         the task term is this micro-batch's summed token loss / num_items: the losses of one step
         add up to the mean over the global batch however it is split, as in one process.
         """
-        inputs = self._to_device(batch)
-        labels = inputs.get("labels")
         with self.accelerator.autocast():
-            if labels is not None and labels.dim() == 2:  # causal LM: logits at the labelled positions only
-                inputs.pop("labels")
-                task = task_loss(self.model, inputs, labels, num_items)
-            else:  # per-example labels (classification)
-                task = self.model(**inputs).loss
-        terms = {"task": task}
+            terms = {"task": self._batch_loss(self._to_device(batch), num_items)}
         terms.update(self.adapted.regularization())
         terms["loss"] = sum(terms.values())
         return terms
 
-    def _batch_loss(self, inputs: Batch) -> torch.Tensor:
-        """The mean task loss of one batch (validation)."""
+    def _batch_loss(self, inputs: Batch, num_items: torch.Tensor | None = None) -> torch.Tensor:
+        """The task loss of one batch: a causal LM's from its labelled positions only (eval.token_loss; over
+        `num_items` when given, else the batch's mean), per-example labels (classification) as the model gives it."""
         labels = inputs.get("labels")
         if labels is None or labels.dim() < 2:
             return self.model(**inputs).loss
-        return task_loss(self.model, {k: v for k, v in inputs.items() if k != "labels"}, labels)
+        return task_loss(self.model, {k: v for k, v in inputs.items() if k != "labels"}, labels, num_items)
 
     def _num_items(self, micro_batches: list[Batch]) -> torch.Tensor | None:
         """Label tokens the loss counts (after the causal shift) in this step, summed over ranks;
