@@ -123,18 +123,20 @@ class ChatCollator:
         pairs = turns(sample, self._rng, self.caption_reference)
         return None, [(f"{IMAGE_TOKEN}\n{pairs[0][0]}", pairs[0][1]), *pairs[1:]], [to_rgb(sample["image"])]
 
+    def _row(self, system: str | None, pairs: list[tuple[str, str]], images: list[Any], start: int,
+             end: int) -> Row:
+        """The row of turns [start, end) of a sample: the system text, and the images of the turns before it."""
+        before = sum(user.count(IMAGE_TOKEN) for user, _ in pairs[:start])  # images introduced before the row
+        canonical = [{"role": "system", "content": system}] if system else []
+        for user, answer in pairs[start:end]:
+            canonical += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages = fold_system(self.processor, to_template_messages(canonical, carried_images=before))
+        return messages, images[:before + sum(user.count(IMAGE_TOKEN) for user, _ in pairs[start:end])]
+
     def _rows(self, system: str | None, pairs: list[tuple[str, str]], images: list[Any]) -> list[Row]:
         """Rows of one sample; no row means it is lost (counted)."""
-        tags = [user.count(IMAGE_TOKEN) for user, _ in pairs]
-        before = [sum(tags[:k]) for k in range(len(pairs) + 1)]  # images introduced before turn k
-
         def row(start: int, end: int) -> Row:
-            canonical = [{"role": "system", "content": system}] if system else []
-            for user, answer in pairs[start:end]:
-                canonical += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-            messages = fold_system(self.processor,
-                                   to_template_messages(canonical, carried_images=before[start] if start else 0))
-            return messages, images[:before[end]]
+            return self._row(system, pairs, images, start, end)
 
         ranges, dropped = split_turns(len(pairs), lambda a, b: self.length(*row(a, b)) <= self.max_length)
         if ranges:
@@ -147,10 +149,8 @@ class ChatCollator:
         """(tokens of the whole sample as one row, the tokens its images add to the text, rows it becomes under
         `max_length`: 1 fits, more is split between turns, 0 is dropped): the data card's numbers."""
         system, pairs, images = self._pairs(sample)
-        canonical = [{"role": "system", "content": system}] if system else []
-        for user, answer in pairs:
-            canonical += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        text = render_text(self.processor, fold_system(self.processor, to_template_messages(canonical)))
+        messages, _ = self._row(system, pairs, images, 0, len(pairs))
+        text = render_text(self.processor, messages)
         added = self._images_cost(text, images) if images else 0
         return self._text_tokens(text) + added, added, len(self._rows(system, pairs, images))
 
