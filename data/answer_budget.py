@@ -30,6 +30,15 @@ MARGIN_FRACTION = 0.1
 CAP = 1024
 
 
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value with at least q% of the values at or below it (an observed
+    value, never interpolated); 0 without values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return float(ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)])
+
+
 def budget_from_lengths(lengths: Iterable[int], percentile: float = PERCENTILE, margin_tokens: int = MARGIN_TOKENS,
                         margin_fraction: float = MARGIN_FRACTION, cap: int = CAP) -> tuple[int, dict[str, Any]]:
     """(max_new_tokens, stats) of answers `lengths` tokens long (end-of-turn token included).
@@ -45,8 +54,7 @@ def budget_from_lengths(lengths: Iterable[int], percentile: float = PERCENTILE, 
     if cap < 1 or margin_tokens < 0 or margin_fraction < 0:
         raise ValueError(f"cap must be >= 1 and the margins >= 0, got cap={cap}, margin_tokens={margin_tokens}, "
                          f"margin_fraction={margin_fraction}")
-    rank = max(1, math.ceil(percentile / 100 * len(values)))
-    at = values[rank - 1]
+    at = int(nearest_rank(values, percentile))
     margin = max(int(margin_tokens), math.ceil(margin_fraction * at))
     budget = max(1, min(int(cap), at + margin))
     return budget, {"max_new_tokens": budget, "answers": len(values), "percentile": percentile,

@@ -18,20 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.answer_budget import CAP, budget_from_lengths, describe_budget, nearest_rank
+
 PERCENTILES = (50, 95)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank percentile (the smallest value with at least q% of the values at or below it)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return float(ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)])
 
 
 def distribution(values: Sequence[float]) -> dict[str, float]:
     """{p50, p95, max, mean} of `values` (zeros when empty)."""
-    out = {f"p{q}": percentile(values, q) for q in PERCENTILES}
+    out = {f"p{q}": nearest_rank(values, q) for q in PERCENTILES}
     out["max"] = float(max(values)) if len(values) else 0.0
     out["mean"] = round(sum(values) / len(values), 2) if len(values) else 0.0
     return out
@@ -142,7 +136,7 @@ def token_card(root: Path, processor: Any, max_length: int, context: int | None 
             answers_train = answers
     train = card["splits"].get("train") or next(iter(card["splits"].values()), None)
     if train is not None:
-        fits = _round_up(percentile(train["lengths"], 99))
+        fits = _round_up(nearest_rank(train["lengths"], 99))
         card["suggested"] = {"max_length": min(fits, context) if context else fits,
                              "max_length_reason": "p99 of the train samples' tokens, rounded up to 64"
                                                   + (f", at most the model's context ({context})" if context else ""),
@@ -153,8 +147,6 @@ def token_card(root: Path, processor: Any, max_length: int, context: int | None 
 def _new_tokens(answer_tokens: Sequence[int], context: int | None) -> dict[str, Any]:
     """Suggested eval.max_new_tokens: `eval.max_new_tokens: {conversations: auto}`'s own rule
     (data.answer_budget), on the same train answers."""
-    from data.answer_budget import CAP, budget_from_lengths, describe_budget
-
     if not answer_tokens:
         return {"max_new_tokens": None, "max_new_tokens_reason": "no train answers measured"}
     budget, stats = budget_from_lengths(answer_tokens, cap=min(CAP, context) if context else CAP)
