@@ -92,34 +92,22 @@ def tiny_gemma3_large_vocab():
 
 
 @torch.no_grad()
-def example_losses_full(model, processor, task, examples, batch_size=8, max_length=4096, seed=0):
-    """`eval.test_loss.example_losses` before issue 41 (git show 544c325~1:eval/test_loss.py): the logits of every
-    position in float32, cross-entropy everywhere, the labelled ones summed."""
-    from data.chat_collate import make_collator
-    from eval.test_loss import item_id
+def full_row_losses(model, inputs, labels):
+    """`eval.test_loss.example_losses`'s per-row losses before issue 41 (git show 544c325~1:eval/test_loss.py): the
+    logits of every position in float32, cross-entropy everywhere, the labelled ones summed."""
+    logits = model(**inputs).logits.float()
+    shifted, targets = logits[:, :-1], labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    counted = targets != IGNORE_INDEX
+    return (losses * counted).sum(dim=1), counted.sum(dim=1)
 
-    collate = make_collator(processor, max_length=max_length, seed=seed)
-    param = next(model.parameters())
-    out: dict[str, tuple[float, int]] = {}
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        try:
-            batch = collate(chunk)
-        except ValueError:
-            continue
-        labels = batch.pop("labels").to(param.device)
-        inputs = {k: (v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
-                  for k, v in batch.items()}
-        logits = model(**inputs).logits.float()
-        shifted, targets = logits[:, :-1], labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-        counted = targets != IGNORE_INDEX
-        for row, sample in enumerate(collate.last_rows):
-            key = item_id(task, chunk[sample])
-            total, tokens = out.get(key, (0.0, 0))
-            out[key] = (total + float(losses[row][counted[row]].sum()), tokens + int(counted[row].sum()))
-    return out
+
+def example_losses_full(model, processor, task, examples, batch_size=8, max_length=4096, seed=0):
+    """The test loss as it was before issue 41: the same loop as `eval.test_loss.example_losses`, full logits."""
+    from eval.test_loss import example_losses
+
+    return example_losses(model, processor, task, examples, batch_size, max_length, seed, row_losses=full_row_losses)
 
 
 def run_test_loss(n: int, n_vqa: int, rounds: int, batch_size: int) -> None:

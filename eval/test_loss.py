@@ -17,7 +17,7 @@ labelled positions only (`eval.token_loss`) give the cross-entropy of every labe
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,10 +32,20 @@ def item_id(task: str, example: Mapping[str, Any]) -> str:
     return str(example[ID_FIELD[task]])
 
 
+def labelled_row_losses(model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss, label tokens) per batch row, from the labelled positions only (eval.token_loss)."""
+    losses, rows = token_losses(model, inputs, labels)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float64).index_add_(0, rows.cpu(), losses.double().cpu())
+    return sums, torch.bincount(rows.cpu(), minlength=labels.shape[0])
+
+
 @torch.no_grad()
 def example_losses(model: Any, processor: Any, task: str, examples: Sequence[Mapping[str, Any]], batch_size: int = 8,
-                   max_length: int = 4096, seed: int = 0) -> dict[str, tuple[float, int]]:
-    """{item id: (summed token loss, tokens)} of `examples` under `model` (eval mode, no gradients)."""
+                   max_length: int = 4096, seed: int = 0,
+                   row_losses: Callable[..., tuple[torch.Tensor, torch.Tensor]] = labelled_row_losses,
+                   ) -> dict[str, tuple[float, int]]:
+    """{item id: (summed token loss, tokens)} of `examples` under `model` (eval mode, no gradients); `row_losses`
+    gives each batch row's (summed loss, tokens) (bench/loss_head_eval.py passes the full-logits computation)."""
     collate = make_collator(processor, max_length=max_length, seed=seed)
     param = next(model.parameters())
     out: dict[str, tuple[float, int]] = {}
@@ -48,9 +58,7 @@ def example_losses(model: Any, processor: Any, task: str, examples: Sequence[Map
         labels = batch.pop("labels").to(param.device)
         inputs = {k: (v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
                   for k, v in batch.items()}
-        losses, rows = token_losses(model, inputs, labels)  # the labelled positions only (eval.token_loss)
-        sums = torch.zeros(labels.shape[0], dtype=torch.float64).index_add_(0, rows.cpu(), losses.double().cpu())
-        counts = torch.bincount(rows.cpu(), minlength=labels.shape[0])
+        sums, counts = row_losses(model, inputs, labels)
         for row, sample in enumerate(collate.last_rows):
             key = item_id(task, chunk[sample])
             total, tokens = out.get(key, (0.0, 0))
